@@ -22,6 +22,9 @@ With dropout, x' is a separate input: dx = dy W and dx' = g A.
 
 from __future__ import annotations
 
+import os
+import statistics
+import warnings
 from typing import Optional
 
 import torch
@@ -53,20 +56,36 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
 def lora_linear_backward_reference(dy, x_lora, weight, lora_a, lora_b, h, scale):
     """fp32 reference of ``(dx, dA, dB)``; dx omits ``dy W`` when weight is None."""
     dtype = dy.dtype
-    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
-    dy2 = _upcast(dy).reshape(-1, N)
-    xl2 = _upcast(x_lora).reshape(-1, K)
-    h2 = _upcast(h).reshape(-1, r)
-    g = (dy2 @ _upcast(lora_b)) * scale
+    N = lora_b.shape[0]
+    g = (_upcast(dy).reshape(-1, N) @ _upcast(lora_b)) * scale
     dx = g @ _upcast(lora_a)
     if weight is not None:
-        dx = dx + dy2 @ _upcast(weight)
-    dA = g.t() @ xl2
-    dB = (dy2.t() @ h2) * scale
-    return dx.to(dtype).reshape(x_lora.shape), dA.to(lora_a.dtype), dB.to(lora_b.dtype)
+        dx = dx + _upcast(dy).reshape(-1, N) @ _upcast(weight)
+    dA, dB = _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g)
+    return dx.to(dtype).reshape(x_lora.shape), dA, dB
+
+
+def _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g=None):
+    """fp32 reference of ``(dA, dB)`` alone (the input needs no gradient)."""
+    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
+    dy2 = _upcast(dy).reshape(-1, N)
+    if g is None:
+        g = (dy2 @ _upcast(lora_b)) * scale
+    dA = g.t() @ _upcast(x_lora).reshape(-1, K)
+    dB = (dy2.t() @ _upcast(h).reshape(-1, r)) * scale
+    return dA.to(lora_a.dtype), dB.to(lora_b.dtype)
 
 
 # --------------------------------------------------------------------------- cuBLAS path
+
+
+def _scaled_mm(a, b, scale):
+    """``scale · a @ b`` rounded once (the GEMM's alpha, not a second pass that rounds
+    again); with beta = 0 the uninitialised input is never read."""
+    if scale == 1.0:
+        return a @ b
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
 def _lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale, x_lora):
@@ -79,43 +98,144 @@ def _lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale, x_lora):
     if bias is not None:
         low = torch.addmm(bias, h, lora_b.t(), alpha=scale)
     else:
-        low = torch.mm(h, lora_b.t())
-        if scale != 1.0:
-            low.mul_(scale)
+        low = _scaled_mm(h, lora_b.t(), scale)
     y = low.addmm_(x2, weight.t())
     lead = x.shape[:-1]
     return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
 
 
 def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
+    K, N = lora_a.shape[1], lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
-    g = dy2 @ lora_b
-    if scale != 1.0:
-        g.mul_(scale)
-    dx = g @ lora_a
+    g = dy2 @ lora_b  # unscaled; s rides on each consumer's alpha
+    dx = _scaled_mm(g, lora_a, scale)
     if weight is not None:
         dx.addmm_(dy2, weight)
-    dA = g.t() @ x_lora.reshape(-1, K)
-    dB = dy2.t() @ h.reshape(-1, r)
-    if scale != 1.0:
-        dB.mul_(scale)
+    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g)
     return dx.reshape(x_lora.shape), dA, dB
 
 
+def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None):
+    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
+    dy2 = dy.reshape(-1, N)
+    if g is None:
+        g = dy2 @ lora_b
+    dA = _scaled_mm(g.t(), x_lora.reshape(-1, K), scale)
+    dB = _scaled_mm(dy2.t(), h.reshape(-1, r), scale)
+    return dA, dB
+
+
 # --------------------------------------------------------------------------- dispatch
+#
+# CPU: the fp32 reference. CUDA: cuBLAS or the Triton kernel (lora_triton.py), chosen per
+# shape key by timing both once at first use; the choice is cached, so later calls cost a
+# dict lookup and never sync. LORAFUSE_LORA_IMPL=cublas|triton|auto (default auto)
+# overrides; =triton with TRITON_INTERPRET=1 runs the Triton path on CPU (tests).
+# A Triton failure (triton missing, unsupported dtype or size) falls back to cuBLAS for
+# that key with one warning.
+
+IMPL_ENV = "LORAFUSE_LORA_IMPL"
+_IMPLS = ("auto", "cublas", "triton")
+_MEASURE_ITERS = 5
+_choice: dict[tuple, str] = {}  # (mode, kind, shape key) -> "cublas" | "triton"
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _requested_impl() -> str:
+    impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    if impl not in _IMPLS:
+        _warn_once(f"lorafuse: {IMPL_ENV}={impl!r} is not one of {_IMPLS}; using 'auto'")
+        return "auto"
+    return impl
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, m - 1).bit_length()
+
+
+def _triton_fn(kind: str):
+    from . import lora_triton  # ImportError when triton is absent: caught by the caller
+
+    return lora_triton.triton_lora_forward if kind == "fwd" else lora_triton.triton_lora_backward
+
+
+def _time_ms(fn, args) -> float:
+    """Median of a few CUDA-event timings, after one warm-up call (JIT, autotuning)."""
+    fn(*args)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(_MEASURE_ITERS)]
+    for start, end in events:
+        start.record()
+        fn(*args)
+        end.record()
+    events[-1][1].synchronize()  # once per shape key, at its first use
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def _dispatch(kind: str, key: tuple, cublas_fn, args):
+    mode = _requested_impl()
+    if mode == "cublas":
+        return cublas_fn(*args)
+    ckey = (mode, kind) + key
+    choice = _choice.get(ckey)
+    if choice == "cublas":
+        return cublas_fn(*args)
+    try:
+        triton_fn = _triton_fn(kind)
+        if choice is None and mode == "auto":
+            if torch.cuda.is_current_stream_capturing():
+                return cublas_fn(*args)  # no timing inside a graph capture; decide later
+            t_triton = _time_ms(triton_fn, args)
+            t_cublas = _time_ms(cublas_fn, args)
+            choice = _choice[ckey] = "triton" if t_triton < t_cublas else "cublas"
+            if choice == "cublas":
+                return cublas_fn(*args)
+        out = triton_fn(*args)
+    except Exception as e:  # never crash training over the optional kernel
+        _choice[ckey] = "cublas"
+        _warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
+                   "using cuBLAS")
+        return cublas_fn(*args)
+    _choice[ckey] = "triton"
+    return out
+
+
+def _triton_on_cpu() -> bool:
+    return _requested_impl() == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
-    if x.is_cuda:
-        return _lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale, x_lora)
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, x_lora)
+    args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
+    if not x.is_cuda and not _triton_on_cpu():
+        return lora_linear_reference(*args)
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    key = (_bucket(M), weight.shape[0], x.shape[-1], lora_a.shape[0], x.dtype,
+           weight.stride(-1) != 1)
+    return _dispatch("fwd", key, _lora_linear_cublas, args)
 
 
 def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale):
+    args = (dy, x_lora, weight, lora_a, lora_b, h, scale)
+    if not dy.is_cuda and not _triton_on_cpu():
+        return lora_linear_backward_reference(*args)
+    if weight is None:  # no base GEMM: nothing for the Triton kernel to fuse
+        return _lora_linear_backward_cublas(*args)
+    M = dy.numel() // dy.shape[-1] if dy.shape[-1] else 0
+    key = (_bucket(M), weight.shape[0], weight.shape[1], lora_a.shape[0], dy.dtype,
+           weight.stride(-1) != 1)
+    return _dispatch("bwd", key, _lora_linear_backward_cublas, args)
+
+
+def _ab_impl(dy, x_lora, lora_a, lora_b, h, scale):
     if dy.is_cuda:
-        return _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale)
-    return lora_linear_backward_reference(dy, x_lora, weight, lora_a, lora_b, h, scale)
+        return _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale)
+    return _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale)
 
 
 # --------------------------------------------------------------------------- ops
@@ -162,6 +282,27 @@ def _(dy, x_lora, weight, lora_a, lora_b, h, scale):
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
+@torch.library.custom_op("lorafuse::lora_linear_backward_ab", mutates_args=())
+def lora_linear_backward_ab_op(
+    dy: Tensor,
+    x_lora: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    h: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(dA, dB)`` only: the backward when no input needs a gradient (layer 0
+    fed by frozen embeddings), which skips the (M, K) dx GEMM. lora_a gives dA's
+    shape and dtype."""
+    dA, dB = _ab_impl(dy, x_lora, lora_a, lora_b, h, scale)
+    return dA.contiguous(), dB.contiguous()
+
+
+@lora_linear_backward_ab_op.register_fake
+def _(dy, x_lora, lora_a, lora_b, h, scale):
+    return torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, x_lora = inputs
     ctx.scale = scale
@@ -176,11 +317,16 @@ def _backward(ctx, dy, _dh):
     need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora
     dx = dW = db = dxl = None
     if ctx.has_dropout:
-        dxl, dA, dB = lora_linear_backward_op(dy, x_lora, None, lora_a, lora_b, h, ctx.scale)
+        if need[6]:
+            dxl, dA, dB = lora_linear_backward_op(dy, x_lora, None, lora_a, lora_b, h, ctx.scale)
+        else:
+            dA, dB = lora_linear_backward_ab_op(dy, x_lora, lora_a, lora_b, h, ctx.scale)
         if need[0]:
             dx = dy @ weight
-    else:
+    elif need[0]:
         dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale)
+    else:
+        dA, dB = lora_linear_backward_ab_op(dy, x, lora_a, lora_b, h, ctx.scale)
     if need[1]:
         dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         dW = dW.to(weight.dtype)

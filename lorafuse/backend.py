@@ -1,0 +1,114 @@
+"""The ``lorafuse`` torch.compile backend: capture → rewrite → partition → compile.
+
+1. Capture: Dynamo hands us a torch-level FX graph (parameters are placeholders).
+2. Rewrite: each enabled pass in ``lorafuse.passes`` replaces the subgraphs it can
+   prove with fused custom ops; a pass that raises leaves the graph as it was.
+3. Partition: Inductor differentiates the graph and our partitioner splits it.
+4. Compile: Inductor's ``compile_fx`` compiles forward and backward; our ops are
+   extern calls there. If that fails, the untouched graph goes to plain Inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.compile_fx import compile_fx
+
+from .partition import LorafusePartitioner
+from .passes import DEFAULT_PASSES, PASSES
+from .report import GraphReport, PassReport
+
+log = logging.getLogger("lorafuse")
+_graph_ids = itertools.count()
+
+
+@dataclass
+class Options:
+    passes: tuple = DEFAULT_PASSES  # which rewrites run, by name
+    verbose: bool = False  # print each graph's report to stderr at compile time
+    strict: bool = False  # raise instead of warning and falling back (for tests)
+    inductor: dict = field(default_factory=dict)  # extra Inductor config patches
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "Options":
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"lorafuse: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        opts = cls(**options)
+        opts.passes = tuple(opts.passes)
+        bad = [p for p in opts.passes if p not in PASSES]
+        if bad:
+            raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
+        return opts
+
+
+def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport, count=True) -> None:
+    for name in opts.passes:
+        pr = PassReport(name)
+        report.passes.append(pr)
+        backup = copy.deepcopy(gm.graph)
+        try:
+            PASSES[name](gm, pr)
+        except Exception as e:  # never worse than plain torch.compile
+            if opts.strict:
+                raise
+            gm.graph = backup
+            gm.recompile()
+            pr.matched.clear()
+            pr.error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"lorafuse: pass '{name}' failed on graph {report.index} and left it "
+                          f"unmodified: {pr.error}", stacklevel=2)
+        if count:
+            counters["lorafuse"][name] += len(pr.matched)
+            counters["lorafuse"][name + "_skipped"] += len(pr.skipped)
+
+
+def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None):
+    """The backend behind ``torch.compile(model, backend="lorafuse", options={...})``."""
+    opts = Options.parse(options)
+    report = GraphReport(next(_graph_ids))
+    pristine = copy.deepcopy(gm.graph)
+    _run_passes(gm, opts, report)
+
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(opts.inductor)
+    patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
+    try:
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    except Exception as e:
+        if opts.strict:
+            raise
+        report.fell_back = f"{type(e).__name__}: {e}"
+        warnings.warn(f"lorafuse: compiling the rewritten graph {report.index} failed "
+                      f"({report.fell_back}); using plain Inductor for it", stacklevel=2)
+        gm.graph = pristine
+        gm.recompile()
+        compiled = compile_fx(gm, example_inputs)
+    if _collect is not None:
+        _collect.graphs.append(report)
+    text = report.format()
+    log.info("%s", text)
+    if opts.verbose:
+        print("lorafuse " + text, file=sys.stderr, flush=True)
+    return compiled
+
+
+def backend(**options):
+    """A backend with options bound: ``torch.compile(model, backend=lorafuse.backend(verbose=True))``."""
+    Options.parse(options)  # fail early on typos
+
+    def _backend(gm, example_inputs, **kw):
+        merged = {**options, **(kw.pop("options", None) or {})}
+        return lorafuse_backend(gm, example_inputs, options=merged, **kw)
+
+    _backend.__name__ = "lorafuse"
+    return _backend

@@ -1,0 +1,236 @@
+"""Triton path of the fused LoRA linear: one GEMM with a rank-r tail.
+
+The kernel computes, in one fp32 accumulator rounded once at the store,
+
+    C = A1 @ B1 + alpha2 · (A2 @ B2) (+ bias)
+
+with A1 (M, K1), B1 (K1, N) the big product and A2 (M, K2), B2 (K2, N) a rank-r tail
+(K2 = r, at most a few dozen). Every operand takes any strides, so one kernel serves
+
+    forward   y  = x Wᵀ + s · h Bᵀ + b        A1 = x,  B1 = Wᵀ, A2 = h,    B2 = Bᵀ
+    backward  dx = dy W + s · (dy B) A         A1 = dy, B1 = W,  A2 = dy B, B2 = A
+
+The tail is accumulated first (K2 is small: usually one tile), scaled by alpha2 in fp32,
+then the base loop accumulates on top of it. Compared with the cuBLAS path this saves
+writing and re-reading the (M, N) low-rank term, and rounds the sum once instead of
+rounding the low-rank term first. The rank-r products around it (h = x' Aᵀ, dy B, dA,
+dB) stay cuBLAS GEMMs: they are memory-bound and cuBLAS splits their long reductions.
+
+Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``tl.dot`` on bf16 returns
+garbage, so bf16 tiles are cast to fp32 there; the kernel then uses one fixed small
+block configuration instead of autotuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
+# shapes on an H200 (M = 4096 tokens, N and K in the thousands); the small ones short
+# sequences and narrow outputs. A config that does not fit (fp32 tiles, shared memory) is
+# skipped by the autotuner.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# The interpreter runs every program in numpy: small tiles keep CPU tests quick and
+# still exercise several programs, partial tiles and the k loop.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_INDEX = 2**31 - 1  # the kernel indexes with int32
+
+
+def _bucket(m: int) -> int:
+    """Next power of two: the autotuner re-tunes per bucket, not per sequence length."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+@triton.jit
+def _lowrank_tail_gemm_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
+    M, N, K1, K2,
+    M_BUCKET,  # unused in the body: only keys the autotuner
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n,
+    stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_cm, stride_cn,
+    alpha2,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot on fp32 tiles instead
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so fp32 is not tf32
+    EVEN_K: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks sweep the columns together, so the B1 tiles
+    # they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # Tail first: alpha2 · A2 @ B2 (usually a single tile, K2 = r).
+    offs_k2 = tl.arange(0, BLOCK_K2)
+    a2_ptrs = a2_ptr + offs_m[:, None] * stride_a2m + offs_k2[None, :] * stride_a2k
+    b2_ptrs = b2_ptr + offs_k2[:, None] * stride_b2k + offs_n[None, :] * stride_b2n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k2 in range(0, tl.cdiv(K2, BLOCK_K2)):
+        k_left = K2 - k2 * BLOCK_K2
+        a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & (offs_k2[None, :] < k_left), other=0.0)
+        b2 = tl.load(b2_ptrs, mask=(offs_k2[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a2 = a2.to(tl.float32)
+            b2 = b2.to(tl.float32)
+        acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
+        a2_ptrs += BLOCK_K2 * stride_a2k
+        b2_ptrs += BLOCK_K2 * stride_b2k
+    acc = acc * alpha2
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    # Base product on top, in the same fp32 accumulator.
+    offs_k = tl.arange(0, BLOCK_K)
+    a1_ptrs = a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k
+    b1_ptrs = b1_ptr + offs_k[:, None] * stride_b1k + offs_n[None, :] * stride_b1n
+    for k in range(0, tl.cdiv(K1, BLOCK_K)):
+        if EVEN_K:
+            a1 = tl.load(a1_ptrs, mask=mask_m[:, None], other=0.0)
+            b1 = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K1 - k * BLOCK_K
+            a1 = tl.load(a1_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b1 = tl.load(b1_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a1 = a1.to(tl.float32)
+            b1 = b1.to(tl.float32)
+        acc = tl.dot(a1, b1, acc, input_precision=INPUT_PRECISION)
+        a1_ptrs += BLOCK_K * stride_a1k
+        b1_ptrs += BLOCK_K * stride_b1k
+
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_INTERPRETED = type(_lowrank_tail_gemm_kernel).__name__ == "InterpretedFunction"
+
+_even_k = triton.heuristics({"EVEN_K": lambda a: a["K1"] % a["BLOCK_K"] == 0})(_lowrank_tail_gemm_kernel)
+
+
+def _quick_bench(kernel_call, quantiles):
+    # Shorter than triton's default (25 ms warm-up, 100 ms per config): the first step
+    # tunes a dozen shapes, and the ranking of these configs is stable well before that.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+_autotuned = triton.autotune(
+    configs=AUTOTUNE_CONFIGS, key=["M_BUCKET", "N", "K1", "K2"], do_bench=_quick_bench,
+)(_even_k)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
+    """``a1 @ b1 + alpha2 · a2 @ b2 (+ bias)`` in one fp32 accumulator, rounded once to
+    a1's dtype. 2-D operands of any strides; K1 may be 0 (then only the tail)."""
+    M, K1 = a1.shape
+    K2 = a2.shape[1]
+    N = b1.shape[1]
+    dtype = a1.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"lowrank_tail_gemm: unsupported dtype {dtype}")
+    operands = [t for t in (a1, b1, a2, b2, bias) if t is not None]
+    if any(t.dtype != dtype for t in operands):
+        raise TypeError("lowrank_tail_gemm: all operands must share one dtype, got "
+                        + ", ".join(str(t.dtype) for t in operands))
+    if b1.shape[0] != K1 or a2.shape[0] != M or b2.shape != (K2, N) or (
+            bias is not None and bias.shape != (N,)):
+        raise ValueError("lowrank_tail_gemm: shape mismatch "
+                         f"{tuple(a1.shape)} {tuple(b1.shape)} {tuple(a2.shape)} {tuple(b2.shape)}")
+    if not _INTERPRETED and not all(t.is_cuda for t in operands):
+        raise ValueError("lowrank_tail_gemm: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if out is None:
+        out = torch.empty((M, N), dtype=dtype, device=a1.device)
+    if any(_max_offset(t) > _MAX_INDEX for t in operands + [out]):
+        raise ValueError("lowrank_tail_gemm: tensor too large for int32 indexing")
+    if M == 0 or N == 0:
+        return out
+
+    args = (
+        a1, b1, a2, b2, bias if bias is not None else out, out,
+        M, N, K1, K2, _bucket(M),
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
+        out.stride(0), out.stride(1),
+        float(alpha2),
+    )
+    # tl.dot needs K tiles of at least 16; a rank above 64 loops over 64-wide tiles.
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        UPCAST=_INTERPRETED and dtype == torch.bfloat16,
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_K2=min(64, max(16, triton.next_power_of_2(max(K2, 1)))),
+    )
+
+    def grid(m):
+        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+
+    if _INTERPRETED:
+        _even_k[grid](*args, **meta, **INTERPRETER_CONFIG)
+    else:
+        with torch.cuda.device(a1.device):
+            _autotuned[grid](*args, **meta)
+    return out
+
+
+def _scaled_mm(a, b, scale):
+    """``scale · a @ b`` rounded once (cuBLAS alpha); beta = 0 ignores the empty input."""
+    if scale == 1.0:
+        return a @ b
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return torch.addmm(out, a, b, beta=0, alpha=scale)
+
+
+def triton_lora_forward(x, weight, bias, lora_a, lora_b, scale, x_lora):
+    """Same contract as ``_lora_linear_cublas``: returns ``(y, h)``."""
+    K, N, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
+    x2 = x.reshape(-1, K)
+    xl2 = x2 if x_lora is None else x_lora.reshape(-1, K)
+    h = xl2 @ lora_a.t()
+    y = lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
+    lead = x.shape[:-1]
+    return y.reshape(*lead, N), h.reshape(*lead, r)
+
+
+def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale):
+    """Same contract as ``_lora_linear_backward_cublas``: returns ``(dx, dA, dB)``;
+    dx omits ``dy W`` when weight is None."""
+    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
+    dy2 = dy.reshape(-1, N)
+    g = dy2 @ lora_b  # unscaled: s is applied in fp32 inside each consumer
+    if weight is not None:
+        dx = lowrank_tail_gemm(dy2, weight, g, lora_a, None, alpha2=scale)
+    else:
+        dx = _scaled_mm(g, lora_a, scale)  # rank-r reduction only: memory-bound
+    dA = _scaled_mm(g.t(), x_lora.reshape(-1, K), scale)
+    dB = _scaled_mm(dy2.t(), h.reshape(-1, r), scale)
+    return dx.reshape(x_lora.shape), dA, dB
+

@@ -1,0 +1,10 @@
+"""Graph rewrites on Dynamo's torch-level FX graph, one pass per module.
+
+Each pass exposes ``NAME`` and ``run(gm, report)``; it rewrites the sites it can
+prove and records the rest in ``report.skipped`` with a reason.
+"""
+
+from . import lora
+
+PASSES = {lora.NAME: lora.run}
+DEFAULT_PASSES = tuple(PASSES)

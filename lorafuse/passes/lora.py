@@ -1,0 +1,229 @@
+"""LoRA pass: ``base(x) + B(A(dropout(x))) * s`` → one ``lorafuse::lora_linear`` op.
+
+What PEFT's ``lora.Linear.forward`` looks like once Dynamo has inlined it::
+
+    result = linear(x, W, b)                      # or GPT-2's Conv1D:
+                                                  #   view(addmm(b, view(x, -1, K), W_kn), size)
+    h      = linear(dropout(x'), A)               # x' = x, or x.to(adapter dtype);
+    l      = linear(h, B)                         #   dropout absent when p = 0
+    result = result + l * s
+
+The match anchors on the ``add`` and classifies each side by hand (a pattern
+rewriter cannot bind one placeholder to ``x`` twice, see DESIGN.md). Every
+intermediate must be used only inside the site. The compute dtype is the one the
+base product has in the graph (bf16 under autocast): all operands are cast to it,
+as autocast would, and the op's output is cast to the add's dtype if they differ.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..kernels import lora as lora_kernels  # noqa: F401  (registers the op)
+from ._graph import (
+    DROPOUT_FUNCS,
+    add_node,
+    fake_mode_of,
+    is_add,
+    is_function,
+    is_method,
+    is_mul,
+    linear_args,
+    only_user,
+    same_sizes,
+    site_name,
+    strip_upcasts,
+    val,
+)
+
+NAME = "lora"
+
+
+@dataclass
+class Site:
+    add: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    weight_is_kn: bool  # GPT-2 Conv1D stores W as (K, N)
+    bias: object
+    lora_a: fx.Node
+    lora_b: fx.Node
+    scale: float
+    x_lora: object  # the dropout node, or None when the adapter reads x itself
+    base_out: fx.Node  # the base product; its dtype is the compute dtype
+    erase: list = field(default_factory=list)  # the site's nodes, users first
+
+
+class NoMatch(Exception):
+    """The add is not a LoRA site; ``reason`` says why when it looked like one."""
+
+
+def _lora_term(node):
+    """``l * s`` with ``l = linear(linear(x', A), B)`` → (A-linear, B-linear, s)."""
+    if not is_mul(node):
+        return None
+    a, b = node.args[0], node.args[1]
+    lin, s = (a, b) if isinstance(a, fx.Node) else (b, a)
+    if not isinstance(s, (int, float)) or isinstance(s, bool):
+        return None
+    outer = linear_args(lin)
+    if outer is None or outer[2] is not None:
+        return None
+    inner = linear_args(outer[0])
+    if inner is None or inner[2] is not None:
+        return None
+    return outer[0], lin, float(s)
+
+
+def _base(node):
+    """A base linear → (x, W, W_is_kn, bias, nodes)."""
+    args = linear_args(node)
+    if args is not None:
+        return args[0], args[1], False, args[2], [node]
+    # GPT-2 Conv1D: view(addmm(b, view(x, -1, K), W_kn), x.shape[:-1] + (N,))
+    if is_method(node, ("view", "reshape")) and is_function(node.args[0], (torch.addmm,)):
+        mm = node.args[0]
+        if mm.kwargs or len(mm.args) != 3 or not only_user(mm, node):
+            return None
+        b, flat, w = mm.args
+        if not (is_method(flat, ("view", "reshape")) and only_user(flat, mm)):
+            return None
+        x = flat.args[0]
+        vx, vy = val(x), val(node)
+        if vx is None or vy is None or not same_sizes(vx.shape[:-1], vy.shape[:-1]):
+            return None
+        return x, w, True, b, [node, mm, flat]
+    return None
+
+
+def match(add: fx.Node) -> Site:
+    if not is_add(add) or len(add.args) != 2:
+        raise NoMatch(None)
+    for base_node, term in (add.args, reversed(add.args)):
+        lt = _lora_term(term)
+        base = _base(base_node) if lt is not None else None
+        if base is not None:
+            break
+    else:
+        raise NoMatch(None)
+    a_lin, b_lin, scale = lt
+    x, w, w_kn, bias, base_nodes = base
+    xa, A, _ = linear_args(a_lin)
+    B = linear_args(b_lin)[1]
+
+    # The adapter's input: x itself (maybe up-cast), or dropout of it.
+    x_lora, inner = None, xa
+    if is_function(xa, DROPOUT_FUNCS):
+        x_lora, inner = xa, xa.args[0] if xa.args else xa.kwargs.get("input")
+    if strip_upcasts(inner) is not x:
+        raise NoMatch("adapter input is not the base layer's input")
+
+    for n, user in ((term, add), (b_lin, term), (a_lin, b_lin), (base_nodes[0], add)):
+        if not only_user(n, user):
+            raise NoMatch("an intermediate of the site is used outside it")
+    if x_lora is not None and not only_user(x_lora, a_lin):
+        raise NoMatch("the dropout output is used outside the site")
+
+    vx, vw, va, vb, vo = val(x), val(w), val(A), val(B), val(add)
+    if any(not isinstance(v, torch.Tensor) for v in (vx, vw, va, vb, vo)):
+        raise NoMatch("no example values recorded")
+    if vw.dim() != 2 or va.dim() != 2 or vb.dim() != 2 or vx.dim() < 2:
+        raise NoMatch("unexpected ranks")
+    n_out, k = (vw.shape[1], vw.shape[0]) if w_kn else (vw.shape[0], vw.shape[1])
+    r = va.shape[0]
+    if not (same_sizes((vx.shape[-1],), (k,)) and same_sizes(va.shape, (r, k))
+            and same_sizes(vb.shape, (n_out, r)) and same_sizes(vo.shape[-1:], (n_out,))):
+        raise NoMatch("shapes do not line up")
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if any(v.dtype not in floats for v in (vx, vw, va, vb, vo)):
+        raise NoMatch("non-float tensors (a quantized base is the dequant_matmul pass's job)")
+    if len({v.device for v in (vx, vw, va, vb)}) != 1:
+        raise NoMatch("tensors on several devices")
+    for user in add.users:  # a second adapter added on top: leave both alone
+        if is_add(user) and any(_lora_term(a) is not None for a in user.args if a is not add):
+            raise NoMatch("several active adapters")
+
+    erase = [add, term, b_lin, a_lin] + base_nodes
+    return Site(add, x, w, w_kn, bias, A, B, scale, x_lora, base_nodes[0], erase)
+
+
+def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
+    g = gm.graph
+    cdt = val(site.base_out).dtype
+    with g.inserting_before(site.add):
+
+        def cast(node):
+            v = val(node)
+            if node is None or v.dtype == cdt:
+                return node
+            return add_node(g, "call_method", "to", (node, cdt), fake_mode)
+
+        w = site.weight
+        if site.weight_is_kn:
+            w = add_node(g, "call_method", "t", (w,), fake_mode)
+        args = (
+            cast(site.x), cast(w), cast(site.bias), cast(site.lora_a), cast(site.lora_b),
+            site.scale, cast(site.x_lora),
+        )
+        call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
+        out = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
+        if val(site.add).dtype != cdt:
+            out = add_node(g, "call_method", "to", (out, val(site.add).dtype), fake_mode)
+    site.add.replace_all_uses_with(out)
+    for node in site.erase:
+        if not node.users:
+            g.erase_node(node)
+
+
+def _adapter_placeholders(graph):
+    """Parameter placeholders of LoRA A matrices, for accounting of sites left alone."""
+    found = []
+    for node in graph.nodes:
+        t = str(node.target) if node.op == "placeholder" else ""
+        if "_lora_A_" in t or "_lora_embedding_A_" in t:
+            found.append(node)
+    return found
+
+
+def _why_left_alone(graph, a_ph, reasons) -> str:
+    if a_ph in reasons:
+        return reasons[a_ph]
+    t = str(a_ph.target)
+    if "_lora_embedding_A_" in t:
+        return "LoRA on an embedding"
+    module = t.split("_modules_lora_A_")[0]
+    names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    if any(n.startswith(module) and "lora_magnitude_vector" in n for n in names):
+        return "DoRA (magnitude vector)"
+    if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
+        return "several active adapters"
+    return "adapter not in the recognised base + B(A(x)) * s form"
+
+
+def run(gm: fx.GraphModule, report) -> None:
+    graph = gm.graph
+    fake_mode = fake_mode_of(graph)
+    done, reasons = set(), {}
+    # Match and rewrite in one walk: a later site's input may be an earlier site's output.
+    # A rewrite erases only nodes at or before the current one, which the walk has passed.
+    for node in list(graph.nodes):
+        try:
+            site = match(node)
+        except NoMatch as e:
+            if e.args and e.args[0]:
+                lt = next((_lora_term(a) for a in node.args if _lora_term(a)), None)
+                if lt is not None:
+                    reasons[linear_args(lt[0])[1]] = e.args[0]
+            continue
+        rewrite(gm, site, fake_mode)
+        report.matched.append(site_name(site.lora_a))
+        done.add(site.lora_a)
+    for a_ph in _adapter_placeholders(graph):
+        if a_ph not in done and a_ph.users:
+            report.skipped.append((site_name(a_ph), _why_left_alone(graph, a_ph, reasons)))
+    graph.lint()
+    gm.recompile()

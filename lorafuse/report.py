@@ -1,0 +1,60 @@
+"""What the backend did to each compiled graph: per pass, sites matched and left alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PassReport:
+    name: str
+    matched: list = field(default_factory=list)  # site names
+    skipped: list = field(default_factory=list)  # (site name, reason)
+    error: str | None = None  # set when the pass raised and the graph was left alone
+
+
+@dataclass
+class GraphReport:
+    index: int
+    passes: list = field(default_factory=list)
+    saved_for_backward: int | None = None  # tensors the partitioner kept for the backward
+    saved_bytes: int | None = None  # their size, where the sizes are static
+    fell_back: str | None = None  # why the rewritten graph was not used, if it was not
+
+    def format(self) -> str:
+        lines = [f"graph {self.index}:"]
+        for p in self.passes:
+            if p.error:
+                lines.append(f"  {p.name}: pass failed, graph left unmodified ({p.error})")
+                continue
+            lines.append(f"  {p.name}: {len(p.matched)} matched, {len(p.skipped)} left alone")
+            for reason, n in Counter(r for _, r in p.skipped).items():
+                sites = [s for s, r in p.skipped if r == reason]
+                shown = ", ".join(sites[:3]) + (", ..." if len(sites) > 3 else "")
+                lines.append(f"    left alone ×{n}: {reason} [{shown}]")
+        if self.saved_for_backward is not None:
+            size = "" if self.saved_bytes is None else f", {self.saved_bytes / 2**20:.1f} MiB"
+            lines.append(f"  memory plan: {self.saved_for_backward} tensors kept for backward{size}"
+                         " (min-cut rematerialization)")
+        if self.fell_back:
+            lines.append(f"  fell back to plain Inductor: {self.fell_back}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    graphs: list = field(default_factory=list)
+
+    def totals(self) -> dict:
+        out: Counter = Counter()
+        for g in self.graphs:
+            for p in g.passes:
+                out[p.name] += len(p.matched)
+                out[p.name + "_skipped"] += len(p.skipped)
+        return dict(out)
+
+    def __str__(self) -> str:
+        head = ["lorafuse report: " + (", ".join(f"{k}={v}" for k, v in self.totals().items())
+                                       or "no graphs compiled")]
+        return "\n".join(head + [g.format() for g in self.graphs])
