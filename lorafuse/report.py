@@ -11,6 +11,7 @@ class PassReport:
     name: str
     matched: list = field(default_factory=list)  # site names
     skipped: list = field(default_factory=list)  # (site name, reason)
+    ops: int = 0  # fused ops emitted (sites sharing an input may share one op)
     error: str | None = None  # set when the pass raised and the graph was left alone
 
 
@@ -28,7 +29,8 @@ class GraphReport:
             if p.error:
                 lines.append(f"  {p.name}: pass failed, graph left unmodified ({p.error})")
                 continue
-            lines.append(f"  {p.name}: {len(p.matched)} matched, {len(p.skipped)} left alone")
+            ops = f" (as {p.ops} fused ops)" if p.ops and p.ops != len(p.matched) else ""
+            lines.append(f"  {p.name}: {len(p.matched)} matched{ops}, {len(p.skipped)} left alone")
             for reason, n in Counter(r for _, r in p.skipped).items():
                 sites = [s for s, r in p.skipped if r == reason]
                 shown = ", ".join(sites[:3]) + (", ..." if len(sites) > 3 else "")

@@ -97,7 +97,7 @@ def add_node(graph, op, target, args, fake_mode=None):
     """Insert ``op(target, args)`` at the graph's insert point with its example value."""
     node = graph.create_node(op, target, tuple(args))
     if fake_mode is not None:
-        fargs = [val(a) if isinstance(a, fx.Node) else a for a in args]
+        fargs = fx.node.map_aggregate(args, lambda a: val(a) if isinstance(a, fx.Node) else a)
         with fake_mode:
             if op == "call_method":
                 node.meta["example_value"] = getattr(fargs[0], target)(*fargs[1:])

@@ -18,12 +18,14 @@ as autocast would, and the op's output is cast to the add's dtype if they differ
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from ..kernels import lora as lora_kernels  # noqa: F401  (registers the op)
+from ..kernels import lora as lora_kernels  # noqa: F401  (registers the ops)
+from ..kernels import lora_group as lora_group_kernels  # noqa: F401
 from ._graph import (
     DROPOUT_FUNCS,
     add_node,
@@ -41,6 +43,9 @@ from ._graph import (
 )
 
 NAME = "lora"
+# Fuse sites sharing one input into one op (x read once, one dx buffer). LORAFUSE_LORA_GROUP=0
+# turns it off, to measure each alone.
+GROUP_SHARED_INPUTS = os.environ.get("LORAFUSE_LORA_GROUP", "1") != "0"
 
 
 @dataclass
@@ -151,32 +156,72 @@ def match(add: fx.Node) -> Site:
     return Site(add, x, w, w_kn, bias, A, B, scale, x_lora, base_nodes[0], erase)
 
 
-def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
+def _compute_dtype(site: Site) -> torch.dtype:
+    return val(site.base_out).dtype
+
+
+def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
+    """Replace one site, or several sharing one input, by one fused op. ``remap`` maps
+    an already-rewritten add to its replacement (a site's input may be one)."""
     g = gm.graph
-    cdt = val(site.base_out).dtype
-    with g.inserting_before(site.add):
+    cdt = _compute_dtype(sites[0])
+    first = sites[0]  # sites come in graph order: insert before the first add
+    with g.inserting_before(first.add):
 
         def cast(node):
-            v = val(node)
-            if node is None or v.dtype == cdt:
+            node = remap.get(node, node)
+            if node is None or val(node).dtype == cdt:
                 return node
             return add_node(g, "call_method", "to", (node, cdt), fake_mode)
 
-        w = site.weight
-        if site.weight_is_kn:
-            w = add_node(g, "call_method", "t", (w,), fake_mode)
-        args = (
-            cast(site.x), cast(w), cast(site.bias), cast(site.lora_a), cast(site.lora_b),
-            site.scale, cast(site.x_lora),
-        )
-        call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
-        out = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
-        if val(site.add).dtype != cdt:
-            out = add_node(g, "call_method", "to", (out, val(site.add).dtype), fake_mode)
-    site.add.replace_all_uses_with(out)
-    for node in site.erase:
-        if not node.users:
-            g.erase_node(node)
+        def weight(site):
+            w = site.weight
+            return add_node(g, "call_method", "t", (w,), fake_mode) if site.weight_is_kn else w
+
+        x = cast(first.x)
+        if len(sites) == 1:
+            args = (x, cast(weight(first)), cast(first.bias), cast(first.lora_a),
+                    cast(first.lora_b), first.scale, cast(first.x_lora))
+            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
+        else:
+            args = (x, [cast(weight(s)) for s in sites], [cast(s.bias) for s in sites],
+                    [cast(s.lora_a) for s in sites], [cast(s.lora_b) for s in sites],
+                    [s.scale for s in sites])
+            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default, args,
+                            fake_mode)
+        outs = []
+        for i, site in enumerate(sites):
+            out = add_node(g, "call_function", operator.getitem, (call, i), fake_mode)
+            if val(site.add).dtype != cdt:
+                out = add_node(g, "call_method", "to", (out, val(site.add).dtype), fake_mode)
+            outs.append(out)
+    for site, out in zip(sites, outs):
+        site.add.replace_all_uses_with(out)
+        remap[site.add] = out
+        for node in site.erase:
+            if not node.users:
+                g.erase_node(node)
+
+
+def group_sites(sites: list, graph: fx.Graph) -> list:
+    """Sites that read one input, in one dtype, without dropout, become one group (q/k/v,
+    gate/up) when all their operands exist before the first site's add."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    groups, by_input = [], {}
+    for site in sites:
+        key = (site.x, _compute_dtype(site))
+        if site.x_lora is not None or not GROUP_SHARED_INPUTS:
+            groups.append([site])
+            continue
+        group = by_input.get(key)
+        operands = (site.weight, site.bias, site.lora_a, site.lora_b)
+        if group is not None and all(
+                not isinstance(n, fx.Node) or pos[n] < pos[group[0].add] for n in operands):
+            group.append(site)
+        else:
+            by_input[key] = [site]
+            groups.append(by_input[key])
+    return groups
 
 
 def _adapter_placeholders(graph):
@@ -207,21 +252,21 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
-    done, reasons = set(), {}
-    # Match and rewrite in one walk: a later site's input may be an earlier site's output.
-    # A rewrite erases only nodes at or before the current one, which the walk has passed.
-    for node in list(graph.nodes):
+    sites, reasons = [], {}
+    for node in graph.nodes:
         try:
-            site = match(node)
+            sites.append(match(node))
         except NoMatch as e:
             if e.args and e.args[0]:
                 lt = next((_lora_term(a) for a in node.args if _lora_term(a)), None)
                 if lt is not None:
                     reasons[linear_args(lt[0])[1]] = e.args[0]
-            continue
-        rewrite(gm, site, fake_mode)
-        report.matched.append(site_name(site.lora_a))
-        done.add(site.lora_a)
+    remap = {}
+    for group in group_sites(sites, graph):
+        rewrite(gm, group, fake_mode, remap)
+        report.matched.extend(site_name(site.lora_a) for site in group)
+        report.ops += 1
+    done = {site.lora_a for site in sites}
     for a_ph in _adapter_placeholders(graph):
         if a_ph not in done and a_ph.users:
             report.skipped.append((site_name(a_ph), _why_left_alone(graph, a_ph, reasons)))

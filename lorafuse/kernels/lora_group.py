@@ -1,0 +1,170 @@
+"""Several LoRA linears that read one input (q/k/v, gate/up) as one op.
+
+For sites i = 1..n sharing x (all in one compute dtype, see ``lora.py``)::
+
+    h      = x A_catᵀ                    A_cat = [A_1; ...; A_n]  (R × K, R = Σ r_i)
+    y_i    = x W_iᵀ + b_i + s_i h_i B_iᵀ  h_i = the r_i columns of h for site i
+
+so x is read once for all adapters. Backward, with g_i = s_i dy_i B_i, g = [g_1 ... g_n]:
+
+    dx     = g A_cat + Σ_i dy_i W_i      (one buffer: g A_cat, then addmm_ per site)
+    dA_cat = gᵀ x                        (one GEMM reads x once)
+    dB_i   = s_i dy_iᵀ h_i
+
+Precision is the single-site op's: fp32 accumulation, the low-rank term added in the
+base GEMM's epilogue, one rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .lora import _upcast
+
+
+def _split(t: Tensor, ranks) -> list:
+    return list(torch.split(t, list(ranks), dim=-1))
+
+
+def lora_group_reference(x, weights, biases, lora_as, lora_bs, scales):
+    """fp32 reference (fp64 stays fp64), one rounding per output: ``ys + [h]``."""
+    K = x.shape[-1]
+    x2 = _upcast(x).reshape(-1, K)
+    h = x2 @ torch.cat([_upcast(a) for a in lora_as]).t()
+    ys = []
+    for w, b, hi, B, s in zip(weights, biases, _split(h, [a.shape[0] for a in lora_as]), lora_bs, scales):
+        y = hi @ _upcast(B).t() * s + x2 @ _upcast(w).t()
+        if b is not None:
+            y = y + _upcast(b)
+        ys.append(y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0]))
+    return ys + [h.to(x.dtype).reshape(*x.shape[:-1], h.shape[-1])]
+
+
+def _group_cublas(x, weights, biases, lora_as, lora_bs, scales):
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    h = x2 @ torch.cat(lora_as).t()
+    ys = []
+    for w, b, hi, B, s in zip(weights, biases, _split(h, [a.shape[0] for a in lora_as]), lora_bs, scales):
+        low = torch.addmm(b, hi, B.t(), alpha=s) if b is not None else torch.mm(hi, B.t()).mul_(s)
+        ys.append(low.addmm_(x2, w.t()).reshape(*x.shape[:-1], w.shape[0]))  # in-place epilogue
+    return ys + [h.reshape(*x.shape[:-1], h.shape[-1])]
+
+
+def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+    K = x.shape[-1]
+    ranks = [a.shape[0] for a in lora_as]
+    x2 = _upcast(x).reshape(-1, K)
+    hs = _split(_upcast(h).reshape(-1, sum(ranks)), ranks)
+    dy2 = [_upcast(d).reshape(-1, d.shape[-1]) for d in dys]
+    g = torch.cat([d @ _upcast(B) * s for d, B, s in zip(dy2, lora_bs, scales)], dim=1)
+    dA = _split((g.t() @ x2).t(), ranks)
+    dBs = [(d.t() @ hi) * s for d, hi, s in zip(dy2, hs, scales)]
+    out = []
+    if need_dx:
+        dx = g @ torch.cat([_upcast(a) for a in lora_as])
+        for d, w in zip(dy2, weights):
+            dx = dx + d @ _upcast(w)
+        out.append(dx.to(x.dtype).reshape(x.shape))
+    return out + [a.t().to(A.dtype, copy=True) for a, A in zip(dA, lora_as)] + [
+        b.to(B.dtype, copy=True) for b, B in zip(dBs, lora_bs)]
+
+
+def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+    K = x.shape[-1]
+    ranks = [a.shape[0] for a in lora_as]
+    x2 = x.reshape(-1, K)
+    hs = _split(h.reshape(-1, sum(ranks)), ranks)
+    dy2 = [d.reshape(-1, d.shape[-1]) for d in dys]
+    g = torch.cat([(d @ B).mul_(s) for d, B, s in zip(dy2, lora_bs, scales)], dim=1)
+    dA = torch.mm(g.t(), x2)
+    dBs = [torch.mm(d.t(), hi).mul_(s) for d, hi, s in zip(dy2, hs, scales)]
+    out = []
+    if need_dx:
+        dx = g @ torch.cat(lora_as)
+        for d, w in zip(dy2, weights):
+            dx.addmm_(d, w)  # accumulate every site's dy W into one buffer
+        out.append(dx.reshape(x.shape))
+    return out + [a.clone() for a in torch.split(dA, ranks, dim=0)] + dBs  # no aliased outputs
+
+
+@torch.library.custom_op("lorafuse::lora_linear_group", mutates_args=())
+def lora_linear_group_op(
+    x: Tensor,
+    weights: list[Tensor],
+    biases: list[Optional[Tensor]],
+    lora_as: list[Tensor],
+    lora_bs: list[Tensor],
+    scales: list[float],
+) -> list[Tensor]:
+    """Returns ``[y_1, ..., y_n, h]``."""
+    impl = _group_cublas if x.is_cuda else lora_group_reference
+    return [t.contiguous() for t in impl(x, weights, biases, lora_as, lora_bs, scales)]
+
+
+@lora_linear_group_op.register_fake
+def _(x, weights, biases, lora_as, lora_bs, scales):
+    lead = x.shape[:-1]
+    ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
+    return ys + [x.new_empty(*lead, sum(a.shape[0] for a in lora_as))]
+
+
+@torch.library.custom_op("lorafuse::lora_linear_group_backward", mutates_args=())
+def lora_linear_group_backward_op(
+    dys: list[Tensor],
+    x: Tensor,
+    weights: list[Tensor],
+    lora_as: list[Tensor],
+    lora_bs: list[Tensor],
+    h: Tensor,
+    scales: list[float],
+    need_dx: bool,
+) -> list[Tensor]:
+    """Returns ``[dx] (if need_dx) + [dA_1..n] + [dB_1..n]``."""
+    impl = _group_backward_cublas if x.is_cuda else lora_group_backward_reference
+    return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx)]
+
+
+@lora_linear_group_backward_op.register_fake
+def _(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+    dx = [torch.empty_like(x)] if need_dx else []
+    return dx + [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_as, lora_bs, scales = inputs
+    n = len(weights)
+    ctx.n, ctx.scales = n, scales
+    ctx.has_bias = [b is not None for b in biases]
+    ctx.save_for_backward(x, output[-1], *weights, *lora_as, *lora_bs)
+    ctx.mark_non_differentiable(output[-1])
+
+
+def _backward(ctx, grads):
+    x, h, *rest = ctx.saved_tensors
+    n = ctx.n
+    weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
+    dys = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+           for g, w in zip(grads[:n], weights)]
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    out = lora_linear_group_backward_op(dys, x, list(weights), list(lora_as), list(lora_bs), h,
+                                        list(ctx.scales), bool(need_x))
+    dx, out = (out[0], out[1:]) if need_x else (None, out)
+    dAs, dBs = out[:n], out[n:]
+    x2 = x.reshape(-1, x.shape[-1])
+    dWs = [(d.reshape(-1, d.shape[-1]).t() @ x2).to(w.dtype) for d, w in zip(dys, weights)] if need_w else None
+    dbs = [d.reshape(-1, d.shape[-1]).sum(0) if hb else None for d, hb in zip(dys, ctx.has_bias)] \
+        if need_b else None
+    return dx, dWs, dbs, list(dAs), list(dBs), None
+
+
+lora_linear_group_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_group(x, weights, biases, lora_as, lora_bs, scales):
+    """``[x W_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ for each i]`` with x read once."""
+    return lora_linear_group_op(x, list(weights), list(biases), list(lora_as), list(lora_bs),
+                                [float(s) for s in scales])[:-1]
