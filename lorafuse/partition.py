@@ -7,6 +7,7 @@ quantized, recompute, offload) under a memory budget builds on this hook.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -18,12 +19,17 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
 
 
-def source_hash(extra: str = "") -> str:
-    """Hash of lorafuse's sources and ``extra``: a cache key that changes with the code."""
-    h = hashlib.sha256(extra.encode())
+@functools.lru_cache(maxsize=None)
+def _sources_digest() -> str:
+    h = hashlib.sha256()
     for path in _SOURCES:
         h.update(Path(path).read_bytes())
     return h.hexdigest()
+
+
+def source_hash(extra: str = "") -> str:
+    """Hash of lorafuse's sources and ``extra``: a cache key that changes with the code."""
+    return hashlib.sha256((_sources_digest() + extra).encode()).hexdigest()
 
 
 class LorafusePartitioner(CustomPartitionerFn):
