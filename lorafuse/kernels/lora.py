@@ -5,19 +5,23 @@ view); ``bias`` (N,) or None; ``lora_a`` A (r, K); ``lora_b`` B (N, r); ``x_lora
 x' = dropout(x) or None (then x' = x). All floating inputs share one dtype, the
 compute dtype (the LoRA pass casts to it, as autocast would); the output has it too.
 
-Precision: every product accumulates in fp32. The low-rank term
+Precision: every product accumulates in fp32. cuBLAS path: the low-rank term
 ``l = s · h Bᵀ + b`` (h = x' Aᵀ) is rounded once to the compute dtype, then added to
-the base product inside the base GEMM's fp32 accumulator (cuBLAS ``beta = 1``
-epilogue, or the Triton kernel's tail), and the sum is rounded once. Eager PEFT
-rounds the base product, then the sum, so its error is relative to |x Wᵀ|; ours
-adds only a rounding relative to the much smaller |l|.
+the base product inside the base GEMM's fp32 accumulator (``beta = 1`` epilogue), and
+the sum is rounded once. Triton path (lora_triton.py): l never leaves the accumulator,
+so y is rounded once. Eager PEFT rounds the base product, then the sum, so its error is
+relative to |x Wᵀ|; ours adds at most a rounding relative to the much smaller |l|.
+h itself is rounded to the compute dtype in every path (it is an output, and saved).
 
 Gradients (dy = ∂L/∂y, flattened to 2-D; g = s · dy B):
     dx  = dy W + g A          (one GEMM chain: ``(g A).addmm_(dy, W)``)
     dA  = gᵀ x'
     dB  = s · dyᵀ h
     db  = Σ dy, dW = dyᵀ x    (only when those require grad: frozen in LoRA)
-With dropout, x' is a separate input: dx = dy W and dx' = g A.
+With dropout, x' is a separate input: dx = dy W and dx' = g A. On the GPU, dy B is
+rounded unscaled and s enters each consumer GEMM as its alpha (one rounding each).
+When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes only
+(dA, dB), skipping the (M, K) dx GEMM.
 """
 
 from __future__ import annotations
@@ -189,7 +193,7 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
     try:
         triton_fn = _triton_fn(kind)
         if choice is None and mode == "auto":
-            if torch.cuda.is_current_stream_capturing():
+            if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
                 return cublas_fn(*args)  # no timing inside a graph capture; decide later
             t_triton = _time_ms(triton_fn, args)
             t_cublas = _time_ms(cublas_fn, args)

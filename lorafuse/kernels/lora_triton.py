@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora import _scaled_mm
+
 # Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
 # shapes on an H200 (M = 4096 tokens, N and K in the thousands); the small ones short
 # sequences and narrow outputs. A config that does not fit (fp32 tiles, shared memory) is
@@ -199,14 +201,6 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
         with torch.cuda.device(a1.device):
             _autotuned[grid](*args, **meta)
     return out
-
-
-def _scaled_mm(a, b, scale):
-    """``scale · a @ b`` rounded once (cuBLAS alpha); beta = 0 ignores the empty input."""
-    if scale == 1.0:
-        return a @ b
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
 def triton_lora_forward(x, weight, bias, lora_a, lora_b, scale, x_lora):

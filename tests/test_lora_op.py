@@ -1,0 +1,372 @@
+"""Property tests of the fused LoRA linear op against eager PyTorch (CPU: reference path).
+
+fp32: output and every gradient match eager PyTorch to relative error 1e-5.
+bf16: against an fp64 computation on the same bf16-valued inputs, the op's error is no
+larger than eager bf16's error (times 1.5), for the output and every gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorafuse.kernels import lora
+from lorafuse.kernels.lora import lora_linear
+
+# Sizes that are not multiples of 16, so no path gets a friendly tile.
+odd = st.integers(1, 70).filter(lambda v: v % 16 != 0)
+
+
+@dataclass
+class Case:
+    lead: tuple  # leading dims of x: (M,) or (batch, seq)
+    N: int
+    K: int
+    r: int
+    bias: bool
+    weight_t: bool  # weight passed as W_kn.t(), GPT-2 style
+    dropout: float  # 0: x' = x; else x' = x * mask / (1 - p), mask fixed
+    x_grad: bool
+    w_grad: bool
+    b_grad: bool
+    scale: float
+    seed: int
+
+
+@st.composite
+def cases(draw, min_numel=1):
+    lead = draw(st.one_of(st.tuples(odd), st.tuples(st.integers(1, 3), odd)))
+    bias = draw(st.booleans())
+    c = Case(
+        lead=lead, N=draw(odd), K=draw(odd), r=draw(st.integers(1, 64)),
+        bias=bias, weight_t=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.0, 0.1, 0.3])),
+        x_grad=draw(st.booleans()), w_grad=draw(st.booleans()),
+        b_grad=bias and draw(st.booleans()),
+        scale=draw(st.sampled_from([1.0, 2.0, 0.5, 0.37, 3.1])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    return c
+
+
+def make_leaves(c: Case, dtype):
+    """Random non-zero leaves (values drawn in fp32, then cast) and a fixed dropout mask."""
+    g = torch.Generator().manual_seed(c.seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    M = 1
+    for d in c.lead:
+        M *= d
+    leaves = {
+        "x": rnd(*c.lead, c.K).requires_grad_(c.x_grad),
+        # LoRA-like magnitudes: B is non-zero (a trained adapter), the low-rank term small.
+        "w": (rnd(c.K, c.N, std=c.K ** -0.5) if c.weight_t else rnd(c.N, c.K, std=c.K ** -0.5)
+              ).requires_grad_(c.w_grad),
+        "b": rnd(c.N).requires_grad_(c.b_grad) if c.bias else None,
+        "a": rnd(c.r, c.K, std=c.K ** -0.5).requires_grad_(True),
+        "B": rnd(c.N, c.r, std=0.3 * c.r ** -0.5).requires_grad_(True),
+    }
+    mask = (torch.rand(*c.lead, c.K, generator=g) >= c.dropout).to(dtype) if c.dropout else None
+    dy = rnd(*c.lead, c.N)
+    return leaves, mask, dy
+
+
+def x_lora_of(c: Case, x, mask):
+    return None if mask is None else x * mask / (1.0 - c.dropout)
+
+
+def weight_of(c: Case, w):
+    return w.t() if c.weight_t else w
+
+
+def eager(c: Case, leaves, mask):
+    x, W, b = leaves["x"], weight_of(c, leaves["w"]), leaves["b"]
+    xl = x if mask is None else x_lora_of(c, x, mask)
+    return F.linear(x, W, b) + F.linear(F.linear(xl, leaves["a"]), leaves["B"]) * c.scale
+
+
+def fused(c: Case, leaves, mask):
+    x = leaves["x"]
+    return lora_linear(x, weight_of(c, leaves["w"]), leaves["b"], leaves["a"], leaves["B"],
+                       c.scale, x_lora_of(c, x, mask))
+
+
+def forward_backward(fn, c: Case, leaves, mask, dy):
+    """Output and the gradients of every leaf that requires one, by name."""
+    y = fn(c, leaves, mask)
+    names = [k for k, v in leaves.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
+    return {"y": y.detach(), **dict(zip(names, grads))}
+
+
+def rel_err(a, ref):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_fp32(c: Case):
+    leaves, mask, dy = make_leaves(c, torch.float32)
+    got = forward_backward(fused, c, leaves, mask, dy)
+    want = forward_backward(eager, c, leaves, mask, dy)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype, k
+        assert rel_err(got[k], want[k]) < 1e-5, (k, rel_err(got[k], want[k]), c)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_fp32_matches_eager(c):
+    check_fp32(c)
+
+
+def fp64_reference(c: Case, leaves, mask, dy):
+    """Eager fp64 on the same values. x' keeps its bf16 value (the op's input) while its
+    gradient still flows to x through the mask: so both sides see identical inputs."""
+    l64 = {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad)
+           for k, v in leaves.items()}
+
+    def fn(c, l, m):
+        x, W, b = l["x"], weight_of(c, l["w"]), l["b"]
+        if m is None:
+            xl = x
+        else:
+            exact = x * m.double() / (1.0 - c.dropout)
+            xl = exact + (x_lora_of(c, leaves["x"].detach(), mask).double() - exact).detach()
+        return F.linear(x, W, b) + F.linear(F.linear(xl, l["a"]), l["B"]) * c.scale
+
+    return forward_backward(fn, c, l64, mask, dy.double())
+
+
+def bf16_errors(c: Case, min_pooled=256, max_draws=32):
+    """Relative errors against fp64 of the op and of eager bf16, per output/gradient.
+
+    Rounding errors are random: on a tensor of a few elements one draw can make eager
+    look lucky. So errors are pooled (sums of squares) over draws of fresh random values
+    of the same case until each tensor has seen about ``min_pooled`` elements."""
+    sums = {}
+    draws = 1
+    i = 0
+    while i < draws:
+        leaves, mask, dy = make_leaves(dataclasses.replace(c, seed=c.seed + i), torch.bfloat16)
+        ref = fp64_reference(c, leaves, mask, dy)
+        got = forward_backward(fused, c, leaves, mask, dy)
+        base = forward_backward(eager, c, leaves, mask, dy)
+        if i == 0:
+            smallest = min(t.numel() for t in ref.values())
+            draws = min(max_draws, -(-min_pooled // smallest))
+        for k in ref:
+            assert got[k].dtype == torch.bfloat16 and torch.isfinite(got[k]).all(), k
+            r = ref[k]
+            s = sums.setdefault(k, [0.0, 0.0, 0.0])
+            s[0] += (got[k].double() - r).norm().item() ** 2
+            s[1] += (base[k].double() - r).norm().item() ** 2
+            s[2] += r.norm().item() ** 2
+        i += 1
+    return {k: ((e_op / n) ** 0.5, (e_eager / n) ** 0.5) for k, (e_op, e_eager, n) in sums.items()}
+
+
+def check_bf16(c: Case, factor=1.5):
+    for k, (e_op, e_eager) in bf16_errors(c).items():
+        assert e_op <= factor * e_eager + 1e-6, (k, e_op, e_eager, c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_bf16_no_worse_than_eager(c):
+    check_bf16(c)
+
+
+def _coarsen(t, bits=6):
+    """Round to ``bits`` significant bits: about 4x the error of bf16's 8."""
+    m, e = torch.frexp(t.float())
+    return torch.ldexp(torch.round(m * 2**bits) / 2**bits, e).to(t.dtype)
+
+
+@pytest.mark.parametrize("where", ["y", "dA"])
+def test_bf16_check_can_fail(monkeypatch, where):
+    """The bf16 comparison must catch an op that is a few times less precise than a
+    single rounding, in the output or in a gradient."""
+    c = Case(lead=(2, 33), N=47, K=61, r=8, bias=True, weight_t=False, dropout=0.0,
+             x_grad=True, w_grad=False, b_grad=False, scale=1.0, seed=3)
+    if where == "y":
+        orig = lora.lora_linear_reference
+        monkeypatch.setattr(lora, "lora_linear_reference",
+                            lambda *a: (_coarsen(orig(*a)[0]), orig(*a)[1]))
+    else:
+        orig = lora.lora_linear_backward_reference
+        monkeypatch.setattr(lora, "lora_linear_backward_reference",
+                            lambda *a: (lambda dx, dA, dB: (dx, _coarsen(dA), dB))(*orig(*a)))
+    with pytest.raises(AssertionError):
+        check_bf16(c)
+
+
+@pytest.mark.parametrize("bias,weight_t,dropout", [(True, False, 0.0), (False, True, 0.25)])
+def test_fp64_gradcheck(bias, weight_t, dropout):
+    g = torch.Generator().manual_seed(0)
+    N, K, r = 5, 7, 3
+    x = torch.randn(2, 3, K, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*((K, N) if weight_t else (N, K)), generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    b = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    a = torch.randn(r, K, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(N, r, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = (torch.rand(2, 3, K, generator=g) > dropout).double()
+
+    def fn(x, w, a, B, *b_opt):
+        xl = x * mask / (1 - dropout) if dropout else None
+        return lora_linear(x, w.t() if weight_t else w, b_opt[0] if b_opt else None, a, B, 0.7, xl)
+
+    inputs = (x, w, a, B) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_aot_eager_dynamic_shapes():
+    torch._dynamo.reset()
+    c = Case(lead=(2, 9), N=19, K=23, r=5, bias=True, weight_t=True, dropout=0.1,
+             x_grad=True, w_grad=True, b_grad=True, scale=0.5, seed=1)
+    compiled = torch.compile(lambda l, m: fused(c, l, m), backend="aot_eager", dynamic=True)
+    for lead in [(2, 9), (3, 13), (1, 5)]:  # the sequence length changes: no shape baked in
+        c.lead = lead
+        leaves, mask, dy = make_leaves(c, torch.float32)
+        got = forward_backward(lambda c, l, m: compiled(l, m), c, leaves, mask, dy)
+        want = forward_backward(eager, c, leaves, mask, dy)
+        for k in want:
+            assert got[k].shape == want[k].shape, k
+            assert rel_err(got[k], want[k]) < 1e-5, k
+
+
+def _backward_graph_ops(x_grad: bool, dropout: float):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    c = Case(lead=(7,), N=9, K=11, r=3, bias=False, weight_t=False, dropout=dropout,
+             x_grad=x_grad, w_grad=False, b_grad=False, scale=2.0, seed=2)
+    leaves, mask, dy = make_leaves(c, torch.float32)
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    compiled = torch.compile(lambda l, m: fused(c, l, m), backend=backend, dynamic=True)
+    got = forward_backward(lambda c, l, m: compiled(l, m), c, leaves, mask, dy)
+    want = forward_backward(eager, c, leaves, mask, dy)
+    for k in want:
+        assert rel_err(got[k], want[k]) < 1e-5, k
+    assert len(graphs) == 2
+    return {n.target for n in graphs[1].graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_frozen_input_skips_dx(dropout):
+    ops = torch.ops.lorafuse
+    frozen = _backward_graph_ops(x_grad=False, dropout=dropout)
+    assert ops.lora_linear_backward_ab.default in frozen
+    assert ops.lora_linear_backward.default not in frozen
+    trained = _backward_graph_ops(x_grad=True, dropout=dropout)
+    assert ops.lora_linear_backward.default in trained
+    assert ops.lora_linear_backward_ab.default not in trained
+
+
+def test_fake_impls_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, W, A, B = torch.empty(2, 5, 7), torch.empty(6, 7), torch.empty(3, 7), torch.empty(6, 3)
+        y, h = torch.ops.lorafuse.lora_linear(x, W, None, A, B, 1.0, None)
+        assert y.shape == (2, 5, 6) and h.shape == (2, 5, 3)
+        dx, dA, dB = torch.ops.lorafuse.lora_linear_backward(y, x, W, A, B, h, 1.0)
+        assert dx.shape == x.shape and dA.shape == A.shape and dB.shape == B.shape
+        dA, dB = torch.ops.lorafuse.lora_linear_backward_ab(y, x, A, B, h, 1.0)
+        assert dA.shape == A.shape and dB.shape == B.shape
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    monkeypatch.setattr(lora, "_choice", {})
+    monkeypatch.setattr(lora, "_warned", set())
+    monkeypatch.delenv(lora.IMPL_ENV, raising=False)
+    return monkeypatch
+
+
+def _stub_dispatch(monkeypatch, times, triton_raises=False):
+    """Route _dispatch to stub kernels and stub timings; record what ran."""
+    calls = []
+
+    def triton_fn(*args):
+        calls.append("triton")
+        if triton_raises:
+            raise TypeError("unsupported")
+        return "T"
+
+    def cublas_fn(*args):
+        calls.append("cublas")
+        return "C"
+
+    def time_ms(fn, args):
+        calls.append("time")
+        return times[fn is triton_fn]
+
+    monkeypatch.setattr(lora, "_triton_fn", lambda kind: triton_fn)
+    monkeypatch.setattr(lora, "_time_ms", time_ms)
+    args = (torch.empty(1),)
+    return lambda: lora._dispatch("fwd", (64, 1, 1, 1), cublas_fn, args), calls
+
+
+@pytest.mark.parametrize("triton_faster", [True, False])
+def test_dispatch_measures_once_and_caches(fresh_dispatch, triton_faster):
+    run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0 if triton_faster else 3.0, False: 2.0})
+    want = "T" if triton_faster else "C"
+    assert run() == want
+    assert calls.count("time") == 2
+    calls.clear()
+    assert [run() for _ in range(3)] == [want] * 3
+    assert "time" not in calls  # no more measuring (and no syncs) after the first call
+
+
+def test_dispatch_env_override(fresh_dispatch):
+    run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0, False: 2.0})
+    fresh_dispatch.setenv(lora.IMPL_ENV, "cublas")
+    assert run() == "C" and calls == ["cublas"]
+    fresh_dispatch.setenv(lora.IMPL_ENV, "triton")
+    calls.clear()
+    assert run() == "T" and calls == ["triton"]  # forced: no timing
+
+
+def test_dispatch_falls_back_with_one_warning(fresh_dispatch):
+    run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0, False: 2.0}, triton_raises=True)
+    fresh_dispatch.setenv(lora.IMPL_ENV, "triton")
+    with pytest.warns(RuntimeWarning, match="using cuBLAS"):
+        assert run() == "C"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run() == "C"  # cached: no second attempt, no second warning
+    assert calls == ["triton", "cublas", "cublas"]
+
+
+def test_cpu_triton_request_without_interpreter_uses_reference(fresh_dispatch):
+    fresh_dispatch.setenv(lora.IMPL_ENV, "triton")
+    fresh_dispatch.delenv("TRITON_INTERPRET", raising=False)
+    c = Case(lead=(5,), N=6, K=7, r=2, bias=True, weight_t=False, dropout=0.0,
+             x_grad=True, w_grad=False, b_grad=False, scale=1.0, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_fp32(c)
