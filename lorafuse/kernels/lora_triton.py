@@ -17,8 +17,9 @@ rounding the low-rank term first. The rank-r products around it (h = x' Aᵀ, dy
 dB) stay cuBLAS GEMMs: they are memory-bound and cuBLAS splits their long reductions.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``tl.dot`` on bf16 returns
-garbage, so bf16 tiles are cast to fp32 there; the kernel then uses one fixed small
-block configuration instead of autotuning.
+garbage and fp32 -> bf16 casts truncate, so for bf16 the kernel dots fp32 tiles and
+rounds to nearest even by hand there; it also uses one fixed small block configuration
+instead of autotuning.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _lowrank_tail_gemm_kernel(
     stride_cm, stride_cn,
     alpha2,
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr,  # interpreter + bf16: dot on fp32 tiles instead
+    INTERPRET_BF16: tl.constexpr,  # interpreter + bf16: see the two workarounds below
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so fp32 is not tf32
     EVEN_K: tl.constexpr,
     BLOCK_K2: tl.constexpr,
@@ -96,7 +97,7 @@ def _lowrank_tail_gemm_kernel(
         k_left = K2 - k2 * BLOCK_K2
         a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & (offs_k2[None, :] < k_left), other=0.0)
         b2 = tl.load(b2_ptrs, mask=(offs_k2[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRET_BF16:  # the interpreter's bf16 dot returns garbage: dot in fp32
             a2 = a2.to(tl.float32)
             b2 = b2.to(tl.float32)
         acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
@@ -119,13 +120,19 @@ def _lowrank_tail_gemm_kernel(
             k_left = K1 - k * BLOCK_K
             a1 = tl.load(a1_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b1 = tl.load(b1_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRET_BF16:
             a1 = a1.to(tl.float32)
             b1 = b1.to(tl.float32)
         acc = tl.dot(a1, b1, acc, input_precision=INPUT_PRECISION)
         a1_ptrs += BLOCK_K * stride_a1k
         b1_ptrs += BLOCK_K * stride_b1k
 
+    if INTERPRET_BF16:
+        # The interpreter casts fp32 -> bf16 by truncation; the GPU rounds to nearest
+        # even. Round here (on the bits) so the interpreter computes what the GPU does.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        acc = bits.to(tl.float32, bitcast=True)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -187,7 +194,7 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
     # tl.dot needs K tiles of at least 16; a rank above 64 loops over 64-wide tiles.
     meta = dict(
         HAS_BIAS=bias is not None,
-        UPCAST=_INTERPRETED and dtype == torch.bfloat16,
+        INTERPRET_BF16=_INTERPRETED and dtype == torch.bfloat16,
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         BLOCK_K2=min(64, max(16, triton.next_power_of_2(max(K2, 1)))),
     )

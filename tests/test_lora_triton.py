@@ -1,0 +1,263 @@
+"""The Triton LoRA kernels under the Triton interpreter, on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is first imported, and other test modules
+import triton in this pytest process; so every check runs in one subprocess (this file
+run as a script, with the environment set), which reports per-check results as JSON.
+Each check is then one pytest test here.
+
+Oracles: the kernel rounds once, so it is compared with the fp64 value of the same
+computation (same rounded operands: h = x' Aᵀ and dy B are rounded in the compute dtype,
+as the kernel's callers do) — elementwise within one ulp plus fp32 accumulation slack,
+and equal to that value rounded in nearly every element.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "float16", "bfloat16")
+
+# (name, M, N, K, r, options): odd sizes around the interpreter tile (16 x 32 x 16).
+GEMM_CASES = [
+    ("square", 37, 45, 29, 5, {}),
+    ("rank1_bias", 19, 33, 50, 1, {"bias": True}),
+    ("rank16_alpha", 33, 17, 47, 16, {"alpha2": 0.37}),
+    ("rank70_loops_tail", 21, 18, 13, 70, {"alpha2": 2.0, "bias": True}),
+    ("b1_row_major", 23, 41, 31, 7, {"b1_kn": True}),  # GPT-2: B1 = W_kn, stride (N, 1)
+    ("strided_a1", 17, 29, 35, 3, {"a1_sliced": True, "bias": True}),
+    ("one_row", 1, 9, 7, 2, {}),
+    ("k1_even", 18, 40, 32, 4, {"bias": True}),  # K1 % BLOCK_K == 0: unmasked k loads
+]
+# (name, lead, N, K, r, options) for the LoRA forward/backward and the op.
+LORA_CASES = [
+    ("2d", (29,), 37, 43, 6, {"bias": True}),
+    ("3d_dropout", (2, 11), 21, 35, 4, {"dropout": 0.25}),
+    ("gpt2_weight_t", (3, 7), 27, 19, 9, {"weight_t": True, "bias": True, "scale": 0.5}),
+    ("rank33", (13,), 18, 50, 33, {"scale": 2.0}),
+]
+
+
+def _check_ids():
+    ids = [f"gemm-{c[0]}-{d}" for c in GEMM_CASES for d in DTYPES]
+    ids += [f"lora-{c[0]}-{d}" for c in LORA_CASES for d in DTYPES]
+    ids += [f"op-{c[0]}-{d}" for c in LORA_CASES for d in ("float32", "bfloat16")]
+    ids += ["op-fallback-float64", "gemm-random-shapes"]
+    return ids
+
+
+# --------------------------------------------------------------------------- pytest side
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", LORAFUSE_LORA_IMPL="triton",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", _check_ids())
+def test_triton_interpreter(interpreter_results, check):
+    assert check in interpreter_results, f"{check} did not run"
+    ok, detail = interpreter_results[check]
+    assert ok, detail
+
+
+# --------------------------------------------------------------------------- worker side
+# Everything below runs only in the subprocess (TRITON_INTERPRET=1).
+
+
+def _worker():
+    import warnings
+
+    import torch
+
+    from lorafuse.kernels import lora, lora_triton as lt
+
+    assert lt._INTERPRETED, "TRITON_INTERPRET did not take effect"
+    results = {}
+
+    def record(name, fn):
+        try:
+            fn()
+            results[name] = (True, "")
+        except Exception:
+            results[name] = (False, traceback.format_exc()[-2500:])
+
+    def rnd(g, *shape, dtype, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def assert_rounded_once(got, exact, slack, what):
+        """got: the kernel's output; exact: fp64 value of the same computation; slack:
+        an fp64 bound of fp32 accumulation error. Within one ulp everywhere, and equal
+        to the correctly rounded value almost everywhere (not rounded twice)."""
+        assert got.shape == exact.shape, (what, got.shape, exact.shape)
+        assert torch.isfinite(got).all(), what
+        ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[got.dtype]
+        err = (got.double() - exact).abs()
+        bound = ulp * exact.abs() + slack + 1e-30
+        worst = (err / bound).max().item()
+        assert worst <= 1.0, f"{what}: error {worst:.3g} x bound"
+        if got.dtype != torch.float32:
+            same = (got == exact.to(got.dtype)).double().mean().item()
+            assert same >= 0.9, f"{what}: only {same:.1%} correctly rounded"
+
+    def acc_slack(*pairs):
+        """fp32 accumulation error bound for sums of products: 1e-6 · Σ|a||b|."""
+        total = 0
+        for a, b in pairs:
+            total = total + a.double().abs() @ b.double().abs()
+        return 1e-6 * total
+
+    def gemm_case(M, N, K, r, opts, dtype, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        a1 = rnd(g, M, K + 3 if opts.get("a1_sliced") else K, dtype=dtype)
+        if opts.get("a1_sliced"):
+            a1 = a1[:, 2:2 + K]  # row stride K + 3, offset start
+        w = rnd(g, K, N, dtype=dtype) if opts.get("b1_kn") else rnd(g, N, K, dtype=dtype)
+        b1 = w if opts.get("b1_kn") else w.t()
+        a2 = rnd(g, M, r, dtype=dtype)
+        b2 = rnd(g, N, r, dtype=dtype, std=0.5).t()
+        bias = rnd(g, N, dtype=dtype) if opts.get("bias") else None
+        alpha = opts.get("alpha2", 1.0)
+        out = lt.lowrank_tail_gemm(a1, b1, a2, b2, bias, alpha2=alpha)
+        exact = a1.double() @ b1.double() + alpha * (a2.double() @ b2.double())
+        if bias is not None:
+            exact = exact + bias.double()
+        slack = acc_slack((a1, b1), (a2, b2 * abs(alpha)))
+        assert out.dtype == dtype
+        assert_rounded_once(out, exact, slack, "C")
+
+    for name, M, N, K, r, opts in GEMM_CASES:
+        for d in DTYPES:
+            dtype = getattr(torch, d)
+            record(f"gemm-{name}-{d}", lambda: gemm_case(M, N, K, r, opts, dtype))
+
+    def random_shapes():
+        g = torch.Generator().manual_seed(1234)
+        for i in range(10):
+            M, N, K = (int(v) for v in torch.randint(1, 60, (3,), generator=g))
+            r = int(torch.randint(1, 65, (1,), generator=g))
+            opts = {"bias": bool(i % 2), "b1_kn": bool(i % 3 == 0), "alpha2": 0.5 + i / 7}
+            gemm_case(M, N, K, r, opts, getattr(torch, DTYPES[i % 3]), seed=i)
+
+    record("gemm-random-shapes", random_shapes)
+
+    def lora_inputs(lead, N, K, r, opts, dtype, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = rnd(g, *lead, K, dtype=dtype)
+        w_store = rnd(g, K, N, dtype=dtype) if opts.get("weight_t") else rnd(g, N, K, dtype=dtype)
+        w = w_store.t() if opts.get("weight_t") else w_store
+        b = rnd(g, N, dtype=dtype) if opts.get("bias") else None
+        a = rnd(g, r, K, dtype=dtype, std=K ** -0.5)
+        B = rnd(g, N, r, dtype=dtype, std=0.5)
+        p = opts.get("dropout", 0.0)
+        xl = None
+        if p:
+            mask = (torch.rand(*lead, K, generator=g) >= p).to(dtype)
+            xl = x * mask / (1 - p)
+        dy = rnd(g, *lead, N, dtype=dtype)
+        return x, w, b, a, B, opts.get("scale", 1.0), xl, dy
+
+    def lora_case(lead, N, K, r, opts, dtype):
+        x, w, b, a, B, s, xl, dy = lora_inputs(lead, N, K, r, opts, dtype)
+        xl_ = x if xl is None else xl
+        y, h = lt.triton_lora_forward(x, w, b, a, B, s, xl)
+        assert y.shape == (*lead, N) and h.shape == (*lead, r)
+        # h is a plain GEMM in the compute dtype; y is exact on top of that rounded h.
+        h_exact = xl_.double() @ a.double().t()
+        assert_rounded_once(h, h_exact, acc_slack((xl_, a.t())).reshape(h.shape), "h")
+        y_exact = x.double() @ w.double().t() + s * (h.double() @ B.double().t())
+        if b is not None:
+            y_exact = y_exact + b.double()
+        slack = acc_slack((x.reshape(-1, K), w.t()), (h.reshape(-1, r), B.t() * s))
+        assert_rounded_once(y, y_exact, slack.reshape(y.shape), "y")
+
+        dx, dA, dB = lt.triton_lora_backward(dy, xl_, w, a, B, h, s)
+        dy2 = dy.reshape(-1, N)
+        gu = dy2 @ B  # the unscaled rounded dy B the kernel consumes, same torch op
+        dx_exact = dy2.double() @ w.double() + s * (gu.double() @ a.double())
+        slack = acc_slack((dy2, w), (gu, a * s))
+        assert_rounded_once(dx, dx_exact.reshape(dx.shape), slack.reshape(dx.shape), "dx")
+        # dA, dB: cuBLAS-side GEMMs with s as alpha, each rounded once.
+        xl2 = xl_.reshape(-1, K)
+        assert_rounded_once(dA, s * (gu.double().t() @ xl2.double()),
+                            acc_slack((gu.t(), xl2 * s)), "dA")
+        h2 = h.reshape(-1, r)
+        assert_rounded_once(dB, s * (dy2.double().t() @ h2.double()),
+                            acc_slack((dy2.t(), h2 * s)), "dB")
+        # Without the base weight (dropout: dx' = s·(dy B) A only).
+        dxl, _, _ = lt.triton_lora_backward(dy, xl_, None, a, B, h, s)
+        assert_rounded_once(dxl, (s * (gu.double() @ a.double())).reshape(dxl.shape),
+                            acc_slack((gu, a * s)).reshape(dxl.shape), "dx'")
+
+    for name, lead, N, K, r, opts in LORA_CASES:
+        for d in DTYPES:
+            dtype = getattr(torch, d)
+            record(f"lora-{name}-{d}", lambda: lora_case(lead, N, K, r, opts, dtype))
+
+    def op_case(lead, N, K, r, opts, dtype):
+        """Through torch.ops.lorafuse.lora_linear and autograd, dispatched to Triton
+        (LORAFUSE_LORA_IMPL=triton): against the fp32 reference op on the same inputs."""
+        x, w, b, a, B, s, _, dy = lora_inputs(lead, N, K, r, opts, dtype)
+        p = opts.get("dropout", 0.0)
+        g = torch.Generator().manual_seed(7)
+        mask = (torch.rand(*lead, K, generator=g) >= p).to(dtype) if p else None
+
+        def run(impl):
+            os.environ["LORAFUSE_LORA_IMPL"] = impl
+            leaves = [t.detach().clone().requires_grad_() for t in (x, a, B)]
+            xx, aa, BB = leaves
+            xl = None if mask is None else xx * mask / (1 - p)
+            y = lora.lora_linear(xx, w, b, aa, BB, s, xl)
+            return [y.detach()] + list(torch.autograd.grad(y, leaves, dy))
+
+        lora._choice.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a silent fallback to cuBLAS would hide the kernel
+            got = run("triton")
+        used = {k[:2] for k, v in lora._choice.items() if v == "triton"}
+        assert used == {("triton", "fwd")} | ({("triton", "bwd")} if not p else set()), used
+        want = run("auto")  # CPU + auto: the fp32 reference
+        os.environ["LORAFUSE_LORA_IMPL"] = "triton"
+        tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+        for name, gt, wt in zip(("y", "dx", "dA", "dB"), got, want):
+            assert gt.dtype == wt.dtype and gt.shape == wt.shape, name
+            err = ((gt.double() - wt.double()).norm() / wt.double().norm()).item()
+            assert err < tol, f"{name}: relative error {err:.3g} (tolerance {tol:.3g})"
+
+    for name, lead, N, K, r, opts in LORA_CASES:
+        for d in ("float32", "bfloat16"):
+            dtype = getattr(torch, d)
+            record(f"op-{name}-{d}", lambda: op_case(lead, N, K, r, opts, dtype))
+
+    def fallback():
+        """fp64 is not a kernel dtype: the op warns once and uses the cuBLAS-path code."""
+        lora._choice.clear()
+        lora._warned.clear()
+        x, w, b, a, B, s, xl, _ = lora_inputs((5,), 6, 7, 2, {"bias": True}, torch.float64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = lora.lora_linear(x, w, b, a, B, s)
+            y2 = lora.lora_linear(x, w, b, a, B, s)
+        msgs = [str(c.message) for c in caught if "using cuBLAS" in str(c.message)]
+        assert len(msgs) == 1, msgs
+        want = lora.lora_linear_reference(x, w, b, a, B, s)[0]
+        assert torch.allclose(y, want) and torch.equal(y, y2)
+
+    record("op-fallback-float64", fallback)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _worker()
