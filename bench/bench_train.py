@@ -1,0 +1,821 @@
+"""Training-step throughput of PEFT LoRA on a Llama-shaped model, side by side.
+
+    python bench/bench_train.py --shape 1b                      # eager, inductor, lorafuse
+    python bench/bench_train.py --shape 8b --variants eager,eager_gc,inductor,lorafuse --ref
+    python bench/bench_train.py --shape tiny --device cpu --variants eager,inductor
+
+The step, the shapes and the peers are those of /work/shared/ANCHORS.md; bench/README.md
+explains every column. Layout of one run:
+
+  parent (no CUDA)                 prints progress to stderr, the tables to stdout (last)
+    child "build"                  builds the random-init model once, saves it (bf16) to --cache
+    child "train" per variant      loads it, trains warmup + steps, writes one JSON line
+    child "ref"                    fp32 copy of the same parameters at the --ref-steps
+
+Each child is its own process, so its peak memory and its compile caches are its own, and a
+failure (exception, OOM, crash, timeout) costs only that row of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Llama shapes (ANCHORS.md). Batch x sequence is the default workload of each shape.
+SHAPES = {
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+               tie_word_embeddings=False, batch=2, seq=2048),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+               tie_word_embeddings=True, batch=4, seq=2048),
+    # A few MB: for CPU smoke tests of this script, not a measurement.
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=344, vocab_size=4096,
+                 tie_word_embeddings=True, batch=2, seq=128),
+}
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["eager", "eager_gc", "inductor", "aot_eager", "lorafuse"]
+N_BATCHES = 4  # fixed batches in rotation
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(text: str, limit: int = 220) -> str:
+    """An error message squeezed into one markdown table cell."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    s = " / ".join(lines[:2]).replace("|", "/")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException) -> str:
+    name = type(exc).__name__
+    msg = str(exc)
+    if "out of memory" in msg.lower() or name == "OutOfMemoryError":
+        first = msg.strip().splitlines()[0] if msg.strip() else ""
+        return one_line(f"OOM: {first}")
+    return one_line(f"{name}: {msg}")
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def model_config(args):
+    from transformers import LlamaConfig
+
+    s = SHAPES[args.shape]
+    return LlamaConfig(
+        hidden_size=s["hidden_size"], num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"],
+        intermediate_size=s["intermediate_size"], vocab_size=s["vocab_size"],
+        tie_word_embeddings=s["tie_word_embeddings"], max_position_embeddings=8192,
+        rms_norm_eps=1e-5, use_cache=False,
+    )
+
+
+def flops_per_token(args) -> float:
+    """LoRA training FLOPs per token (ANCHORS.md): 4 x matmul params (forward + input
+    gradients; the frozen base gets no weight gradient) + causal attention, counted as
+    3.5 x its forward 2*S*h per layer (forward 1, backward 2.5). 8B: 31.9 G, 1B: 5.41 G."""
+    s = SHAPES[args.shape]
+    h, f, L, V = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * f  # q, o; k, v; gate, up, down
+    matmul_params = L * per_layer + h * V  # + lm_head
+    attention = 3.5 * 2 * args.seq * h * L
+    return 4 * matmul_params + attention
+
+
+def model_dir(args) -> Path:
+    return Path(args.cache) / args.shape
+
+
+def make_batches(args, vocab_size: int):
+    """N_BATCHES fixed batches of random ids, the same in every process (CPU generator)."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    return [torch.randint(0, vocab_size, (args.batch, args.seq), generator=g)
+            for _ in range(N_BATCHES)]
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def load_base_model(args, dtype, quantized: bool):
+    """The saved random-init model, as every variant and the reference load it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa", use_cache=False)
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                model_dir(args), device_map={"": device.index or 0}, **kwargs)
+        except Exception as exc:  # e.g. device_map needs accelerate on some versions
+            if quantized:
+                raise
+            log(f"loading with device_map failed ({describe_error(exc)}); loading on CPU")
+    model = AutoModelForCausalLM.from_pretrained(model_dir(args), **kwargs)
+    return model if quantized else model.to(device)
+
+
+def training_device(args):
+    """args.device as a torch.device with an index for CUDA ("cuda" -> cuda:0), made current."""
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+    return device
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def env_info(device_str: str) -> dict:
+    import torch
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device_str,
+    }
+    for mod in ("peft", "triton", "bitsandbytes"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as exc:
+            info[mod] = f"absent ({type(exc).__name__})"
+    if device_str.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+# ----------------------------------------------------------------------------- child: build
+
+
+def child_build(args) -> dict:
+    """Build the random-init bf16 model once and save it; reuse it when the config matches."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    out = model_dir(args)
+    config = model_config(args)
+    cfg = config.to_dict()
+    cfg.pop("transformers_version", None)
+    meta = json.loads(json.dumps({"config": cfg, "seed": args.seed}, default=str))
+    meta_file = out / "bench_meta.json"
+    result = {"path": str(out)}
+    saved = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    if saved == meta and (out / "config.json").exists():
+        log(f"reusing the saved model in {out}")
+        result["built"] = False
+        return result
+    log(f"building the {args.shape} model (seed {args.seed}) on {device} and saving to {out}")
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    if meta_file.exists():
+        meta_file.unlink()
+    model.save_pretrained(out)
+    meta_file.write_text(json.dumps(meta, indent=1))  # last: marks the save as complete
+    result.update(built=True, build_s=round(time.time() - t0, 1), params=n_params)
+    log(f"built and saved {n_params / 1e9:.3f} B parameters in {time.time() - t0:.0f} s")
+    return result
+
+
+# ----------------------------------------------------------------------------- child: train
+
+
+def resolve_backend(variant: str):
+    """The `backend=` argument for a compiled variant, and how it was found."""
+    if variant in ("inductor", "aot_eager"):
+        return variant, "builtin"
+    from torch._dynamo.backends.registry import lookup_backend
+
+    try:
+        lookup_backend("lorafuse")
+        return "lorafuse", "entry point"
+    except Exception as exc:
+        log(f"backend 'lorafuse' is not registered ({describe_error(exc)}); "
+            "importing lorafuse.backend from the repository instead")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from lorafuse.backend import lorafuse_backend
+
+    return lorafuse_backend, "import lorafuse.backend"
+
+
+def child_train(args, variant: str, res: dict) -> dict:
+    """Train warmup + steps; fill `res` as it goes (so a failure still reports what ran)."""
+    import torch
+    from peft import get_peft_model
+
+    device = training_device(args)
+    res.update(losses=[], snapshot_steps=[])
+    snap_file = snapshot_path(args, variant)
+
+    # -- load, wrap, compile
+    t0 = time.time()
+    model = load_base_model(args, torch.bfloat16, quantized=args.qlora)
+    if variant == "eager_gc":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config())
+    model.train()
+    lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    res["trainable_params"] = sum(p.numel() for p in lora_params.values())
+    res["load_s"] = round(time.time() - t0, 1)
+    step_model = model
+    if variant in ("inductor", "aot_eager", "lorafuse"):
+        backend, how = resolve_backend(variant)
+        res["backend_via"] = how
+        options = json.loads(args.lorafuse_options) if (variant == "lorafuse" and
+                                                        args.lorafuse_options) else None
+        step_model = torch.compile(model, backend=backend, options=options)
+    try:
+        opt = torch.optim.AdamW(lora_params.values(), lr=1e-4, fused=True)
+        res["fused_adamw"] = True
+    except Exception:
+        opt = torch.optim.AdamW(lora_params.values(), lr=1e-4)
+        res["fused_adamw"] = False
+    batches = [b.to(device) for b in make_batches(args, model.config.vocab_size)]
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        sync(device)
+        res["load_gib"] = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    log(f"{variant}: loaded in {res['load_s']} s, {res['trainable_params']:,} LoRA params"
+        + (f", {res['load_gib']:.2f} GiB allocated" if on_cuda else ""))
+
+    def train_step(ids):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # -- the loop. Losses stay on the device (no per-step sync) and are read at the end.
+    total = args.warmup + args.steps
+    losses, snapshots = [], {}
+    timed_s, seg_start = 0.0, None
+    try:
+        for step in range(1, total + 1):
+            if step in args.ref_steps:  # off the clock: a copy of the LoRA parameters
+                sync(device)
+                if seg_start is not None:
+                    timed_s += time.perf_counter() - seg_start
+                    seg_start = None
+                snapshots[step] = {n: p.detach().to("cpu", copy=True)
+                                   for n, p in lora_params.items()}
+            if step == args.warmup + 1:
+                sync(device)
+                if on_cuda:
+                    res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+            if step > args.warmup and seg_start is None:
+                sync(device)
+                seg_start = time.perf_counter()
+            t_step = time.perf_counter()
+            losses.append(train_step(batches[(step - 1) % N_BATCHES]))
+            if step == 1:
+                sync(device)
+                res["compile_s"] = round(time.perf_counter() - t_step, 2)
+                res["losses"] = [losses[0].item()]
+                log(f"{variant}: step 1 (compile + first step) {res['compile_s']} s, "
+                    f"loss {res['losses'][0]:.4f}")
+            elif step == total or step % max(1, total // 4) == 0:
+                log(f"{variant}: step {step}/{total} queued")
+        sync(device)
+        timed_s += time.perf_counter() - seg_start
+    finally:
+        try:
+            res["losses"] = torch.stack(losses).float().tolist() if losses else []
+        except Exception:  # a sticky CUDA error: keep what step 1 gave
+            pass
+        if snapshots:
+            torch.save(snapshots, snap_file)
+            res["snapshot_steps"] = sorted(snapshots)
+    tokens = args.steps * args.batch * args.seq
+    res["timed_s"] = round(timed_s, 3)
+    res["tok_s"] = tokens / timed_s
+    if on_cuda:
+        res["peak_timed_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["peak_gib"] = max(res["peak_warmup_gib"], res["peak_timed_gib"])
+    if variant in ("inductor", "aot_eager", "lorafuse"):
+        from torch._dynamo.utils import counters
+
+        res["graphs"] = counters["stats"].get("unique_graphs", 0)
+        res["graph_breaks"] = sum(counters["graph_break"].values())
+        res["graph_break_reasons"] = [one_line(k, 160) for k in list(counters["graph_break"])[:5]]
+        if "lorafuse" in counters:
+            res["lorafuse_counters"] = dict(counters["lorafuse"])
+    bad = [i + 1 for i, x in enumerate(res["losses"]) if not math.isfinite(x)]
+    if bad:
+        res["nonfinite_steps"] = bad
+    log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
+        + (f", peak {res['peak_gib']:.2f} GiB" if on_cuda else ""))
+    return res
+
+
+def snapshot_path(args, variant: str) -> Path:
+    tag = args.shape + ("_qlora" if args.qlora else "")
+    d = Path(args.cache) / "snapshots" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{variant}.pt"
+
+
+# ----------------------------------------------------------------------------- child: ref
+
+
+def dequantize_4bit_linears(model) -> int:
+    """Replace every bitsandbytes Linear4bit by an fp32 nn.Linear holding its dequantized
+    weight: the fp32 reference of a QLoRA model computes with the same (quantized) values."""
+    import bitsandbytes as bnb
+    import torch
+
+    count = 0
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+                lin = torch.nn.Linear(child.in_features, child.out_features,
+                                      bias=child.bias is not None,
+                                      device=w.device, dtype=torch.float32)
+                with torch.no_grad():
+                    lin.weight.copy_(w.float())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias.float())
+                setattr(mod, child_name, lin)
+                count += 1
+    return count
+
+
+def child_ref(args, variants) -> dict:
+    """Loss of an fp32 model (no autocast) with the same base weights and the LoRA values each
+    variant had at each --ref-steps step, on that step's batch."""
+    import torch
+    from peft import get_peft_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    device = training_device(args)
+    t0 = time.time()
+    if args.qlora:
+        model = load_base_model(args, torch.bfloat16, quantized=True)
+        n = dequantize_4bit_linears(model)
+        log(f"ref: dequantized {n} 4-bit linears to fp32")
+        torch.nn.Module.float(model)  # HF refuses .float() on a model it loaded quantized
+    else:
+        model = load_base_model(args, torch.float32, quantized=False)
+    model = get_peft_model(model, lora_config())
+    model.eval()
+    lora_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    batches = make_batches(args, model.config.vocab_size)
+    log(f"ref: fp32 model loaded in {time.time() - t0:.0f} s")
+    out = {}
+    for variant in variants:
+        path = snapshot_path(args, variant)
+        if not path.exists():
+            continue
+        snaps = torch.load(path)
+        per_step = {}
+        for step, state in sorted(snaps.items()):
+            missing = lora_names - set(state)
+            if missing:
+                raise RuntimeError(f"snapshot of {variant} lacks {len(missing)} LoRA tensors, "
+                                   f"e.g. {sorted(missing)[0]}")
+            unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected:
+                raise RuntimeError(f"snapshot of {variant} has tensors the fp32 model lacks, "
+                                   f"e.g. {unexpected[0]}")
+            ids = batches[(step - 1) % N_BATCHES].to(device)
+            with torch.no_grad():
+                per_step[step] = model(input_ids=ids, labels=ids).loss.item()
+            del ids
+        out[variant] = per_step
+        log(f"ref: {variant} at steps {sorted(per_step)} done")
+    return out
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def run_child(args, role: str, timeout: float | None, extra=()) -> dict:
+    """Run this script as a child with `--_child role`; stream its output to stderr; return
+    the JSON it wrote, or {"error": ...} when it wrote none."""
+    fd, out_path = tempfile.mkstemp(prefix="bench_", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, "-u", str(Path(__file__).resolve()), *args.argv, *extra,
+           "--_child", role, "--_out", out_path]
+    env = dict(os.environ)
+    cache_dir = None
+    if args.cold_compile and role in ("inductor", "aot_eager", "lorafuse"):
+        cache_dir = tempfile.mkdtemp(prefix=f"inductor_cache_{role}_")
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    tail = collections.deque(maxlen=30)
+    last_output = [time.time()]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=True, env=env)
+
+    def pump():
+        for line in proc.stdout:
+            last_output[0] = time.time()
+            tail.append(line.rstrip())
+            sys.stderr.write(f"  {role}| {line}")
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    while proc.poll() is None:
+        elapsed = time.time() - t0
+        if timeout is not None and elapsed > timeout:
+            timed_out = True
+            break
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            if time.time() - last_output[0] > 60:  # show life during a long compile
+                log(f"{role}: still running ({time.time() - t0:.0f} s)")
+                last_output[0] = time.time()
+    # Kill what is left of the child's own process group (it, or its compile workers).
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    reader.join(timeout=5)
+    if cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    wall = round(time.time() - t0, 1)
+    try:
+        text = Path(out_path).read_text().strip()
+        result = json.loads(text.splitlines()[-1]) if text else None
+    finally:
+        os.unlink(out_path)
+    if result is None:
+        if timed_out:
+            err = f"timeout: killed after {wall:.0f} s"
+        elif proc.returncode < 0:
+            err = f"killed by signal {-proc.returncode} (host OOM?)"
+        else:
+            last = [ln for ln in tail if ln.strip()]
+            err = f"exit code {proc.returncode}: " + (last[-1] if last else "no output")
+        result = {"error": one_line(err)}
+    result["wall_s"] = wall
+    return result
+
+
+def child_main(args) -> None:
+    role = args._child
+    result = {}
+    try:
+        if role == "build":
+            result = {"env": env_info(args.device)}
+            result.update(child_build(args))
+        elif role == "ref":
+            result = {"ref": child_ref(args, args.variants)}
+        else:
+            result = {"variant": role}
+            child_train(args, role, result)
+    except BaseException as exc:  # report, never raise: the parent shows it in one line
+        log(f"{role} failed:\n{traceback.format_exc()}")
+        result.update(variant=role, error=describe_error(exc),
+                      traceback=traceback.format_exc()[-4000:])
+    with open(args._out, "w") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def git_commit() -> str:
+    """HEAD of this checkout (+dirty), or $BENCH_COMMIT where there is no .git (a copied tree)."""
+    fallback = os.environ.get("BENCH_COMMIT", "unknown")
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0 or not out.stdout.strip():
+            return fallback
+        commit = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return fallback
+
+
+def fmt(x, spec=",.0f", missing="—"):
+    return missing if x is None else format(x, spec)
+
+
+def render(args, meta, results, ref) -> str:
+    """Markdown: header, loss per step, fp32 reference, then the short summary table last."""
+    ok = {r["variant"]: r for r in results if "error" not in r}
+    lines = []
+    env = meta.get("env", {})
+    lines.append(f"## bench_train --shape {args.shape}{' --qlora' if args.qlora else ''} "
+                 f"({meta['date']}, commit {meta['commit']})")
+    lines.append("")
+    lines.append(f"- device: {env.get('device_name', '?')} ({args.device}); torch "
+                 f"{env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
+                 f"peft {env.get('peft', '?')}, triton {env.get('triton', '?')}"
+                 + (f", bitsandbytes {env.get('bitsandbytes')}" if args.qlora else ""))
+    lines.append(f"- batch {args.batch} x {args.seq} = {args.batch * args.seq} tokens/step; "
+                 f"{args.warmup} warm-up + {args.steps} timed steps; autocast "
+                 f"{'off' if args.no_autocast else 'bf16'}; LoRA r=16 alpha=16 on 7 projections; "
+                 f"{meta['gflop_per_token']:.3g} GFLOP/token")
+    lines.append("")
+
+    # loss at every step
+    names = [r["variant"] for r in results]
+    if ok:
+        lines.append("### loss per step (* = fp32 reference step)")
+        lines.append("")
+        lines.append("| step | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for step in range(1, args.warmup + args.steps + 1):
+            cells = []
+            for n in names:
+                ls = ok.get(n, {}).get("losses", [])
+                cells.append(f"{ls[step - 1]:.4f}" if step <= len(ls) else "—")
+            mark = "*" if step in args.ref_steps else ""
+            lines.append(f"| {step}{mark} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    # fp32 reference
+    ref_vars = [n for n in names if ref.get(n) and n in ok]
+    if ref_vars:
+        lines.append("### fp32 reference of the same parameters (Δ = loss − fp32 loss)")
+        lines.append("")
+        lines.append("| step | " + " | ".join(f"{n} fp32 | {n} Δ" for n in ref_vars) + " |")
+        lines.append("|---|" + "---|---|" * len(ref_vars))
+        for step in args.ref_steps:
+            cells = []
+            for n in ref_vars:
+                r32 = ref[n].get(step)
+                d = ok[n].get("ref_delta", {}).get(step)
+                cells.append(f"{r32:.4f}" if r32 is not None else "—")
+                cells.append(f"{d:+.5f}" if d is not None else "—")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines.append("")
+    elif meta.get("ref_error"):
+        lines.append(f"fp32 reference: {meta['ref_error']}")
+        lines.append("")
+
+    # what the compilers did
+    notes = []
+    for r in results:
+        if "error" in r or "graphs" not in r:
+            continue
+        note = (f"- {r['variant']}: backend via {r.get('backend_via')}; {r['graphs']} graph(s), "
+                f"{r['graph_breaks']} graph break(s)")
+        if r.get("lorafuse_counters"):
+            note += "; lorafuse counters " + ", ".join(
+                f"{k} {v}" for k, v in sorted(r["lorafuse_counters"].items()))
+        if r.get("graph_break_reasons"):
+            note += "; first breaks: " + " // ".join(r["graph_break_reasons"][:2])
+        notes.append(note)
+    if notes:
+        lines += notes + [""]
+
+    # summary, last
+    base_e = ok.get("eager", {}).get("tok_s")
+    base_i = ok.get("inductor", {}).get("tok_s")
+    ceiling = args.peak_tflops * 1e12 / meta["gflop_per_token"] / 1e9
+    lines.append(f"### summary ({args.shape}; ceiling {ceiling:,.0f} tok/s at "
+                 f"{args.peak_tflops} TFLOP/s)")
+    lines.append("")
+    lines.append("| variant | tok/s | × eager | × inductor | % ceiling | peak GiB | compile s "
+                 "| max abs Δloss vs fp32 |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        n = r["variant"]
+        if "error" in r:
+            label = "" if r["error"].startswith("skipped") else "error: "
+            lines.append(f"| {n} | {label}{r['error']} | | | | | | |")
+            continue
+        tok = r.get("tok_s")
+        note = ""
+        if r.get("nonfinite_steps"):
+            note = f" (non-finite loss at steps {r['nonfinite_steps'][:5]})"
+        if r.get("graph_breaks"):
+            note += f" ({r['graph_breaks']} graph breaks)"
+        lines.append(
+            f"| {n}{note} | {fmt(tok)} | {fmt(tok / base_e if base_e else None, '.2f')} | "
+            f"{fmt(tok / base_i if base_i else None, '.2f')} | "
+            f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
+            f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('ref_max_abs_delta'), '.5f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--variants", default="eager,inductor,lorafuse",
+                   help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:1, or cpu (tiny only, really)")
+    p.add_argument("--batch", type=int, help="default: per shape (8b: 2, 1b: 4, tiny: 2)")
+    p.add_argument("--seq", type=int, help="default: per shape (2048; tiny: 128)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps; step 1 = compile time")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="/tmp/lorafuse_bench",
+                   help="where the random-init model and the LoRA snapshots are saved")
+    p.add_argument("--ref", dest="ref", action="store_true", default=None,
+                   help="compute the fp32 reference (default: on for 1b and tiny, off for 8b)")
+    p.add_argument("--no-ref", dest="ref", action="store_false")
+    p.add_argument("--ref-steps", default="1,5,10,20",
+                   help="steps (1-based, warm-up included) whose loss is also computed in fp32")
+    p.add_argument("--qlora", action="store_true",
+                   help="base weights in bitsandbytes NF4 (double quant, bf16 compute)")
+    p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (CPU smoke)")
+    p.add_argument("--lorafuse-options", default="",
+                   help="JSON dict passed as torch.compile(options=...) to the lorafuse variant")
+    p.add_argument("--peak-tflops", type=float, default=763.5,
+                   help="bf16 matmul TFLOP/s for the ceiling (H200, measured: 763.5)")
+    p.add_argument("--variant-timeout", type=float, default=1800,
+                   help="seconds one variant may take (load, compile, steps)")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds for the whole run (0: none); variants that would not fit "
+                        "are skipped and the tables still print")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="give each compiled variant an empty TORCHINDUCTOR_CACHE_DIR, so its "
+                        "compile time does not profit from kernels an earlier variant cached")
+    p.add_argument("--json", help="write everything (args, env, every loss) to this file")
+    p.add_argument("--md", help="also write the printed markdown to this file")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    shape = SHAPES[args.shape]
+    args.batch = args.batch or shape["batch"]
+    args.seq = args.seq or shape["seq"]
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (step 1 includes the compile and is not timed)")
+    if args.ref is None:
+        args.ref = args.shape != "8b"
+    total = args.warmup + args.steps
+    args.ref_steps = sorted({int(s) for s in args.ref_steps.split(",") if s.strip()
+                             and 1 <= int(s) <= total}) if args.ref else []
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if args._child:
+        child_main(args)
+        return 0
+
+    t_start = time.time()
+
+    def remaining():
+        return args.time_budget - (time.time() - t_start) if args.time_budget else None
+
+    meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "commit": git_commit(), "shape": args.shape, "qlora": args.qlora,
+            "gflop_per_token": flops_per_token(args) / 1e9}
+    log(f"shape {args.shape}, variants {args.variants}, commit {meta['commit']}, "
+        f"{meta['gflop_per_token']:.3g} GFLOP/token")
+    results = []
+
+    def finish(ref):
+        for r in results:
+            if "error" in r or not ref.get(r["variant"]):
+                continue
+            deltas = {}
+            for step, r32 in ref[r["variant"]].items():
+                if step <= len(r["losses"]):
+                    deltas[step] = r["losses"][step - 1] - r32
+            r["ref_loss"] = ref[r["variant"]]
+            r["ref_delta"] = deltas
+            if deltas:
+                r["ref_max_abs_delta"] = max(abs(d) for d in deltas.values())
+        try:
+            text = render(args, meta, results, ref)
+        except Exception:  # never lose the numbers to a formatting bug
+            log(f"rendering the tables failed:\n{traceback.format_exc()}")
+            text = "\n".join(f"{r.get('variant')}: tok/s {r.get('tok_s')}, peak GiB "
+                              f"{r.get('peak_gib')}, compile s {r.get('compile_s')}, "
+                              f"max abs dloss {r.get('ref_max_abs_delta')}, "
+                              f"error {r.get('error')}" for r in results) + "\n"
+        if args.json:
+            payload = {"meta": meta, "args": {k: v for k, v in vars(args).items()
+                                              if not k.startswith("_")},
+                       "results": results, "ref": ref}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
+        if args.md:
+            Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.md).write_text(text)
+        return text
+
+    if args.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        msg = ("--qlora needs bitsandbytes, which is not importable here "
+               "(on the GPU machine: carry .whl/base.tgz, see bench/README.md)")
+        log(msg)
+        results = [{"variant": v, "error": msg} for v in args.variants]
+        print(finish({}), flush=True)
+        return 1
+
+    build = run_child(args, "build", timeout=remaining() or 3600)
+    meta["env"] = build.get("env", {})
+    meta["build"] = {k: v for k, v in build.items() if k != "env"}
+    if "error" in build:
+        log(f"building the model failed: {build['error']}")
+        results = [{"variant": v, "error": f"model build failed: {build['error']}"}
+                   for v in args.variants]
+        print(finish({}), flush=True)
+        return 1
+
+    for variant in args.variants:  # no stale LoRA snapshots from an earlier run
+        snapshot_path(args, variant).unlink(missing_ok=True)
+    for variant in args.variants:
+        left = remaining()
+        if left is not None and left < 60:
+            results.append({"variant": variant, "error": f"skipped: time budget ({left:.0f} s left)"})
+            continue
+        timeout = min(args.variant_timeout, left - 20) if left is not None else args.variant_timeout
+        log(f"=== {variant} (timeout {timeout:.0f} s)")
+        r = run_child(args, variant, timeout)
+        r.setdefault("variant", variant)
+        results.append(r)
+        finish({})  # partial results survive a kill of this process
+
+    ref = {}
+    with_snaps = [r["variant"] for r in results if r.get("snapshot_steps") and "error" not in r]
+    if args.ref and with_snaps:
+        left = remaining()
+        if left is not None and left < 45:
+            meta["ref_error"] = f"skipped: time budget ({left:.0f} s left)"
+        else:
+            log("=== fp32 reference")
+            out = run_child(args, "ref", timeout=(left - 10) if left is not None else 3600,
+                            extra=["--variants", ",".join(with_snaps)])
+            if "error" in out:
+                meta["ref_error"] = out["error"]
+                log(f"fp32 reference failed: {out['error']}")
+            else:
+                ref = {v: {int(k): x for k, x in steps.items()} for v, steps in out["ref"].items()}
+    print(finish(ref), flush=True)
+    log(f"done in {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
+# how long it takes):
+#
+#   bash bench/run_gpu.sh [quick|1b|8b|full]       (default: quick)
+#
+#   quick  GPU tests, the op benchmark, then 1B: eager, inductor, lorafuse, 2 + 8 steps.
+#          Fits a 10-minute command (BUDGET_S=570 by default).
+#   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
+#   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
+#   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
+#          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
+#   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
+#
+# Environment:
+#   OUT=dir        where logs, JSON and markdown go (default bench/out/<date>); the device
+#                  tool sets OUT and brings that folder back
+#   BUDGET_S=570   seconds this invocation may take; bench_train skips what would not fit and
+#                  still prints its tables (0 = no limit; default 0 for full)
+#   VARIANTS=...   override the variant list of bench_train (e.g. eager,lorafuse)
+#   QLORA=1        add --qlora (bitsandbytes NF4 base; carry .whl/base.tgz for bitsandbytes)
+#   SKIP_TESTS=1   skip pytest and the op benchmark
+#   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
+#   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
+#   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
+#   BENCH_COMMIT=  the commit to print when the checkout has no .git (a copied working tree)
+set -u
+MODE=${1:-quick}
+case "$MODE" in quick|1b|8b|full|smoke) ;; *) echo "usage: $0 [quick|1b|8b|full]" >&2; exit 2;; esac
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python || command -v python3)}
+# The commit for the tables: git where the checkout has .git, else BENCH_COMMIT from the caller.
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
+export BENCH_COMMIT=$COMMIT
+if [ "$MODE" = full ]; then BUDGET_S=${BUDGET_S:-0}; else BUDGET_S=${BUDGET_S:-570}; fi
+OUTDIR=${OUT:-bench/out/$(date +%Y%m%d_%H%M%S)}
+mkdir -p "$OUTDIR"
+CACHE=${CACHE:-/tmp/lorafuse_bench}
+SUMMARY="$OUTDIR/summary.md"
+: > "$SUMMARY"
+say() { echo "[run_gpu $(date +%H:%M:%S) +${SECONDS}s] $*"; }
+
+say "mode $MODE, output in $OUTDIR, budget ${BUDGET_S}s"
+nvidia-smi -L 2>/dev/null || say "nvidia-smi not available"
+"$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+
+# bitsandbytes (and liger) for QLoRA: carried as .whl/base.tgz (shared/tools/build_peer_bundles.sh)
+if ! "$PY" -c "import bitsandbytes" 2>/dev/null && [ -f .whl/base.tgz ]; then
+    mkdir -p /tmp/site_base && tar xzf .whl/base.tgz -C /tmp/site_base \
+        && export PYTHONPATH="/tmp/site_base${PYTHONPATH:+:$PYTHONPATH}" \
+        && say "bitsandbytes from .whl/base.tgz (/tmp/site_base)"
+fi
+"$PY" -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null \
+    || say "bitsandbytes not importable (QLoRA runs will report it)"
+
+# Install the repo so the torch_dynamo_backends entry point exists ("lorafuse" by name). No
+# network there: --no-deps --no-build-isolation. If that fails, bench_train.py imports
+# lorafuse.backend from the repository and passes the callable instead.
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+    say "SKIP_INSTALL=1: not installing"
+elif "$PY" -m pip install --no-deps --no-build-isolation -q -e . > "$OUTDIR/pip_install.log" 2>&1; then
+    say "pip install -e . done"
+else
+    say "pip install -e . failed (see pip_install.log); using PYTHONPATH=$PWD"
+    tail -n 5 "$OUTDIR/pip_install.log"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if "$PY" -c "from torch._dynamo.backends.registry import lookup_backend as l; l('lorafuse')" \
+        > /dev/null 2>&1; then
+    BACKEND_NOTE="backend 'lorafuse' found through its entry point"
+else
+    BACKEND_NOTE="backend 'lorafuse' not registered; bench_train imports lorafuse.backend"
+fi
+say "$BACKEND_NOTE"
+
+budget_left() {  # seconds left for the next step, minus a reserve for the final printing
+    if [ "$BUDGET_S" -gt 0 ]; then echo $(( BUDGET_S - SECONDS - 15 )); else echo 0; fi
+}
+
+run_tests() {
+    [ "${SKIP_TESTS:-0}" = 1 ] && return
+    local t=${TEST_TIMEOUT:-150}
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        say "pytest -m cuda (timeout ${t}s)"
+        timeout "$t" "$PY" -m pytest -m cuda -q > "$OUTDIR/pytest_cuda.log" 2>&1
+        local rc=$?
+        tail -n 15 "$OUTDIR/pytest_cuda.log"
+        case $rc in
+            0) line="passed" ;;
+            5) line="no cuda tests collected (exit 5)" ;;
+            124) line="TIMEOUT after ${t}s" ;;
+            *) line="FAILED (exit $rc)" ;;
+        esac
+        echo "- pytest -m cuda: $line — $(tail -n 1 "$OUTDIR/pytest_cuda.log")" >> "$SUMMARY"
+    else
+        echo "- pytest -m cuda: pytest not installed here" >> "$SUMMARY"
+    fi
+    if [ -f bench/bench_lora_op.py ]; then
+        t=${OP_TIMEOUT:-100}
+        say "bench/bench_lora_op.py (timeout ${t}s)"
+        timeout "$t" "$PY" bench/bench_lora_op.py > "$OUTDIR/bench_lora_op.log" 2>&1
+        local rc=$?
+        { echo; echo "### bench_lora_op.py (exit $rc$([ $rc = 124 ] && echo ', TIMEOUT'))";
+          echo; tail -n 40 "$OUTDIR/bench_lora_op.log"; echo; } >> "$SUMMARY"
+    else
+        echo "- bench/bench_lora_op.py: not present" >> "$SUMMARY"
+    fi
+}
+
+run_train() {  # run_train NAME ARGS...
+    local name=$1; shift
+    local left; left=$(budget_left)
+    if [ "$BUDGET_S" -gt 0 ] && [ "$left" -lt 90 ]; then
+        say "skipping bench_train $name: ${left}s left"
+        echo "- bench_train $name: skipped, ${left}s of the budget left" >> "$SUMMARY"
+        return
+    fi
+    local q=""; [ "${QLORA:-0}" = 1 ] && q="--qlora" && name="${name}_qlora"
+    local v=""; [ -n "${VARIANTS:-}" ] && v="--variants $VARIANTS"
+    say "bench_train $name: $* $q $v ${EXTRA:-} (budget ${left}s)"
+    # stdout (the tables) to .out; stderr (progress) to .log, its "[bench" lines to the console
+    # shellcheck disable=SC2086
+    "$PY" bench/bench_train.py "$@" $q $v --cache "$CACHE" --time-budget "$left" \
+        --json "$OUTDIR/train_$name.json" --md "$OUTDIR/train_$name.md" ${EXTRA:-} \
+        2>&1 > "$OUTDIR/train_$name.out" | tee "$OUTDIR/train_$name.log" \
+        | grep --line-buffered -F "[bench "
+    local rc=${PIPESTATUS[0]}
+    if [ -s "$OUTDIR/train_$name.md" ]; then
+        { echo; cat "$OUTDIR/train_$name.md"; } >> "$SUMMARY"
+    else
+        { echo; echo "### bench_train $name: no tables (exit $rc); last lines of its log:";
+          tail -n 15 "$OUTDIR/train_$name.log"; } >> "$SUMMARY"
+    fi
+}
+
+case "$MODE" in
+    quick)
+        TEST_TIMEOUT=${TEST_TIMEOUT:-120} OP_TIMEOUT=${OP_TIMEOUT:-90} run_tests
+        run_train 1b --shape 1b --warmup 2 --steps 8 --ref --ref-steps 1,5,10 \
+            --variants eager,inductor,lorafuse ;;
+    1b)
+        run_train 1b --shape 1b --ref --variants eager,eager_gc,inductor,lorafuse ;;
+    8b)
+        run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
+            --variants eager,inductor,lorafuse ;;
+    full)
+        run_tests
+        run_train 1b --shape 1b --ref --variants eager,eager_gc,inductor,lorafuse
+        run_train 8b --shape 8b --ref --variants eager,eager_gc,inductor,lorafuse ;;
+    smoke)
+        run_train tiny --shape tiny --device cpu --warmup 1 --steps 3 --ref-steps 1,4 \
+            --variants eager,lorafuse ;;
+esac
+
+echo
+echo "================================================================ summary ($MODE)"
+echo "- commit $COMMIT, $(date '+%Y-%m-%d %H:%M'), ${SECONDS}s; $BACKEND_NOTE"
+cat "$SUMMARY"
