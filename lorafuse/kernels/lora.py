@@ -160,6 +160,7 @@ def _requested_impl() -> str:
 
 
 def _bucket(m: int) -> int:
+    """Next power of two: choices are made per bucket of M, not per sequence length."""
     return 1 << max(0, m - 1).bit_length()
 
 

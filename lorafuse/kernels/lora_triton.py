@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _scaled_mm
+from .lora import _bucket, _scaled_mm
 
 # Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
 # shapes on an H200 (M = 4096 tokens, N and K in the thousands); the small ones short
@@ -51,16 +51,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_INDEX = 2**31 - 1  # the kernel indexes with int32
 
 
-def _bucket(m: int) -> int:
-    """Next power of two: the autotuner re-tunes per bucket, not per sequence length."""
-    return 1 << max(0, m - 1).bit_length()
-
-
-@triton.jit
+# M_BUCKET only keys the autotuner: no compile variants for its divisibility.
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _lowrank_tail_gemm_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
     M, N, K1, K2,
-    M_BUCKET,  # unused in the body: only keys the autotuner
+    M_BUCKET,  # unused in the body (the autotuner re-tunes per power-of-two bucket of M)
     stride_a1m, stride_a1k, stride_b1k, stride_b1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_cm, stride_cn,
