@@ -370,3 +370,11 @@ def test_cpu_triton_request_without_interpreter_uses_reference(fresh_dispatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_fp32(c)
+
+
+def test_dispatch_auto_falls_back_when_triton_fails(fresh_dispatch):
+    run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0, False: 2.0}, triton_raises=True)
+    fresh_dispatch.setattr(lora, "_time_ms", lambda fn, args: fn(*args) and 1.0)
+    with pytest.warns(RuntimeWarning, match="using cuBLAS"):
+        assert run() == "C"
+    assert run() == "C" and calls == ["triton", "cublas", "cublas"]

@@ -191,24 +191,25 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
     choice = _choice.get(ckey)
     if choice == "cublas":
         return cublas_fn(*args)
-    try:
+    measure = choice is None and mode == "auto"
+    if measure and args[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return cublas_fn(*args)  # no timing inside a graph capture; decide at a later call
+    try:  # only the Triton side: a cuBLAS error is a real error and propagates
         triton_fn = _triton_fn(kind)
-        if choice is None and mode == "auto":
-            if args[0].is_cuda and torch.cuda.is_current_stream_capturing():
-                return cublas_fn(*args)  # no timing inside a graph capture; decide later
+        if measure:
             t_triton = _time_ms(triton_fn, args)
-            t_cublas = _time_ms(cublas_fn, args)
-            choice = _choice[ckey] = "triton" if t_triton < t_cublas else "cublas"
-            if choice == "cublas":
-                return cublas_fn(*args)
-        out = triton_fn(*args)
+        else:
+            out = triton_fn(*args)
     except Exception as e:  # never crash training over the optional kernel
         _choice[ckey] = "cublas"
         _warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
                    "using cuBLAS")
         return cublas_fn(*args)
-    _choice[ckey] = "triton"
-    return out
+    if not measure:
+        _choice[ckey] = "triton"
+        return out
+    choice = _choice[ckey] = "triton" if t_triton < _time_ms(cublas_fn, args) else "cublas"
+    return (triton_fn if choice == "triton" else cublas_fn)(*args)
 
 
 def _triton_on_cpu() -> bool:
