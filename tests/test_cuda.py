@@ -54,6 +54,36 @@ def test_lora_op_real_sizes_bf16(site):
         assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_small_lora_term_is_kept_not_rounded_away(grouped):
+    """A LoRA term below half a bf16 ulp of the base output: eager PEFT (and cuBLAS's
+    beta = 1 epilogue) round the base product first and lose most of it; the fused op
+    must keep it on average (``captured`` ≈ 1, see bench/probe_rounding.py)."""
+    from lorafuse.kernels.lora import lora_linear
+    from lorafuse.kernels.lora_group import lora_linear_group
+
+    M, K, r, s = 4096, 4096, 16, 2.0
+    g = torch.Generator("cuda").manual_seed(3)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    Ws = [(torch.randn(n, K, device="cuda", generator=g) * 0.02).bfloat16() for n in (4096, 1024)]
+    As = [(torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16() for _ in Ws]
+    Bs = [(torch.randn(w.shape[0], r, device="cuda", generator=g) * 1e-4).bfloat16() for w in Ws]
+    if grouped:
+        ys = lora_linear_group(x, Ws, [None, None], As, Bs, [s, s])
+    else:
+        ys = [lora_linear(x, w, None, a, b, s) for w, a, b in zip(Ws, As, Bs)]
+    for y, w, a, b in zip(ys, Ws, As, Bs):
+        base = x.double() @ w.double().t()
+        h = (x.double() @ a.double().t()).bfloat16().double()  # h is rounded in every path
+        low = s * h @ b.double().t()
+        eager = (torch.nn.functional.linear(x, w) + (x @ a.t()) @ b.t() * s).double()
+        captured = lambda t: (((t - base) * low).sum() / (low * low).sum()).item()  # noqa: E731
+        print(f"grouped={grouped} N={w.shape[0]}: captured lorafuse {captured(y.double()):.3f} "
+              f"eager {captured(eager):.3f}")
+        assert captured(y.double()) > 0.9
+        assert captured(eager) < 0.5  # the probe would be meaningless if eager kept it too
+
+
 def _llama_1b():
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -325,10 +325,10 @@ def _stub_dispatch(monkeypatch, times, triton_raises=False):
         calls.append("time")
         return times[fn is triton_fn]
 
-    monkeypatch.setattr(lora, "_triton_fn", lambda kind: triton_fn)
+    monkeypatch.setattr(lora, "_triton_backward", lambda: triton_fn)
     monkeypatch.setattr(lora, "_time_ms", time_ms)
     args = (torch.empty(1),)
-    return lambda: lora._dispatch("fwd", (64, 1, 1, 1), cublas_fn, args), calls
+    return lambda: lora._dispatch("bwd", (64, 1, 1, 1), cublas_fn, args), calls
 
 
 @pytest.mark.parametrize("triton_faster", [True, False])

@@ -240,8 +240,10 @@ def _worker():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a silent fallback to cuBLAS would hide the kernel
             got = run("triton")
+        # The forward always runs the kernel (a fallback would have warned: an error here);
+        # the backward records its per-shape choice.
         used = {k[:2] for k, v in lora._choice.items() if v == "triton"}
-        assert used == {("triton", "fwd")} | ({("triton", "bwd")} if not p else set()), used
+        assert used == ({("triton", "bwd")} if not p else set()), used
         want = run("auto")  # CPU + auto: the fp32 reference
         os.environ["LORAFUSE_LORA_IMPL"] = "triton"
         tol = 1e-5 if dtype == torch.float32 else 2.0**-7

@@ -5,13 +5,12 @@ view); ``bias`` (N,) or None; ``lora_a`` A (r, K); ``lora_b`` B (N, r); ``x_lora
 x' = dropout(x) or None (then x' = x). All floating inputs share one dtype, the
 compute dtype (the LoRA pass casts to it, as autocast would); the output has it too.
 
-Precision: every product accumulates in fp32. cuBLAS path: the low-rank term
-``l = s · h Bᵀ + b`` (h = x' Aᵀ) is rounded once to the compute dtype, then added to
-the base product inside the base GEMM's fp32 accumulator (``beta = 1`` epilogue), and
-the sum is rounded once. Triton path (lora_triton.py): l never leaves the accumulator,
-so y is rounded once. Eager PEFT rounds the base product, then the sum, so its error is
-relative to |x Wᵀ|; ours adds at most a rounding relative to the much smaller |l|.
-h itself is rounded to the compute dtype in every path (it is an output, and saved).
+Precision: every product accumulates in fp32, and y is rounded once: the low-rank term
+``l = s · h Bᵀ + b`` (h = x' Aᵀ) is added to the base product inside the base GEMM's fp32
+accumulator (the Triton kernel of lora_triton.py; cuBLAS writing fp32 where it cannot
+run). Eager PEFT rounds the base product, then the sum: a LoRA term smaller than half
+an ulp of the base output is lost there, and a small one mostly lost. h itself is
+rounded to the compute dtype in every path (it is an output, and saved).
 
 Gradients (dy = ∂L/∂y, flattened to 2-D; g = s · dy B):
     dx  = dy W + g A          (one GEMM chain: ``(g A).addmm_(dy, W)``)
@@ -19,7 +18,9 @@ Gradients (dy = ∂L/∂y, flattened to 2-D; g = s · dy B):
     dB  = s · dyᵀ h
     db  = Σ dy, dW = dyᵀ x    (only when those require grad: frozen in LoRA)
 With dropout, x' is a separate input: dx = dy W and dx' = g A. On the GPU, dy B is
-rounded unscaled and s enters each consumer GEMM as its alpha (one rounding each).
+rounded unscaled and s enters each consumer GEMM as its alpha (one rounding each). dx
+takes whichever of the Triton kernel (one rounding) and cuBLAS (``(g A).addmm_(dy, W)``:
+g A rounded, then dy W rounded before the add, as eager does) measured faster per shape.
 When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes only
 (dA, dB), skipping the (M, K) dx GEMM.
 """
@@ -92,22 +93,6 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
-def _lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale, x_lora):
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K)
-    xl2 = x2 if x_lora is None else x_lora.reshape(-1, K)
-    h = xl2 @ lora_a.t()
-    # l = b + s·h Bᵀ, then y = l + x Wᵀ in the GEMM's fp32 epilogue (beta = 1, in place:
-    # out-of-place addmm would first copy l into a new buffer).
-    if bias is not None:
-        low = torch.addmm(bias, h, lora_b.t(), alpha=scale)
-    else:
-        low = _scaled_mm(h, lora_b.t(), scale)
-    y = low.addmm_(x2, weight.t())
-    lead = x.shape[:-1]
-    return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
-
-
 def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale):
     K, N = lora_a.shape[1], lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
@@ -131,12 +116,13 @@ def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None):
 
 # --------------------------------------------------------------------------- dispatch
 #
-# CPU: the fp32 reference. CUDA: cuBLAS or the Triton kernel (lora_triton.py), chosen per
-# shape key by timing both once at first use; the choice is cached, so later calls cost a
-# dict lookup and never sync. LORAFUSE_LORA_IMPL=cublas|triton|auto (default auto)
-# overrides; =triton with TRITON_INTERPRET=1 runs the Triton path on CPU (tests).
-# A Triton failure (triton missing, unsupported dtype or size) falls back to cuBLAS for
-# that key with one warning.
+# CPU: the fp32 reference. CUDA forward: the Triton kernel (see base_plus_lowrank). CUDA
+# backward: cuBLAS or the Triton kernel, chosen per shape key by timing both once at first
+# use; the choice is cached, so later calls cost a dict lookup and never sync.
+# LORAFUSE_LORA_IMPL=cublas|triton|auto (default auto) overrides (cublas: the forward
+# then writes fp32 from cuBLAS); =triton with TRITON_INTERPRET=1 runs the Triton path on
+# CPU (tests). A Triton failure (triton missing, unsupported dtype or size) falls back to
+# cuBLAS with one warning.
 
 IMPL_ENV = "LORAFUSE_LORA_IMPL"
 _IMPLS = ("auto", "cublas", "triton")
@@ -164,10 +150,10 @@ def _bucket(m: int) -> int:
     return 1 << max(0, m - 1).bit_length()
 
 
-def _triton_fn(kind: str):
+def _triton_backward():
     from . import lora_triton  # ImportError when triton is absent: caught by the caller
 
-    return lora_triton.triton_lora_forward if kind == "fwd" else lora_triton.triton_lora_backward
+    return lora_triton.triton_lora_backward
 
 
 def _time_ms(fn, args) -> float:
@@ -195,7 +181,7 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
     if measure and args[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas_fn(*args)  # no timing inside a graph capture; decide at a later call
     try:  # only the Triton side: a cuBLAS error is a real error and propagates
-        triton_fn = _triton_fn(kind)
+        triton_fn = _triton_backward()
         if measure:
             t_triton = _time_ms(triton_fn, args)
         else:
@@ -216,14 +202,41 @@ def _triton_on_cpu() -> bool:
     return _requested_impl() == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
+    """``x2 Wᵀ + b + s · h Bᵀ`` for 2-D ``x2`` on CUDA, rounded once (the op's contract).
+
+    cuBLAS's beta = 1 epilogue does not round once: on the H200 it rounds x Wᵀ to bf16
+    before adding C, like eager PEFT, and a LoRA term under half an ulp of the base output
+    is lost (bench/probe_rounding.py: 'captured' 0.19 against 1.00). So this runs the
+    Triton kernel, and falls back to cuBLAS writing fp32 (slower, same numbers). There is
+    no timing choice between paths that compute different things."""
+    if _requested_impl() != "cublas":
+        try:
+            from .lora_triton import lowrank_tail_gemm
+
+            return lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
+        except Exception as e:  # never crash training over the optional kernel
+            _warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
+                       "using cuBLAS with an fp32 output")
+    if x2.dtype in (torch.float16, torch.bfloat16):
+        y = torch.mm(x2, weight.t(), out_dtype=torch.float32)
+    else:
+        y = x2 @ weight.t()
+    y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
+    if bias is not None:
+        y += bias
+    return y.to(x2.dtype)
+
+
 def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
-    args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
     if not x.is_cuda and not _triton_on_cpu():
-        return lora_linear_reference(*args)
-    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    key = (_bucket(M), weight.shape[0], x.shape[-1], lora_a.shape[0], x.dtype,
-           weight.stride(-1) != 1)
-    return _dispatch("fwd", key, _lora_linear_cublas, args)
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, x_lora)
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    h = (x2 if x_lora is None else x_lora.reshape(-1, K)) @ lora_a.t()
+    y = base_plus_lowrank(x2, weight, bias, h, lora_b, scale)
+    lead = x.shape[:-1]
+    return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
 
 
 def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale):

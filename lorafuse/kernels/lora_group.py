@@ -11,8 +11,9 @@ so x is read once for all adapters. Backward, with g_i = s_i dy_i B_i, g = [g_1 
     dA_cat = gᵀ x                        (one GEMM reads x once)
     dB_i   = s_i dy_iᵀ h_i
 
-Precision is the single-site op's: fp32 accumulation, the low-rank term added in the
-base GEMM's epilogue, one rounding.
+Precision is the single-site op's (``lora.base_plus_lowrank``): fp32 accumulation, the
+low-rank term added in the base GEMM's accumulator, one rounding of y. The backward's dx
+chain is cuBLAS (``addmm_``): dy W is rounded before it is added, as in eager.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lora import _upcast
+from .lora import _upcast, base_plus_lowrank
 
 
 def _split(t: Tensor, ranks) -> list:
@@ -43,14 +44,13 @@ def lora_group_reference(x, weights, biases, lora_as, lora_bs, scales):
     return ys + [h.to(x.dtype).reshape(*x.shape[:-1], h.shape[-1])]
 
 
-def _group_cublas(x, weights, biases, lora_as, lora_bs, scales):
+def _group_cuda(x, weights, biases, lora_as, lora_bs, scales):
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     h = x2 @ torch.cat(lora_as).t()
-    ys = []
-    for w, b, hi, B, s in zip(weights, biases, _split(h, [a.shape[0] for a in lora_as]), lora_bs, scales):
-        low = torch.addmm(b, hi, B.t(), alpha=s) if b is not None else torch.mm(hi, B.t()).mul_(s)
-        ys.append(low.addmm_(x2, w.t()).reshape(*x.shape[:-1], w.shape[0]))  # in-place epilogue
+    ys = [base_plus_lowrank(x2, w, b, hi, B, s).reshape(*x.shape[:-1], w.shape[0])
+          for w, b, hi, B, s in zip(weights, biases, _split(h, [a.shape[0] for a in lora_as]),
+                                    lora_bs, scales)]
     return ys + [h.reshape(*x.shape[:-1], h.shape[-1])]
 
 
@@ -101,7 +101,7 @@ def lora_linear_group_op(
     scales: list[float],
 ) -> list[Tensor]:
     """Returns ``[y_1, ..., y_n, h]``."""
-    impl = _group_cublas if x.is_cuda else lora_group_reference
+    impl = _group_cuda if x.is_cuda else lora_group_reference
     return [t.contiguous() for t in impl(x, weights, biases, lora_as, lora_bs, scales)]
 
 

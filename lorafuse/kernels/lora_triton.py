@@ -36,6 +36,8 @@ from .lora import _bucket, _scaled_mm
 # skipped by the autotuner.
 AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -65,6 +67,8 @@ def _lowrank_tail_gemm_kernel(
     INTERPRET_BF16: tl.constexpr,  # interpreter + bf16: see the two workarounds below
     INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, so fp32 is not tf32
     EVEN_K: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_K2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -83,16 +87,22 @@ def _lowrank_tail_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # Loads use row/column indices wrapped into range, so the K loop needs no M/N masks
+    # (rows past M repeat earlier rows and are never stored): unmasked loads pipeline at
+    # full rate. Where the size is a multiple of the block, the plain range keeps the
+    # contiguity the compiler can see.
+    load_m = offs_m if EVEN_M else offs_m % M
+    load_n = offs_n if EVEN_N else offs_n % N
 
     # Tail first: alpha2 · A2 @ B2 (usually a single tile, K2 = r).
     offs_k2 = tl.arange(0, BLOCK_K2)
-    a2_ptrs = a2_ptr + offs_m[:, None] * stride_a2m + offs_k2[None, :] * stride_a2k
-    b2_ptrs = b2_ptr + offs_k2[:, None] * stride_b2k + offs_n[None, :] * stride_b2n
+    a2_ptrs = a2_ptr + load_m[:, None] * stride_a2m + offs_k2[None, :] * stride_a2k
+    b2_ptrs = b2_ptr + offs_k2[:, None] * stride_b2k + load_n[None, :] * stride_b2n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k2 in range(0, tl.cdiv(K2, BLOCK_K2)):
         k_left = K2 - k2 * BLOCK_K2
-        a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & (offs_k2[None, :] < k_left), other=0.0)
-        b2 = tl.load(b2_ptrs, mask=(offs_k2[:, None] < k_left) & mask_n[None, :], other=0.0)
+        a2 = tl.load(a2_ptrs, mask=offs_k2[None, :] < k_left, other=0.0)
+        b2 = tl.load(b2_ptrs, mask=offs_k2[:, None] < k_left, other=0.0)
         if INTERPRET_BF16:  # the interpreter's bf16 dot returns garbage: dot in fp32
             a2 = a2.to(tl.float32)
             b2 = b2.to(tl.float32)
@@ -106,16 +116,16 @@ def _lowrank_tail_gemm_kernel(
 
     # Base product on top, in the same fp32 accumulator.
     offs_k = tl.arange(0, BLOCK_K)
-    a1_ptrs = a1_ptr + offs_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k
-    b1_ptrs = b1_ptr + offs_k[:, None] * stride_b1k + offs_n[None, :] * stride_b1n
+    a1_ptrs = a1_ptr + load_m[:, None] * stride_a1m + offs_k[None, :] * stride_a1k
+    b1_ptrs = b1_ptr + offs_k[:, None] * stride_b1k + load_n[None, :] * stride_b1n
     for k in range(0, tl.cdiv(K1, BLOCK_K)):
         if EVEN_K:
-            a1 = tl.load(a1_ptrs, mask=mask_m[:, None], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
+            a1 = tl.load(a1_ptrs)
+            b1 = tl.load(b1_ptrs)
         else:
             k_left = K1 - k * BLOCK_K
-            a1 = tl.load(a1_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b1 = tl.load(b1_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+            a1 = tl.load(a1_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b1 = tl.load(b1_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if INTERPRET_BF16:
             a1 = a1.to(tl.float32)
             b1 = b1.to(tl.float32)
@@ -135,7 +145,11 @@ def _lowrank_tail_gemm_kernel(
 
 _INTERPRETED = type(_lowrank_tail_gemm_kernel).__name__ == "InterpretedFunction"
 
-_even_k = triton.heuristics({"EVEN_K": lambda a: a["K1"] % a["BLOCK_K"] == 0})(_lowrank_tail_gemm_kernel)
+_even_k = triton.heuristics({
+    "EVEN_K": lambda a: a["K1"] % a["BLOCK_K"] == 0,
+    "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
+    "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+})(_lowrank_tail_gemm_kernel)
 
 
 def _quick_bench(kernel_call, quantiles):
