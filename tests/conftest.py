@@ -1,0 +1,152 @@
+"""Shared test setup: a private Inductor cache, Dynamo resets, tiny PEFT models.
+
+The Inductor cache directory is set here, at import time, before anything imports
+torch or compiles: Inductor keys its on-disk caches on the graph, so a warm cache
+from an earlier run would let a compile skip lorafuse's partitioner hook entirely.
+Every session gets a fresh directory (removed at the end); within a session,
+compiles share it, so identical kernels are built once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="lorafuse-test-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE_DIR
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE_DIR, "triton")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+# Geometry shared by every architecture: same head_dim, hidden and intermediate sizes
+# (intermediate deliberately not a power of two), so identical kernels are compiled
+# once per session and models differ only where the architectures do.
+VOCAB = 128
+HIDDEN = 32
+INTERMEDIATE = 72
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gpt2")
+
+
+def reset_dynamo() -> None:
+    """Forget every compiled frame and zero Dynamo's counters (lorafuse's included)."""
+    torch._dynamo.reset()
+    counters.clear()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Run the test with Dynamo reset and counters zeroed, and reset again after it
+    (so a test's compiled frames never leak into the next test)."""
+    reset_dynamo()
+    yield counters
+    reset_dynamo()
+
+
+@pytest.fixture
+def fresh_inductor_cache():
+    """An empty Inductor cache for one test: the compile cannot be a cache hit, so
+    every compile_fx hook (partitioner included) runs."""
+    from torch._inductor.utils import fresh_cache
+
+    reset_dynamo()
+    with fresh_cache():
+        yield
+    reset_dynamo()
+
+
+def _hf_config(arch: str, layers: int, overrides: dict):
+    import transformers
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, use_cache=False,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    if arch in ("llama", "mistral", "qwen2", "gemma2"):
+        common.update(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      head_dim=HEAD_DIM, attention_dropout=0.0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common)
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+    elif arch == "qwen2":  # q/k/v carry biases: a base linear with bias
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "gemma2":  # eager attention: softcapped logits (tanh), no SDPA
+        cfg = transformers.Gemma2Config(**common, query_pre_attn_scalar=HEAD_DIM,
+                                        attn_logit_softcapping=50.0,
+                                        final_logit_softcapping=30.0, sliding_window=8)
+    elif arch == "gpt2":  # Conv1D projections: view → addmm → view
+        cfg = transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=HEADS,
+            n_inner=INTERMEDIATE, n_positions=64, use_cache=False, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_tiny_model(arch: str, *, layers: int = 2, r: int = 4, lora_alpha: int = 8,
+                    target_modules="all-linear", lora_dropout: float = 0.0,
+                    use_dora: bool = False, b_std: float = 0.2, seed: int = 0,
+                    lora_kwargs: dict | None = None, **config_overrides):
+    """A tiny random-init causal LM of ``arch`` wrapped by PEFT LoRA, in fp32, in
+    training mode. LoRA B (and an embedding's LoRA A) is re-initialised random: PEFT
+    zeros it, which would make every gradient of the other factor zero and hide a wrong
+    one."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = _hf_config(arch, layers, config_overrides)
+    kwargs = {"attn_implementation": "eager"} if arch == "gemma2" else {}
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, **kwargs)
+    if arch == "gpt2":
+        model.loss_type = "ForCausalLM"  # avoids a logger.warning_once graph break
+    lcfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                      lora_dropout=lora_dropout, use_dora=use_dora,
+                      fan_in_fan_out=(arch == "gpt2"), **(lora_kwargs or {}))
+    model = get_peft_model(model, lcfg)
+    randomize_lora(model, b_std, seed)
+    return model.train()
+
+
+def randomize_lora(model, std: float = 0.2, seed: int = 0) -> None:
+    """Random LoRA B (PEFT zeros B of linears, A of embeddings): no zero factor remains."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def lora_sites(model) -> int:
+    """Number of PEFT ``lora.Linear`` modules: what the LoRA pass should rewrite."""
+    from peft.tuners.lora.layer import Linear
+
+    return sum(isinstance(m, Linear) for m in model.modules())
+
+
+def assert_close_fp32(got, want, rtol: float = 1e-5, what: str = "") -> None:
+    """Elementwise fp32 agreement with the absolute slack scaled to ``want``'s magnitude:
+    the same sums taken in another order differ by a few ulps of the largest summands,
+    not of each result element (which cancellation can make arbitrarily small)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(),
+                               msg=(lambda m: f"{what}: {m}") if what else None)
+
+
+def lora_params(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: ``tiny_model(arch, **kw)`` → a PEFT-wrapped tiny model (see make_tiny_model)."""
+    return make_tiny_model
