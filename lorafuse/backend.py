@@ -51,11 +51,29 @@ class Options:
         return opts
 
 
-def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport, count=True) -> None:
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy to restore from. ``deepcopy`` keeps ``meta`` but drops the ``_dynamo_source``
+    attribute Dynamo sets on placeholders (outside ``meta``), which AOTAutograd needs."""
+    new = copy.deepcopy(graph)
+    old_ph = [n for n in graph.nodes if n.op == "placeholder"]
+    new_ph = [n for n in new.nodes if n.op == "placeholder"]
+    for a, b in zip(old_ph, new_ph):
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+    return new
+
+
+def _count(report: GraphReport) -> None:
+    for pr in report.passes:
+        counters["lorafuse"][pr.name] += len(pr.matched)
+        counters["lorafuse"][pr.name + "_skipped"] += len(pr.skipped)
+
+
+def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport) -> None:
     for name in opts.passes:
         pr = PassReport(name)
         report.passes.append(pr)
-        backup = copy.deepcopy(gm.graph)
+        backup = _copy_graph(gm.graph)
         try:
             PASSES[name](gm, pr)
         except Exception as e:  # never worse than plain torch.compile
@@ -67,16 +85,14 @@ def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport, co
             pr.error = f"{type(e).__name__}: {e}"
             warnings.warn(f"lorafuse: pass '{name}' failed on graph {report.index} and left it "
                           f"unmodified: {pr.error}", stacklevel=2)
-        if count:
-            counters["lorafuse"][name] += len(pr.matched)
-            counters["lorafuse"][name + "_skipped"] += len(pr.skipped)
 
 
 def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None):
-    """The backend behind ``torch.compile(model, backend="lorafuse", options={...})``."""
+    """The backend behind ``torch.compile(model, backend="lorafuse", options={...})``.
+    ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
     opts = Options.parse(options)
     report = GraphReport(next(_graph_ids))
-    pristine = copy.deepcopy(gm.graph)
+    pristine = _copy_graph(gm.graph)
     _run_passes(gm, opts, report)
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
@@ -93,6 +109,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
         gm.graph = pristine
         gm.recompile()
         compiled = compile_fx(gm, example_inputs)
+    else:
+        _count(report)  # only what really runs: not sites whose rewrite was thrown away
     if _collect is not None:
         _collect.graphs.append(report)
     text = report.format()

@@ -20,7 +20,7 @@ def explain(model, *example_args, lorafuse_options=None, **example_kwargs) -> Re
 
     def _explain_backend(gm, example_inputs):
         graph_report = GraphReport(next(ids))
-        _run_passes(gm, opts, graph_report, count=False)
+        _run_passes(gm, opts, graph_report)
         report.graphs.append(graph_report)
         return gm.forward
 

@@ -46,6 +46,11 @@ class LorafusePartitioner(CustomPartitionerFn):
             self._report.saved_bytes = _static_bytes(saved)
         return fwd, bwd
 
+    def __getstate__(self):
+        # Inductor pickles its config, this object included, into its cache key: only the
+        # key may go in, not the per-compile report, or no compile would ever hit the cache.
+        return {"_key": self._key, "_report": None}
+
     def uuid(self):
         # Inductor keys its cache on this; None would let stale entries skip the hook.
         return self._key
@@ -57,8 +62,8 @@ def _static_bytes(nodes):
         v = n.meta.get("val")
         if not isinstance(v, torch.Tensor):
             continue
-        try:
-            total += int(v.numel()) * v.element_size()
-        except (TypeError, ValueError):  # symbolic sizes: no static byte count
+        numel = v.numel()
+        if not isinstance(numel, int):  # symbolic: int() would add a guard and specialise
             return None
+        total += numel * v.element_size()
     return total

@@ -27,13 +27,19 @@ def _make(seed, lead, K, Ns, ranks, bias, dtype):
     return x.to(dtype), cast(ws), cast(bs), cast(As), cast(Bs), scales, cast(dys)
 
 
-def _run(fn, x, ws, bs, As, Bs, scales, dys, x_grad=True):
+def _run(fn, x, ws, bs, As, Bs, scales, dys, x_grad=True, wb_grad=False):
+    """Outputs and gradients. ``wb_grad``: the first site's weight and bias are trainable
+    (not LoRA's case, but the op must still be right), the others frozen."""
     x = x.detach().requires_grad_(x_grad)
     As = [a.detach().requires_grad_() for a in As]
     Bs = [b.detach().requires_grad_() for b in Bs]
+    ws = [w.detach().requires_grad_(wb_grad and i == 0) for i, w in enumerate(ws)]
+    bs = [b if b is None else b.detach().requires_grad_(wb_grad and i == 0) for i, b in enumerate(bs)]
     ys = fn(x, ws, bs, As, Bs, scales)
     torch.autograd.backward(ys, dys)
-    return ys + ([x.grad] if x_grad else []) + [a.grad for a in As] + [b.grad for b in Bs]
+    trainable = [t.grad for t in ws + bs if t is not None and t.requires_grad]
+    assert all(t.grad is None for t in ws + bs if t is not None and not t.requires_grad)
+    return ys + ([x.grad] if x_grad else []) + [a.grad for a in As] + [b.grad for b in Bs] + trainable
 
 
 shapes = dict(
@@ -47,12 +53,13 @@ shapes = dict(
 
 
 @settings(max_examples=40, deadline=None)
-@given(**shapes, x_grad=st.booleans())
-def test_group_fp32_matches_eager(seed, lead, K, Ns, rank, bias, x_grad):
+@given(**shapes, x_grad=st.booleans(), wb_grad=st.booleans())
+def test_group_fp32_matches_eager(seed, lead, K, Ns, rank, bias, x_grad, wb_grad):
     ranks = [rank + i for i in range(len(Ns))]
     args = _make(seed, lead, K, Ns, ranks, bias, torch.float32)
-    got = _run(lora_linear_group, *args, x_grad=x_grad)
-    want = _run(_eager, *args, x_grad=x_grad)
+    got = _run(lora_linear_group, *args, x_grad=x_grad, wb_grad=wb_grad)
+    want = _run(_eager, *args, x_grad=x_grad, wb_grad=wb_grad)
+    assert len(got) == len(want)
     for g, w in zip(got, want):  # norm-wise: elementwise error follows cancellation
         assert g.shape == w.shape and g.dtype == w.dtype
         assert ((g - w).norm() / w.norm()).item() < 1e-5

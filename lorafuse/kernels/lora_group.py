@@ -143,21 +143,30 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[-1])
 
 
+def _per_site(flag, n) -> list:
+    return [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else [bool(flag)] * n
+
+
 def _backward(ctx, grads):
     x, h, *rest = ctx.saved_tensors
     n = ctx.n
     weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
     dys = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
            for g, w in zip(grads[:n], weights)]
-    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    # needs_input_grad follows the inputs' structure: a list of bools for a list of tensors,
+    # one bool for a list holding None (the biases, usually).
+    need_x = ctx.needs_input_grad[0]
+    need_w, need_b = (_per_site(ctx.needs_input_grad[i], n) for i in (1, 2))
     out = lora_linear_group_backward_op(dys, x, list(weights), list(lora_as), list(lora_bs), h,
                                         list(ctx.scales), bool(need_x))
     dx, out = (out[0], out[1:]) if need_x else (None, out)
     dAs, dBs = out[:n], out[n:]
     x2 = x.reshape(-1, x.shape[-1])
-    dWs = [(d.reshape(-1, d.shape[-1]).t() @ x2).to(w.dtype) for d, w in zip(dys, weights)] if need_w else None
-    dbs = [d.reshape(-1, d.shape[-1]).sum(0) if hb else None for d, hb in zip(dys, ctx.has_bias)] \
-        if need_b else None
+    dWs = [(d.reshape(-1, d.shape[-1]).t() @ x2).to(w.dtype) if nw else None
+           for d, w, nw in zip(dys, weights, need_w)]
+    dbs = [d.reshape(-1, d.shape[-1]).sum(0) if nb else None for d, nb in zip(dys, need_b)]
+    if not all(ctx.has_bias):  # a list holding None is one leaf: one gradient slot (None)
+        dbs = None
     return dx, dWs, dbs, list(dAs), list(dBs), None
 
 

@@ -209,7 +209,8 @@ def group_sites(sites: list, graph: fx.Graph) -> list:
     pos = {n: i for i, n in enumerate(graph.nodes)}
     groups, by_input = [], {}
     for site in sites:
-        key = (site.x, _compute_dtype(site))
+        # Biases all present or all absent: a list mixing None is one autograd leaf.
+        key = (site.x, _compute_dtype(site), site.bias is None)
         if site.x_lora is not None or not GROUP_SHARED_INPUTS:
             groups.append([site])
             continue
@@ -242,7 +243,10 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
         return "LoRA on an embedding"
     module = t.split("_modules_lora_A_")[0]
     names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
-    if any(n.startswith(module) and "lora_magnitude_vector" in n for n in names):
+    # DoRA: its magnitude vector, by module path, or (after the graph break PEFT's DoRA
+    # forward causes) as the frame-local ``magnitude`` of the subgraph.
+    if any(n.startswith(module) and "lora_magnitude_vector" in n for n in names) or \
+            "L_magnitude_" in names:
         return "DoRA (magnitude vector)"
     if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
         return "several active adapters"
