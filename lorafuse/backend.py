@@ -108,7 +108,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
                       f"({report.fell_back}); using plain Inductor for it", stacklevel=2)
         gm.graph = pristine
         gm.recompile()
-        compiled = compile_fx(gm, example_inputs)
+        patches.pop("custom_partitioner_fn")  # what plain torch.compile(mode=...) would do
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
     else:
         _count(report)  # only what really runs: not sites whose rewrite was thrown away
     if _collect is not None:
