@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import sys
@@ -18,9 +17,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from torch._dynamo.utils import counters
-from torch._inductor.compile_fx import compile_fx
 
+from ._torch import compile_fx, copy_graph, counters, list_mode_options
 from .partition import LorafusePartitioner
 from .passes import DEFAULT_PASSES, PASSES
 from .report import GraphReport, PassReport
@@ -51,18 +49,6 @@ class Options:
         return opts
 
 
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """A copy to restore from. ``deepcopy`` keeps ``meta`` but drops the ``_dynamo_source``
-    attribute Dynamo sets on placeholders (outside ``meta``), which AOTAutograd needs."""
-    new = copy.deepcopy(graph)
-    old_ph = [n for n in graph.nodes if n.op == "placeholder"]
-    new_ph = [n for n in new.nodes if n.op == "placeholder"]
-    for a, b in zip(old_ph, new_ph):
-        if hasattr(a, "_dynamo_source"):
-            b._dynamo_source = a._dynamo_source
-    return new
-
-
 def _count(report: GraphReport) -> None:
     for pr in report.passes:
         counters["lorafuse"][pr.name] += len(pr.matched)
@@ -73,7 +59,7 @@ def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport) ->
     for name in opts.passes:
         pr = PassReport(name)
         report.passes.append(pr)
-        backup = _copy_graph(gm.graph)
+        backup = copy_graph(gm.graph)
         try:
             PASSES[name](gm, pr)
         except Exception as e:  # never worse than plain torch.compile
@@ -92,10 +78,10 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
     opts = Options.parse(options)
     report = GraphReport(next(_graph_ids))
-    pristine = _copy_graph(gm.graph)
+    pristine = copy_graph(gm.graph)
     _run_passes(gm, opts, report)
 
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)
     patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
     try:

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from ._torch import CustomPartitionerFn, min_cut_rematerialization_partition
 
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
 

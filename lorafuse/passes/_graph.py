@@ -12,7 +12,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .._torch import statically_known_true
 
 LINEAR = (torch._C._nn.linear, F.linear)
 ADD_FUNCS = (operator.add, torch.add, operator.iadd)
