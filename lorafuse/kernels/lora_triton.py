@@ -11,9 +11,10 @@ with A1 (M, K1), B1 (K1, N) the big product and A2 (M, K2), B2 (K2, N) a rank-r 
     backward  dx = dy W + s · (dy B) A         A1 = dy, B1 = W,  A2 = dy B, B2 = A
 
 The tail is accumulated first (K2 is small: usually one tile), scaled by alpha2 in fp32,
-then the base loop accumulates on top of it. Compared with the cuBLAS path this saves
-writing and re-reading the (M, N) low-rank term, and rounds the sum once instead of
-rounding the low-rank term first. The rank-r products around it (h = x' Aᵀ, dy B, dA,
+then the base loop accumulates on top of it. Compared with cuBLAS (low-rank term as C,
+beta = 1) this saves writing and re-reading the (M, N) low-rank term and, what matters
+more, rounds once: cuBLAS was measured rounding x Wᵀ to bf16 before adding C, which loses
+a small LoRA term (bench/probe_rounding.py). The forward therefore always runs here. The rank-r products around it (h = x' Aᵀ, dy B, dA,
 dB) stay cuBLAS GEMMs: they are memory-bound and cuBLAS splits their long reductions.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) ``tl.dot`` on bf16 returns
@@ -220,19 +221,8 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
     return out
 
 
-def triton_lora_forward(x, weight, bias, lora_a, lora_b, scale, x_lora):
-    """Same contract as ``_lora_linear_cublas``: returns ``(y, h)``."""
-    K, N, r = x.shape[-1], weight.shape[0], lora_a.shape[0]
-    x2 = x.reshape(-1, K)
-    xl2 = x2 if x_lora is None else x_lora.reshape(-1, K)
-    h = xl2 @ lora_a.t()
-    y = lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
-    lead = x.shape[:-1]
-    return y.reshape(*lead, N), h.reshape(*lead, r)
-
-
 def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    """Same contract as ``_lora_linear_backward_cublas``: returns ``(dx, dA, dB)``;
+    """Same contract as ``lora._lora_linear_backward_cublas``: returns ``(dx, dA, dB)``;
     dx omits ``dy W`` when weight is None."""
     K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
     dy2 = dy.reshape(-1, N)
