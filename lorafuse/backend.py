@@ -55,17 +55,20 @@ def _count(report: GraphReport) -> None:
         counters["lorafuse"][pr.name + "_skipped"] += len(pr.skipped)
 
 
-def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport) -> None:
-    for name in opts.passes:
+def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport,
+                pristine: torch.fx.Graph | None = None) -> None:
+    """``pristine``: a copy of the graph as captured, reused as the first pass's backup
+    (copying a whole-model graph is not free); restores take a copy, so it stays intact."""
+    for i, name in enumerate(opts.passes):
         pr = PassReport(name)
         report.passes.append(pr)
-        backup = copy_graph(gm.graph)
+        backup = pristine if i == 0 and pristine is not None else copy_graph(gm.graph)
         try:
             PASSES[name](gm, pr)
         except Exception as e:  # never worse than plain torch.compile
             if opts.strict:
                 raise
-            gm.graph = backup
+            gm.graph = copy_graph(backup)
             gm.recompile()
             pr.matched.clear()
             pr.error = f"{type(e).__name__}: {e}"
@@ -79,7 +82,7 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     opts = Options.parse(options)
     report = GraphReport(next(_graph_ids))
     pristine = copy_graph(gm.graph)
-    _run_passes(gm, opts, report)
+    _run_passes(gm, opts, report, pristine)
 
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(opts.inductor)

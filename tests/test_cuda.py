@@ -100,6 +100,20 @@ def _lora_grads(model):
             if p.requires_grad and p.grad is not None}
 
 
+def _loss_and_grads(model, ids, want_grads, autocast):
+    """The loss, and (when asked) the LoRA gradients, which are then cleared again so the
+    next model's backward starts from none (eager and compiled share parameters)."""
+    with torch.set_grad_enabled(want_grads):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        if not want_grads:
+            return loss, None
+        loss.backward()
+        grads = _lora_grads(model)
+        model.zero_grad(set_to_none=True)
+        return loss, grads
+
+
 def test_llama_1b_shape_20_steps_against_fp32():
     from peft import LoraConfig, get_peft_model
     from torch._dynamo.utils import counters
@@ -125,18 +139,8 @@ def test_llama_1b_shape_20_steps_against_fp32():
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     ref_params[n].copy_(p)
-        with torch.set_grad_enabled(want_grads):
-            loss_ref = ref(input_ids=ids, labels=ids).loss
-            if want_grads:
-                loss_ref.backward()
-                g_ref = _lora_grads(ref)
-                ref.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", torch.bfloat16):
-                loss_eager = model(input_ids=ids, labels=ids).loss
-            if want_grads:
-                loss_eager.backward()
-                g_eager = _lora_grads(model)
-                opt.zero_grad(set_to_none=True)
+        loss_ref, g_ref = _loss_and_grads(ref, ids, want_grads, autocast=False)
+        loss_eager, g_eager = _loss_and_grads(model, ids, want_grads, autocast=True)
         with torch.autocast("cuda", torch.bfloat16):
             loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -210,8 +210,8 @@ def _worker():
         h2 = h.reshape(-1, r)
         assert_rounded_once(dB, s * (dy2.double().t() @ h2.double()),
                             acc_slack((dy2.t(), h2 * s)), "dB")
-        # Without the base weight (dropout: dx' = s·(dy B) A only).
-        dxl, _, _ = lt.triton_lora_backward(dy, xl_, None, a, B, h, s)
+        # Without the base weight (dropout: dx' = s·(dy B) A only), the op's cuBLAS-side code.
+        dxl, _, _ = lora._lora_linear_backward_cublas(dy, xl_, None, a, B, h, s)
         assert_rounded_once(dxl, (s * (gu.double() @ a.double())).reshape(dxl.shape),
                             acc_slack((gu, a * s)).reshape(dxl.shape), "dx'")
 

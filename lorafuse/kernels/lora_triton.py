@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _bucket, _scaled_mm
+from .lora import _bucket, _lora_ab_cublas
 
 # Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
 # shapes on an H200 (M = 4096 tokens, N and K in the thousands); the small ones short
@@ -222,16 +222,11 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
 
 
 def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    """Same contract as ``lora._lora_linear_backward_cublas``: returns ``(dx, dA, dB)``;
-    dx omits ``dy W`` when weight is None."""
-    K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
+    """Same contract as ``lora._lora_linear_backward_cublas`` with a base weight (without
+    one there is no base GEMM to fuse, and the op stays on cuBLAS): ``(dx, dA, dB)``."""
+    N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
     g = dy2 @ lora_b  # unscaled: s is applied in fp32 inside each consumer
-    if weight is not None:
-        dx = lowrank_tail_gemm(dy2, weight, g, lora_a, None, alpha2=scale)
-    else:
-        dx = _scaled_mm(g, lora_a, scale)  # rank-r reduction only: memory-bound
-    dA = _scaled_mm(g.t(), x_lora.reshape(-1, K), scale)
-    dB = _scaled_mm(dy2.t(), h.reshape(-1, r), scale)
+    dx = lowrank_tail_gemm(dy2, weight, g, lora_a, None, alpha2=scale)
+    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g)
     return dx.reshape(x_lora.shape), dA, dB
-
