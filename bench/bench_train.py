@@ -346,6 +346,9 @@ def child_train(args, variant: str, res: dict) -> dict:
         if snapshots:
             torch.save(snapshots, snap_file)
             res["snapshot_steps"] = sorted(snapshots)
+    if args.profile:
+        res["profile"] = profile_steps(train_step, batches, args.profile, device)
+        log(f"{variant}: profile of {args.profile} steps\n{res['profile']['text']}")
     tokens = args.steps * args.batch * args.seq
     res["timed_s"] = round(timed_s, 3)
     res["tok_s"] = tokens / timed_s
@@ -366,6 +369,53 @@ def child_train(args, variant: str, res: dict) -> dict:
     log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
         + (f", peak {res['peak_gib']:.2f} GiB" if on_cuda else ""))
     return res
+
+
+# Kernel name -> category, first match wins (lower-case substrings).
+KERNEL_CATEGORIES = [
+    ("lorafuse triton", ("lowrank", "lora")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "triton_tem")),
+    ("inductor reduction", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("aten other", ("",)),
+]
+
+
+def profile_steps(train_step, batches, n: int, device) -> dict:
+    """GPU time per kernel category and the 25 costliest kernels over n steps (per step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    on_cuda = device.type == "cuda"  # on CPU (smoke runs) it profiles CPU ops instead
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        for i in range(n):
+            train_step(batches[i % N_BATCHES])
+        sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / n
+    kernels = collections.Counter()
+    counts = collections.Counter()
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if on_cuda else evt.self_cpu_time_total
+        if us > 0:
+            kernels[evt.key] += us / 1e3 / n
+            counts[evt.key] += evt.count / n
+    cats = collections.Counter()
+    for name, ms in kernels.items():
+        low = name.lower()
+        cats[next(c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys))] += ms
+    gpu_ms = sum(kernels.values()) or float("nan")
+    lines = [f"wall {wall_ms:.1f} ms/step (profiled), GPU kernels {gpu_ms:.1f} ms/step"]
+    lines += [f"  {c:20s} {ms:8.2f} ms  {100 * ms / gpu_ms:5.1f} %" for c, ms in cats.most_common()]
+    lines.append("  top kernels (ms/step, launches/step):")
+    lines += [f"  {ms:8.2f} {counts[k]:6.0f}  {one_line(k, 110)}" for k, ms in kernels.most_common(25)]
+    return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "categories": dict(cats),
+            "top": [[k, ms, counts[k]] for k, ms in kernels.most_common(40)],
+            "text": "\n".join(lines)}
 
 
 def snapshot_path(args, variant: str) -> Path:
@@ -693,6 +743,9 @@ def parse_args(argv=None):
     p.add_argument("--cold-compile", action="store_true",
                    help="give each compiled variant an empty TORCHINDUCTOR_CACHE_DIR, so its "
                         "compile time does not profit from kernels an earlier variant cached")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile N more steps: GPU time per kernel "
+                        "category and the top kernels, per variant (in the JSON and stderr)")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
     p.add_argument("--_child", help=argparse.SUPPRESS)
