@@ -1,0 +1,327 @@
+"""Fused lm_head + cross-entropy: ``CE(softcap(hidden Wᵀ), labels)`` in chunks of rows,
+so the full (tokens × vocab) fp32 logits, their log-softmax and their gradient never
+exist at once.
+
+Shapes: ``hidden`` (..., H) with N rows in all; ``weight`` W (V, H) (the lm_head, any
+strides); ``labels`` (N,) integer, ``ignore_index`` marks rows left out. ``softcap`` c
+(Gemma2's final_logit_softcapping) or None: z = c · tanh(x / c) with x = hidden Wᵀ.
+
+Semantics are ``F.cross_entropy(z.float().view(-1, V), labels, ignore_index=...,
+reduction=...)`` exactly: "mean" divides the sum over the rows kept by their count (all
+rows ignored: 0/0 = nan, every gradient 0, as PyTorch gives); "sum" is the plain sum
+(transformers then divides by ``num_items_in_batch`` outside; the graph keeps that
+division). Gradients: with p = softmax(z) per row and e_y the label's one-hot,
+    dz = (p − e_y) · s_row            s_row = 1/n_kept (mean) or 1 (sum); 0 if ignored
+    dx = dz · (1 − tanh²(x/c))        (softcap only)
+    dhidden = dx W,   dW = dxᵀ hidden  (dW only when W requires grad: normally frozen)
+The forward computes these per chunk while the chunk's logits are at hand, and returns
+them (fp32); the backward only scales them by the loss's incoming gradient (a scalar):
+one pass over the logits in all, no logits saved.
+
+Precision: logits accumulate in fp32 (bf16/fp16 inputs: fp32 GEMM output on CUDA; on
+CPU everything is upcast, fp32 math) and the softmax/log-sum-exp is fp32, as
+transformers' ``logits.float()`` does. On CUDA with bf16/fp16 inputs, dx is rounded to
+the input dtype for the dhidden/dW GEMMs (as eager's bf16 linear backward does) and those
+GEMMs accumulate and write fp32; dhidden is rounded to the input dtype once, after the
+scaling in the backward.
+
+The logits as a tensor (``return_logits``): Hugging Face models return the logits next
+to the loss, so in a compiled whole model they are a graph output. The op then also
+writes each chunk's z (softcapped) in the compute dtype into an (..., V) output: the
+user gets the same logits as eager (from the same fp32 accumulator, rounded once) with no
+second lm_head GEMM. That output is differentiable: a gradient arriving for it (the user
+built something else on the logits) is honoured in the backward by recomputing each
+chunk's x (hidden and W are then saved, as eager's linear saves them). Autograd hands the
+compiled backward a zero tensor for an output nobody used; the backward checks for that
+(on CUDA one ``.any()`` host sync per step, skipped under CUDA graph capture where the
+extra GEMM just runs) and then skips the extra GEMMs.
+
+Implementation (every device): plain PyTorch per chunk, cuBLAS GEMMs with fp32 output +
+fp32 elementwise (logsumexp, exp, one scatter for the label, scaling) done in place on
+the chunk's buffer. Chunk rows: so that one (rows × V) fp32 buffer is at most
+``LORAFUSE_LOSS_CHUNK_MB`` MiB (default 256; temporaries of the softcap and the
+logsumexp add up to two more such buffers). No Triton kernel yet: the elementwise part
+makes ~8 passes over each chunk, which a fused kernel would cut to ~2.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CHUNK_ENV = "LORAFUSE_LOSS_CHUNK_MB"
+# Tests set this to force many small chunks (rows per chunk; None: from the byte budget).
+CHUNK_ROWS: Optional[int] = None
+
+
+def chunk_rows(n_rows: int, vocab: int) -> int:
+    if CHUNK_ROWS is not None:
+        return max(1, int(CHUNK_ROWS))
+    try:
+        budget = float(os.environ.get(CHUNK_ENV, "256")) * 2**20
+    except ValueError:
+        budget = 256 * 2**20
+    return max(1, min(max(n_rows, 1), int(budget // (4 * max(vocab, 1)))))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, ignore_index=-100,
+                                   reduction="mean", num_items_in_batch=None):
+    """The oracle: full logits in fp32 (fp64 stays fp64), softcap, ``F.cross_entropy``;
+    differentiable by autograd. Returns ``(loss, logits)``."""
+    acc = _acc_dtype(hidden.dtype)
+    logits = hidden.to(acc) @ weight.to(acc).t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=ignore_index,
+        reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss, logits
+
+
+# --------------------------------------------------------------------------- chunked path
+
+
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``a @ b`` accumulated and written in ``acc`` (fp32): operands already in acc, or
+    bf16/fp16 on CUDA (``mm(..., out_dtype=)``; if that overload is missing, the product
+    is rounded to the input dtype first, as eager's linear does)."""
+    if a.dtype == acc:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return (a @ b).to(acc)
+
+
+def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, return_logits,
+                  need_dhidden, need_dweight):
+    H, V = hidden.shape[-1], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    h2 = hidden.reshape(-1, H)
+    N = h2.shape[0]
+    exact = not hidden.is_cuda  # CPU: fp32 math throughout (the reference's numbers)
+    w = weight.to(acc) if exact else weight
+    if exact:
+        h2 = h2.to(acc)
+    labels = labels.reshape(-1).to(hidden.device)
+    if labels.shape[0] != N:
+        raise ValueError(f"linear_cross_entropy: {labels.shape[0]} labels for {N} rows")
+    kept = labels != ignore_index
+    safe = torch.where(kept, labels, torch.zeros_like(labels))
+    n_kept = kept.sum()
+    if reduction == "mean":
+        # 1/0 = inf when every row is ignored; no row is kept then, so every scale is 0.
+        row_scale = torch.where(kept, 1.0 / n_kept.to(acc), torch.zeros((), dtype=acc,
+                                                                         device=kept.device))
+    else:
+        row_scale = kept.to(acc)
+    need_grad = need_dhidden or need_dweight
+
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    logits = hidden.new_empty(N, V) if return_logits else hidden.new_empty(0)
+    dh = torch.empty(N, H, dtype=acc, device=hidden.device) if need_dhidden else \
+        hidden.new_empty(0, dtype=acc)
+    dw = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_dweight else \
+        hidden.new_empty(0, dtype=acc)
+    step = chunk_rows(N, V)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        hc = h2[s:e]
+        z = _mm(hc, w.t(), acc)  # (rows, V) fp32: the only big buffer
+        t = None
+        if softcap is not None:
+            t = z.div_(softcap).tanh_()  # z's buffer now holds tanh(x / c)
+            z = t * softcap
+        if return_logits:
+            logits[s:e].copy_(z)
+        lse = torch.logsumexp(z, dim=1)
+        picked = z.gather(1, safe[s:e, None]).squeeze(1)
+        total += torch.where(kept[s:e], lse - picked, torch.zeros_like(lse)).sum()
+        if not need_grad:
+            continue
+        p = z.sub_(lse[:, None]).exp_()  # softmax, in place
+        p.scatter_add_(1, safe[s:e, None], -kept[s:e, None].to(acc))  # − one-hot
+        p.mul_(row_scale[s:e, None])
+        if t is not None:
+            p.mul_(t.mul_(t).neg_().add_(1))  # · (1 − tanh²)
+        g = p if exact or p.dtype == weight.dtype else p.to(weight.dtype)
+        if need_dhidden:
+            dh[s:e] = _mm(g, w, acc)
+        if need_dweight:
+            dw += _mm(g.t(), hc, acc)
+    loss = total / n_kept.to(acc) if reduction == "mean" else total
+    lead = hidden.shape[:-1]
+    if return_logits:
+        logits = logits.reshape(*lead, V)
+    if need_dhidden:
+        dh = dh.reshape(*lead, H)
+    return loss, logits, dh, dw
+
+
+def _grad_is_zero(g: Optional[Tensor]) -> bool:
+    """Whether the logits' incoming gradient is absent or all zeros (what autograd gives
+    an output nobody used). Under CUDA graph capture no host sync is allowed: answer
+    False (the backward then does the GEMMs, correct either way)."""
+    if g is None or g.numel() == 0:
+        return True
+    if g.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not bool(g.any())
+
+
+def _logits_backward(g_logits, hidden, weight, softcap, need_dhidden, need_dweight, dh, dw):
+    """Adds the logits output's gradient to ``dh`` / ``dw`` (fp32, in place), chunk by
+    chunk; x = hidden Wᵀ is recomputed only under a softcap (its derivative needs it)."""
+    H, V = hidden.shape[-1], weight.shape[0]
+    acc = dh.dtype if need_dhidden else dw.dtype
+    exact = not hidden.is_cuda
+    h2 = hidden.reshape(-1, H)
+    w = weight.to(acc) if exact else weight
+    if exact:
+        h2 = h2.to(acc)
+    g2 = g_logits.reshape(-1, V)
+    dh2 = dh.reshape(-1, H) if need_dhidden else None
+    step = chunk_rows(h2.shape[0], V)
+    for s in range(0, h2.shape[0], step):
+        e = min(s + step, h2.shape[0])
+        gx = g2[s:e].to(acc)
+        if softcap is not None:
+            t = _mm(h2[s:e], w.t(), acc).div_(softcap).tanh_()
+            gx = gx * t.mul_(t).neg_().add_(1)
+        gx = gx if exact or gx.dtype == weight.dtype else gx.to(weight.dtype)
+        if need_dhidden:
+            dh2[s:e] += _mm(gx, w, acc)
+        if need_dweight:
+            dw += _mm(gx.t(), h2[s:e], acc)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("lorafuse::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    softcap: Optional[float],
+    ignore_index: int,
+    reduction: str,
+    return_logits: bool,
+    need_dhidden: bool,
+    need_dweight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss, logits, dhidden, dweight)``: loss a scalar (fp32); logits
+    (..., V) in hidden's dtype, or empty unless ``return_logits``; dhidden (..., H) and
+    dweight (V, H) in fp32, the gradients for an incoming loss gradient of 1 (empty
+    unless asked for). ``need_*`` are decided when the graph is built (a compiled
+    forward cannot see requires_grad)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} (mean or sum)")
+    loss, logits, dh, dw = _forward_impl(hidden, weight, labels, softcap, ignore_index,
+                                         reduction, return_logits, need_dhidden, need_dweight)
+    return loss, logits.contiguous(), dh.contiguous(), dw.contiguous()
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, labels, softcap, ignore_index, reduction, return_logits, need_dhidden,
+      need_dweight):
+    acc = _acc_dtype(hidden.dtype)
+    lead, H, V = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
+    return (hidden.new_empty((), dtype=acc),
+            hidden.new_empty(*lead, V) if return_logits else hidden.new_empty(0),
+            hidden.new_empty(*lead, H, dtype=acc) if need_dhidden else hidden.new_empty(0, dtype=acc),
+            hidden.new_empty(V, H, dtype=acc) if need_dweight else hidden.new_empty(0, dtype=acc))
+
+
+@torch.library.custom_op("lorafuse::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    g_loss: Tensor,
+    g_logits: Tensor,
+    dh: Tensor,
+    dw: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    softcap: Optional[float],
+    need_dhidden: bool,
+    need_dweight: bool,
+) -> tuple[Tensor, Tensor]:
+    """The backward when the logits were returned: ``g_loss · (dh, dw)`` plus the logits
+    output's gradient through the lm_head (skipped when that gradient is zero). Returns
+    (dhidden in hidden's dtype, dweight in weight's dtype); empty where not needed."""
+    dh = dh * g_loss if need_dhidden else dh
+    dw = dw * g_loss if need_dweight else dw
+    if not _grad_is_zero(g_logits):
+        _logits_backward(g_logits, hidden, weight, softcap, need_dhidden, need_dweight, dh, dw)
+    return (dh.to(hidden.dtype) if need_dhidden else hidden.new_empty(0),
+            dw.to(weight.dtype) if need_dweight else weight.new_empty(0))
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(g_loss, g_logits, dh, dw, hidden, weight, softcap, need_dhidden, need_dweight):
+    return (torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_dweight else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, softcap, _, _, return_logits, need_dh, need_dw = inputs
+    ctx.softcap, ctx.return_logits = softcap, return_logits
+    ctx.need_dh, ctx.need_dw = need_dh, need_dw
+    ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+    if return_logits:  # a gradient for the logits output is possible: keep the operands
+        ctx.save_for_backward(output[2], output[3], hidden, weight)
+    else:
+        ctx.save_for_backward(output[2], output[3])
+        ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _backward(ctx, g_loss, g_logits, _gdh, _gdw):
+    need = ctx.needs_input_grad  # hidden, weight, labels, ...
+    if ctx.need_dh is False and need[0]:
+        raise RuntimeError("lorafuse::linear_cross_entropy: hidden needs a gradient but the "
+                           "op was built with need_dhidden=False")
+    if ctx.need_dw is False and need[1]:
+        raise RuntimeError("lorafuse::linear_cross_entropy: weight needs a gradient but the "
+                           "op was built with need_dweight=False")
+    if ctx.return_logits:
+        dh, dw, hidden, weight = ctx.saved_tensors
+        if g_logits is None:
+            g_logits = hidden.new_empty(0)
+        dhid, dwt = linear_cross_entropy_backward_op(g_loss, g_logits, dh, dw, hidden, weight,
+                                                     ctx.softcap, ctx.need_dh, ctx.need_dw)
+        return (dhid if need[0] else None, dwt if need[1] else None,
+                None, None, None, None, None, None, None)
+    dh, dw = ctx.saved_tensors
+    dhid = (dh * g_loss).to(ctx.hidden_dtype) if need[0] else None
+    dwt = (dw * g_loss).to(ctx.weight_dtype) if need[1] else None
+    return dhid, dwt, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(hidden, weight, labels, softcap=None, ignore_index=-100,
+                         reduction="mean", num_items_in_batch=None, return_logits=False):
+    """``F.cross_entropy(softcap(hidden Wᵀ).float().view(-1, V), labels, ...)`` fused and
+    chunked (see the module docstring); ``/ num_items_in_batch`` when given (with
+    reduction "sum", as transformers does). Returns the loss, or ``(loss, logits)``."""
+    grad = torch.is_grad_enabled()
+    loss, logits, _, _ = linear_cross_entropy_op(
+        hidden, weight, labels, None if softcap is None else float(softcap), int(ignore_index),
+        reduction, bool(return_logits), grad and hidden.requires_grad,
+        grad and weight.requires_grad)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return (loss, logits) if return_logits else loss
