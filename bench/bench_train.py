@@ -264,6 +264,7 @@ def child_train(args, variant: str, res: dict) -> dict:
     device = training_device(args)
     res.update(losses=[], snapshot_steps=[])
     snap_file = snapshot_path(args, variant)
+    snap_file.unlink(missing_ok=True)  # never let the ref read an older run's snapshot
 
     # -- load, wrap, compile
     t0 = time.time()
@@ -311,7 +312,8 @@ def child_train(args, variant: str, res: dict) -> dict:
     timed_s, seg_start = 0.0, None
     try:
         for step in range(1, total + 1):
-            if step in args.ref_steps:  # off the clock: a copy of the LoRA parameters
+            if step in args.ref_steps and variant in args.ref_variants:
+                # off the clock: a copy of the LoRA parameters
                 sync(device)
                 if seg_start is not None:
                     timed_s += time.perf_counter() - seg_start
@@ -726,6 +728,8 @@ def parse_args(argv=None):
     p.add_argument("--ref", dest="ref", action="store_true", default=None,
                    help="compute the fp32 reference (default: on for 1b and tiny, off for 8b)")
     p.add_argument("--no-ref", dest="ref", action="store_false")
+    p.add_argument("--ref-variants", default="",
+                   help="variants that get the fp32 reference (default: all), e.g. eager,lorafuse")
     p.add_argument("--ref-steps", default="1,5,10,20",
                    help="steps (1-based, warm-up included) whose loss is also computed in fp32")
     p.add_argument("--qlora", action="store_true",
@@ -764,8 +768,14 @@ def parse_args(argv=None):
     if args.ref is None:
         args.ref = args.shape != "8b"
     total = args.warmup + args.steps
-    args.ref_steps = sorted({int(s) for s in args.ref_steps.split(",") if s.strip()
-                             and 1 <= int(s) <= total}) if args.ref else []
+    steps = set()
+    for part in (s.strip() for s in args.ref_steps.split(",")):
+        lo, _, hi = part.partition("-")  # "1-20" is every step from 1 to 20
+        if part:
+            steps |= set(range(int(lo), int(hi or lo) + 1))
+    args.ref_steps = sorted(s for s in steps if 1 <= s <= total) if args.ref else []
+    args.ref_variants = [v.strip() for v in args.ref_variants.split(",") if v.strip()] \
+        or args.variants
     return args
 
 

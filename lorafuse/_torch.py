@@ -13,6 +13,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition  #
 from torch._inductor import list_mode_options  # noqa: F401  torch.compile(mode=...) as config patches
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  Inductor's entry point, with config_patches
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook's base
+from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: F401  real tensors at compile time
 from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: F401  compare sizes, no guards
 
 

@@ -4,7 +4,7 @@ Each pass exposes ``NAME`` and ``run(gm, report)``; it rewrites the sites it can
 prove and records the rest in ``report.skipped`` with a reason.
 """
 
-from . import lora
+from . import attention, lora
 
-PASSES = {lora.NAME: lora.run}
+PASSES = {lora.NAME: lora.run, attention.NAME: attention.run}
 DEFAULT_PASSES = tuple(PASSES)
