@@ -1,0 +1,300 @@
+"""Norm pass: RMSNorm as transformers writes it → one ``lorafuse::rms_norm`` op.
+
+What Dynamo captures (torch-level graph; h is fp32 throughout)::
+
+    h = x.to(torch.float32)          # or x.float(); absent (or a no-op) when x is fp32
+    v = h.pow(2).mean(-1, keepdim=True)
+    r = torch.rsqrt(v + eps)
+    n = h * r
+    Llama, Mistral, Qwen2/3 (also per-head q/k norms on [..., heads, head_dim] views):
+        y = weight * n.to(x.dtype)               → cast_before_weight=True
+    Gemma (offset 1), fp32 scaling (offset 0):
+        y = (n * (1.0 + weight.float())).type_as(x)   → cast_before_weight=False
+    or no weight at all: y = n.to(x.dtype), or n itself.
+
+The match anchors on the ``rsqrt`` and walks out both ways. It needs every intermediate
+of the activation chain (h when it is a cast, h², v, v + eps, r, n, the casts and
+products after it) to be used only inside the match; x, weight and the output may be
+used anywhere. Weight-side nodes (``weight.float()``, ``1 + ...``) are left in place if
+something else uses them. Anything else is left alone with a reason.
+
+LayerNorm (``F.layer_norm``) is not rewritten: Inductor's fused kernel stays.
+
+Per device: the pass rewrites only where ``LORAFUSE_NORM_DEVICES`` (comma list, default
+``cpu``) names the tensors' device type. CUDA is off by default: Inductor fuses RMSNorm
+with its neighbours, and the fused op is used only where bench/bench_norm.py measured it
+faster (then run with ``LORAFUSE_NORM_DEVICES=cpu,cuda``, or change ``DEFAULT_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..kernels import norm as norm_kernels  # noqa: F401  (registers the ops)
+from ._graph import add_node, fake_mode_of, is_add, is_function, is_method, is_mul, same_sizes
+from ._graph import site_name, val
+
+NAME = "norm"
+DEVICES_ENV = "LORAFUSE_NORM_DEVICES"
+DEFAULT_DEVICES = ("cpu",)  # device types where the op is known to be worth it
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_POW_FUNCS = (torch.pow, operator.pow)
+_RSQRT_FUNCS = (torch.rsqrt,)
+_MEAN_FUNCS = (torch.mean,)
+
+
+def enabled_devices() -> tuple:
+    raw = os.environ.get(DEVICES_ENV)
+    if raw is None:
+        return DEFAULT_DEVICES
+    return tuple(d.strip().lower() for d in raw.split(",") if d.strip())
+
+
+@dataclass
+class Site:
+    x: fx.Node
+    weight: object  # fx.Node or None
+    eps: float
+    offset: float
+    cast_before_weight: bool
+    out: fx.Node  # the node whose value the op's output replaces
+    chain: list = field(default_factory=list)  # activation-chain nodes, inputs first
+    weight_side: list = field(default_factory=list)  # weight.float(), offset + ...
+
+
+class NoMatch(Exception):
+    """Not an RMSNorm; ``reason`` says why when it looked like one."""
+
+
+def _number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _tensor(node):
+    v = val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _cast(node):
+    """A pure dtype cast → its source node, else None: ``t.to(dtype)``,
+    ``t.to(dtype=...)``, ``t.float()``, ``t.type_as(other)`` (same device)."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or not node.args:
+        return None
+    src = node.args[0]
+    if node.target == "to":
+        if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.dtype):
+            pass
+        elif len(node.args) == 1 and set(node.kwargs) == {"dtype"}:
+            pass
+        else:
+            return None
+    elif node.target == "float":
+        if len(node.args) != 1 or node.kwargs:
+            return None
+    elif node.target == "type_as":
+        if len(node.args) != 2 or node.kwargs:
+            return None
+    else:
+        return None
+    s, d = _tensor(src), _tensor(node)
+    if s is None or d is None or s.device != d.device:
+        return None
+    return src
+
+
+def _binary(node, pred):
+    """Operands of a two-operand op matched by ``pred``."""
+    if not pred(node) or len(node.args) != 2:
+        return None
+    return node.args
+
+
+def _square_of(node):
+    """``h.pow(2)``, ``torch.pow(h, 2)``, ``h ** 2``, ``h * h`` → h."""
+    if (is_method(node, ("pow",)) or is_function(node, _POW_FUNCS)) and not node.kwargs \
+            and len(node.args) == 2 and _number(node.args[1]) and node.args[1] == 2:
+        return node.args[0]
+    ab = _binary(node, is_mul)
+    if ab is not None and ab[0] is ab[1] and isinstance(ab[0], fx.Node):
+        return ab[0]
+    return None
+
+
+def _mean_last(node):
+    """``t.mean(-1, keepdim=True)`` (or ``torch.mean``, dim as a kwarg or a 1-tuple) → t."""
+    if not (is_method(node, ("mean",)) or is_function(node, _MEAN_FUNCS)):
+        return None
+    args = list(node.args)
+    kw = dict(node.kwargs)
+    if not args:
+        return None
+    src = args[0]
+    dim = args[1] if len(args) > 1 else kw.pop("dim", None)
+    keepdim = args[2] if len(args) > 2 else kw.pop("keepdim", False)
+    if len(args) > 3 or kw or keepdim is not True:
+        return None
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    t = _tensor(src)
+    if t is None or not isinstance(dim, int) or dim not in (-1, t.dim() - 1):
+        return None
+    return src
+
+
+def _users_within(node, allowed) -> bool:
+    return all(u in allowed for u in node.users)
+
+
+def _weight_of(node, N, device):
+    """A (N,) float tensor node on ``device``, or None."""
+    t = _tensor(node)
+    if t is None or t.dtype not in _FLOATS or t.device != device or t.dim() != 1:
+        return None
+    return node if same_sizes(t.shape, (N,)) else None
+
+
+def _only_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def match(rs: fx.Node) -> Site:
+    if not (is_function(rs, _RSQRT_FUNCS) or is_method(rs, ("rsqrt",))) or \
+            len(rs.args) != 1 or rs.kwargs:
+        raise NoMatch(None)
+    add = rs.args[0]
+    ab = _binary(add, is_add)
+    if ab is None:
+        raise NoMatch(None)
+    var, eps = ab if isinstance(ab[0], fx.Node) else (ab[1], ab[0])
+    if not _number(eps):
+        raise NoMatch(None)
+    sq = _mean_last(var)
+    h = _square_of(sq) if sq is not None else None
+    th = _tensor(h)
+    if th is None or th.dtype != torch.float32:
+        raise NoMatch(None)
+    # From here on it looks like an RMSNorm: failures carry a reason.
+    mul_r = _only_user(rs)
+    ab = _binary(mul_r, is_mul) if mul_r is not None else None
+    if ab is None or set(ab) != {h, rs} or len(set(ab)) != 2:
+        raise NoMatch("rsqrt(mean(h²) + eps) is not only multiplied by h")
+    src = _cast(h)
+    x = src if src is not None and _tensor(src).dtype in _FLOATS else h
+    tx = _tensor(x)
+    if tx.dtype not in _FLOATS or tx.dim() < 1:
+        raise NoMatch(f"input dtype {tx.dtype} is not a kernel dtype")
+    N = tx.shape[-1]
+    device = tx.device
+
+    chain = ([h] if x is not h else []) + [sq, var, add, rs, mul_r]
+    weight, offset, cast_before, weight_side = None, 0.0, True, []
+    out = mul_r
+    u = _only_user(mul_r)
+    if u is not None and _cast(u) is mul_r and _tensor(u).dtype == tx.dtype:
+        # Llama: n.to(input dtype), then maybe weight * that. (A cast to another dtype
+        # stays outside: the op then ends at n.)
+        out = u
+        m = _only_user(u)
+        ab = _binary(m, is_mul) if m is not None else None
+        if ab is not None and u in ab and len(set(ab)) == 2:
+            w = _weight_of(ab[1] if ab[0] is u else ab[0], N, device)
+            if w is not None:
+                weight, out = w, m
+                chain.append(u)
+    elif u is not None and _binary(u, is_mul) is not None and mul_r in u.args \
+            and len(set(u.args)) == 2:
+        # Gemma / fp32 scaling: n * (offset + weight.float()), then maybe a cast
+        wt = u.args[1] if u.args[0] is mul_r else u.args[0]
+        ab = _binary(wt, is_add)
+        if ab is not None and any(_number(a) for a in ab):
+            off, wf = ab if _number(ab[0]) else (ab[1], ab[0])
+            offset = float(off)
+            weight_side.append(wt)
+        else:
+            wf = wt
+        tw = _tensor(wf)
+        if tw is not None and tw.dtype == torch.float32:
+            base = _cast(wf)
+            if base is not None and _tensor(base).dtype in _FLOATS:
+                weight_side.append(wf)
+                wf = base
+            w = _weight_of(wf, N, device)
+        else:
+            w = None
+        if w is not None and _tensor(u).dtype == torch.float32:
+            weight, cast_before, out = w, False, u
+            chain.append(mul_r)
+            c = _only_user(u)
+            if c is not None and _cast(c) is u and _tensor(c).dtype in _FLOATS:
+                chain.append(u)
+                out = c
+        elif offset:
+            raise NoMatch("n * (offset + w) with w not a (hidden,) float weight")
+    if out is mul_r:  # no weight and no cast: n itself (fp32) is the output
+        cast_before = False
+    chain = list(dict.fromkeys(chain))  # keep order, drop repeats
+    if out in chain:
+        chain.remove(out)
+
+    inside = set(chain) | {out}
+    for node in chain:
+        if not _users_within(node, inside):
+            raise NoMatch(f"intermediate '{node.name}' of the norm is used outside it")
+    ty = _tensor(out)
+    if ty is None or ty.dtype not in _FLOATS or not same_sizes(ty.shape, tx.shape):
+        raise NoMatch("the output's dtype or shape is not the norm's")
+    if weight is not None and cast_before and \
+            ty.dtype != torch.promote_types(_tensor(weight).dtype, tx.dtype):
+        raise NoMatch("weight * n has an unexpected dtype")
+    return Site(x, weight, float(eps), offset, cast_before, out, chain, weight_side)
+
+
+def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
+    """Replace one site; ``remap`` maps an already-replaced output to its replacement (a
+    norm's input may be another norm's output)."""
+    g = gm.graph
+    with g.inserting_before(site.out):
+        args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight), site.eps, site.offset, site.cast_before_weight,
+                _tensor(site.out).dtype)
+        call = add_node(g, "call_function", torch.ops.lorafuse.rms_norm.default, args, fake_mode)
+        y = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
+    site.out.replace_all_uses_with(y)
+    remap[site.out] = y
+    for node in [site.out] + list(reversed(site.chain)) + list(reversed(site.weight_side)):
+        if not node.users:
+            g.erase_node(node)
+
+
+def _name(site: Site) -> str:
+    if site.weight is not None and site.weight.op == "placeholder":
+        return site_name(site.weight).split("_parameters_")[0]
+    return site.out.name
+
+
+def run(gm: fx.GraphModule, report) -> None:
+    graph = gm.graph
+    fake_mode = fake_mode_of(graph)
+    devices = enabled_devices()
+    sites, remap = [], {}
+    for node in list(graph.nodes):
+        try:
+            sites.append(match(node))
+        except NoMatch as e:
+            if e.args and e.args[0]:
+                report.skipped.append((node.name, e.args[0]))
+    for site in sites:
+        dev = _tensor(site.x).device.type
+        if dev not in devices:
+            report.skipped.append((_name(site), f"fused RMSNorm not enabled on {dev} "
+                                                f"({DEVICES_ENV}={','.join(devices)})"))
+            continue
+        rewrite(gm, site, fake_mode, remap)
+        report.matched.append(_name(site))
+        report.ops += 1
+    graph.lint()
+    gm.recompile()
