@@ -170,13 +170,18 @@ def match(rs: fx.Node) -> Site:
     ab = _binary(add, is_add)
     if ab is None:
         raise NoMatch(None)
-    var, eps = ab if isinstance(ab[0], fx.Node) else (ab[1], ab[0])
-    if not _number(eps):
-        raise NoMatch(None)
+    var, eps = ab
+    if _mean_last(var) is None:
+        var, eps = eps, var
     sq = _mean_last(var)
     h = _square_of(sq) if sq is not None else None
     th = _tensor(h)
     if th is None or th.dtype != torch.float32:
+        raise NoMatch(None)
+    if not _number(eps):
+        if isinstance(eps, fx.Node) and _tensor(eps) is None:
+            # torch.compile(dynamic=True) turns float attributes into graph inputs
+            raise NoMatch("eps is a symbolic graph input, not a constant (dynamic=True)")
         raise NoMatch(None)
     # From here on it looks like an RMSNorm: failures carry a reason.
     mul_r = _only_user(rs)
