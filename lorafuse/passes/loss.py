@@ -222,11 +222,21 @@ def run(gm: fx.GraphModule, report) -> None:
             report.skipped.append((_name(ce), e.args[0]))
             continue
         rewrite(gm, site, fake_mode)
-        report.matched.append(site_name(site.weight) if site.weight.op == "placeholder"
-                              else site.weight.name)
+        report.matched.append(_weight_name(site.weight))
         report.ops += 1
     graph.lint()
     gm.recompile()
+
+
+def _weight_name(w: fx.Node) -> str:
+    """``lm_head`` from Dynamo's ``L_self_..._modules_lm_head_parameters_weight_``."""
+    if w.op != "placeholder":
+        return w.name
+    name = site_name(w)
+    for tail in ("_parameters_weight_", "_parameters_weight"):
+        if name.endswith(tail):
+            return name[: -len(tail)]
+    return name
 
 
 def _name(ce) -> str:
@@ -234,8 +244,8 @@ def _name(ce) -> str:
     node, seen = ce, 0
     while isinstance(node, fx.Node) and seen < 12:
         args = linear_args(node)
-        if args is not None and isinstance(args[1], fx.Node) and args[1].op == "placeholder":
-            return site_name(args[1])
+        if args is not None and isinstance(args[1], fx.Node):
+            return _weight_name(args[1])
         node = node.args[0] if node.args else None
         seen += 1
     return ce.name

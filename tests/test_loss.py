@@ -1,0 +1,366 @@
+"""The fused lm_head + cross-entropy op and the loss pass.
+
+Op (CPU path: chunked, fp32 math) against ``F.cross_entropy`` on full fp32 logits:
+- fp32 inputs: loss, logits and every gradient to relative error ~1e-5;
+- bf16 inputs: against an fp64 computation on the same bf16-valued inputs, the op's
+  error is no larger than eager bf16's (bf16 linear → float → cross_entropy), × 1.5;
+- drawn: row counts not multiples of the chunk, vocab sizes not multiples of anything,
+  ignored rows (some, all), mean / sum / sum ÷ num_items_in_batch, softcap, a trainable
+  lm_head, the logits returned and a gradient arriving for them.
+Pass, cheaply: Dynamo captures small heads calling transformers' own ``ForCausalLMLoss``;
+a backend runs only the loss pass and returns the rewritten graph to run eagerly.
+Whole models: tiny PEFT Llama (mean loss, padding) and Gemma2 (softcap, num_items_in_batch)
+compiled with ``backend="lorafuse"``, trained 4 steps next to eager in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
+from lorafuse.kernels import loss as loss_kernels
+from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
+from lorafuse.passes import loss as loss_pass
+from lorafuse.report import PassReport
+
+odd = st.integers(1, 70).filter(lambda v: v % 16 != 0)
+
+
+@contextlib.contextmanager
+def chunk_rows(rows):
+    old = loss_kernels.CHUNK_ROWS
+    loss_kernels.CHUNK_ROWS = rows
+    try:
+        yield
+    finally:
+        loss_kernels.CHUNK_ROWS = old
+
+
+def make_case(seed, lead, H, V, ignore, dtype=torch.float32, w_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 2 * H ** -0.5).to(dtype).requires_grad_(w_grad)
+    n = math.prod(lead)
+    labels = torch.randint(0, V, (n,), generator=g)
+    if ignore == "all":
+        labels[:] = -100
+    elif ignore > 0:
+        labels[torch.rand(n, generator=g) < ignore] = -100
+    return hidden, weight, labels
+
+
+def grads(outputs, inputs, grad_outputs):
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=False)
+
+
+# --------------------------------------------------------------------------- op, fp32
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(lead=st.one_of(st.tuples(odd), st.tuples(st.integers(1, 3), odd)), H=odd,
+       V=st.integers(2, 300), rows=st.integers(1, 40), softcap=st.sampled_from([None, 3.0, 30.0]),
+       reduction=st.sampled_from(["mean", "sum", "num_items"]),
+       ignore=st.sampled_from([0.0, 0.3, 0.9]), w_grad=st.booleans(),
+       logits_grad=st.sampled_from([None, "zero", "random"]), seed=st.integers(0, 2**31 - 1))
+def test_op_matches_cross_entropy_fp32(lead, H, V, rows, softcap, reduction, ignore, w_grad,
+                                       logits_grad, seed):
+    hidden, weight, labels = make_case(seed, lead, H, V, ignore, w_grad=w_grad)
+    red, n_items = (reduction, None) if reduction != "num_items" else ("sum", torch.tensor(7))
+    inputs = [hidden, weight] if w_grad else [hidden]
+    with chunk_rows(rows):
+        loss, logits = linear_cross_entropy(hidden, weight, labels, softcap, reduction=red,
+                                            num_items_in_batch=n_items, return_logits=True)
+    want, want_logits = linear_cross_entropy_reference(hidden, weight, labels, softcap,
+                                                       reduction=red, num_items_in_batch=n_items)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert_close_fp32(logits, want_logits, what="logits")
+    g_loss = torch.tensor(0.75)
+    if logits_grad is None:
+        got, ref = grads(loss, inputs, g_loss), grads(want, inputs, g_loss)
+    else:
+        gl = torch.zeros_like(logits) if logits_grad == "zero" else torch.randn_like(logits)
+        with chunk_rows(rows):
+            got = grads((loss, logits), inputs, (g_loss, gl))
+        ref = grads((want, want_logits), inputs, (g_loss, gl))
+    for name, a, b in zip(("dhidden", "dweight"), got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close_fp32(a, b, what=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_labels_ignored(reduction):
+    """As F.cross_entropy: mean over no rows is nan, sum is 0; every gradient is 0."""
+    hidden, weight, labels = make_case(0, (2, 5), 12, 33, "all", w_grad=True)
+    with chunk_rows(3):
+        loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    want = F.cross_entropy((hidden @ weight.t()).reshape(-1, 33), labels, reduction=reduction)
+    torch.testing.assert_close(loss, want, equal_nan=True)
+    assert math.isnan(loss.item()) == (reduction == "mean")
+    dh, dw = grads(loss, [hidden, weight], None)
+    assert not dh.any() and not dw.any()
+
+
+def test_chunk_budget():
+    """The default chunk keeps one (rows × V) fp32 buffer within 256 MiB; the env knob
+    moves the budget; a tiny budget still gives one row."""
+    V = 128256
+    assert loss_kernels.chunk_rows(10**6, V) * V * 4 <= 256 * 2**20
+    assert loss_kernels.chunk_rows(10**6, V) >= 256 * 2**20 // (V * 4)
+    assert loss_kernels.chunk_rows(7, 50) == 7
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(loss_kernels.CHUNK_ENV, "0.0001")
+        assert loss_kernels.chunk_rows(100, V) == 1
+
+
+def test_opcheck():
+    """torch.library's own consistency checks: schema, fake tensors, autograd registration."""
+    hidden, weight, labels = make_case(1, (2, 7), 16, 37, 0.3, w_grad=True)
+    frozen = weight.detach()
+    in_range = labels.clamp_min(0)  # another ignore_index: -100 is then out of range
+    for w, lab, args in ((weight, labels, (None, -100, "mean", True, True, True)),
+                         (frozen, labels, (5.0, -100, "sum", False, True, False)),
+                         (frozen, in_range, (5.0, 3, "mean", True, True, False))):
+        with chunk_rows(4):
+            torch.library.opcheck(torch.ops.lorafuse.linear_cross_entropy.default,
+                                  (hidden, w, lab, *args))
+
+
+# --------------------------------------------------------------------------- op, bf16
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(N=st.integers(3, 90), H=odd, V=st.integers(17, 400), softcap=st.sampled_from([None, 10.0]),
+       reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**31 - 1))
+def test_op_bf16_no_worse_than_eager(N, H, V, softcap, reduction, seed):
+    """bf16 hidden and W: the op (fp32 logits, rounded once at the end) is at least as
+    close to fp64 on the same bf16 values as eager bf16 (which rounds the logits to bf16
+    before the fp32 softmax, and the logits gradient before the GEMM)."""
+    hidden, weight, labels = make_case(seed, (N,), H, V, 0.2, dtype=torch.bfloat16, w_grad=True)
+    with chunk_rows(7):
+        loss = linear_cross_entropy(hidden, weight, labels, softcap, reduction=reduction)
+        got = grads(loss, [hidden, weight], None)
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    ref, _ = linear_cross_entropy_reference(h64, w64, labels, softcap, reduction=reduction)
+    ref_g = grads(ref, [h64, w64], None)
+    z = hidden @ weight.t()  # eager bf16, as transformers computes it
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    eager = F.cross_entropy(z.float(), labels, reduction=reduction)
+    eager_g = grads(eager, [hidden, weight], None)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) <= 1.5 * abs(eager.item() - ref.item()) + \
+        1e-6 * abs(ref.item())
+    for name, a, e, r in zip(("dhidden", "dweight"), got, eager_g, ref_g):
+        assert torch.isfinite(a).all()
+        assert rel(a, r) <= 1.5 * rel(e, r) + 1e-6, f"{name}: {rel(a, r):.2e} vs eager {rel(e, r):.2e}"
+
+
+# --------------------------------------------------------------------------- the pass, eager
+
+
+class Head(torch.nn.Module):
+    """A causal-LM head as transformers writes it: lm_head, optional softcap, then the
+    library's own ``ForCausalLMLoss`` (upcast, pad/shift labels, cross_entropy)."""
+
+    def __init__(self, H, V, bias=False, softcap=None, out="logits"):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=bias)
+        self.softcap, self.out, self.V = softcap, out, V
+
+    def forward(self, hidden, labels, num_items_in_batch=None):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = logits / self.softcap
+            logits = torch.tanh(logits)
+            logits = logits * self.softcap
+        loss = ForCausalLMLoss(logits, labels, self.V, num_items_in_batch=num_items_in_batch)
+        if self.out == "loss":
+            return loss
+        if self.out == "logits":
+            return loss, logits
+        return loss + 1e-3 * logits.square().mean()  # "used": logits feed another term
+
+
+def pass_only_backend(report):
+    """Dynamo capture → the loss pass alone → run the rewritten graph eagerly."""
+
+    def backend(gm, example_inputs):
+        loss_pass.run(gm, report)
+        return gm.forward
+
+    return backend
+
+
+def run_head(head, hidden, labels, num_items, compiled):
+    out = (head if compiled is None else compiled)(hidden, labels, num_items)
+    loss, logits = (out, None) if not isinstance(out, tuple) else out
+    extra = logits.square().mean() * 0.1 if logits is not None else 0.0
+    (loss + extra).backward()
+    return loss.detach(), None if logits is None else logits.detach()
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), S=st.integers(2, 12), H=odd, V=st.integers(5, 150),
+       softcap=st.sampled_from([None, 7.0]), out=st.sampled_from(["loss", "logits"]),
+       num_items=st.booleans(), lm_head_grad=st.booleans(), pad=st.integers(0, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_pass_on_transformers_loss(B, S, H, V, softcap, out, num_items, lm_head_grad, pad, seed):
+    """The pass finds the loss in transformers' own ForCausalLMLoss (mean, or sum ÷
+    num_items_in_batch; softcap; logits returned or not; lm_head frozen or trained) and
+    the rewritten graph gives eager's loss, logits and gradients, including a gradient
+    the caller sends through the returned logits."""
+    reset_dynamo()
+    torch.manual_seed(seed)
+    head = Head(H, V, softcap=softcap, out=out)
+    head.lm_head.weight.requires_grad_(lm_head_grad)
+    twin = copy.deepcopy(head)
+    labels = torch.randint(0, V, (B, S))
+    labels[:, :min(pad, S)] = -100
+    n = torch.tensor(max(1, int((labels[:, 1:] != -100).sum()))) if num_items else None
+    h1 = torch.randn(B, S, H, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_()
+    report = PassReport("loss")
+    with chunk_rows(5):
+        got = run_head(twin, h2, labels, n, torch.compile(twin, backend=pass_only_backend(report)))
+    want = run_head(head, h1, labels, n, None)
+    assert report.matched == ["lm_head"] and not report.skipped, report
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    if out == "logits":
+        assert_close_fp32(got[1], want[1], what="logits")
+    assert_close_fp32(h2.grad, h1.grad, what="dhidden")
+    if lm_head_grad:
+        assert_close_fp32(twin.lm_head.weight.grad, head.lm_head.weight.grad, what="dW")
+    else:
+        assert twin.lm_head.weight.grad is None
+    reset_dynamo()
+
+
+@pytest.mark.parametrize("case,reason", [("used", "logits used outside the loss"),
+                                         ("bias", "lm_head with a bias")])
+def test_pass_leaves_alone_with_reason(case, reason):
+    reset_dynamo()
+    torch.manual_seed(0)
+    head = Head(12, 40, bias=case == "bias", out="used" if case == "used" else "logits")
+    twin = copy.deepcopy(head)
+    labels = torch.randint(0, 40, (2, 6))
+    h = torch.randn(2, 6, 12)
+    report = PassReport("loss")
+    got = torch.compile(twin, backend=pass_only_backend(report))(h, labels)
+    assert report.matched == [] and report.skipped == [("lm_head", reason)]
+    want = head(h, labels)
+    torch.testing.assert_close(got, want)
+    reset_dynamo()
+
+
+# --------------------------------------------------------------------------- whole models
+
+STEPS = 4
+BATCH, SEQ = 2, 12
+LR = 1e-2
+GRAD_RTOL = 1e-4
+_RUNS: dict = {}
+
+
+def _batch(step, arch):
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, : 2 + step] = 0  # left padding; padded positions are ignored by the loss
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "labels": ids.masked_fill(mask == 0, -100)}
+    if arch == "gemma2":  # the Trainer's path: sum over the batch ÷ items in the batch
+        batch["num_items_in_batch"] = (batch["labels"][:, 1:] != -100).sum()
+    return batch
+
+
+def _objective(out, step):
+    """The plain loss; at the last step also a term on the returned logits, so a real
+    gradient arrives for the op's logits output."""
+    if step == STEPS - 1:
+        return out.loss + 0.05 * out.logits.float().square().mean()
+    return out.loss
+
+
+def _train(arch):
+    reset_dynamo()
+    model = make_tiny_model(arch, layers=1, seed=3)
+    eager_model, comp_model = copy.deepcopy(model), copy.deepcopy(model)
+    compiled = torch.compile(comp_model, backend="lorafuse")
+    opts = [torch.optim.AdamW(lora_params(m).values(), lr=LR) for m in (eager_model, comp_model)]
+    rec = {"loss": [], "ref_loss": [], "grads": [], "ref_grads": [], "logits": []}
+    for step in range(STEPS):
+        batch = _batch(step, arch)
+        # Same parameters: the compiled module first runs eagerly, as reference.
+        ref = comp_model(**batch)
+        _objective(ref, step).backward()
+        rec["ref_loss"].append(ref.loss.detach())
+        rec["ref_grads"].append({n: p.grad.clone() for n, p in lora_params(comp_model).items()})
+        ref_logits = ref.logits.detach()
+        opts[1].zero_grad(set_to_none=True)
+        out = compiled(**batch)
+        _objective(out, step).backward()
+        rec["loss"].append(out.loss.detach())
+        rec["grads"].append({n: p.grad.clone() for n, p in lora_params(comp_model).items()})
+        rec["logits"].append((out.logits.detach(), ref_logits))
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+        # An eager copy on its own trajectory.
+        e = eager_model(**batch)
+        _objective(e, step).backward()
+        rec.setdefault("eager_loss", []).append(e.loss.detach())
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+    rec["count"] = counters["lorafuse"]["loss"]
+    rec["skipped"] = counters["lorafuse"]["loss_skipped"]
+    rec["graphs"] = counters["stats"]["unique_graphs"]
+    reset_dynamo()
+    return rec
+
+
+def _run(arch):
+    if arch not in _RUNS:
+        try:
+            _RUNS[arch] = _train(arch)
+        except Exception as e:
+            _RUNS[arch] = e
+            raise
+    if isinstance(_RUNS[arch], Exception):
+        raise _RUNS[arch]
+    return _RUNS[arch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_whole_model_loss_fused_and_equal(arch):
+    rec = _run(arch)
+    assert rec["count"] == 1 and rec["skipped"] == 0
+    assert rec["graphs"] == 1
+    got = torch.stack(rec["loss"])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, torch.stack(rec["ref_loss"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, torch.stack(rec["eager_loss"]), rtol=1e-5, atol=1e-6)
+    for step in range(STEPS):
+        logits, ref_logits = rec["logits"][step]
+        assert_close_fp32(logits, ref_logits, what=f"{arch} logits step {step}")
+        for name, g in rec["ref_grads"][step].items():
+            assert g.norm() > 0, f"{name}: zero eager gradient, the test would be blind"
+            err = rel(rec["grads"][step][name], g)
+            assert err <= GRAD_RTOL, f"{arch} step {step} {name}: relative error {err:.2e}"
