@@ -269,7 +269,8 @@ def child_train(args, variant: str, res: dict) -> dict:
     # -- load, wrap, compile
     t0 = time.time()
     model = load_base_model(args, torch.bfloat16, quantized=args.qlora)
-    if variant == "eager_gc":
+    base = variant.split(":")[0]  # "lorafuse:TAG": lorafuse with --lorafuse-config TAG
+    if base == "eager_gc":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config())
     model.train()
@@ -277,11 +278,14 @@ def child_train(args, variant: str, res: dict) -> dict:
     res["trainable_params"] = sum(p.numel() for p in lora_params.values())
     res["load_s"] = round(time.time() - t0, 1)
     step_model = model
-    if variant in ("inductor", "aot_eager", "lorafuse"):
-        backend, how = resolve_backend(variant)
+    if base in ("inductor", "aot_eager", "lorafuse"):
+        backend, how = resolve_backend(base)
         res["backend_via"] = how
-        options = json.loads(args.lorafuse_options) if (variant == "lorafuse" and
-                                                        args.lorafuse_options) else None
+        if base != variant:
+            options = args.lorafuse_configs[variant.split(":", 1)[1]].get("options")
+        else:
+            options = json.loads(args.lorafuse_options) if (base == "lorafuse" and
+                                                            args.lorafuse_options) else None
         step_model = torch.compile(model, backend=backend, options=options)
     try:
         opt = torch.optim.AdamW(lora_params.values(), lr=1e-4, fused=True)
@@ -357,7 +361,7 @@ def child_train(args, variant: str, res: dict) -> dict:
     if on_cuda:
         res["peak_timed_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_gib"] = max(res["peak_warmup_gib"], res["peak_timed_gib"])
-    if variant in ("inductor", "aot_eager", "lorafuse"):
+    if base in ("inductor", "aot_eager", "lorafuse"):
         from torch._dynamo.utils import counters
 
         res["graphs"] = counters["stats"].get("unique_graphs", 0)
@@ -513,7 +517,10 @@ def run_child(args, role: str, timeout: float | None, extra=()) -> dict:
            "--_child", role, "--_out", out_path]
     env = dict(os.environ)
     cache_dir = None
-    if args.cold_compile and role in ("inductor", "aot_eager", "lorafuse"):
+    if ":" in role:  # lorafuse:TAG runs with the environment of its --lorafuse-config
+        env.update({k: str(v) for k, v in
+                    args.lorafuse_configs[role.split(":", 1)[1]].get("env", {}).items()})
+    if args.cold_compile and role.split(":")[0] in ("inductor", "aot_eager", "lorafuse"):
         cache_dir = tempfile.mkdtemp(prefix=f"inductor_cache_{role}_")
         env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     tail = collections.deque(maxlen=30)
@@ -737,6 +744,9 @@ def parse_args(argv=None):
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (CPU smoke)")
     p.add_argument("--lorafuse-options", default="",
                    help="JSON dict passed as torch.compile(options=...) to the lorafuse variant")
+    p.add_argument("--lorafuse-config", action="append", default=[], metavar="TAG=JSON",
+                   help='a variant "lorafuse:TAG" runs with {"options": {...}, "env": {...}} '
+                        "(backend options; environment of its process)")
     p.add_argument("--peak-tflops", type=float, default=763.5,
                    help="bf16 matmul TFLOP/s for the ceiling (H200, measured: 763.5)")
     p.add_argument("--variant-timeout", type=float, default=1800,
@@ -757,7 +767,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    args.lorafuse_configs = {}
+    for spec in args.lorafuse_config:
+        tag, _, text = spec.partition("=")
+        args.lorafuse_configs[tag] = json.loads(text)
+    unknown = [v for v in args.variants if v.split(":")[0] not in VARIANTS
+               or (":" in v and (not v.startswith("lorafuse:")
+                                 or v.split(":", 1)[1] not in args.lorafuse_configs))]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
     shape = SHAPES[args.shape]
