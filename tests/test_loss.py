@@ -295,7 +295,7 @@ def _objective(out, step):
     """The plain loss; at the last step also a term on the returned logits, so a real
     gradient arrives for the op's logits output."""
     if step == STEPS - 1:
-        return out.loss + 0.05 * out.logits.float().square().mean()
+        return out.loss + 2.0 * out.logits.float().square().mean()
     return out.loss
 
 
@@ -315,6 +315,11 @@ def _train(arch):
         rec["ref_grads"].append({n: p.grad.clone() for n, p in lora_params(comp_model).items()})
         ref_logits = ref.logits.detach()
         opts[1].zero_grad(set_to_none=True)
+        if step == STEPS - 1:  # how much the logits term moves the gradients (blindness)
+            comp_model(**batch).loss.backward()
+            rec["logits_term"] = max(rel(p.grad, rec["ref_grads"][-1][n])
+                                     for n, p in lora_params(comp_model).items())
+            opts[1].zero_grad(set_to_none=True)
         out = compiled(**batch)
         _objective(out, step).backward()
         rec["loss"].append(out.loss.detach())
@@ -353,6 +358,7 @@ def test_whole_model_loss_fused_and_equal(arch):
     rec = _run(arch)
     assert rec["count"] == 1 and rec["skipped"] == 0
     assert rec["graphs"] == 1
+    assert rec["logits_term"] > 100 * GRAD_RTOL, "the logits' gradient is too small to test"
     got = torch.stack(rec["loss"])
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, torch.stack(rec["ref_loss"]), rtol=1e-5, atol=1e-6)
