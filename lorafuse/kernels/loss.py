@@ -55,6 +55,14 @@ from torch import Tensor
 CHUNK_ENV = "LORAFUSE_LOSS_CHUNK_MB"
 # Tests set this to force many small chunks (rows per chunk; None: from the byte budget).
 CHUNK_ROWS: Optional[int] = None
+# Tests set this to run the CUDA code path (GEMM operands in the compute dtype, fp32
+# output) on CPU tensors.
+DEVICE_PATH_ON_CPU = False
+
+
+def _exact(t: Tensor) -> bool:
+    """CPU: upcast everything, fp32 math throughout (the reference's numbers)."""
+    return not t.is_cuda and not DEVICE_PATH_ON_CPU
 
 
 def chunk_rows(n_rows: int, vocab: int) -> int:
@@ -111,7 +119,7 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
     acc = _acc_dtype(hidden.dtype)
     h2 = hidden.reshape(-1, H)
     N = h2.shape[0]
-    exact = not hidden.is_cuda  # CPU: fp32 math throughout (the reference's numbers)
+    exact = _exact(hidden)
     w = weight.to(acc) if exact else weight
     if exact:
         h2 = h2.to(acc)
@@ -186,7 +194,7 @@ def _logits_backward(g_logits, hidden, weight, softcap, need_dhidden, need_dweig
     chunk; x = hidden Wᵀ is recomputed only under a softcap (its derivative needs it)."""
     H, V = hidden.shape[-1], weight.shape[0]
     acc = dh.dtype if need_dhidden else dw.dtype
-    exact = not hidden.is_cuda
+    exact = _exact(hidden)
     h2 = hidden.reshape(-1, H)
     w = weight.to(acc) if exact else weight
     if exact:
