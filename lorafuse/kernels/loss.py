@@ -247,10 +247,13 @@ def _(hidden, weight, labels, softcap, ignore_index, reduction, return_logits, n
       need_dweight):
     acc = _acc_dtype(hidden.dtype)
     lead, H, V = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
+    def none():  # a fresh empty tensor per output (outputs must not alias)
+        return hidden.new_empty(0, dtype=acc)
+
     return (hidden.new_empty((), dtype=acc),
             hidden.new_empty(*lead, V) if return_logits else hidden.new_empty(0),
-            hidden.new_empty(*lead, H, dtype=acc) if need_dhidden else hidden.new_empty(0, dtype=acc),
-            hidden.new_empty(V, H, dtype=acc) if need_dweight else hidden.new_empty(0, dtype=acc))
+            hidden.new_empty(*lead, H, dtype=acc) if need_dhidden else none(),
+            hidden.new_empty(V, H, dtype=acc) if need_dweight else none())
 
 
 @torch.library.custom_op("lorafuse::linear_cross_entropy_backward", mutates_args=())
