@@ -2,9 +2,8 @@
 
     python bench/bench_norm.py [--rep MS] [--variant llama|gemma] [--train-weight] [--json PATH]
 
-Decides whether the norm pass should run on CUDA: the project uses a kernel only where
-it beats Inductor, and the pass is off on CUDA until this says so (lorafuse/passes/norm.py:
-LORAFUSE_NORM_DEVICES=cpu,cuda turns it on; DEFAULT_DEVICES is the default).
+Decides whether the norm pass should be a default pass: the project uses a kernel only
+where it beats Inductor (lorafuse/passes/__init__.py: DEFAULT_PASSES).
 
 Shapes (bf16 input, rows × hidden): the Llama-3.1-8B hidden norm (4096 tokens × 4096)
 and a per-head q/k norm (4096 tokens × 32 heads × 128, Qwen3-8B). Weight either fp32
@@ -237,11 +236,10 @@ def verdict(rows) -> str:
     keys = [k for k in pairs if k[2] == "add+norm"] or list(pairs)
     wins = [k for k in keys if pairs[k].get("lorafuse", 1e30) < pairs[k].get("inductor", 0)]
     if keys and len(wins) == len(keys):
-        return ("lorafuse's RMSNorm beat Inductor in every add+norm row: enable the pass on "
-                "CUDA (LORAFUSE_NORM_DEVICES=cpu,cuda, or DEFAULT_DEVICES in "
-                "lorafuse/passes/norm.py).")
+        return ("lorafuse's RMSNorm beat Inductor in every add+norm row: make 'norm' a "
+                "default pass (DEFAULT_PASSES in lorafuse/passes/__init__.py).")
     return (f"lorafuse's RMSNorm beat Inductor in {len(wins)} of {len(keys)} add+norm rows: "
-            "keep the norm pass off on CUDA (the default).")
+            "keep 'norm' out of the default passes.")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
+import lorafuse
 from lorafuse.kernels import loss as loss_kernels
 from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
 from lorafuse.passes import loss as loss_pass
@@ -332,7 +333,7 @@ def _train(arch):
     reset_dynamo()
     model = make_tiny_model(arch, layers=1, seed=3)
     eager_model, comp_model = copy.deepcopy(model), copy.deepcopy(model)
-    compiled = torch.compile(comp_model, backend="lorafuse")
+    compiled = torch.compile(comp_model, backend=lorafuse.backend(passes=("lora", "loss")))
     opts = [torch.optim.AdamW(lora_params(m).values(), lr=LR) for m in (eager_model, comp_model)]
     rec = {"loss": [], "ref_loss": [], "grads": [], "ref_grads": [], "logits": []}
     for step in range(STEPS):
