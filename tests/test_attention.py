@@ -171,3 +171,109 @@ def test_tiny_model_trains_like_eager(fresh_dynamo, arch, overrides, want):
         assert counters["lorafuse"]["attention"] == layers
     else:
         assert att.matched == [] and {r for _, r in att.skipped} == {"mask is not causal"}
+
+
+# ----------------------------------------------------------------- masks from the inputs
+
+
+def _padded_mask(b, length, pads, side="left"):
+    """transformers' SDPA mask for a batch with ``pads[i]`` padding tokens in row i."""
+    keep = torch.ones(b, length, dtype=torch.bool)
+    for i, p in enumerate(pads):
+        if p:
+            keep[i, slice(None, p) if side == "left" else slice(length - p, None)] = False
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (causal[None] & keep[:, None, :])[:, None]
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), kv_heads=st.integers(1, 2), n_rep=st.sampled_from([1, 2, 3]),
+       length=st.integers(1, 9), pads=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+       side=st.sampled_from(["left", "right"]), additive=st.booleans())
+def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side, additive):
+    """The op equals the traced call (masked SDPA on repeated K/V), forward and every
+    gradient, whichever branch the mask picks; the branch is causal iff nothing is padded."""
+    from lorafuse.kernels.attention import repeat_kv
+
+    pads = [min(p, length - 1) for p in pads[:b]]
+    mask = _padded_mask(b, length, pads, side)
+    if additive:
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    g = torch.Generator().manual_seed(length * 7 + b)
+    q = torch.randn(b, kv_heads * n_rep, length, 8, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, b, kv_heads, length, 8, dtype=torch.float64, generator=g)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
+    flag = torch.ops.lorafuse.mask_is_causal(mask)
+    assert flag.device.type == "cpu" and bool(flag) == (sum(pads) == 0)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    got = torch.ops.lorafuse.sdpa_causal_or_masked(qs, ks, vs, mask, flag, n_rep, None)
+    got_grads = torch.autograd.grad(got, (qs, ks, vs), dout)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(qr, repeat_kv(kr, n_rep), repeat_kv(vr, n_rep),
+                                          attn_mask=mask)
+    want_grads = torch.autograd.grad(want, (qr, kr, vr), dout)
+    # Rows that attend to nothing (a fully padded query row) are NaN in both; compare the rest.
+    torch.testing.assert_close(got, want, equal_nan=True)
+    for a, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, w, equal_nan=True)
+
+
+def test_causal_or_masked_opcheck():
+    mask = _padded_mask(2, 5, [0, 2])
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    for m in (mask, _padded_mask(2, 5, [0, 0])):
+        flag = torch.ops.lorafuse.mask_is_causal(m)
+        torch.library.opcheck(torch.ops.lorafuse.sdpa_causal_or_masked.default,
+                              (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), m,
+                               flag, 2, None))
+        torch.library.opcheck(torch.ops.lorafuse.mask_is_causal.default, (m,))
+
+
+@pytest.mark.slow
+def test_masked_attention_pass_padded_and_unpadded_batches(fresh_dynamo, monkeypatch):
+    """Tiny Llama trained with an attention_mask on every batch (as a Trainer does),
+    unpadded and padded batches through one compiled graph: losses and LoRA gradients as
+    eager at every step, and the causal branch taken exactly for the unpadded batches."""
+    import lorafuse.kernels.attention as kernels
+
+    branches = []
+    real = kernels.attention_reference
+
+    def spy(q, k, v, mask, use_causal, n_rep, scale):
+        branches.append(use_causal)
+        return real(q, k, v, mask, use_causal, n_rep, scale)
+
+    monkeypatch.setattr(kernels, "attention_reference", spy)
+    model = make_tiny_model("llama")
+    eager = copy.deepcopy(model)
+    report = Report()
+    from lorafuse.backend import lorafuse_backend
+
+    compiled = torch.compile(model, backend=lambda gm, ex: lorafuse_backend(
+        gm, ex, options={"passes": ("lora", "attention", "masked_attention")}, _collect=report))
+    opts = {m: torch.optim.AdamW(lora_params(m).values(), lr=1e-2) for m in (model, eager)}
+    g = torch.Generator().manual_seed(2)
+    layers = model.config.num_hidden_layers
+    for step, pad in enumerate((0, 4, 0)):
+        ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+        am = torch.ones(2, 12, dtype=torch.long)
+        am[1, :pad] = 0
+        batch = dict(input_ids=ids, attention_mask=am, labels=ids.masked_fill(am == 0, -100))
+        losses, grads = {}, {}
+        for m, fwd in ((eager, eager), (model, compiled)):
+            branches.clear()
+            loss = fwd(**batch).loss
+            loss.backward()
+            losses[m], grads[m] = loss.detach(), {n: p.grad.clone()
+                                                 for n, p in lora_params(m).items()}
+            opts[m].step()
+            opts[m].zero_grad(set_to_none=True)
+        # forward (one per layer) and the backward's recompute (one per layer)
+        assert branches == [pad == 0] * (2 * layers), (step, branches)
+        torch.testing.assert_close(losses[model], losses[eager], rtol=1e-5, atol=1e-6)
+        for n in grads[eager]:
+            assert_close_fp32(grads[model][n], grads[eager][n], rtol=1e-4, what=n)
+    (graph,) = report.graphs
+    masked = next(p for p in graph.passes if p.name == "masked_attention")
+    assert masked.matched == [f"sdpa.{i}" for i in range(layers)]
+    assert counters["lorafuse"]["masked_attention"] == layers

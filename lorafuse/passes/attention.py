@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .._torch import unset_fake_temporarily
+from ..kernels.attention import is_causal_mask
 from ._graph import is_function, is_method, same_sizes, val
 
 NAME = "attention"
@@ -98,27 +99,6 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     sub.output(env[node])
     with unset_fake_temporarily(), torch.no_grad():
         return fx.GraphModule(gm, sub)()
-
-
-def is_causal_mask(mask, q_shape, k_shape) -> bool:
-    """Whether ``mask`` selects exactly what ``is_causal=True`` does for these q, k."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() > 4:
-        return False
-    lq, lkv = q_shape[-2], k_shape[-2]
-    full = (q_shape[0], q_shape[1], lq, lkv)
-    try:
-        m = torch.broadcast_to(mask, full[4 - mask.dim():] if mask.dim() else full)
-    except RuntimeError:
-        return False
-    causal = torch.ones(lq, lkv, dtype=torch.bool, device=m.device).tril()
-    if m.dtype == torch.bool:
-        return bool(torch.equal(m, causal.expand_as(m)))
-    if not m.is_floating_point():
-        return False
-    lowest = torch.finfo(m.dtype).min
-    allowed_ok = bool((m.masked_select(causal.expand_as(m)) == 0).all())
-    blocked_ok = bool((m.masked_select(~causal.expand_as(m)) <= lowest).all())
-    return allowed_ok and blocked_ok
 
 
 def repeat_kv_source(node):

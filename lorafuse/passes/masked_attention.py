@@ -1,0 +1,103 @@
+"""Masked-attention pass: an SDPA call whose mask comes from the inputs → causal attention
+on the unrepeated K/V when, at run time, the mask is causal (``kernels/attention.py``).
+
+It takes the SDPA calls the ``attention`` pass could not prove causal at compile time —
+in practice masks built from an ``attention_mask`` or ``position_ids`` input, which every
+HF Trainer batch carries, padded or not::
+
+    out = scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+  →
+    use_causal = lorafuse::mask_is_causal(mask)          # once per mask, a CPU bool
+    out = lorafuse::sdpa_causal_or_masked(q, k, v, mask, use_causal, n_rep, scale)
+
+A padded batch still gets the masked call (exactly the traced one), so results never
+change; an unpadded one gets ``is_causal=True, enable_gqa=True``. Left alone: attention
+dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, Lkv), and K/V
+repeated in a form the pass does not recognise.
+
+Not a default pass: its cost (one host read of the mask per step; a recomputed attention
+forward in the backward) has not been measured on the GPU yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
+from ._graph import add_node, fake_mode_of, same_sizes, val
+from .attention import _ancestors, _erase_dead, repeat_kv_source, sdpa_call
+
+NAME = "masked_attention"
+
+
+class NoMatch(Exception):
+    pass
+
+
+def _plan(call) -> tuple:
+    """``(k, v, n_rep)`` to hand the op, or NoMatch with the reason."""
+    q, k, v, mask = (val(call.get(a)) for a in ("query", "key", "value", "attn_mask"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        raise NoMatch("not 4-D (batch, heads, length, dim) attention")
+    p = call.get("dropout_p", 0.0)
+    if not (isinstance(p, (int, float)) and p == 0):
+        raise NoMatch("attention dropout (the backward recomputes the forward)")
+    if call.get("is_causal"):
+        raise NoMatch("both a mask and is_causal")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or not (
+            mask.dtype == torch.bool or mask.is_floating_point()):
+        raise NoMatch("mask is not a 4-D boolean or additive mask")
+    if not same_sizes(mask.shape[-2:], (q.shape[-2], k.shape[-2])):
+        raise NoMatch("mask is not (…, query length, key length)")
+    if call.get("enable_gqa"):
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+            raise NoMatch("enable_gqa with head counts not known to divide")
+        return call["key"], call["value"], heads // kv_heads
+    rk, rv = repeat_kv_source(call["key"]), repeat_kv_source(call["value"])
+    if rk and rv and rk[1] == rv[1]:
+        return rk[0], rv[0], rk[1]
+    if rk or rv:
+        raise NoMatch("K and V repeated differently")
+    if not same_sizes(q.shape[:2], k.shape[:2]):
+        raise NoMatch("K/V heads differ from the query heads without repeat_kv")
+    return call["key"], call["value"], 1
+
+
+def run(gm: fx.GraphModule, report) -> None:
+    graph = gm.graph
+    fake_mode = fake_mode_of(graph)
+    flags, dropped = {}, set()
+    calls = [n for n in graph.nodes if sdpa_call(n) is not None]
+    for i, node in enumerate(calls):
+        call = sdpa_call(node)
+        mask = call.get("attn_mask")
+        if mask is None:
+            continue
+        site = f"sdpa.{i}"
+        try:
+            k, v, n_rep = _plan(call)
+        except NoMatch as e:
+            report.skipped.append((site, e.args[0]))
+            continue
+        if mask not in flags:
+            with graph.inserting_after(mask):
+                flags[mask] = add_node(graph, "call_function",
+                                       torch.ops.lorafuse.mask_is_causal.default, (mask,),
+                                       fake_mode)
+        before = set(node.all_input_nodes)
+        with graph.inserting_before(node):
+            new = add_node(graph, "call_function",
+                           torch.ops.lorafuse.sdpa_causal_or_masked.default,
+                           (call["query"], k, v, mask, flags[mask], n_rep, call.get("scale")),
+                           fake_mode)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        for n in before - set(new.all_input_nodes):
+            dropped |= _ancestors(n)
+        report.matched.append(site)
+        report.ops += 1
+    _erase_dead(graph, dropped)  # repeat_kv nodes nothing reads any more
+    graph.lint()
+    gm.recompile()
