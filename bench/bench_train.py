@@ -304,7 +304,9 @@ def child_train(args, variant: str, res: dict) -> dict:
 
     def train_step(ids):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
-            loss = step_model(input_ids=ids, labels=ids).loss
+            # --attention-mask: an all-ones mask, as a Trainer's collator passes
+            mask = {"attention_mask": torch.ones_like(ids)} if args.attention_mask else {}
+            loss = step_model(input_ids=ids, labels=ids, **mask).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -392,7 +394,6 @@ KERNEL_CATEGORIES = [
 
 def profile_steps(train_step, batches, n: int, device) -> dict:
     """GPU time per kernel category and the 25 costliest kernels over n steps (per step)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
@@ -741,6 +742,8 @@ def parse_args(argv=None):
                    help="steps (1-based, warm-up included) whose loss is also computed in fp32")
     p.add_argument("--qlora", action="store_true",
                    help="base weights in bitsandbytes NF4 (double quant, bf16 compute)")
+    p.add_argument("--attention-mask", action="store_true",
+                   help="pass an all-ones attention_mask with every batch (as HF Trainer does)")
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (CPU smoke)")
     p.add_argument("--lorafuse-options", default="",
                    help="JSON dict passed as torch.compile(options=...) to the lorafuse variant")
