@@ -86,7 +86,8 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     anc = _ancestors(node)
     for n in anc:
         if n.op in ("placeholder", "get_attr"):
-            raise NoMatch("mask depends on inputs (padding or packed sequences)")
+            raise NoMatch("mask depends on inputs (padding or packed sequences; the opt-in "
+                          "masked_attention pass checks it at run time)")
         if any(r in str(n.target).lower() for r in _RANDOM):
             raise NoMatch("mask subgraph is random")
         if not _static_tensor(n):
