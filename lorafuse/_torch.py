@@ -9,6 +9,8 @@ import copy
 
 import torch
 from torch._dynamo.utils import counters  # noqa: F401  per-pass match counts (users read them here)
+from torch._functorch import config as functorch_config  # noqa: F401  activation_memory_budget, patched per partition
+from torch._functorch.partitioners import _size_of  # noqa: F401  bytes of a node as min-cut's budget counts them
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: F401  Inductor's default split
 from torch._inductor import list_mode_options  # noqa: F401  torch.compile(mode=...) as config patches
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  Inductor's entry point, with config_patches

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ._torch import compile_fx, copy_graph, counters, list_mode_options
-from .partition import LorafusePartitioner
+from .partition import LorafusePartitioner, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASSES
 from .report import GraphReport, PassReport
 
@@ -33,6 +33,9 @@ class Options:
     verbose: bool = False  # print each graph's report to stderr at compile time
     strict: bool = False  # raise instead of warning and falling back (for tests)
     inductor: dict = field(default_factory=dict)  # extra Inductor config patches
+    # activation bytes the backward may keep per graph: None (min-cut's fastest plan),
+    # a fraction in [0, 1] of that plan's, or "<x>GiB"/"<x>MiB" (partition.parse_memory_budget)
+    memory_budget: float | str | None = None
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -46,6 +49,7 @@ class Options:
         bad = [p for p in opts.passes if p not in PASSES]
         if bad:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
+        parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         return opts
 
 

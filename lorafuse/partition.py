@@ -1,8 +1,11 @@
 """The partitioner hook: splits Inductor's joint graph into forward and backward.
 
-For now it delegates to min-cut rematerialization (Inductor's default) and records
-what the backward keeps, for the report; deciding per activation (keep, keep
-quantized, recompute, offload) under a memory budget builds on this hook.
+It delegates to min-cut rematerialization (Inductor's default) and records what the
+backward keeps, for the report. With ``memory_budget`` set, it bounds the activations
+the backward keeps and lets min-cut's own knapsack choose what to recompute instead
+(cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
+``LorafusePartitioner._budgeted`` for how it is mapped onto torch's
+``activation_memory_budget``. Quantized storage and offloading build on this hook.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 import torch
 
-from ._torch import CustomPartitionerFn, min_cut_rematerialization_partition
+from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
+                     min_cut_rematerialization_partition)
 
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
 
@@ -32,28 +38,166 @@ def source_hash(extra: str = "") -> str:
     return hashlib.sha256((_sources_digest() + extra).encode()).hexdigest()
 
 
+_GIB = 2**30
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(GiB|MiB)\s*$")
+
+
+def parse_memory_budget(value):
+    """The ``memory_budget`` option, checked: ``None`` (no budget: min-cut's
+    runtime-optimal plan), ``("fraction", f)`` or ``("bytes", n)``.
+
+    What the budget bounds: the **activation bytes kept for the backward** of each compiled
+    graph, i.e. the tensors the forward saves that are not graph inputs (parameters and the
+    batch are resident anyway, so keeping them costs nothing), sized at the shapes of the
+    compile (size hints where shapes are dynamic).
+
+    - a number ``f`` in [0, 1]: at most ``f`` times the activation bytes min-cut keeps
+      without a budget (1.0: that plan; 0.0: no activations, the backward recomputes the
+      whole forward from the inputs);
+    - a string ``"<x> GiB"`` or ``"<x> MiB"``: at most that many bytes, per compiled graph.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, a fraction in "
+                         "[0, 1] or a size such as '4GiB'")
+    if isinstance(value, (int, float)):
+        f = float(value)
+        if not math.isfinite(f) or not 0.0 <= f <= 1.0:
+            raise ValueError(
+                f"lorafuse: memory_budget={value!r}: a number is a fraction in [0, 1] of the "
+                "activation bytes kept without a budget; give an absolute size as a string, "
+                "e.g. '4GiB' or '512MiB'")
+        return ("fraction", f)
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"lorafuse: memory_budget={value!r}: expected a size such as "
+                             "'4GiB' or '512MiB', or a fraction in [0, 1]")
+        scale = _GIB if m.group(2) == "GiB" else 2**20
+        return ("bytes", int(float(m.group(1)) * scale))
+    raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, a fraction in [0, 1] "
+                     "or a size such as '4GiB'")
+
+
 class LorafusePartitioner(CustomPartitionerFn):
     def __init__(self, options: dict, report=None):
         self._key = source_hash(json.dumps(options, sort_keys=True, default=str))
+        self._budget = parse_memory_budget(options.get("memory_budget"))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if self._report is not None:
-            saved = [n for n in bwd.graph.nodes
-                     if n.op == "placeholder" and not n.name.startswith("tangents")]
-            self._report.saved_for_backward = len(saved)
-            self._report.saved_bytes = _static_bytes(saved)
+        if self._budget is None:  # today's behaviour: min-cut as configured, one call
+            fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            self._record(bwd, _graph_inputs(gm))
+            return fwd, bwd
+        return self._budgeted(gm, joint_inputs, kwargs)
+
+    def _budgeted(self, gm, joint_inputs, kwargs):
+        """Min-cut under a budget on the activation bytes kept for the backward.
+
+        torch's knob, ``torch._functorch.config.activation_memory_budget = r``, bounds the
+        bytes of *all* saved values, graph inputs included, as
+        ``inputs + r * (default - inputs)`` where ``inputs`` is the bytes of every graph
+        input (used in the backward or not) and ``default`` what min-cut saves at r = 1
+        (``choose_saved_values_set``; r = 0 saves the inputs only). For a LoRA model that
+        mixes the frozen weights into a bound on activations, and when the default plan
+        keeps fewer bytes than all inputs together (a large embedding, a short batch)
+        every 0 < r < 1 is silently the default plan. So: one min-cut at r = 1 gives the
+        default plan; from its bytes the activation target becomes torch's r; the plan at
+        that r is measured, and if torch's knapsack (an estimate) kept more than the
+        target, r is scaled down once and then set to 0, which keeps no activations.
+        Cost: two to four min-cut solves per graph instead of one, only with a budget.
+        """
+        inputs = _graph_inputs(gm)
+        with functorch_config.patch(activation_memory_budget=1.0):
+            fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        default_act, default_in = _saved_bytes(bwd, inputs)
+        kind, amount = self._budget
+        target = int(amount * default_act) if kind == "fraction" else amount
+        plan = {"budget": self._budget, "target": target, "default_activation_bytes": default_act,
+                "ratio": 1.0, "solves": 1}
+        if default_act <= target:  # the default plan fits: nothing to recompute
+            self._record(bwd, inputs, plan)
+            return fwd, bwd
+        unsaved_inputs = sum(_size_of(n) for n in gm.graph.nodes if n.name in inputs) - default_in
+        ratio = _torch_ratio(target, default_act, unsaved_inputs)
+        while True:
+            with functorch_config.patch(activation_memory_budget=ratio):
+                fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            plan["solves"] += 1
+            plan["ratio"] = ratio
+            act, _ = _saved_bytes(bwd, inputs)
+            if act <= target or ratio == 0.0:
+                break
+            # torch's knapsack sizes the tensors it may ban from recompute, not the final
+            # cut: aim lower once in proportion to the overshoot, then give up on it.
+            ratio = ratio * target / act if plan["solves"] == 2 and target > 0 else 0.0
+        self._record(bwd, inputs, plan)
         return fwd, bwd
+
+    def _record(self, bwd, inputs, plan=None):
+        if self._report is None:
+            return
+        saved = [n for n in bwd.graph.nodes
+                 if n.op == "placeholder" and not n.name.startswith("tangents")]
+        self._report.saved_for_backward = len(saved)
+        self._report.saved_bytes = _static_bytes(saved)
+        self._report.activation_bytes, _ = _saved_bytes(bwd, inputs)
+        if plan is not None:
+            kind, amount = plan["budget"]
+            self._report.memory_budget = (f"{amount:g}" if kind == "fraction"
+                                          else f"{amount / _GIB:g} GiB")
+            self._report.budget_bytes = plan["target"]
+            self._report.default_activation_bytes = plan["default_activation_bytes"]
+            self._report.budget_ratio = plan["ratio"]
+            self._report.budget_solves = plan["solves"]
 
     def __getstate__(self):
         # Inductor pickles its config, this object included, into its cache key: only the
         # key may go in, not the per-compile report, or no compile would ever hit the cache.
-        return {"_key": self._key, "_report": None}
+        # (The budget is in the key; a pickled copy never partitions.)
+        return {"_key": self._key, "_budget": self._budget, "_report": None}
 
     def uuid(self):
         # Inductor keys its cache on this; None would let stale entries skip the hook.
         return self._key
+
+
+def _graph_inputs(gm) -> set:
+    """Names of the joint graph's primal inputs (parameters, buffers, the batch): saved
+    values by these names are inputs, not activations. Names survive the split."""
+    return {n.name for n in gm.graph.nodes if n.op == "placeholder"
+            and not any(t in n.name for t in ("tangents", "bwd_seed", "bwd_base_offset"))}
+
+
+def _saved_bytes(bwd, inputs) -> tuple[int, int]:
+    """(activation bytes, input bytes) the backward graph takes from the forward, sized as
+    min-cut's budget sizes them (size hints for symbolic shapes)."""
+    act = inp = 0
+    for n in bwd.graph.nodes:
+        if n.op != "placeholder" or n.name.startswith("tangents"):
+            continue
+        if not isinstance(n.meta.get("val"), torch.Tensor):
+            continue  # symbolic sizes, seeds: bytes, not tensors
+        if n.name in inputs:
+            inp += _size_of(n)
+        else:
+            act += _size_of(n)
+    return act, inp
+
+
+def _torch_ratio(target: int, default_act: int, unsaved_inputs: int) -> float:
+    """torch's ``activation_memory_budget`` for at most ``target`` activation bytes.
+
+    torch bounds all saved bytes by ``I + r (D - I)``, ``I`` all inputs, ``D`` the default
+    plan. With ``D = S + A`` (saved inputs, activations) and ``U = I - S`` (inputs the
+    backward does not need): keeping ``S`` plus ``target`` means
+    ``r = (target - U) / (A - U)``. If ``A <= U`` torch ignores every 0 < r < 1 (it
+    returns the default plan), so only r = 0 can cut activations."""
+    if default_act <= unsaved_inputs:
+        return 0.0
+    return min(1.0, max(0.0, (target - unsaved_inputs) / (default_act - unsaved_inputs)))
 
 
 def _static_bytes(nodes):

@@ -21,6 +21,12 @@ class GraphReport:
     passes: list = field(default_factory=list)
     saved_for_backward: int | None = None  # tensors the partitioner kept for the backward
     saved_bytes: int | None = None  # their size, where the sizes are static
+    activation_bytes: int | None = None  # of which not graph inputs (sizes hinted if dynamic)
+    memory_budget: str | None = None  # the memory_budget option, when one was set
+    budget_bytes: int | None = None  # activation bytes it allows this graph
+    default_activation_bytes: int | None = None  # activation bytes kept without a budget
+    budget_ratio: float | None = None  # torch's activation_memory_budget that was used
+    budget_solves: int | None = None  # min-cut solves it took (1 without a budget)
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def format(self) -> str:
@@ -39,6 +45,15 @@ class GraphReport:
             size = "" if self.saved_bytes is None else f", {self.saved_bytes / 2**20:.1f} MiB"
             lines.append(f"  memory plan: {self.saved_for_backward} tensors kept for backward{size}"
                          " (min-cut rematerialization)")
+            if self.memory_budget is not None:
+                mib = 2**20
+                kept, default = self.activation_bytes, self.default_activation_bytes
+                lines.append(f"    budget {self.memory_budget}: activations {kept / mib:.2f} MiB kept "
+                             f"(≤ {self.budget_bytes / mib:.2f} MiB), "
+                             f"{max(default - kept, 0) / mib:.2f} MiB recomputed "
+                             f"of {default / mib:.2f} MiB without a budget (torch's "
+                             f"activation_memory_budget {self.budget_ratio:.3g}, "
+                             f"{self.budget_solves} min-cut solves)")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The ``memory_budget`` option: min-cut under a bound on the activations the backward keeps.
+
+One tiny PEFT Llama, compiled once per budget and trained two SGD steps; the tests only
+inspect the record. What must hold:
+- the bound: the activation bytes the backward keeps (read from the partitioned backward
+  graph's inputs, into the report) are within the budget, never grow as the budget shrinks,
+  and at budget 0 are zero while the default plan keeps some;
+- correctness: recomputing instead of keeping changes no number beyond fp32 rounding — the
+  losses and every LoRA gradient of both steps equal the no-budget run's;
+- bad values are a clear ValueError before anything compiles; the cache key follows the
+  budget.
+
+The AOTAutograd cache is off for these compiles (the kernel caches stay on): a cache hit
+would skip the partitioner and leave the report empty. CPU time: about a minute.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pickle
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import lorafuse
+from lorafuse.partition import LorafusePartitioner, _torch_ratio, parse_memory_budget
+from lorafuse.report import Report
+
+from conftest import VOCAB, lora_params, make_tiny_model, reset_dynamo
+
+BUDGETS = (None, 1.0, 0.5, 0.0, "0.05MiB")  # None: no budget (the reference run)
+STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
+LOSS_RTOL = 1e-6
+GRAD_RTOL = 1e-5  # ‖g − g_ref‖ / ‖g_ref‖ per LoRA tensor
+
+
+def _batch(step: int) -> dict:
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _train(model, budget) -> dict:
+    """Compile ``model`` with ``memory_budget=budget``, train STEPS plain-SGD steps (no
+    Adam: its per-element scaling would amplify rounding differences between runs)."""
+    reset_dynamo()
+    report = Report()
+    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                options={"memory_budget": budget, "strict": True})
+    compiled = torch.compile(model, backend=backend)
+    params = lora_params(model)
+    losses, grads = [], []
+    for step in range(STEPS):
+        loss = compiled(**_batch(step)).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in params.values():
+                p -= LR * p.grad
+                p.grad = None
+    reset_dynamo()
+    return {"report": report, "losses": losses, "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    base = make_tiny_model("llama", seed=3)
+    out = {}
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        for budget in BUDGETS:
+            out[budget] = _train(copy.deepcopy(base), budget)
+    return out
+
+
+def _graph(run):
+    (graph,) = run["report"].graphs  # the tiny Llama compiles to one graph
+    assert graph.fell_back is None, graph.fell_back
+    assert graph.activation_bytes is not None, "the partitioner did not run (a cache hit?)"
+    return graph
+
+
+# --------------------------------------------------------------------------- the bound
+
+
+def test_budget_bounds_activations_kept(runs):
+    plain = _graph(runs[None])
+    default = plain.activation_bytes
+    assert default > 0 and plain.memory_budget is None
+    for budget in BUDGETS[1:]:
+        g = _graph(runs[budget])
+        assert g.default_activation_bytes == default, budget  # the same default plan
+        assert g.activation_bytes <= g.budget_bytes, (budget, g.activation_bytes, g.budget_bytes)
+    assert _graph(runs[1.0]).activation_bytes == default
+    assert _graph(runs[0.5]).budget_bytes == int(0.5 * default)
+    assert _graph(runs["0.05MiB"]).budget_bytes == int(0.05 * 2**20)
+
+
+def test_bytes_kept_shrink_with_the_budget(runs):
+    """Activation bytes and all bytes saved for backward (parameters included) never grow
+    as the budget goes 1 → 0.5 → 0, and at 0 are strictly below the default plan's."""
+    order = [_graph(runs[b]) for b in (1.0, 0.5, 0.0)]
+    act = [g.activation_bytes for g in order]
+    saved = [g.saved_bytes for g in order]
+    assert act == sorted(act, reverse=True) and act[-1] == 0 < act[0], act
+    assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0], saved
+    assert order[-1].saved_for_backward < order[0].saved_for_backward
+
+
+def test_report_shows_the_plan(runs):
+    text = str(runs[0.5]["report"])
+    assert "memory plan:" in text and "budget 0.5: activations" in text, text
+    assert "MiB recomputed" in text and "min-cut solves" in text, text
+    assert "budget" not in str(runs[None]["report"])
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("budget", BUDGETS[1:])
+def test_losses_and_lora_grads_equal_no_budget(runs, budget):
+    want, got = runs[None], runs[budget]
+    for step in range(STEPS):
+        torch.testing.assert_close(got["losses"][step], want["losses"][step],
+                                   rtol=LOSS_RTOL, atol=0)
+        assert got["grads"][step].keys() == want["grads"][step].keys()
+        assert len(want["grads"][step]) == 28  # A and B of 14 sites
+        for name, g in want["grads"][step].items():
+            assert g.norm() > 0, name
+            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
+            assert err <= GRAD_RTOL, f"budget {budget} step {step} {name}: rel. error {err:.2e}"
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, 2, float("nan"), float("inf"), True, "4GB",
+                                   "lots", "-1GiB", [0.5]])
+def test_bad_budget_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=r"lorafuse: memory_budget=.*(fraction|size)"):
+        lorafuse.backend(memory_budget=value)
+    with pytest.raises(ValueError, match="memory_budget"):
+        lorafuse.Options.parse({"memory_budget": value})
+
+
+def test_budget_forms():
+    assert parse_memory_budget(None) is None
+    assert parse_memory_budget(0) == ("fraction", 0.0)
+    assert parse_memory_budget(1) == ("fraction", 1.0)
+    assert parse_memory_budget(0.25) == ("fraction", 0.25)
+    assert parse_memory_budget("4GiB") == ("bytes", 4 * 2**30)
+    assert parse_memory_budget(" 1.5 GiB ") == ("bytes", 3 * 2**29)
+    assert parse_memory_budget("512MiB") == ("bytes", 2**29)
+
+
+def test_torch_ratio_mapping():
+    """lorafuse's target (activation bytes) as torch's activation_memory_budget r, which
+    bounds inputs + r (default − inputs): see partition._torch_ratio."""
+    assert _torch_ratio(target=100, default_act=100, unsaved_inputs=0) == 1.0
+    assert _torch_ratio(target=50, default_act=100, unsaved_inputs=0) == 0.5
+    assert _torch_ratio(target=50, default_act=100, unsaved_inputs=20) == pytest.approx(30 / 80)
+    assert _torch_ratio(target=10, default_act=100, unsaved_inputs=20) == 0.0
+    assert _torch_ratio(target=10, default_act=100, unsaved_inputs=200) == 0.0  # torch's dead zone
+
+
+def test_cache_key_follows_the_budget():
+    def uuid(**kw):
+        return LorafusePartitioner(asdict(lorafuse.Options(**kw))).uuid()
+
+    keys = [uuid(), uuid(memory_budget=1.0), uuid(memory_budget=0.5), uuid(memory_budget="1GiB")]
+    assert len(set(keys)) == len(keys)
+    assert uuid(memory_budget=0.5) == uuid(memory_budget=0.5)
+    part = LorafusePartitioner(asdict(lorafuse.Options(memory_budget=0.5)), report=object())
+    state = part.__getstate__()
+    assert state["_report"] is None and len(pickle.dumps(state)) < 400
