@@ -175,8 +175,7 @@ def nf4_linear_backward_reference(dy, qweight, absmax, absmax2, code2, offset, s
     acc = _acc(dy, x_lora, lora_a)
     dy2 = dy.reshape(-1, N).to(acc)
     lead = dy.shape[:-1]
-    empty = dy.new_empty(0)
-    dx = dA = dB = dxl = empty
+    dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
     if need_dx:
         W = dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                             acc)
@@ -234,8 +233,7 @@ def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksi
     N, K = int(shape[0]), int(shape[1])
     dy2 = dy.reshape(-1, N)
     lead = dy.shape[:-1]
-    empty = dy.new_empty(0)
-    dx = dA = dB = dxl = empty
+    dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
     if need_dx:
         W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize,
                              quant_type, x_dtype)
