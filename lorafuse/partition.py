@@ -15,9 +15,12 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
+
+from torch.utils.checkpoint import CheckpointPolicy
 
 from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
                      min_cut_rematerialization_partition)
@@ -84,6 +87,7 @@ class LorafusePartitioner(CustomPartitionerFn):
     def __init__(self, options: dict, report=None):
         self._key = source_hash(json.dumps(options, sort_keys=True, default=str))
         self._budget = parse_memory_budget(options.get("memory_budget"))
+        self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
@@ -106,33 +110,62 @@ class LorafusePartitioner(CustomPartitionerFn):
         every 0 < r < 1 is silently the default plan. So: one min-cut at r = 1 gives the
         default plan; from its bytes the activation target becomes torch's r; the plan at
         that r is measured, and if torch's knapsack (an estimate) kept more than the
-        target, r is scaled down once and then set to 0, which keeps no activations.
+        target, r is scaled down once and then set to its floor: 0, which keeps no
+        activations, or, in a graph with random ops, the smallest r > 0 (see below).
         Cost: two to four min-cut solves per graph instead of one, only with a budget.
+
+        Random ops (dropout): torch's knapsack may choose to recompute them, and r = 0
+        recomputes the whole forward; either draws a new mask in the backward and gives
+        silently wrong gradients (measured: LoRA dropout 0.1, relative gradient error ~2).
+        So random ops are tagged MUST_SAVE first (the tag torch's own partitioner uses
+        for collectives), which the knapsack respects and r = 0 would ignore.
         """
+        if not hasattr(functorch_config, "activation_memory_budget"):  # torch < 2.4
+            raise RuntimeError("memory_budget needs torch._functorch.config."
+                               "activation_memory_budget (torch >= 2.4)")
         inputs = _graph_inputs(gm)
+        floor = _RANDOM_FLOOR if _pin_random_ops(gm) else 0.0
         with functorch_config.patch(activation_memory_budget=1.0):
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        default_plan = fwd, bwd
         default_act, default_in = _saved_bytes(bwd, inputs)
         kind, amount = self._budget
         target = int(amount * default_act) if kind == "fraction" else amount
-        plan = {"budget": self._budget, "target": target, "default_activation_bytes": default_act,
+        plan = {"target": target, "default_activation_bytes": default_act,
                 "ratio": 1.0, "solves": 1}
         if default_act <= target:  # the default plan fits: nothing to recompute
             self._record(bwd, inputs, plan)
             return fwd, bwd
         unsaved_inputs = sum(_size_of(n) for n in gm.graph.nodes if n.name in inputs) - default_in
-        ratio = _torch_ratio(target, default_act, unsaved_inputs)
+        ratio = max(floor, _torch_ratio(target, default_act, unsaved_inputs))
         while True:
             with functorch_config.patch(activation_memory_budget=ratio):
                 fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             plan["solves"] += 1
             plan["ratio"] = ratio
             act, _ = _saved_bytes(bwd, inputs)
-            if act <= target or ratio == 0.0:
+            if act <= target or ratio == floor:
                 break
             # torch's knapsack sizes the tensors it may ban from recompute, not the final
-            # cut: aim lower once in proportion to the overshoot, then give up on it.
-            ratio = ratio * target / act if plan["solves"] == 2 and target > 0 else 0.0
+            # cut: aim lower once in proportion to the overshoot, then go to the floor.
+            ratio = ratio * target / act if plan["solves"] == 2 and target > 0 else floor
+            ratio = max(floor, ratio)
+        if _random_ops_in(bwd):
+            # A random op in the backward draws a new mask: wrong gradients. The MUST_SAVE
+            # tags should prevent it; if this torch's knapsack overrides them, keep the
+            # default plan rather than a wrong one.
+            fwd, bwd = default_plan
+            act = default_act
+            plan["ratio"] = 1.0
+            plan["note"] = ("budget not applied: torch's plan recomputed a random op "
+                            "(dropout) in the backward; the default plan is used")
+            warnings.warn(f"lorafuse: memory_budget={self._budget_text}: {plan['note']}",
+                          stacklevel=2)
+        elif act > target:  # only where random ops set the floor: say so, never hide it
+            plan["note"] = (f"budget not met: {act:,} bytes kept > {target:,} bytes (the "
+                            "outputs of random ops such as dropout are kept, not recomputed)")
+            warnings.warn(f"lorafuse: memory_budget={self._budget_text}: {plan['note']}",
+                          stacklevel=2)
         self._record(bwd, inputs, plan)
         return fwd, bwd
 
@@ -145,23 +178,60 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._report.saved_bytes = _static_bytes(saved)
         self._report.activation_bytes, _ = _saved_bytes(bwd, inputs)
         if plan is not None:
-            kind, amount = plan["budget"]
-            self._report.memory_budget = (f"{amount:g}" if kind == "fraction"
-                                          else f"{amount / _GIB:g} GiB")
+            self._report.memory_budget = self._budget_text
             self._report.budget_bytes = plan["target"]
             self._report.default_activation_bytes = plan["default_activation_bytes"]
             self._report.budget_ratio = plan["ratio"]
             self._report.budget_solves = plan["solves"]
+            self._report.budget_note = plan.get("note")
 
     def __getstate__(self):
         # Inductor pickles its config, this object included, into its cache key: only the
         # key may go in, not the per-compile report, or no compile would ever hit the cache.
         # (The budget is in the key; a pickled copy never partitions.)
-        return {"_key": self._key, "_budget": self._budget, "_report": None}
+        return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
+                "_report": None}
 
     def uuid(self):
         # Inductor keys its cache on this; None would let stale entries skip the hook.
         return self._key
+
+
+# The smallest torch budget that still runs its knapsack (r = 0 skips it and ignores
+# MUST_SAVE tags). Its knapsack quantises normalised sizes to 1e-4 ("dp" solver).
+_RANDOM_FLOOR = 1e-4
+
+
+def _pin_random_ops(gm) -> int:
+    """Tag every random op (``Tag.nondeterministic_seeded``: dropout's bernoulli/rand)
+    MUST_SAVE unless a user checkpoint policy already tags it; returns how many there are."""
+    n = 0
+    for node in gm.graph.nodes:
+        if _draws_random(node):
+            n += 1
+            if node.meta.get("recompute") is None:
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    return n
+
+
+def _draws_random(node) -> bool:
+    """A node whose op is tagged random and may really draw: SDPA carries the tag for its
+    ``dropout_p``, so an op whose ``dropout_p``/``p`` argument is 0 is deterministic."""
+    if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(
+            node.target, "tags", ()):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    for i, arg in enumerate(getattr(schema, "arguments", ())):
+        if arg.name in ("dropout_p", "p"):
+            value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args)
+                                    else arg.default_value)
+            if isinstance(value, (int, float)) and value == 0:
+                return False
+    return True
+
+
+def _random_ops_in(gm) -> bool:
+    return any(_draws_random(n) for n in gm.graph.nodes)
 
 
 def _graph_inputs(gm) -> set:

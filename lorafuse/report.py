@@ -27,6 +27,7 @@ class GraphReport:
     default_activation_bytes: int | None = None  # activation bytes kept without a budget
     budget_ratio: float | None = None  # torch's activation_memory_budget that was used
     budget_solves: int | None = None  # min-cut solves it took (1 without a budget)
+    budget_note: str | None = None  # why the budget was not met, if it was not
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def format(self) -> str:
@@ -54,6 +55,8 @@ class GraphReport:
                              f"of {default / mib:.2f} MiB without a budget (torch's "
                              f"activation_memory_budget {self.budget_ratio:.3g}, "
                              f"{self.budget_solves} min-cut solves)")
+                if self.budget_note:
+                    lines.append(f"    {self.budget_note}")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)
