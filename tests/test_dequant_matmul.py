@@ -486,3 +486,149 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
     for name, g in grads_e.items():
         assert g.norm() > 0, name
         assert rel(grads[name], g) <= 1e-4, f"{name}: {rel(grads[name], g):.2e}"
+
+
+# --------------------------------------------------------------------------- Triton
+# TRITON_INTERPRET must be set before triton is first imported, and this process has
+# imported it already: the checks run in one subprocess (this file run as a script).
+
+TRITON_CHECKS = ["kernel-forward", "kernel-backward", "op-triton"]
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    import json
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tv = tuple(int(p) for p in version("triton").split(".")[:2])
+    nv = tuple(int(p) for p in version("numpy").split(".")[:2])
+    if tv <= (3, 6) and nv >= (2, 3):
+        pytest.skip(f"triton {version('triton')} interpreter needs numpy < 2.3")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", LORAFUSE_NF4_IMPL="triton",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check", TRITON_CHECKS)
+def test_triton_interpreter(interpreter_results, check):
+    assert check in interpreter_results, f"{check} did not run"
+    ok, detail = interpreter_results[check]
+    assert ok, detail
+
+
+# (M, N, K, blocksize, quant type, nested, dtype, r, bias): odd sizes around the
+# interpreter tile (16 x 32 x 32); K = 50 is not a multiple of the blocksize.
+KERNEL_CASES = [
+    (37, 45, 64, 32, "nf4", True, torch.float32, 5, True),
+    (19, 33, 128, 64, "fp4", False, torch.bfloat16, 3, False),
+    (5, 70, 96, 32, "nf4", False, torch.float16, 0, True),
+    (21, 18, 50, 64, "nf4", True, torch.bfloat16, 70, True),
+    (1, 9, 64, 64, "fp4", True, torch.bfloat16, 2, False),
+]
+
+
+def _worker():
+    import json
+    import traceback
+
+    assert nf4._INTERPRETED, "TRITON_INTERPRET did not take effect"
+    results = {}
+
+    def record(name, fn):
+        try:
+            fn()
+            results[name] = (True, "")
+        except Exception:
+            results[name] = (False, traceback.format_exc()[-2500:])
+
+    def case_tensors(M, N, K, bs, qt, nested, dt, r, bias):
+        g = torch.Generator().manual_seed(M * 1000 + N)
+        q, qs = quantize(N, K, bs, qt, nested, seed=N)
+        kw = qs_kwargs(qs)
+        scales = nf4.block_scales(kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
+        W = nf4.dequantize_4bit(q, kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"],
+                                (N, K), bs, qt, dt).double()  # rounded to dt, as the kernel
+        x = torch.randn(M, K, generator=g).to(dt)
+        h = torch.randn(M, r, generator=g) if r else None
+        lb = torch.randn(N, r, generator=g) if r else None
+        b = torch.randn(N, generator=g).to(dt) if bias else None
+        return q, scales, W, x, h, lb, b
+
+    def forward():
+        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
+            q, scales, W, x, h, lb, b = case_tensors(M, N, K, bs, qt, nested, dt, r, bias)
+            want = x.double() @ W.t()
+            if r:
+                want += 0.7 * h.double() @ lb.double().t()
+            if bias:
+                want += b.double()
+            y = nf4.triton_nf4_gemm(x, q, scales, (N, K), bs, qt, h=h, lora_b=lb, alpha=0.7,
+                                    bias=b, out_dtype=torch.float32)
+            assert rel(y, want) <= 1e-6, (M, N, K, dt, rel(y, want))
+            y = nf4.triton_nf4_gemm(x, q, scales, (N, K), bs, qt, h=h, lora_b=lb, alpha=0.7,
+                                    bias=b)  # rounded once to dt: equal to want rounded,
+            if dt != torch.float32:  # up to fp32 summation order at rounding boundaries
+                same = (y == want.to(dt)).float().mean().item()
+                assert same >= 0.97, (M, N, K, dt, same)
+
+    def backward():
+        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
+            q, scales, W, _, _, _, _ = case_tensors(M, N, K, bs, qt, nested, dt, r, bias)
+            dy = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(dt)
+            dx = nf4.triton_nf4_gemm(dy, q, scales, (N, K), bs, qt, trans_w=True)
+            want = dy.double() @ W
+            assert dx.shape == (M, K) and dx.dtype == dt
+            if dt == torch.float32:
+                assert rel(dx, want) <= 1e-6, (M, N, K, rel(dx, want))
+            else:
+                same = (dx == want.to(dt)).float().mean().item()
+                assert same >= 0.97, (M, N, K, dt, same)
+
+    def op():
+        """The op with LORAFUSE_NF4_IMPL=triton (forward and backward) against the
+        fp64 reference, no farther than the cuBLAS device path × 2."""
+        for c in (dict(quant_type="nf4", nested=True, blocksize=64, n=40, k=128, lead=(2, 9),
+                       r=4, lora=True, bias=True, scale=2.0, dropout=True, seed=1),
+                  dict(quant_type="fp4", nested=False, blocksize=32, n=24, k=64, lead=(17,),
+                       r=3, lora=True, bias=False, scale=0.5, dropout=False, seed=2)):
+            import warnings
+
+            q, qs, x, bias, A, B, xl = _inputs(c, torch.bfloat16, torch.float32)
+            assert nf4._impl(x) == "triton"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y, grads, gy = run_op(x, q, qs, bias, A, B, c["scale"], xl, torch.float32)
+            fallbacks = [str(m.message) for m in caught if "Triton 4-bit" in str(m.message)]
+            assert not fallbacks, fallbacks  # the Triton path ran, not the fallback
+            nf4.DEVICE_PATH_ON_CPU = True
+            import os
+            os.environ[nf4.IMPL_ENV] = "cublas"
+            try:
+                yd, grads_d, _ = run_op(x, q, qs, bias, A, B, c["scale"], xl, torch.float32)
+            finally:
+                nf4.DEVICE_PATH_ON_CPU = False
+                os.environ[nf4.IMPL_ENV] = "triton"
+            y64, grads64 = reference64(x, q, qs, bias, A, B, c["scale"], xl, gy)
+            for got, dev, want in zip((y,) + grads, (yd,) + grads_d, (y64,) + grads64):
+                assert torch.isfinite(got).all()
+                floor = 1e-6 if got.dtype == torch.float32 else 2e-3
+                assert rel(got, want) <= 2 * rel(dev, want) + floor, (rel(got, want),
+                                                                      rel(dev, want))
+
+    record("kernel-forward", forward)
+    record("kernel-backward", backward)
+    record("op-triton", op)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -42,17 +42,27 @@ is set, for tests): dequantise W into a temporary in the compute dtype (bitsandb
 ``dequantize_4bit`` kernel when bitsandbytes is loaded, else the PyTorch decode), one
 cuBLAS GEMM writing fp32, free the temporary; the adapter GEMMs in the adapter dtype,
 its term added in the fp32 accumulator. That is bitsandbytes' own path (dequantise +
-cuBLAS), and it is the baseline a fused Triton kernel (dequantising inside its tiles,
-never materialising W) must beat on the GPU before it replaces it. There is no Triton
-kernel yet.
+cuBLAS), and it is the baseline the Triton kernel below (``triton_nf4_gemm``: W decoded
+inside its tiles, never materialised; the LoRA tail and bias in its fp32 accumulator)
+must beat on the GPU before it becomes the default. Until measured there, the Triton path
+runs only when asked for (``LORAFUSE_NF4_IMPL=triton``); it is tested under the Triton
+interpreter on CPU.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+try:  # optional: the CPU reference and the cuBLAS path need no Triton
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  (missing, or broken on this machine)
+    triton = tl = None
 
 # The 16 code values of each 4-bit format, as bitsandbytes defines them (fp32 values,
 # written out exactly; ``get_4bit_type`` in bitsandbytes.functional).
@@ -190,6 +200,185 @@ def nf4_linear_backward_reference(dy, qweight, absmax, absmax2, code2, offset, s
     return dx, dA, dB, dxl
 
 
+# --------------------------------------------------------------------------- Triton
+#
+# One kernel for both products, with the 4-bit weight decoded inside its tiles:
+#     forward  C (M, N) = X (M, K) @ Wᵀ [+ alpha · H (M, r) @ Bᵀ] [+ bias]
+#     backward C (M, K) = dY (M, N) @ W                    (TRANS_W)
+# A tile of W is decoded from the packed bytes (element e of the row-major (N, K) weight:
+# byte e // 2, high nibble when e is even), its code value looked up in the 16-entry table
+# and multiplied by its block's fp32 scale (the per-block scales are computed first by
+# ``block_scales``: N·K/blocksize floats, which keeps double-quantised scales bit-exact
+# with bitsandbytes), then rounded to the compute dtype, as bitsandbytes' dequantize does,
+# and fed to tl.dot; everything accumulates in fp32 and C is rounded once. The dequantised
+# weight never exists in memory. The LoRA tail (r columns) enters the same accumulator.
+# Small M (decoding, short sequences) and large M (training) are served by the autotuned
+# tile shapes (BLOCK_M 16 to 128); there is no split-K variant yet. Not measured on the GPU
+# yet: the op uses it only when LORAFUSE_NF4_IMPL=triton.
+#
+# Under the interpreter (TRITON_INTERPRET=1, CPU tensors) tl.dot on bf16 returns garbage
+# and fp32 -> bf16 casts truncate (DESIGN.md), so bf16 tiles are rounded to nearest even by
+# hand and dotted in fp32 there.
+
+_INTERPRETED = False
+if triton is not None:
+    NF4_AUTOTUNE_CONFIGS = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_P": 256, "BLOCK_Q": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    ]
+    NF4_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 2}
+
+    @triton.jit
+    def _round_bf16(x):
+        """fp32 → the nearest bf16 value (ties to even), kept in fp32."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=["M_BUCKET"])
+    def _nf4_gemm_kernel(
+        a_ptr, q_ptr, scale_ptr, code_ptr, h_ptr, lb_ptr, bias_ptr, c_ptr,
+        M, P, Q, R, K_W, blocksize, M_BUCKET,
+        stride_am, stride_aq, stride_hm, stride_hr, stride_lbp, stride_lbr, stride_cm, stride_cp,
+        alpha,
+        TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+        W_DTYPE: tl.constexpr,  # 0: fp32, 1: bf16, 2: fp16 (W is rounded to it)
+        INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_p = tl.cdiv(P, BLOCK_P)
+        group_size = GROUP_M * num_pid_p
+        first_m = (pid // group_size) * GROUP_M
+        rows_in_group = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % rows_in_group
+        pid_p = (pid % group_size) // rows_in_group
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_m = offs_m < M
+        mask_p = offs_p < P
+        load_m = offs_m % M  # rows/columns past the end repeat earlier ones, never stored
+        load_p = offs_p % P
+
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        if HAS_LORA:  # the rank-r tail first (usually one tile), in fp32
+            offs_r = tl.arange(0, BLOCK_R)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + offs_r
+                h = tl.load(h_ptr + load_m[:, None] * stride_hm + rr[None, :] * stride_hr,
+                            mask=rr[None, :] < R, other=0.0).to(tl.float32)
+                lb = tl.load(lb_ptr + rr[:, None] * stride_lbr + load_p[None, :] * stride_lbp,
+                             mask=rr[:, None] < R, other=0.0).to(tl.float32)
+                acc = tl.dot(h, lb, acc, input_precision="ieee")
+            acc = acc * alpha
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + load_p).to(tl.float32)[None, :]
+
+        offs_q = tl.arange(0, BLOCK_Q)
+        for q0 in range(0, Q, BLOCK_Q):
+            qq = q0 + offs_q
+            mask_q = qq < Q
+            a = tl.load(a_ptr + load_m[:, None] * stride_am + qq[None, :] * stride_aq,
+                        mask=mask_q[None, :], other=0.0)
+            # element index in the row-major (N, K) weight of the (BLOCK_Q, BLOCK_P) tile
+            if TRANS_W:
+                e = qq[:, None].to(tl.int64) * K_W + load_p[None, :]
+            else:
+                e = load_p[None, :].to(tl.int64) * K_W + qq[:, None]
+            byte = tl.load(q_ptr + e // 2, mask=mask_q[:, None], other=0).to(tl.int32)
+            nib = tl.where((e % 2) == 0, byte >> 4, byte & 0xF)
+            val = tl.load(code_ptr + nib)
+            s = tl.load(scale_ptr + e // blocksize, mask=mask_q[:, None], other=0.0)
+            w = tl.where(mask_q[:, None], val * s, 0.0)
+            if W_DTYPE == 1:
+                if INTERPRET:
+                    w = _round_bf16(w)
+                    a = a.to(tl.float32)
+                else:
+                    w = w.to(tl.bfloat16)
+            elif W_DTYPE == 2:
+                w = w.to(tl.float16)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+
+        if INTERPRET and c_ptr.dtype.element_ty == tl.bfloat16:
+            acc = _round_bf16(acc)
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_p[None, :])
+
+    _INTERPRETED = type(_nf4_gemm_kernel).__name__ == "InterpretedFunction"
+
+    def _nf4_bench(kernel_call, quantiles):
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    _nf4_autotuned = triton.autotune(configs=NF4_AUTOTUNE_CONFIGS,
+                                     key=["M_BUCKET", "P", "Q", "R"],
+                                     do_bench=_nf4_bench)(_nf4_gemm_kernel)
+
+_W_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w=False, h=None,
+                    lora_b=None, alpha=1.0, bias=None, out_dtype=None):
+    """``a @ Wᵀ [+ alpha · h @ lora_bᵀ] [+ bias]`` (or ``a @ W`` with ``trans_w``) with W
+    decoded from the packed 4-bit weight inside the kernel's tiles, rounded to a's dtype
+    (the compute dtype) before each tile product; fp32 accumulation, one rounding to
+    ``out_dtype`` (default a's dtype). ``scales``: fp32 per-block scales
+    (``block_scales``). ``a`` is 2-D, any strides."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    N, K = int(shape[0]), int(shape[1])
+    M, Q = a.shape
+    P = K if trans_w else N
+    if Q != (N if trans_w else K):
+        raise ValueError(f"triton_nf4_gemm: input {tuple(a.shape)} does not fit weight {N}x{K}")
+    if a.dtype not in _W_DTYPES:
+        raise TypeError(f"triton_nf4_gemm: unsupported dtype {a.dtype}")
+    if not _INTERPRETED and not a.is_cuda:
+        raise ValueError("triton_nf4_gemm: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    out = torch.empty((M, P), dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0 or P == 0:
+        return out
+    q = qweight.reshape(-1)
+    if q.dtype != torch.uint8:
+        q = q.view(torch.uint8)
+    has_lora = h is not None and not trans_w
+    R = h.shape[1] if has_lora else 0
+    args = (
+        a, q, scales.contiguous(), code_table(quant_type, a.device),
+        h if has_lora else out, lora_b if has_lora else out,
+        bias if bias is not None else out, out,
+        M, P, Q, R, K, int(blocksize), 1 << max(0, M - 1).bit_length(),
+        a.stride(0), a.stride(1),
+        h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
+        lora_b.stride(0) if has_lora else 0, lora_b.stride(1) if has_lora else 0,
+        out.stride(0), out.stride(1),
+        float(alpha),
+    )
+    meta = dict(
+        TRANS_W=bool(trans_w), HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        W_DTYPE=_W_DTYPES[a.dtype], INTERPRET=_INTERPRETED,
+        INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_R=min(64, max(16, triton.next_power_of_2(max(R, 1)))),
+    )
+
+    def grid(m):
+        return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(P, m["BLOCK_P"]),)
+
+    if _INTERPRETED:
+        _nf4_gemm_kernel[grid](*args, **meta, **NF4_INTERPRETER_CONFIG)
+    else:
+        with torch.cuda.device(a.device):
+            _nf4_autotuned[grid](*args, **meta)
+    return out
+
+
 # --------------------------------------------------------------------------- device path
 
 
@@ -229,12 +418,17 @@ def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize
 
 
 def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
-                     x_dtype, lora_a, lora_b, x_lora, h, scale, need_dx, need_lora):
+                     x_dtype, lora_a, lora_b, x_lora, h, scale, need_dx, need_lora,
+                     use_triton=False):
     N, K = int(shape[0]), int(shape[1])
     dy2 = dy.reshape(-1, N)
     lead = dy.shape[:-1]
     dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
-    if need_dx:
+    if need_dx and use_triton:
+        scales = block_scales(absmax, absmax2, code2, offset)
+        dx = triton_nf4_gemm(dy2.to(x_dtype), qweight, scales, shape, blocksize, quant_type,
+                             trans_w=True).reshape(*lead, K)
+    elif need_dx:
         W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize,
                              quant_type, x_dtype)
         dx = (dy2.to(x_dtype) @ W).reshape(*lead, K)
@@ -249,8 +443,63 @@ def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksi
     return dx, dA, dB, dxl
 
 
-def _exact(t: Tensor) -> bool:
-    return not t.is_cuda and not DEVICE_PATH_ON_CPU
+def _forward_triton(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
+                    bias, lora_a, lora_b, scale, x_lora, out_dtype):
+    N, K = int(shape[0]), int(shape[1])
+    scales = block_scales(absmax, absmax2, code2, offset)  # (N·K/blocksize,) fp32: small
+    lead = x.shape[:-1]
+    h = x.new_empty(0)
+    hr = None
+    if lora_a is not None:
+        hr = x_lora.reshape(-1, K) @ lora_a.t()
+        h = hr.reshape(*lead, lora_a.shape[0])
+    y = triton_nf4_gemm(x.reshape(-1, K), qweight, scales, shape, blocksize, quant_type, h=hr,
+                        lora_b=lora_b, alpha=scale, bias=bias, out_dtype=out_dtype)
+    return y.reshape(*lead, N), h
+
+
+def _backward_triton(*args):
+    return _backward_device(*args, use_triton=True)
+
+
+# --------------------------------------------------------------------------- dispatch
+#
+# CPU: the fp32 reference. CUDA: the cuBLAS path (bitsandbytes' own: dequantise + GEMM)
+# until the Triton kernel is measured faster on the GPU. LORAFUSE_NF4_IMPL=triton asks
+# for the Triton kernel (on CUDA; with TRITON_INTERPRET=1 also on CPU tensors, for tests);
+# a Triton failure falls back to cuBLAS with one warning.
+
+IMPL_ENV = "LORAFUSE_NF4_IMPL"
+_warned: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _impl(t: Tensor) -> str:
+    """"reference", "device" (cuBLAS) or "triton" for a call on ``t``'s device."""
+    want = os.environ.get(IMPL_ENV, "cublas").strip().lower()
+    if want == "triton" and triton is not None and (
+            t.is_cuda or (_INTERPRETED and not t.is_cuda)):
+        return "triton"
+    if not t.is_cuda and not DEVICE_PATH_ON_CPU:
+        return "reference"
+    return "device"
+
+
+def _run(kind, impls, *args):
+    impl = _impl(args[0])
+    if impl == "triton":
+        try:
+            return impls[2](*args)
+        except Exception as e:  # never crash training over the optional kernel
+            _warn_once(f"lorafuse: Triton 4-bit kernel unavailable ({type(e).__name__}: {e}); "
+                       "using dequantize + cuBLAS")
+            impl = "device" if args[0].is_cuda else "reference"
+    return (impls[0] if impl == "reference" else impls[1])(*args)
 
 
 # --------------------------------------------------------------------------- ops
@@ -275,9 +524,9 @@ def nf4_linear_op(
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: h = x' Aᵀ kept for the backward (empty without an adapter)."""
-    impl = nf4_linear_reference if _exact(x) else _forward_device
-    y, h = impl(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, bias,
-                lora_a, lora_b, scale, x_lora, out_dtype)
+    y, h = _run("fwd", (nf4_linear_reference, _forward_device, _forward_triton), x, qweight,
+                absmax, absmax2, code2, offset, shape, blocksize, quant_type, bias, lora_a,
+                lora_b, scale, x_lora, out_dtype)
     return y.contiguous(), h.contiguous()
 
 
@@ -312,9 +561,9 @@ def nf4_linear_backward_op(
     need_lora: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dA, dB, dx')``; those not asked for are empty."""
-    impl = nf4_linear_backward_reference if _exact(dy) else _backward_device
-    outs = impl(dy, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
-                x_dtype, lora_a, lora_b, x_lora, h, scale, need_dx, need_lora)
+    outs = _run("bwd", (nf4_linear_backward_reference, _backward_device, _backward_triton), dy,
+                qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, x_dtype,
+                lora_a, lora_b, x_lora, h, scale, need_dx, need_lora)
     return tuple(t.contiguous() for t in outs)
 
 
