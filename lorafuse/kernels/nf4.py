@@ -241,12 +241,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M_BUCKET"])
     def _nf4_gemm_kernel(
         a_ptr, q_ptr, scale_ptr, code_ptr, h_ptr, lb_ptr, bias_ptr, c_ptr,
-        M, P, Q, R, K_W, blocksize, M_BUCKET,
+        M, P, Q, R, K_W, M_BUCKET,
         stride_am, stride_aq, stride_hm, stride_hr, stride_lbp, stride_lbr, stride_cm, stride_cp,
         alpha,
         TRANS_W: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
         W_DTYPE: tl.constexpr,  # 0: fp32, 1: bf16, 2: fp16 (W is rounded to it)
-        INTERPRET: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        INTERPRET: tl.constexpr, ROUND_OUT_BF16: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        LOG2_BLOCKSIZE: tl.constexpr,  # blocksizes are powers of two: a shift, not a division
         BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
         GROUP_M: tl.constexpr,
@@ -288,14 +289,15 @@ if triton is not None:
             a = tl.load(a_ptr + load_m[:, None] * stride_am + qq[None, :] * stride_aq,
                         mask=mask_q[None, :], other=0.0)
             # element index in the row-major (N, K) weight of the (BLOCK_Q, BLOCK_P) tile
+            # (int32: the host checks N·K < 2³¹)
             if TRANS_W:
-                e = qq[:, None].to(tl.int64) * K_W + load_p[None, :]
+                e = qq[:, None] * K_W + load_p[None, :]
             else:
-                e = load_p[None, :].to(tl.int64) * K_W + qq[:, None]
-            byte = tl.load(q_ptr + e // 2, mask=mask_q[:, None], other=0).to(tl.int32)
-            nib = tl.where((e % 2) == 0, byte >> 4, byte & 0xF)
+                e = load_p[None, :] * K_W + qq[:, None]
+            byte = tl.load(q_ptr + (e >> 1), mask=mask_q[:, None], other=0).to(tl.int32)
+            nib = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
             val = tl.load(code_ptr + nib)
-            s = tl.load(scale_ptr + e // blocksize, mask=mask_q[:, None], other=0.0)
+            s = tl.load(scale_ptr + (e >> LOG2_BLOCKSIZE), mask=mask_q[:, None], other=0.0)
             w = tl.where(mask_q[:, None], val * s, 0.0)
             if W_DTYPE == 1:
                 if INTERPRET:
@@ -307,7 +309,7 @@ if triton is not None:
                 w = w.to(tl.float16)
             acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
 
-        if INTERPRET and c_ptr.dtype.element_ty == tl.bfloat16:
+        if ROUND_OUT_BF16:  # the interpreter truncates fp32 -> bf16: round by hand
             acc = _round_bf16(acc)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_p[None, :])
@@ -342,6 +344,9 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
         raise TypeError(f"triton_nf4_gemm: unsupported dtype {a.dtype}")
     if not _INTERPRETED and not a.is_cuda:
         raise ValueError("triton_nf4_gemm: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if blocksize not in BLOCKSIZES or N * K >= 2**31 or max(M, 1) * max(Q, P) >= 2**31:
+        raise ValueError("triton_nf4_gemm: blocksize not a supported power of two, or a "
+                         "tensor too large for int32 indexing")
     out = torch.empty((M, P), dtype=out_dtype or a.dtype, device=a.device)
     if M == 0 or P == 0:
         return out
@@ -354,7 +359,7 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
         a, q, scales.contiguous(), code_table(quant_type, a.device),
         h if has_lora else out, lora_b if has_lora else out,
         bias if bias is not None else out, out,
-        M, P, Q, R, K, int(blocksize), 1 << max(0, M - 1).bit_length(),
+        M, P, Q, R, K, 1 << max(0, M - 1).bit_length(),
         a.stride(0), a.stride(1),
         h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
         lora_b.stride(0) if has_lora else 0, lora_b.stride(1) if has_lora else 0,
@@ -364,6 +369,8 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
     meta = dict(
         TRANS_W=bool(trans_w), HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         W_DTYPE=_W_DTYPES[a.dtype], INTERPRET=_INTERPRETED,
+        ROUND_OUT_BF16=_INTERPRETED and out.dtype == torch.bfloat16,
+        LOG2_BLOCKSIZE=int(blocksize).bit_length() - 1,
         INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_R=min(64, max(16, triton.next_power_of_2(max(R, 1)))),
     )
