@@ -172,6 +172,12 @@ class LorafusePartitioner(CustomPartitionerFn):
     def _record(self, bwd, inputs, plan=None):
         if self._report is None:
             return
+        try:
+            self._record_into(bwd, inputs, plan)
+        except Exception as e:  # the report must never cost the user their compile
+            self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
+
+    def _record_into(self, bwd, inputs, plan):
         saved = [n for n in bwd.graph.nodes
                  if n.op == "placeholder" and not n.name.startswith("tangents")]
         self._report.saved_for_backward = len(saved)

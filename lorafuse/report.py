@@ -46,17 +46,17 @@ class GraphReport:
             size = "" if self.saved_bytes is None else f", {self.saved_bytes / 2**20:.1f} MiB"
             lines.append(f"  memory plan: {self.saved_for_backward} tensors kept for backward{size}"
                          " (min-cut rematerialization)")
-            if self.memory_budget is not None:
+            kept, default = self.activation_bytes, self.default_activation_bytes
+            if self.memory_budget is not None and None not in (kept, default, self.budget_bytes):
                 mib = 2**20
-                kept, default = self.activation_bytes, self.default_activation_bytes
                 lines.append(f"    budget {self.memory_budget}: activations {kept / mib:.2f} MiB kept "
-                             f"(≤ {self.budget_bytes / mib:.2f} MiB), "
+                             f"(allowed {self.budget_bytes / mib:.2f} MiB), "
                              f"{max(default - kept, 0) / mib:.2f} MiB recomputed "
                              f"of {default / mib:.2f} MiB without a budget (torch's "
                              f"activation_memory_budget {self.budget_ratio:.3g}, "
                              f"{self.budget_solves} min-cut solves)")
-                if self.budget_note:
-                    lines.append(f"    {self.budget_note}")
+            if self.budget_note:
+                lines.append(f"    {self.budget_note}")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)
