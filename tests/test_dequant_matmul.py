@@ -488,6 +488,45 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
         assert rel(grads[name], g) <= 1e-4, f"{name}: {rel(grads[name], g):.2e}"
 
 
+def test_pass_under_bf16_autocast(tmp_path_factory):
+    """The benchmark's setting: forward under bf16 autocast (PEFT then skips its casts and
+    the adapter linears run in bf16). The pass alone, graph run eagerly: every 4-bit
+    linear rewritten, and loss and LoRA gradients no farther from an fp32-compute model
+    on the same weights than eager autocast's ×2."""
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    path = _checkpoint(tmp_path_factory, "llama")
+    model = _quantized_model(path, "llama", "nf4", True, torch.bfloat16, "all-linear")
+    ref = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
+    with torch.no_grad():
+        for p, p_ref in zip(lora_params(model).values(), lora_params(ref).values()):
+            p_ref.copy_(p)
+    reports = []
+
+    def rewrite_only(gm, example_inputs):
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        return gm.forward
+
+    batch = _batch(1)
+    reset_dynamo()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = _loss_and_grads(torch.compile(model, backend=rewrite_only,
+                                                        fullgraph=True), model, batch)
+    finally:
+        reset_dynamo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_e, grads_e = _loss_and_grads(model, model, batch)
+    loss_r, grads_r = _loss_and_grads(ref, ref, batch)
+    assert len(reports) == 1 and len(reports[0].matched) == 7 and not reports[0].skipped
+    assert abs(loss - loss_r) <= 2 * abs(loss_e - loss_r) + 1e-4 * abs(loss_r)
+    for name, g in grads_r.items():
+        e, e_eager = rel(grads[name], g), rel(grads_e[name], g)
+        assert e <= 2 * e_eager + 1e-4, f"{name}: {e:.2e} vs eager {e_eager:.2e}"
+
+
 # --------------------------------------------------------------------------- Triton
 # TRITON_INTERPRET must be set before triton is first imported, and this process has
 # imported it already: the checks run in one subprocess (this file run as a script).
