@@ -369,8 +369,8 @@ def qwen2_fp32(tmp_path_factory):
     vs eager tightly. down_proj has no adapter: a 4-bit base alone."""
     path = _checkpoint(tmp_path_factory, "qwen2")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
-    make = lambda: _quantized_model(path, "qwen2", "fp4", False, torch.float32, targets)  # noqa: E731
-    compiled, eager = make(), make()
+    compiled, eager = (_quantized_model(path, "qwen2", "fp4", False, torch.float32, targets)
+                       for _ in range(2))
     records, report = _train(compiled, [eager])
     return compiled, records, report
 

@@ -39,6 +39,10 @@ becomes the op without an adapter, in place of ``y4``. The op's backward re-dequ
 W; nothing dequantised is saved. The adapter's input stays a separate operand (dropout
 needs no special case: its node stays in the graph and autograd goes through it).
 
+Under autocast PEFT skips its casts (``l`` has no ``.to``, the adapter linears' values
+are bf16 while A and B stay fp32): the op then computes the adapter in A's dtype (fp32),
+no less precise than autocast's bf16 (tested against an fp32-compute model).
+
 Left alone, with a reason: bitsandbytes 0.46–0.49's forward ``dequantize_4bit → linear``
 (not seen here, no graph dump to prove a match on); an ``autograd_function_apply`` whose
 bodies are not MatMul4Bit's; shapes, dtypes or quant-state sizes that do not line up; an
@@ -135,7 +139,8 @@ def _afa_base(gm, afa: fx.Node) -> Base:
     if len(calls) != 1:
         raise NoMatch("autograd_function_apply with several gemm_4bit calls")
     for n in fwd.graph.nodes:
-        ok = n.op in ("placeholder", "output") or n is calls[0] or is_method(n, ("view", "reshape")) \
+        ok = n.op in ("placeholder", "output") or n is calls[0] \
+            or is_method(n, ("view", "reshape")) \
             or (n.op == "call_function" and n.target is torch._C._set_grad_enabled)
         if not ok:
             raise NoMatch(f"MatMul4Bit-like forward with an unexpected node ({n.format_node()})")
@@ -280,7 +285,8 @@ def _lora_on_top(b: Base):
         return None, "unexpected adapter ranks"
     r = va.shape[0]
     if not (same_sizes(va.shape, (r, K)) and same_sizes(vb.shape, (N, r))
-            and same_sizes(vxl.shape, val(b.args["A"]).shape) and same_sizes(vadd.shape, val(b.out).shape)):
+            and same_sizes(vxl.shape, val(b.args["A"]).shape)
+            and same_sizes(vadd.shape, val(b.out).shape)):
         return None, "adapter shapes do not line up"
     if any(v.dtype not in _FLOATS for v in (va, vb, vxl, vadd)):
         return None, "adapter tensors are not floating point"
