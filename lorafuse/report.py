@@ -49,8 +49,8 @@ class GraphReport:
             kept, default = self.activation_bytes, self.default_activation_bytes
             if self.memory_budget is not None and None not in (kept, default, self.budget_bytes):
                 mib = 2**20
-                lines.append(f"    budget {self.memory_budget}: activations {kept / mib:.2f} MiB kept "
-                             f"(allowed {self.budget_bytes / mib:.2f} MiB), "
+                lines.append(f"    budget {self.memory_budget}: activations "
+                             f"{kept / mib:.2f} MiB kept (allowed {self.budget_bytes / mib:.2f} MiB), "
                              f"{max(default - kept, 0) / mib:.2f} MiB recomputed "
                              f"of {default / mib:.2f} MiB without a budget (torch's "
                              f"activation_memory_budget {self.budget_ratio:.3g}, "

@@ -85,6 +85,7 @@ def _graph(run):
 # --------------------------------------------------------------------------- the bound
 
 
+@pytest.mark.slow
 def test_budget_bounds_activations_kept(runs):
     plain = _graph(runs[None])
     default = plain.activation_bytes
@@ -98,6 +99,7 @@ def test_budget_bounds_activations_kept(runs):
     assert _graph(runs[0.0]).budget_bytes == 0
 
 
+@pytest.mark.slow
 def test_bytes_kept_shrink_with_the_budget(runs):
     """Activation bytes and all bytes saved for backward (parameters included) never grow
     as the budget goes 1 → 0.5 → 0, and at 0 are strictly below the default plan's."""
@@ -109,6 +111,7 @@ def test_bytes_kept_shrink_with_the_budget(runs):
     assert order[-1].saved_for_backward < order[0].saved_for_backward
 
 
+@pytest.mark.slow
 def test_report_shows_the_plan(runs):
     text = str(runs[0.5]["report"])
     assert "memory plan:" in text and "budget 0.5: activations" in text, text
@@ -119,6 +122,7 @@ def test_report_shows_the_plan(runs):
 # --------------------------------------------------------------------------- correctness
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", BUDGETS[1:])
 def test_losses_and_lora_grads_equal_no_budget(runs, budget):
     want, got = runs[None], runs[budget]
@@ -171,6 +175,7 @@ def _dropout_run(base, budget):
     return graph
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", ["0.06MiB", 0.0])
 def test_dropout_masks_are_kept_not_redrawn(dropout_model, budget, recwarn):
     """torch's knapsack (and budget 0) would recompute dropout in the backward with a new
@@ -186,6 +191,7 @@ def test_dropout_masks_are_kept_not_redrawn(dropout_model, budget, recwarn):
         assert graph.activation_bytes <= graph.budget_bytes and graph.budget_note is None
 
 
+@pytest.mark.slow
 def test_recomputed_random_op_falls_back_to_the_default_plan(dropout_model, monkeypatch):
     """If torch's knapsack ignored the pins (another torch release), the plan that redraws
     a mask is thrown away for the default one: correct gradients, and a warning."""
