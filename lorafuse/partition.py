@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
@@ -58,6 +57,9 @@ def parse_memory_budget(value):
       without a budget (1.0: that plan; 0.0: no activations, the backward recomputes the
       whole forward from the inputs);
     - a string ``"<x> GiB"`` or ``"<x> MiB"``: at most that many bytes, per compiled graph.
+
+    The outputs of random ops (dropout masks) are always kept, never recomputed: where
+    they alone exceed the budget, it is not met, and the report and a warning say so.
     """
     if value is None:
         return None

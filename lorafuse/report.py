@@ -48,18 +48,23 @@ class GraphReport:
                          " (min-cut rematerialization)")
             kept, default = self.activation_bytes, self.default_activation_bytes
             if self.memory_budget is not None and None not in (kept, default, self.budget_bytes):
-                mib = 2**20
-                lines.append(f"    budget {self.memory_budget}: activations "
-                             f"{kept / mib:.2f} MiB kept (allowed {self.budget_bytes / mib:.2f} MiB), "
-                             f"{max(default - kept, 0) / mib:.2f} MiB recomputed "
-                             f"of {default / mib:.2f} MiB without a budget (torch's "
-                             f"activation_memory_budget {self.budget_ratio:.3g}, "
-                             f"{self.budget_solves} min-cut solves)")
+                lines.append(f"    budget {self.memory_budget}: activations {_size(kept)} kept "
+                             f"(allowed {_size(self.budget_bytes)}), "
+                             f"{_size(max(default - kept, 0))} recomputed of {_size(default)} "
+                             f"without a budget (torch's activation_memory_budget "
+                             f"{self.budget_ratio:.3g}, {self.budget_solves} min-cut solves)")
             if self.budget_note:
                 lines.append(f"    {self.budget_note}")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{nbytes} B"
 
 
 @dataclass
