@@ -25,6 +25,21 @@ dumped for NF4 with double quantisation and FP4 without) — per 4-bit linear::
     l   = linear(linear(dropout?(h'), A), B_lora) * s      # h' = h (cast to A's dtype if not)
     out = r + l.to(r.dtype)                    # the .to is present even when it is a no-op
 
+bitsandbytes 0.46–0.49 (dumped with 0.49.0 installed in a scratch venv): matmul_4bit
+calls MatMul4Bit.apply in training; Dynamo captures it as the same
+autograd_function_apply when x requires grad, its fwd_body holding the product as a
+dequantise + linear (Linear4bit passes ``W.t()``, so the dequantised weight is transposed
+back)::
+
+    absmax = dequantize_blockwise(absmax_8bit, absmax2, code2.to(dev), 256, f32)  # nested
+    absmax += offset
+    out    = dequantize_4bit(W_t, absmax, blocksize, qt, (N, K), compute dtype)
+    y4     = linear(x, out.t().to(x.dtype).t(), bias)
+
+and, when x needs no gradient, those nodes inlined in the outer graph. Both are matched
+(an even number of transposes; every intermediate used only by the product). The tests
+pass with 0.49.0 too; CI runs the installed release only.
+
 The quant state is graph placeholders (parameters' attributes, lifted like parameters):
 non-nested: ``absmax`` f32[blocks]; nested (``bnb_4bit_use_double_quant``): ``absmax``
 u8[blocks] (``absmax_8bit`` above), ``state2.absmax`` f32[ceil(blocks/256)] (the call's
@@ -43,10 +58,10 @@ Under autocast PEFT skips its casts (``l`` has no ``.to``, the adapter linears' 
 are bf16 while A and B stay fp32): the op then computes the adapter in A's dtype (fp32),
 no less precise than autocast's bf16 (tested against an fp32-compute model).
 
-Left alone, with a reason: bitsandbytes 0.46–0.49's forward ``dequantize_4bit → linear``
-(not seen here, no graph dump to prove a match on); an ``autograd_function_apply`` whose
-bodies are not MatMul4Bit's; shapes, dtypes or quant-state sizes that do not line up; an
-adapter whose intermediates are used outside the site (the base alone is still rewritten).
+Left alone, with a reason: an ``autograd_function_apply`` whose bodies are not
+MatMul4Bit's; a dequantised weight used outside its linear; shapes, dtypes or quant-state
+sizes that do not line up; an adapter whose intermediates are used outside the site (the
+base alone is still rewritten).
 """
 
 from __future__ import annotations
@@ -100,14 +115,16 @@ class NoMatch(Exception):
 
 @dataclass
 class Base:
-    node: fx.Node  # the gemm_4bit call or the autograd_function_apply
-    out: fx.Node  # the base product: the gemm_4bit call, or getitem(afa, 0)
+    node: fx.Node  # the product (gemm_4bit or linear) or the autograd_function_apply
+    out: fx.Node  # the base product: that node, or getitem(afa, 0)
     args: dict  # gemm_4bit's arguments, as nodes/constants of the outer graph
     erase: list = field(default_factory=list)  # users first
 
 
 def _strip_views(node):
-    while is_method(node, ("view", "reshape")):
+    """The packed weight behind ``view``/``reshape``/``t`` (its layout does not matter:
+    the op reads it as bytes)."""
+    while is_method(node, ("view", "reshape", "t")):
         node = node.args[0]
     return node
 
@@ -120,6 +137,68 @@ def _gemm_arguments(call: fx.Node) -> dict:
     return args
 
 
+def _bnb_op(name):
+    ns = getattr(torch.ops, "bitsandbytes", None)
+    op = getattr(ns, name, None) if ns is not None else None
+    return getattr(op, "default", None) if op is not None else None
+
+
+def _dequant_linear(node):
+    """bitsandbytes < 0.50: ``linear(x, t(to(t(dequantize_4bit(B, absmax, ...)))), bias)``
+    with, when double-quantised, ``absmax = dequantize_blockwise(absmax_8bit, absmax2,
+    code2.to(device), 256, f32); absmax += offset`` → (gemm-style args, nodes users
+    first), or None when ``node`` is not such a linear."""
+    la = linear_args(node)
+    deq = _bnb_op("dequantize_4bit")
+    if la is None or deq is None:
+        return None
+    x, w, bias = la
+    chain, n, transposes = [], w, 0
+    while is_method(n, ("t", "to", "contiguous")):
+        transposes += n.target == "t"
+        chain.append(n)
+        n = n.args[0]
+    if not is_function(n, (deq,)):
+        return None
+    names = ("A", "absmax", "blocksize", "quant_type", "shape", "dtype")
+    d = dict(zip(names, n.args))
+    d.update(n.kwargs)
+    if transposes % 2:
+        raise NoMatch("linear on a transposed dequantised 4-bit weight")
+    if any(is_method(c, ("to",)) and (len(c.args) != 2 or c.kwargs) for c in chain):
+        raise NoMatch("dequantised weight moved or cast with unexpected arguments")
+    nodes = [node] + chain + [n]
+    am, a8 = d.get("absmax"), None
+    code2 = offset = None
+    if is_function(am, (operator.iadd, operator.add, torch.add)) or is_method(am, ("add", "add_")):
+        blockwise, offset = am.args[0], am.args[1]
+        dqb = _bnb_op("dequantize_blockwise")
+        if not (is_function(blockwise, (dqb,)) and len(blockwise.args) >= 4):
+            raise NoMatch("absmax computed by something else than dequantize_blockwise")
+        a8, am2, code_expr, bs2 = blockwise.args[:4]
+        if bs2 != nf4_kernels.NESTED_BLOCKSIZE:
+            raise NoMatch(f"double-quantised absmax with blocksize {bs2} (256 supported)")
+        nodes += [am, blockwise]
+        code2 = code_expr
+        while is_method(code2, ("to",)):
+            nodes.append(code2)
+            code2 = code2.args[0]
+        am = am2
+    args = dict(A=x, B=d.get("A"), shapeB=tuple(d.get("shape") or ()), absmax=am,
+                blocksize=d.get("blocksize"), quant_type=d.get("quant_type"), bias=bias,
+                absmax_8bit=a8, absmax_code=code2, absmax_offset=offset)
+    return args, nodes
+
+
+def _product(node):
+    """``(args, nodes)`` of a 4-bit product at ``node`` (gemm_4bit, or the older
+    dequantize + linear), or None."""
+    gemm = _gemm_4bit()
+    if gemm is not None and is_function(node, (gemm,)):
+        return _gemm_arguments(node), [node]
+    return _dequant_linear(node)
+
+
 def _body(gm, node):
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
@@ -129,28 +208,29 @@ def _body(gm, node):
 
 def _afa_base(gm, afa: fx.Node) -> Base:
     """MatMul4Bit.apply captured as autograd_function_apply(fwd_body, bwd_body, *ops)."""
-    gemm = _gemm_4bit()
     fwd, bwd = _body(gm, afa.args[0]), _body(gm, afa.args[1])
     if fwd is None or bwd is None:
         raise NoMatch(None)
-    calls = [n for n in fwd.graph.nodes if n.op == "call_function" and n.target is gemm]
-    if not calls:
+    products = [p for p in (_product(n) for n in fwd.graph.nodes) if p is not None]
+    if not products:
         raise NoMatch(None)  # some other autograd.Function
-    if len(calls) != 1:
-        raise NoMatch("autograd_function_apply with several gemm_4bit calls")
+    if len(products) != 1:
+        raise NoMatch("autograd_function_apply with several 4-bit products")
+    args, nodes = products[0]
+    inside = set(nodes)
     for n in fwd.graph.nodes:
-        ok = n.op in ("placeholder", "output") or n is calls[0] \
-            or is_method(n, ("view", "reshape")) \
+        ok = n.op in ("placeholder", "output") or n in inside \
+            or is_method(n, ("view", "reshape", "t")) \
             or (n.op == "call_function" and n.target is torch._C._set_grad_enabled)
         if not ok:
             raise NoMatch(f"MatMul4Bit-like forward with an unexpected node ({n.format_node()})")
     deq = _dequantize_4bit()
     if not any(n.op == "call_function" and n.target is deq for n in bwd.graph.nodes):
-        raise NoMatch("autograd_function_apply around gemm_4bit whose backward does not "
+        raise NoMatch("autograd_function_apply around a 4-bit product whose backward does not "
                       "dequantize the weight (not bitsandbytes' MatMul4Bit)")
     out = next(n for n in fwd.graph.nodes if n.op == "output")
     first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else None
-    if not (isinstance(first, (tuple, list)) and len(first) == 1 and first[0] is calls[0]):
+    if not (isinstance(first, (tuple, list)) and len(first) == 1 and first[0] is nodes[0]):
         raise NoMatch("MatMul4Bit-like forward returning something else than the product")
     users = list(afa.users)
     if len(users) != 1 or not (is_function(users[0], (operator.getitem,))
@@ -161,26 +241,29 @@ def _afa_base(gm, afa: fx.Node) -> Base:
     if len(placeholders) != len(outer):
         raise NoMatch("autograd_function_apply operands do not line up with its forward")
     to_outer = dict(zip(placeholders, outer))
-    args = {}
-    for name, a in _gemm_arguments(calls[0]).items():
+    mapped = {}
+    for name, a in args.items():
         if isinstance(a, fx.Node):
             src = _strip_views(a) if name == "B" else a  # only the packed weight is viewed
             if src not in to_outer:
-                raise NoMatch(f"gemm_4bit argument {name} is computed inside the function")
+                raise NoMatch(f"4-bit product argument {name} is computed inside the function")
             a = to_outer[src]
-        args[name] = a
-    return Base(afa, users[0], args, [users[0], afa])
+        mapped[name] = a
+    return Base(afa, users[0], mapped, [users[0], afa])
 
 
 def _base(gm, node) -> Base:
-    gemm = _gemm_4bit()
-    if gemm is not None and is_function(node, (gemm,)):
-        b = Base(node, node, _gemm_arguments(node), [node])
-    elif _AFA is not None and gemm is not None and node.op == "call_function" \
-            and node.target is _AFA:
+    if _AFA is not None and node.op == "call_function" and node.target is _AFA:
         b = _afa_base(gm, node)
     else:
-        raise NoMatch(None)
+        found = _product(node)
+        if found is None:
+            raise NoMatch(None)
+        args, nodes = found
+        inside = set(nodes)
+        if any(u not in inside for n in nodes[1:] for u in n.users):
+            raise NoMatch("the dequantised weight (or its scales) is used outside the linear")
+        b = Base(node, node, args, nodes)
     _check_base(b)
     return b
 
@@ -339,10 +422,9 @@ def _qweight_name(b: Base) -> str:
 
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
-    if _gemm_4bit() is None:
+    if _gemm_4bit() is None and _dequantize_4bit() is None:
         return  # bitsandbytes not loaded: no 4-bit linear can be in the graph
     fake_mode = fake_mode_of(graph)
-    deq = _dequantize_4bit()
     sites = []
     for node in list(graph.nodes):
         try:
@@ -350,12 +432,6 @@ def run(gm: fx.GraphModule, report) -> None:
         except NoMatch as e:
             if e.args and e.args[0]:
                 report.skipped.append((node.name, e.args[0]))
-            elif deq is not None and linear_args(node) is not None and any(
-                    is_function(_strip_views(n), (deq,)) or (is_method(n, ("t",))
-                                                             and is_function(n.args[0], (deq,)))
-                    for n in linear_args(node)[1:2]):
-                report.skipped.append((node.name, "bitsandbytes < 0.50 form (dequantize_4bit → "
-                                       "linear): not matched yet"))
             continue
         lora, why = _lora_on_top(b)
         sites.append((b, lora, why))
