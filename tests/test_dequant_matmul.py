@@ -492,6 +492,40 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
         assert rel(grads[name], g) <= 1e-4, f"{name}: {rel(grads[name], g):.2e}"
 
 
+def test_pass_dynamic_sequence_lengths(tmp_path_factory):
+    """A second sequence length recompiles with dynamic sizes: MatMul4Bit's forward body
+    then keeps its ``numel() == 0`` check as nodes; the sites still match (graph run
+    without Inductor) and agree with eager."""
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    path = _checkpoint(tmp_path_factory, "llama")
+    model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
+    reports = []
+
+    def rewrite_only(gm, example_inputs):
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        return gm.forward
+
+    reset_dynamo()
+    try:
+        fwd = torch.compile(model, backend=rewrite_only, fullgraph=True)
+        for seq in (12, 20, 9):
+            gen = torch.Generator().manual_seed(seq)
+            ids = torch.randint(0, VOCAB, (BATCH, seq), generator=gen)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            loss, grads = _loss_and_grads(fwd, model, batch)
+            loss_e, grads_e = _loss_and_grads(model, model, batch)
+            torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
+            for name, g in grads_e.items():
+                assert rel(grads[name], g) <= 1e-4, f"seq {seq} {name}: {rel(grads[name], g):.2e}"
+    finally:
+        reset_dynamo()
+    assert len(reports) == 2, "expected one static and one dynamic graph"
+    assert all(len(r.matched) == 7 and not r.skipped for r in reports), reports
+
+
 def test_pass_under_bf16_autocast(tmp_path_factory):
     """The benchmark's setting: forward under bf16 autocast (PEFT then skips its casts and
     the adapter linears run in bf16). The pass alone, graph run eagerly: every 4-bit

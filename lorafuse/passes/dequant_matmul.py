@@ -206,6 +206,18 @@ def _body(gm, node):
     return mod if isinstance(mod, fx.GraphModule) else None
 
 
+_SCALAR_FUNCS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                 operator.not_, operator.and_, operator.or_)
+
+
+def _scalar_check(node) -> bool:
+    """Size arithmetic with no tensor result: with dynamic shapes MatMul4Bit's forward
+    keeps its ``A.numel() == 0`` test as ``numel``/``eq`` nodes (nothing uses them)."""
+    if is_method(node, ("numel", "size", "dim")):
+        return True
+    return is_function(node, _SCALAR_FUNCS) and not isinstance(val(node), torch.Tensor)
+
+
 def _afa_base(gm, afa: fx.Node) -> Base:
     """MatMul4Bit.apply captured as autograd_function_apply(fwd_body, bwd_body, *ops)."""
     fwd, bwd = _body(gm, afa.args[0]), _body(gm, afa.args[1])
@@ -220,7 +232,7 @@ def _afa_base(gm, afa: fx.Node) -> Base:
     inside = set(nodes)
     for n in fwd.graph.nodes:
         ok = n.op in ("placeholder", "output") or n in inside \
-            or is_method(n, ("view", "reshape", "t")) \
+            or is_method(n, ("view", "reshape", "t")) or _scalar_check(n) \
             or (n.op == "call_function" and n.target is torch._C._set_grad_enabled)
         if not ok:
             raise NoMatch(f"MatMul4Bit-like forward with an unexpected node ({n.format_node()})")
