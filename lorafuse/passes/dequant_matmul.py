@@ -207,15 +207,18 @@ def _body(gm, node):
 
 
 _SCALAR_FUNCS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-                 operator.not_, operator.and_, operator.or_)
+                 operator.not_, operator.and_, operator.or_, operator.getitem, operator.add,
+                 operator.sub, operator.mul, operator.floordiv, operator.mod)
 
 
 def _scalar_check(node) -> bool:
     """Size arithmetic with no tensor result: with dynamic shapes MatMul4Bit's forward
-    keeps its ``A.numel() == 0`` test as ``numel``/``eq`` nodes (nothing uses them)."""
+    keeps its shape tests as nodes (0.50: ``A.numel() == 0``; 0.49: ``A.size()[0]``),
+    which nothing in the product uses."""
     if is_method(node, ("numel", "size", "dim")):
         return True
-    return is_function(node, _SCALAR_FUNCS) and not isinstance(val(node), torch.Tensor)
+    return is_function(node, _SCALAR_FUNCS) and not isinstance(val(node), torch.Tensor) \
+        and not any(isinstance(val(a), torch.Tensor) for a in node.args)
 
 
 def _afa_base(gm, afa: fx.Node) -> Base:
