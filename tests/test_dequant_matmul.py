@@ -526,6 +526,45 @@ def test_pass_dynamic_sequence_lengths(tmp_path_factory):
     assert all(len(r.matched) == 7 and not r.skipped for r in reports), reports
 
 
+def test_pass_two_active_adapters(tmp_path_factory):
+    """Two adapters active on q/v: the first is fused with the 4-bit base, the second
+    stays an add on the op's output; loss and all LoRA gradients equal eager's."""
+    from peft import LoraConfig
+
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    path = _checkpoint(tmp_path_factory, "llama")
+    model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    randomize_lora(model, 0.2, seed=1)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    reports = []
+
+    def rewrite_only(gm, example_inputs):
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        return gm.forward
+
+    batch = _batch(2)
+    reset_dynamo()
+    try:
+        loss, grads = _loss_and_grads(torch.compile(model, backend=rewrite_only, fullgraph=True),
+                                      model, batch)
+    finally:
+        reset_dynamo()
+    loss_e, grads_e = _loss_and_grads(model, model, batch)
+    assert len(reports) == 1 and len(reports[0].matched) == 7 and not reports[0].skipped
+    assert len(grads_e) == 14 + 4
+    torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
+    for name, g in grads_e.items():
+        assert g.norm() > 0, name
+        assert rel(grads[name], g) <= 1e-4, f"{name}: {rel(grads[name], g):.2e}"
+
+
 def test_pass_under_bf16_autocast(tmp_path_factory):
     """The benchmark's setting: forward under bf16 autocast (PEFT then skips its casts and
     the adapter linears run in bf16). The pass alone, graph run eagerly: every 4-bit

@@ -54,6 +54,10 @@ becomes the op without an adapter, in place of ``y4``. The op's backward re-dequ
 W; nothing dequantised is saved. The adapter's input stays a separate operand (dropout
 needs no special case: its node stays in the graph and autograd goes through it).
 
+Several active adapters: PEFT adds them one after the other; the first is fused into
+the op (its add is the anchor) and the others stay as they are, added to the op's output:
+the same values.
+
 Under autocast PEFT skips its casts (``l`` has no ``.to``, the adapter linears' values
 are bf16 while A and B stay fp32): the op then computes the adapter in A's dtype (fp32),
 no less precise than autocast's bf16 (tested against an fp32-compute model).
@@ -388,9 +392,6 @@ def _lora_on_top(b: Base):
         return None, "adapter shapes do not line up"
     if any(v.dtype not in _FLOATS for v in (va, vb, vxl, vadd)):
         return None, "adapter tensors are not floating point"
-    for user in add.users:  # a second adapter added on top: leave the adapters alone
-        if is_add(user) and any(_lora_term(a) is not None for a in user.args if a is not add):
-            return None, "several active adapters"
     erase = [add] + ([cast] if cast is not None else []) + [term, b_lin, a_lin] + chain[::-1]
     return Lora(add, A, B, scale, xa, erase), None
 
