@@ -27,6 +27,9 @@ class GraphReport:
     default_activation_bytes: int | None = None  # activation bytes kept without a budget
     budget_ratio: float | None = None  # torch's activation_memory_budget that was used
     budget_solves: int | None = None  # min-cut solves it took (1 without a budget)
+    budget_tier: int | None = None  # 1: only cheap ops may be recomputed; 2: matmuls too
+    recomputed_ops: int | None = None  # forward ops the backward computes again
+    recomputed_expensive: int | None = None  # of which matmuls, attention, custom ops
     budget_note: str | None = None  # why the budget was not met, if it was not
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
@@ -51,8 +54,10 @@ class GraphReport:
                 lines.append(f"    budget {self.memory_budget}: activations {_size(kept)} kept "
                              f"(allowed {_size(self.budget_bytes)}), "
                              f"{_size(max(default - kept, 0))} recomputed of {_size(default)} "
-                             f"without a budget (torch's activation_memory_budget "
-                             f"{self.budget_ratio:.3g}, {self.budget_solves} min-cut solves)")
+                             f"without a budget; {self.recomputed_ops} ops recomputed, "
+                             f"{self.recomputed_expensive} of them matmul/attention/custom "
+                             f"(torch's activation_memory_budget {self.budget_ratio:.3g}, "
+                             f"{self.budget_solves} min-cut solves)")
             if self.budget_note:
                 lines.append(f"    {self.budget_note}")
         if self.fell_back:
