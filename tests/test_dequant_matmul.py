@@ -16,6 +16,7 @@ a few steps, compiled with the pass asked for explicitly vs eager on the same pa
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ BNB_VERSION = tuple(int(p) for p in bnb.__version__.split(".")[:2])
 
 from lorafuse.kernels import nf4  # noqa: E402
 
-PROP = settings(max_examples=12, deadline=None,
+# Few examples in CI (CPU time); LORAFUSE_TEST_EXAMPLES=300 for a deeper run.
+PROP = settings(max_examples=int(os.environ.get("LORAFUSE_TEST_EXAMPLES", "12")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -203,14 +205,16 @@ def _eager_qlora(x, q, qs, bias, A, B, scale, xl, out_dtype, gy):
 
 
 @PROP
-@given(c=op_case(), adapter_bf16=st.booleans(), device_path=st.booleans())
-def test_op_bf16_no_farther_from_fp64_than_eager(c, adapter_bf16, device_path):
+@given(c=op_case(), adapter_bf16=st.booleans(), out_bf16=st.booleans(),
+       device_path=st.booleans())
+def test_op_bf16_no_farther_from_fp64_than_eager(c, adapter_bf16, out_bf16, device_path):
     """x and bias bf16 (bitsandbytes' compute dtype); the adapter fp32 (PEFT's default) or
-    bf16; y in fp32 or bf16 (the add's dtype). Both the CPU reference and the CUDA code
-    path (dequantised bf16 W, fp32-accumulated GEMM) are checked."""
+    bf16; y in fp32 (an fp32 model) or bf16 (a bf16 model: the add's dtype). Both the CPU
+    reference and the CUDA code path (dequantised bf16 W, fp32-accumulated GEMM) are
+    checked."""
     adt = torch.bfloat16 if adapter_bf16 else torch.float32
     q, qs, x, bias, A, B, xl = _inputs(c, torch.bfloat16, adt)
-    out_dtype = adt
+    out_dtype = torch.bfloat16 if out_bf16 else adt
     old = nf4.DEVICE_PATH_ON_CPU
     nf4.DEVICE_PATH_ON_CPU = device_path
     try:
@@ -614,7 +618,6 @@ TRITON_CHECKS = ["kernel-forward", "kernel-backward", "op-triton"]
 @pytest.fixture(scope="module")
 def interpreter_results():
     import json
-    import os
     import subprocess
     import sys
     from importlib.metadata import version
@@ -726,7 +729,6 @@ def _worker():
             fallbacks = [str(m.message) for m in caught if "Triton 4-bit" in str(m.message)]
             assert not fallbacks, fallbacks  # the Triton path ran, not the fallback
             nf4.DEVICE_PATH_ON_CPU = True
-            import os
             os.environ[nf4.IMPL_ENV] = "cublas"
             try:
                 yd, grads_d, _ = run_op(x, q, qs, bias, A, B, c["scale"], xl, torch.float32)
