@@ -248,6 +248,8 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
     if any(n.startswith(module) and "lora_magnitude_vector" in n for n in names) or \
             "L_magnitude_" in names:
         return "DoRA (magnitude vector)"
+    if any(n.startswith(module + "_modules_base_layer_") and "quant_state" in n for n in names):
+        return "4-bit base (bitsandbytes): the dequant_matmul pass's job"
     if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
         return "several active adapters"
     return "adapter not in the recognised base + B(A(x)) * s form"
