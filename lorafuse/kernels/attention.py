@@ -74,12 +74,11 @@ def attention_reference(q, k, v, mask, use_causal: bool, n_rep: int, scale):
 
 @torch.library.custom_op("lorafuse::mask_is_causal", mutates_args=())
 def mask_is_causal_op(mask: Tensor) -> Tensor:
-    """0-d bool on the CPU: is ``mask`` (…, Lq, Lkv) the causal pattern everywhere?"""
-    lq, lkv = mask.shape[-2], mask.shape[-1]
-    shape = (1,) * max(0, 4 - mask.dim()) + tuple(mask.shape[:-2])[-2:]
-    q_shape = (*shape[-2:], lq, 1) if mask.dim() >= 2 else (1, 1, lq, 1)
-    ok = is_causal_mask(mask, q_shape, (1, 1, lkv, 1))
-    return torch.tensor(ok)
+    """0-d bool on the CPU: is ``mask`` ([B, [H,]] Lq, Lkv) the causal pattern everywhere?"""
+    if not 2 <= mask.dim() <= 4:
+        return torch.tensor(False)
+    b, h, lq, lkv = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return torch.tensor(is_causal_mask(mask, (b, h, lq, 1), (b, h, lkv, 1)))
 
 
 @mask_is_causal_op.register_fake

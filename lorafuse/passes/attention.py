@@ -63,7 +63,7 @@ def sdpa_call(node) -> dict | None:
     return call
 
 
-def _ancestors(node: fx.Node) -> list:
+def _ancestors(node: fx.Node) -> set:
     seen, stack = {node}, [node]
     while stack:
         for a in stack.pop().all_input_nodes:
@@ -141,13 +141,14 @@ def rewrite_call(gm, node, call, masks: dict) -> str:
     if mask is not None:
         if call.get("is_causal"):
             raise NoMatch("both a mask and is_causal")
-        if mask not in masks:
+        key = (mask, tuple(q.shape), tuple(k.shape))  # one evaluation per mask and shape
+        if key not in masks:
             try:
-                masks[mask] = ("ok", is_causal_mask(evaluate_constant(gm, mask),
-                                                    q.shape, k.shape))
+                masks[key] = ("ok", is_causal_mask(evaluate_constant(gm, mask),
+                                                   q.shape, k.shape))
             except NoMatch as e:
-                masks[mask] = ("no", e.args[0])
-        status, detail = masks[mask]
+                masks[key] = ("no", e.args[0])
+        status, detail = masks[key]
         if status == "no":
             raise NoMatch(detail)
         if not detail:
