@@ -10,9 +10,14 @@ compiles share it, so identical kernels are built once.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import traceback
+from pathlib import Path
 
 _CACHE_DIR = tempfile.mkdtemp(prefix="lorafuse-test-inductor-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE_DIR
@@ -150,3 +155,57 @@ def lora_params(model) -> dict:
 def tiny_model():
     """Factory: ``tiny_model(arch, **kw)`` → a PEFT-wrapped tiny model (see make_tiny_model)."""
     return make_tiny_model
+
+
+# --------------------------------------------------------------------------- Triton interpreter
+# TRITON_INTERPRET is read when triton is first imported, which the pytest process has done
+# already: a test file runs its kernel checks in one subprocess (the file run as a script),
+# whose last stdout line is {check: [ok, detail]}.
+
+
+def interpreter_unusable() -> str:
+    """Why the Triton interpreter cannot run the kernels here, or "" (DESIGN.md: triton
+    3.6's interpreter fails on range loops over runtime bounds with numpy >= 2.3)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tv = tuple(int(p) for p in version("triton").split(".")[:2])
+    except PackageNotFoundError:
+        return "triton not installed"
+    nv = tuple(int(p) for p in version("numpy").split(".")[:2])
+    if tv <= (3, 6) and nv >= (2, 3):
+        return f"triton {version('triton')} interpreter needs numpy < 2.3 (have {version('numpy')})"
+    return ""
+
+
+def run_interpreter_worker(test_file: str, **env) -> dict:
+    """Run ``test_file`` as a script under TRITON_INTERPRET=1 with ``env`` added; return its
+    checks. Skips the calling test where the interpreter cannot run."""
+    reason = interpreter_unusable()
+    if reason:
+        pytest.skip(reason)
+    repo = Path(test_file).resolve().parents[1]
+    full_env = dict(os.environ, TRITON_INTERPRET="1", **env,
+                    PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, test_file], env=full_env, cwd=repo,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class CheckRecorder:
+    """Worker side: ``record(name, fn)`` runs one check and keeps (ok, traceback);
+    ``record.report()`` prints them all as the last stdout line."""
+
+    def __init__(self):
+        self.results = {}
+
+    def __call__(self, name, fn) -> None:
+        try:
+            fn()
+            self.results[name] = (True, "")
+        except Exception:
+            self.results[name] = (False, traceback.format_exc()[-2500:])
+
+    def report(self) -> None:
+        print(json.dumps(self.results))

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
-import lorafuse
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model
 from lorafuse.passes.attention import is_causal_mask
 from lorafuse.report import Report

@@ -23,7 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import VOCAB, assert_close_fp32, lora_params, randomize_lora, reset_dynamo
+from conftest import CheckRecorder, VOCAB, assert_close_fp32, lora_params, randomize_lora
+from conftest import reset_dynamo, run_interpreter_worker
 
 bnb = pytest.importorskip(
     "bitsandbytes", reason="bitsandbytes is not installed (pip install lorafuse[qlora])")
@@ -617,24 +618,8 @@ TRITON_CHECKS = ["kernel-forward", "kernel-backward", "op-triton"]
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    import json
-    import subprocess
-    import sys
-    from importlib.metadata import version
-    from pathlib import Path
-
     pytest.importorskip("triton")
-    tv = tuple(int(p) for p in version("triton").split(".")[:2])
-    nv = tuple(int(p) for p in version("numpy").split(".")[:2])
-    if tv <= (3, 6) and nv >= (2, 3):
-        pytest.skip(f"triton {version('triton')} interpreter needs numpy < 2.3")
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAFUSE_NF4_IMPL="triton",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=repo, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreter_worker(__file__, LORAFUSE_NF4_IMPL="triton")
 
 
 @pytest.mark.parametrize("check", TRITON_CHECKS)
@@ -656,18 +641,8 @@ KERNEL_CASES = [
 
 
 def _worker():
-    import json
-    import traceback
-
     assert nf4._INTERPRETED, "TRITON_INTERPRET did not take effect"
-    results = {}
-
-    def record(name, fn):
-        try:
-            fn()
-            results[name] = (True, "")
-        except Exception:
-            results[name] = (False, traceback.format_exc()[-2500:])
+    record = CheckRecorder()
 
     def case_tensors(M, N, K, bs, qt, nested, dt, r, bias):
         g = torch.Generator().manual_seed(M * 1000 + N)
@@ -745,7 +720,7 @@ def _worker():
     record("kernel-forward", forward)
     record("kernel-backward", backward)
     record("op-triton", op)
-    print(json.dumps(results))
+    record.report()
 
 
 if __name__ == "__main__":

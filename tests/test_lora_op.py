@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafuse.kernels import lora
+from lorafuse.kernels import _dispatch, lora
 from lorafuse.kernels.lora import lora_linear
 
 # Sizes that are not multiples of 16, so no path gets a friendly tile.
@@ -302,7 +302,7 @@ def test_fake_impls_shapes():
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
     monkeypatch.setattr(lora, "_choice", {})
-    monkeypatch.setattr(lora, "_warned", set())
+    monkeypatch.setattr(_dispatch, "warned", set())
     monkeypatch.delenv(lora.IMPL_ENV, raising=False)
     return monkeypatch
 

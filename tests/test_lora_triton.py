@@ -13,16 +13,11 @@ and equal to that value rounded in nearly every element.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import CheckRecorder, run_interpreter_worker
 DTYPES = ("float32", "float16", "bfloat16")
 
 # (name, M, N, K, r, options): odd sizes around the interpreter tile (16 x 32 x 16).
@@ -56,28 +51,9 @@ def _check_ids():
 # --------------------------------------------------------------------------- pytest side
 
 
-def _interpreter_broken() -> str:
-    """Triton 3.6's interpreter fails on range loops over runtime bounds with numpy >= 2.3
-    (DESIGN.md); say so instead of failing every check with an opaque numpy error."""
-    from importlib.metadata import version
-
-    tv = tuple(int(p) for p in version("triton").split(".")[:2])
-    nv = tuple(int(p) for p in version("numpy").split(".")[:2])
-    if tv <= (3, 6) and nv >= (2, 3):
-        return f"triton {version('triton')} interpreter needs numpy < 2.3 (have {version('numpy')})"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if _interpreter_broken():
-        pytest.skip(_interpreter_broken())
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAFUSE_LORA_IMPL="triton",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreter_worker(__file__, LORAFUSE_LORA_IMPL="triton")
 
 
 @pytest.mark.parametrize("check", _check_ids())
@@ -96,17 +72,10 @@ def _worker():
 
     import torch
 
-    from lorafuse.kernels import lora, lora_triton as lt
+    from lorafuse.kernels import _dispatch, lora, lora_triton as lt
 
     assert lt._INTERPRETED, "TRITON_INTERPRET did not take effect"
-    results = {}
-
-    def record(name, fn):
-        try:
-            fn()
-            results[name] = (True, "")
-        except Exception:
-            results[name] = (False, traceback.format_exc()[-2500:])
+    record = CheckRecorder()
 
     def rnd(g, *shape, dtype, std=1.0):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
@@ -260,7 +229,7 @@ def _worker():
     def fallback():
         """fp64 is not a kernel dtype: the op warns once and uses the cuBLAS-path code."""
         lora._choice.clear()
-        lora._warned.clear()
+        _dispatch.warned.clear()
         x, w, b, a, B, s, xl, _ = lora_inputs((5,), 6, 7, 2, {"bias": True}, torch.float64)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -272,7 +241,7 @@ def _worker():
         assert torch.allclose(y, want) and torch.equal(y, y2)
 
     record("op-fallback-float64", fallback)
-    print(json.dumps(results))
+    record.report()
 
 
 if __name__ == "__main__":

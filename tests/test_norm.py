@@ -18,17 +18,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import CheckRecorder, run_interpreter_worker
 
 # --------------------------------------------------------------------------- eager code
 # The model code the op replaces: transformers' modules, and a weightless RMSNorm.
@@ -232,29 +227,9 @@ def _triton_check_ids():
     return [f"{c[0]}-{d}" for c in TRITON_CASES for d in DTYPES] + ["kernel-direct"]
 
 
-def _interpreter_broken() -> str:
-    from importlib.metadata import version
-
-    try:
-        tv = tuple(int(p) for p in version("triton").split(".")[:2])
-    except Exception:
-        return "triton not installed"
-    nv = tuple(int(p) for p in version("numpy").split(".")[:2])
-    if tv <= (3, 6) and nv >= (2, 3):
-        return f"triton {version('triton')} interpreter needs numpy < 2.3"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def interpreter_results():
-    if _interpreter_broken():
-        pytest.skip(_interpreter_broken())
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAFUSE_NORM_IMPL="triton",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreter_worker(__file__, LORAFUSE_NORM_IMPL="triton")
 
 
 @pytest.mark.parametrize("check", _triton_check_ids())
@@ -272,14 +247,7 @@ def _worker():
 
     assert norm._INTERPRETED, "TRITON_INTERPRET did not take effect"
     warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would hide the kernel
-    results = {}
-
-    def record(name, fn):
-        try:
-            fn()
-            results[name] = (True, "")
-        except Exception:
-            results[name] = (False, traceback.format_exc()[-2500:])
+    record = CheckRecorder()
 
     def case(shape, variant, wdt, w_grad, dtype):
         g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
@@ -327,7 +295,7 @@ def _worker():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     record("kernel-direct", direct)
-    print(json.dumps(results))
+    record.report()
 
 
 # --------------------------------------------------------------------------- the pass (no Inductor)

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._dispatch import requested_impl, warn_once
 
 # --------------------------------------------------------------------------- reference
 
@@ -128,21 +129,10 @@ IMPL_ENV = "LORAFUSE_LORA_IMPL"
 _IMPLS = ("auto", "cublas", "triton")
 _MEASURE_ITERS = 5
 _choice: dict[tuple, str] = {}  # (mode, kind, shape key) -> "cublas" | "triton"
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _requested_impl() -> str:
-    impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
-    if impl not in _IMPLS:
-        _warn_once(f"lorafuse: {IMPL_ENV}={impl!r} is not one of {_IMPLS}; using 'auto'")
-        return "auto"
-    return impl
+    return requested_impl(IMPL_ENV, _IMPLS)
 
 
 def _bucket(m: int) -> int:
@@ -188,7 +178,7 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
             out = triton_fn(*args)
     except Exception as e:  # never crash training over the optional kernel
         _choice[ckey] = "cublas"
-        _warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
+        warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
                    "using cuBLAS")
         return cublas_fn(*args)
     if not measure:
@@ -216,7 +206,7 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
 
             return lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
         except Exception as e:  # never crash training over the optional kernel
-            _warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
+            warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
                        "using cuBLAS with an fp32 output")
     if x2.dtype in (torch.float16, torch.bfloat16):
         y = torch.mm(x2, weight.t(), out_dtype=torch.float32)

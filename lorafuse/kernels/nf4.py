@@ -51,12 +51,12 @@ interpreter on CPU.
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._dispatch import requested_impl, warn_once
 
 try:  # optional: the CPU reference and the cuBLAS path need no Triton
     import triton
@@ -477,18 +477,9 @@ def _backward_triton(*args):
 # a Triton failure falls back to cuBLAS with one warning.
 
 IMPL_ENV = "LORAFUSE_NF4_IMPL"
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def _impl(t: Tensor) -> str:
     """"reference", "device" (cuBLAS) or "triton" for a call on ``t``'s device."""
-    want = os.environ.get(IMPL_ENV, "cublas").strip().lower()
+    want = requested_impl(IMPL_ENV, ("cublas", "triton"), default="cublas")
     if want == "triton" and triton is not None and (
             t.is_cuda or (_INTERPRETED and not t.is_cuda)):
         return "triton"
@@ -503,7 +494,7 @@ def _run(kind, impls, *args):
         try:
             return impls[2](*args)
         except Exception as e:  # never crash training over the optional kernel
-            _warn_once(f"lorafuse: Triton 4-bit kernel unavailable ({type(e).__name__}: {e}); "
+            warn_once(f"lorafuse: Triton 4-bit kernel unavailable ({type(e).__name__}: {e}); "
                        "using dequantize + cuBLAS")
             impl = "device" if args[0].is_cuda else "reference"
     return (impls[0] if impl == "reference" else impls[1])(*args)

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._dispatch import requested_impl, warn_once
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -59,21 +60,10 @@ except ImportError:  # pragma: no cover
 IMPL_ENV = "LORAFUSE_NORM_IMPL"
 _IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_warned: set = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _requested_impl() -> str:
-    impl = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
-    if impl not in _IMPLS:
-        _warn_once(f"lorafuse: {IMPL_ENV}={impl!r} is not one of {_IMPLS}; using 'auto'")
-        return "auto"
-    return impl
+    return requested_impl(IMPL_ENV, _IMPLS)
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -351,7 +341,7 @@ def _forward_impl(x, weight, eps, offset, cast_before_weight, out_dtype):
             return rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight,
                                            out_dtype)
         except Exception as e:  # never crash training over the optional kernel
-            _warn_once(f"lorafuse: Triton RMSNorm forward failed ({type(e).__name__}: {e}); "
+            warn_once(f"lorafuse: Triton RMSNorm forward failed ({type(e).__name__}: {e}); "
                        "using PyTorch")
     return rms_norm_reference(x, weight, eps, offset, cast_before_weight, out_dtype)
 
@@ -362,7 +352,7 @@ def _backward_impl(dy, x, weight, rstd, offset, cast_before_weight, need_dx, nee
             return rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight,
                                             need_dx, need_dweight)
         except Exception as e:
-            _warn_once(f"lorafuse: Triton RMSNorm backward failed ({type(e).__name__}: {e}); "
+            warn_once(f"lorafuse: Triton RMSNorm backward failed ({type(e).__name__}: {e}); "
                        "using PyTorch")
     return rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight,
                                        need_dx, need_dweight)

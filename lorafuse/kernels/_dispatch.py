@@ -1,0 +1,25 @@
+"""What the kernel families share: the ``LORAFUSE_<FAMILY>_IMPL`` switches, and warnings
+said once per process (a fallback warns on its first call, not on every step)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+warned: set = set()  # messages already given (tests clear it)
+
+
+def warn_once(msg: str) -> None:
+    if msg not in warned:
+        warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def requested_impl(env: str, choices: tuple, default: str = "auto") -> str:
+    """The path asked for through ``env`` (one of ``choices``); an unknown value warns once
+    and gives ``default``."""
+    impl = os.environ.get(env, default).strip().lower() or default
+    if impl not in choices:
+        warn_once(f"lorafuse: {env}={impl!r} is not one of {choices}; using {default!r}")
+        return default
+    return impl
