@@ -77,6 +77,10 @@ def mask_is_causal_op(mask: Tensor) -> Tensor:
     """0-d bool on the CPU: is ``mask`` ([B, [H,]] Lq, Lkv) the causal pattern everywhere?"""
     if not 2 <= mask.dim() <= 4:
         return torch.tensor(False)
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        # No host read inside a CUDA graph capture, and a replay would repeat whatever
+        # branch was captured: take the masked call, which is right for every mask.
+        return torch.tensor(False)
     b, h, lq, lkv = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     return torch.tensor(is_causal_mask(mask, (b, h, lq, 1), (b, h, lkv, 1)))
 
