@@ -276,3 +276,25 @@ def test_masked_attention_pass_padded_and_unpadded_batches(fresh_dynamo, monkeyp
     masked = next(p for p in graph.passes if p.name == "masked_attention")
     assert masked.matched == [f"sdpa.{i}" for i in range(layers)]
     assert counters["lorafuse"]["masked_attention"] == layers
+
+
+def test_symbolic_sizes_left_alone_without_failing(fresh_dynamo):
+    """dynamic=True: the mask's sizes are symbolic, so it cannot be evaluated once; the
+    pass leaves the call alone with a reason (and does not fail: no fallback warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    mod = GQAttention()
+    report = Report()
+    compiled = torch.compile(mod, backend=_collecting(report), dynamic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for length in (7, 11):
+            x = torch.randn(2, length, 32)
+            assert_close_fp32(compiled(x), mod(x), what=f"length {length}")
+    att = [p for g in report.graphs for p in g.passes if p.name == "attention"]
+    assert att and all(p.error is None and not p.matched for p in att)
+    assert {r for p in att for _, r in p.skipped} <= {
+        "mask has symbolic sizes",
+        "mask depends on inputs (padding or packed sequences; the opt-in masked_attention "
+        "pass checks it at run time)"}

@@ -141,7 +141,8 @@ def rewrite_call(gm, node, call, masks: dict) -> str:
     if mask is not None:
         if call.get("is_causal"):
             raise NoMatch("both a mask and is_causal")
-        key = (mask, tuple(q.shape), tuple(k.shape))  # one evaluation per mask and shape
+        # one evaluation per mask and shape (str: symbolic sizes do not hash)
+        key = (mask, str(tuple(q.shape)), str(tuple(k.shape)))
         if key not in masks:
             try:
                 masks[key] = ("ok", is_causal_mask(evaluate_constant(gm, mask),
