@@ -298,3 +298,20 @@ def test_symbolic_sizes_left_alone_without_failing(fresh_dynamo):
         "mask has symbolic sizes",
         "mask depends on inputs (padding or packed sequences; the opt-in masked_attention "
         "pass checks it at run time)"}
+
+
+def test_masked_attention_leaves_constant_non_causal_masks_alone(fresh_dynamo):
+    """A sliding window the compile can evaluate is never causal: no run-time check."""
+    from lorafuse.backend import lorafuse_backend
+
+    torch.manual_seed(0)
+    mod = GQAttention(mask="window")
+    report = Report()
+    compiled = torch.compile(mod, backend=lambda gm, ex: lorafuse_backend(
+        gm, ex, options={"passes": ("attention", "masked_attention")}, _collect=report))
+    x = torch.randn(2, 9, 32)
+    assert_close_fp32(compiled(x), mod(x), what="output")
+    masked = next(p for p in report.graphs[0].passes if p.name == "masked_attention")
+    assert masked.matched == []
+    assert [r for _, r in masked.skipped] == [
+        "mask is constant and not causal (a run-time check would always fail)"]

@@ -12,8 +12,9 @@ HF Trainer batch carries, padded or not::
 
 A padded batch still gets the masked call (exactly the traced one), so results never
 change; an unpadded one gets ``is_causal=True, enable_gqa=True``. Left alone: attention
-dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, Lkv), and K/V
-repeated in a form the pass does not recognise.
+dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, Lkv), K/V
+repeated in a form the pass does not recognise, and masks the compile can evaluate that
+are not causal (a sliding window shorter than the sequence).
 
 Not a default pass: its cost (one host read of the mask per step; a recomputed attention
 forward in the backward) has not been measured on the GPU yet.
@@ -26,7 +27,9 @@ from torch import fx
 
 from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
 from ._graph import add_node, fake_mode_of, same_sizes, val
-from .attention import _ancestors, _erase_dead, repeat_kv_source, sdpa_call
+from ..kernels.attention import is_causal_mask
+from .attention import NoMatch as NotConstant
+from .attention import _ancestors, _erase_dead, evaluate_constant, repeat_kv_source, sdpa_call
 
 NAME = "masked_attention"
 
@@ -65,6 +68,16 @@ def _plan(call) -> tuple:
     return call["key"], call["value"], 1
 
 
+def _constant_and_not_causal(gm, call) -> bool:
+    """A mask the compile can evaluate (no inputs, static sizes) that is not causal — a
+    sliding window, say: a run-time check would fail at every step, so leave it alone."""
+    try:
+        mask = evaluate_constant(gm, call["attn_mask"])
+    except NotConstant:
+        return False
+    return not is_causal_mask(mask, val(call["query"]).shape, val(call["key"]).shape)
+
+
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
@@ -78,6 +91,9 @@ def run(gm: fx.GraphModule, report) -> None:
         site = f"sdpa.{i}"
         try:
             k, v, n_rep = _plan(call)
+            if _constant_and_not_causal(gm, call):
+                raise NoMatch("mask is constant and not causal (a run-time check would "
+                              "always fail)")
         except NoMatch as e:
             report.skipped.append((site, e.args[0]))
             continue
