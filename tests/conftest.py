@@ -38,6 +38,7 @@ HEADS = 4
 KV_HEADS = 2
 HEAD_DIM = HIDDEN // HEADS
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gpt2")
+MORE_ARCHS = ("qwen3", "phi3", "gemma3")  # built by make_tiny_model too; used by fewer tests
 
 
 def reset_dynamo() -> None:
@@ -72,7 +73,7 @@ def _hf_config(arch: str, layers: int, overrides: dict):
 
     common = dict(vocab_size=VOCAB, num_hidden_layers=layers, use_cache=False,
                   max_position_embeddings=64, tie_word_embeddings=False)
-    if arch in ("llama", "mistral", "qwen2", "gemma2"):
+    if arch in ("llama", "mistral", "qwen2", "gemma2", "qwen3", "phi3", "gemma3"):
         common.update(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                       head_dim=HEAD_DIM, attention_dropout=0.0)
@@ -86,13 +87,21 @@ def _hf_config(arch: str, layers: int, overrides: dict):
         cfg = transformers.Gemma2Config(**common, query_pre_attn_scalar=HEAD_DIM,
                                         attn_logit_softcapping=50.0,
                                         final_logit_softcapping=30.0, sliding_window=8)
+    elif arch == "qwen3":  # per-head q/k RMSNorm
+        cfg = transformers.Qwen3Config(**common)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        common.pop("head_dim")
+        cfg = transformers.Phi3Config(**common, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    elif arch == "gemma3":  # sliding-window layers (window 8) on SDPA
+        cfg = transformers.Gemma3TextConfig(**common, sliding_window=8,
+                                            query_pre_attn_scalar=HEAD_DIM)
     elif arch == "gpt2":  # Conv1D projections: view → addmm → view
         cfg = transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=HEADS,
             n_inner=INTERMEDIATE, n_positions=64, use_cache=False, bos_token_id=0, eos_token_id=0,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
     else:
-        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS + MORE_ARCHS}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

@@ -129,22 +129,23 @@ def _collecting(report):
 
 def _train_side_by_side(model, batches):
     """Train ``model`` compiled and an eager copy on the same batches (no attention_mask:
-    the case the pass rewrites); return both loss lists, the last gradients and the report."""
+    the case the pass rewrites); return both loss lists, the gradients of the first step
+    (same parameters) and of the last, and the report."""
     eager = copy.deepcopy(model)
     report = Report()
     compiled = torch.compile(model, backend=_collecting(report))
     out = {"eager": ([], None), "lorafuse": ([], None)}
     for name, fwd, m in (("eager", eager, eager), ("lorafuse", compiled, model)):
         opt = torch.optim.AdamW(lora_params(m).values(), lr=1e-2)
-        losses = []
+        losses, grads = [], []
         for ids in batches:
             loss = fwd(input_ids=ids, labels=ids).loss
             loss.backward()
-            grads = {n: p.grad.clone() for n, p in lora_params(m).items()}
+            grads.append({n: p.grad.clone() for n, p in lora_params(m).items()})
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
-        out[name] = (losses, grads)
+        out[name] = (losses, (grads[0], grads[-1]))
     return out, report
 
 
@@ -152,6 +153,9 @@ def _train_side_by_side(model, batches):
 @pytest.mark.parametrize("arch,overrides,want", [
     ("llama", {}, "causal+gqa"),
     ("mistral", {"sliding_window": 5}, None),  # the window makes the mask non-causal
+    ("qwen3", {}, "causal+gqa"),
+    ("phi3", {}, "causal+gqa"),
+    ("gemma3", {}, None),  # sliding-window layers (window 8 < 12 tokens)
 ])
 def test_tiny_model_trains_like_eager(fresh_dynamo, arch, overrides, want):
     model = make_tiny_model(arch, **overrides)
@@ -161,8 +165,11 @@ def test_tiny_model_trains_like_eager(fresh_dynamo, arch, overrides, want):
     (el, eg), (cl, cg) = out["eager"], out["lorafuse"]
     for step, (a, b) in enumerate(zip(cl, el), 1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"loss at step {step}")
-    for n in eg:
-        assert_close_fp32(cg[n], eg[n], rtol=1e-4, what=n)
+    # Step 1 sees the same parameters: tight. The last step compares two trajectories, where
+    # AdamW's m/sqrt(v) turns ulp differences into larger ones (tests/test_models.py: 1e-3).
+    for (g_comp, g_eager), rtol in zip(zip(cg, eg), (1e-4, 1e-3)):
+        for n in g_eager:
+            assert_close_fp32(g_comp[n], g_eager[n], rtol=rtol, what=n)
     layers = model.config.num_hidden_layers
     att = next(p for p in report.graphs[0].passes if p.name == "attention")
     if want:
