@@ -156,6 +156,27 @@ def assert_close_fp32(got, want, rtol: float = 1e-5, what: str = "") -> None:
                                msg=(lambda m: f"{what}: {m}") if what else None)
 
 
+def run_once(cache: dict, key, fn):
+    """``fn()`` once per ``key`` in ``cache`` (a module's compiled-model runs shared by its
+    tests); a failure is remembered too, so the key's other tests do not pay for it again."""
+    if key not in cache:
+        try:
+            cache[key] = fn()
+        except Exception as e:
+            cache[key] = e
+            raise
+    if isinstance(cache[key], Exception):
+        raise cache[key]
+    return cache[key]
+
+
+def assert_check_passed(results: dict, check: str) -> None:
+    """One check of a Triton-interpreter worker (``run_interpreter_worker``)."""
+    assert check in results, f"{check} did not run"
+    ok, detail = results[check]
+    assert ok, detail
+
+
 def lora_params(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CheckRecorder, VOCAB, assert_close_fp32, lora_params, randomize_lora
-from conftest import reset_dynamo, run_interpreter_worker
+from conftest import assert_check_passed, reset_dynamo, run_interpreter_worker
 
 bnb = pytest.importorskip(
     "bitsandbytes", reason="bitsandbytes is not installed (pip install lorafuse[qlora])")
@@ -624,9 +624,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("check", TRITON_CHECKS)
 def test_triton_interpreter(interpreter_results, check):
-    assert check in interpreter_results, f"{check} did not run"
-    ok, detail = interpreter_results[check]
-    assert ok, detail
+    assert_check_passed(interpreter_results, check)
 
 
 # (M, N, K, blocksize, quant type, nested, dtype, r, bias): odd sizes around the

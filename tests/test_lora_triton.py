@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from conftest import CheckRecorder, run_interpreter_worker
+from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
 DTYPES = ("float32", "float16", "bfloat16")
 
 # (name, M, N, K, r, options): odd sizes around the interpreter tile (16 x 32 x 16).
@@ -58,9 +58,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("check", _check_ids())
 def test_triton_interpreter(interpreter_results, check):
-    assert check in interpreter_results, f"{check} did not run"
-    ok, detail = interpreter_results[check]
-    assert ok, detail
+    assert_check_passed(interpreter_results, check)
 
 
 # --------------------------------------------------------------------------- worker side

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
+from conftest import run_once
 import lorafuse
 from lorafuse.kernels import loss as loss_kernels
 from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
@@ -371,15 +372,7 @@ def _train(arch):
 
 
 def _run(arch):
-    if arch not in _RUNS:
-        try:
-            _RUNS[arch] = _train(arch)
-        except Exception as e:
-            _RUNS[arch] = e
-            raise
-    if isinstance(_RUNS[arch], Exception):
-        raise _RUNS[arch]
-    return _RUNS[arch]
+    return run_once(_RUNS, arch, lambda: _train(arch))
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 
 import lorafuse
 from conftest import ARCHS, VOCAB, assert_close_fp32, lora_params, lora_sites, make_tiny_model
-from conftest import randomize_lora, reset_dynamo
+from conftest import randomize_lora, reset_dynamo, run_once
 
 pytestmark = pytest.mark.slow
 
@@ -131,17 +131,8 @@ _RUNS: dict = {}
 
 
 def _run(arch: str) -> Run:
-    """Train eager and compiled copies of one tiny model side by side (once per arch; a
-    failure is remembered too, so the arch's other tests do not pay for it again)."""
-    if arch not in _RUNS:
-        try:
-            _RUNS[arch] = _train(arch)
-        except Exception as e:
-            _RUNS[arch] = e
-            raise
-    if isinstance(_RUNS[arch], Exception):
-        raise _RUNS[arch]
-    return _RUNS[arch]
+    """Train eager and compiled copies of one tiny model side by side, once per arch."""
+    return run_once(_RUNS, arch, lambda: _train(arch))
 
 
 def _train(arch: str) -> Run:

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from conftest import CheckRecorder, run_interpreter_worker
+from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
 
 # --------------------------------------------------------------------------- eager code
 # The model code the op replaces: transformers' modules, and a weightless RMSNorm.
@@ -234,9 +234,7 @@ def interpreter_results():
 
 @pytest.mark.parametrize("check", _triton_check_ids())
 def test_triton_interpreter(interpreter_results, check):
-    assert check in interpreter_results, f"{check} did not run"
-    ok, detail = interpreter_results[check]
-    assert ok, detail
+    assert_check_passed(interpreter_results, check)
 
 
 def _worker():

@@ -52,6 +52,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._dispatch import warn_once
+
 CHUNK_ENV = "LORAFUSE_LOSS_CHUNK_MB"
 # Tests set this to force many small chunks (rows per chunk; None: from the byte budget).
 CHUNK_ROWS: Optional[int] = None
@@ -109,7 +111,9 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         return a @ b
     try:
         return torch.mm(a, b, out_dtype=acc)
-    except (RuntimeError, TypeError, NotImplementedError):
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        warn_once(f"lorafuse: mm(out_dtype={acc}) unavailable ({type(e).__name__}); the loss "
+                  "op's logits are rounded to the input dtype first, as eager's")
         return (a @ b).to(acc)
 
 
