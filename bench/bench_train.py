@@ -53,7 +53,7 @@ SHAPES = {
 }
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["eager", "eager_gc", "inductor", "aot_eager", "lorafuse"]
+VARIANTS = ["eager", "eager_gc", "inductor", "aot_eager", "lorafuse", "unsloth", "unsloth_gc"]
 N_BATCHES = 4  # fixed batches in rotation
 
 
@@ -215,6 +215,7 @@ def child_build(args) -> dict:
     saved = json.loads(meta_file.read_text()) if meta_file.exists() else None
     if saved == meta and (out / "config.json").exists():
         log(f"reusing the saved model in {out}")
+        save_tokenizer(out, config.vocab_size)
         result["built"] = False
         return result
     log(f"building the {args.shape} model (seed {args.seed}) on {device} and saving to {out}")
@@ -228,10 +229,46 @@ def child_build(args) -> dict:
     if meta_file.exists():
         meta_file.unlink()
     model.save_pretrained(out)
+    save_tokenizer(out, config.vocab_size)
     meta_file.write_text(json.dumps(meta, indent=1))  # last: marks the save as complete
     result.update(built=True, build_s=round(time.time() - t0, 1), params=n_params)
     log(f"built and saved {n_params / 1e9:.3f} B parameters in {time.time() - t0:.0f} s")
     return result
+
+
+def save_tokenizer(out: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of the model's vocab size beside the weights: Unsloth loads a
+    model only by path, with its tokenizer (the batches are random ids either way)."""
+    if (out / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0",
+                            bos_token="t1", eos_token="t2").save_pretrained(out)
+
+
+def load_unsloth_model(args, gradient_checkpointing: bool):
+    """Unsloth's own loader and LoRA wrapper (ANCHORS.md: its peers' numbers came this way).
+    UNSLOTH_SITE: the unpacked .whl/uns.tgz, put on sys.path only in this child."""
+    import torch
+
+    site = os.environ.get("UNSLOTH_SITE")
+    if site and site not in sys.path:
+        sys.path.insert(0, site)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from unsloth import FastLanguageModel  # noqa: must come before peft's use (it patches)
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir(args)), max_seq_length=args.seq, dtype=torch.bfloat16,
+        load_in_4bit=args.qlora, local_files_only=True)
+    return FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        random_state=args.seed)
 
 
 # ----------------------------------------------------------------------------- child: train
@@ -259,7 +296,6 @@ def resolve_backend(variant: str):
 def child_train(args, variant: str, res: dict) -> dict:
     """Train warmup + steps; fill `res` as it goes (so a failure still reports what ran)."""
     import torch
-    from peft import get_peft_model
 
     device = training_device(args)
     res.update(losses=[], snapshot_steps=[])
@@ -268,11 +304,17 @@ def child_train(args, variant: str, res: dict) -> dict:
 
     # -- load, wrap, compile
     t0 = time.time()
-    model = load_base_model(args, torch.bfloat16, quantized=args.qlora)
     base = variant.split(":")[0]  # "lorafuse:TAG": lorafuse with --lorafuse-config TAG
-    if base == "eager_gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config())
+    if base.startswith("unsloth"):
+        model = load_unsloth_model(args, gradient_checkpointing=base == "unsloth_gc")
+    else:
+        from peft import get_peft_model
+
+        model = load_base_model(args, torch.bfloat16, quantized=args.qlora)
+        if base == "eager_gc":
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, lora_config())
     model.train()
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     res["trainable_params"] = sum(p.numel() for p in lora_params.values())

@@ -19,6 +19,7 @@
 #                  still prints its tables (0 = no limit; default 0 for full)
 #   VARIANTS=...   override the variant list of bench_train (e.g. eager,lorafuse)
 #   QLORA=1        add --qlora (bitsandbytes NF4 base; carry .whl/base.tgz for bitsandbytes)
+#                  variants unsloth / unsloth_gc need .whl/uns.tgz (and base.tgz) carried
 #   SKIP_TESTS=1   skip pytest and the op benchmark
 #   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
 #   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
@@ -55,6 +56,13 @@ if ! "$PY" -c "import bitsandbytes" 2>/dev/null && [ -f .whl/base.tgz ]; then
         && export PYTHONPATH="/tmp/site_base${PYTHONPATH:+:$PYTHONPATH}" \
         && say "bitsandbytes from .whl/base.tgz (/tmp/site_base)"
 fi
+# Unsloth (variants unsloth, unsloth_gc): .whl/uns.tgz, unpacked apart and put on the path
+# only inside the unsloth children (UNSLOTH_SITE), so no other variant sees its packages.
+if [ -f .whl/uns.tgz ] && [ ! -d /tmp/site_uns ]; then
+    mkdir -p /tmp/site_uns && tar xzf .whl/uns.tgz -C /tmp/site_uns \
+        && say "unsloth bundle unpacked to /tmp/site_uns"
+fi
+[ -d /tmp/site_uns ] && export UNSLOTH_SITE=/tmp/site_uns
 "$PY" -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null \
     || say "bitsandbytes not importable (QLoRA runs will report it)"
 

@@ -31,6 +31,14 @@ GEMM_CASES = [
     ("one_row", 1, 9, 7, 2, {}),
     ("k1_even", 18, 40, 32, 4, {"bias": True}),  # K1 % BLOCK_K == 0: unmasked k loads
 ]
+# (name, M, N, K, r, options) for the TMA forward kernel: x (M, K), W (N, K), h (M, r),
+# B (N, r), all K-contiguous; TMA needs rows of a multiple of 16 bytes (K, r, N % 8 == 0).
+TMA_CASES = [
+    ("partial_tiles", 37, 40, 56, 16, {}),
+    ("rank8_bias", 19, 72, 48, 8, {"bias": True, "alpha2": 0.37}),
+    ("rank72_loops_tail", 21, 24, 32, 72, {"alpha2": 2.0}),
+    ("h_column_slice", 18, 32, 40, 8, {"h_slice": True}),  # grouped sites: h_i = h[:, a:b]
+]
 # (name, lead, N, K, r, options) for the LoRA forward/backward and the op.
 LORA_CASES = [
     ("2d", (29,), 37, 43, 6, {"bias": True}),
@@ -44,7 +52,8 @@ def _check_ids():
     ids = [f"gemm-{c[0]}-{d}" for c in GEMM_CASES for d in DTYPES]
     ids += [f"lora-{c[0]}-{d}" for c in LORA_CASES for d in DTYPES]
     ids += [f"op-{c[0]}-{d}" for c in LORA_CASES for d in ("float32", "bfloat16")]
-    ids += ["op-fallback-float64", "gemm-random-shapes"]
+    ids += [f"tma-{c[0]}-{d}" for c in TMA_CASES for d in ("float16", "bfloat16")]
+    ids += ["op-fallback-float64", "gemm-random-shapes", "tma-unsupported", "tma-forward-route"]
     return ids
 
 
@@ -124,6 +133,42 @@ def _worker():
             dtype = getattr(torch, d)
             record(f"gemm-{name}-{d}", lambda: gemm_case(M, N, K, r, opts, dtype))
 
+    def tma_case(M, N, K, r, opts, dtype, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x, w = rnd(g, M, K, dtype=dtype), rnd(g, N, K, dtype=dtype)
+        h = rnd(g, M, r + 8, dtype=dtype)[:, 8:] if opts.get("h_slice") else rnd(g, M, r, dtype=dtype)
+        B = rnd(g, N, r, dtype=dtype, std=0.5)
+        bias = rnd(g, N, dtype=dtype) if opts.get("bias") else None
+        alpha = opts.get("alpha2", 1.0)
+        assert lt.tail_gemm_nt_tma_supported(x, w, h, B, bias)
+        out = lt.tail_gemm_nt_tma(x, w, h, B, bias, alpha2=alpha)
+        exact = x.double() @ w.double().t() + alpha * (h.double() @ B.double().t())
+        if bias is not None:
+            exact = exact + bias.double()
+        assert out.dtype == dtype
+        assert_rounded_once(out, exact, acc_slack((x, w.t()), (h, B.t() * abs(alpha))), "C")
+
+    for name, M, N, K, r, opts in TMA_CASES:
+        for d in ("float16", "bfloat16"):
+            dtype = getattr(torch, d)
+            record(f"tma-{name}-{d}", lambda: tma_case(M, N, K, r, opts, dtype))
+
+    def tma_unsupported():
+        """What TMA cannot load goes to the pointer kernel: fp32, rows not 16-byte multiples,
+        a transposed weight (GPT-2), mixed dtypes."""
+        bf = torch.bfloat16
+        x, w, h, B = torch.randn(8, 16, dtype=bf), torch.randn(24, 16, dtype=bf), \
+            torch.randn(8, 8, dtype=bf), torch.randn(24, 8, dtype=bf)
+        assert lt.tail_gemm_nt_tma_supported(x, w, h, B, None)
+        assert not lt.tail_gemm_nt_tma_supported(x.float(), w.float(), h.float(), B.float(), None)
+        x12, w12 = torch.randn(8, 12, dtype=bf), torch.randn(24, 12, dtype=bf)
+        assert not lt.tail_gemm_nt_tma_supported(x12, w12, h, B, None)  # rows of 24 bytes
+        assert not lt.tail_gemm_nt_tma_supported(x, w.t().contiguous().t(), h, B, None)
+        assert not lt.tail_gemm_nt_tma_supported(x, w, h, B.float(), None)
+        assert not lt.tail_gemm_nt_tma_supported(x, w, h, B, torch.randn(24))
+
+    record("tma-unsupported", tma_unsupported)
+
     def random_shapes():
         g = torch.Generator().manual_seed(1234)
         for i in range(10):
@@ -149,6 +194,28 @@ def _worker():
             xl = x * mask / (1 - p)
         dy = rnd(g, *lead, N, dtype=dtype)
         return x, w, b, a, B, opts.get("scale", 1.0), xl, dy
+
+    def tma_forward_route():
+        """LORAFUSE_LORA_FWD_KERNEL=tma sends the op's forward through the TMA kernel: same
+        one-rounding result as the pointer kernel's route (bit-equal or one ulp apart)."""
+        x, w, b, a, B, s, _, _ = lora_inputs((3, 11), 40, 48, 8, {"scale": 0.5}, torch.bfloat16)
+        outs = {}
+        for kern in ("pointer", "tma"):
+            os.environ[lora.FWD_KERNEL_ENV] = kern
+            calls = []
+            orig = lt.tail_gemm_nt_tma
+            lt.tail_gemm_nt_tma = lambda *a_, **k_: calls.append(1) or orig(*a_, **k_)
+            try:
+                outs[kern] = lora._forward_impl(x, w, b, a, B, s, None)[0]
+            finally:
+                lt.tail_gemm_nt_tma = orig
+                del os.environ[lora.FWD_KERNEL_ENV]
+            assert bool(calls) == (kern == "tma"), (kern, calls)
+        diff = (outs["tma"].float() - outs["pointer"].float()).abs()
+        ulp = outs["pointer"].float().abs() * 2.0**-7 + 1e-6
+        assert (diff <= ulp).all() and (diff == 0).float().mean() > 0.9
+
+    record("tma-forward-route", tma_forward_route)
 
     def lora_case(lead, N, K, r, opts, dtype):
         x, w, b, a, B, s, xl, dy = lora_inputs(lead, N, K, r, opts, dtype)

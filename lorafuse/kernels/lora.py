@@ -202,9 +202,7 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
     no timing choice between paths that compute different things."""
     if _requested_impl() != "cublas":
         try:
-            from .lora_triton import lowrank_tail_gemm
-
-            return lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
+            return _tail_gemm_forward(x2, weight, bias, h, lora_b, scale)
         except Exception as e:  # never crash training over the optional kernel
             warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
                        "using cuBLAS with an fp32 output")
@@ -216,6 +214,41 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
     if bias is not None:
         y += bias
     return y.to(x2.dtype)
+
+
+FWD_KERNEL_ENV = "LORAFUSE_LORA_FWD_KERNEL"  # auto | pointer | tma
+
+
+def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
+    """The one-rounding forward GEMM: the TMA kernel (Hopper, K-contiguous operands) or the
+    pointer kernel, whichever measured faster for this shape at its first call (both compute
+    the same thing: fp32 accumulation, one rounding)."""
+    from . import lora_triton as lt
+
+    def pointer():
+        return lt.lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
+
+    def tma():
+        return lt.tail_gemm_nt_tma(x2, weight, h, lora_b, bias, alpha2=scale)
+
+    mode = requested_impl(FWD_KERNEL_ENV, ("auto", "pointer", "tma"))
+    if mode == "pointer" or not lt.tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias):
+        return pointer()
+    if mode == "tma":
+        return tma()
+    key = ("fwd", _bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
+           bias is not None)
+    choice = _choice.get(key)
+    if choice is None:
+        if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
+            return pointer()  # no timing on the interpreter or inside a graph capture
+        try:
+            t_tma = _time_ms(lambda: tma(), ())
+        except Exception as e:
+            warn_once(f"lorafuse: TMA LoRA forward kernel unavailable ({type(e).__name__}: {e})")
+            t_tma = float("inf")
+        choice = _choice[key] = "tma" if t_tma < _time_ms(lambda: pointer(), ()) else "pointer"
+    return tma() if choice == "tma" else pointer()
 
 
 def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):

@@ -221,6 +221,142 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
     return out
 
 
+# ------------------------------------------------------------------ TMA forward (Hopper)
+# The forward's operands are all K-contiguous (x, W, h, B row-major): an "NT" GEMM that
+# Hopper's tensor-memory accelerator (TMA) loads tile by tile with no address arithmetic
+# in the kernel, and a persistent grid (one program per SM looping over tiles) overlaps one
+# tile's epilogue with the next tile's loads. The pointer kernel above ran 10-20 % behind
+# cuBLAS at the 8B shapes (bench/RESULTS.md); this one is chosen only where it measures
+# faster (lora._forward_kernel).
+
+
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: a descriptor's block shape is the config's tile shape."""
+    bm, bn, bk, bk2 = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_K2"]
+    nargs["a1_desc"].block_shape = [bm, bk]
+    nargs["b1_desc"].block_shape = [bn, bk]
+    nargs["a2_desc"].block_shape = [bm, bk2]
+    nargs["b2_desc"].block_shape = [bn, bk2]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w,
+                  num_stages=st, pre_hook=_tma_block_shapes)
+    for bm, bn, w, st in [(128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4),
+                          (128, 128, 4, 4), (128, 128, 8, 5), (64, 256, 4, 4)]
+]
+TMA_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _tail_gemm_nt_tma_kernel(
+    a1_desc, b1_desc, a2_desc, b2_desc, c_desc, bias_ptr,
+    M, N, K1, K2,
+    M_BUCKET,  # autotune key only
+    alpha2,
+    HAS_BIAS: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A1 B1ᵀ + alpha2 · A2 B2ᵀ (+ bias); all operands K-contiguous, out of bounds of a
+    TMA load reads zeros (no masks), the store clips."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K1, BLOCK_K)
+    group_size = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+        first_m = (tile // group_size) * GROUP_M
+        rows_in_group = min(num_pid_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % group_size) % rows_in_group) * BLOCK_M
+        off_n = ((tile % group_size) // rows_in_group) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, k_tiles):
+            a1 = a1_desc.load([off_m, k * BLOCK_K])
+            b1 = b1_desc.load([off_n, k * BLOCK_K])
+            if INTERPRET_BF16:
+                a1 = a1.to(tl.float32)
+                b1 = b1.to(tl.float32)
+            acc = tl.dot(a1, b1.T, acc)
+        tail = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k2 in range(0, tl.cdiv(K2, BLOCK_K2)):
+            a2 = a2_desc.load([off_m, k2 * BLOCK_K2])
+            b2 = b2_desc.load([off_n, k2 * BLOCK_K2])
+            if INTERPRET_BF16:
+                a2 = a2.to(tl.float32)
+                b2 = b2.to(tl.float32)
+            tail = tl.dot(a2, b2.T, tail)
+        acc += tail * alpha2
+        if HAS_BIAS:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if INTERPRET_BF16:  # round to nearest even by hand, as in the pointer kernel
+            bits = acc.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            acc = bits.to(tl.float32, bitcast=True)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+_tma_autotuned = triton.autotune(
+    configs=TMA_CONFIGS, key=["M_BUCKET", "N", "K1", "K2"], do_bench=_quick_bench,
+)(_tail_gemm_nt_tma_kernel)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA's rules for a 2-D descriptor: unit last stride, 16-byte aligned base and rows."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias) -> bool:
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if any(t.dtype != x2.dtype for t in (weight, h, lora_b) + ((bias,) if bias is not None else ())):
+        return False
+    if not _INTERPRETED and not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] >= 9):
+        return False
+    N = weight.shape[0]
+    return (all(_tma_ok(t) for t in (x2, weight, h, lora_b)) and (N * x2.element_size()) % 16 == 0
+            and min(x2.shape[0], N, x2.shape[1], h.shape[1]) > 0)
+
+
+_NUM_SMS: dict = {}
+
+
+def tail_gemm_nt_tma(x2, weight, h, lora_b, bias=None, alpha2=1.0):
+    """``x2 Wᵀ + alpha2 · h Bᵀ (+ bias)`` rounded once, through TMA on a persistent grid.
+    Callers check ``tail_gemm_nt_tma_supported`` first."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K1 = x2.shape
+    N, K2 = weight.shape[0], h.shape[1]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    block_k2 = min(64, max(16, triton.next_power_of_2(K2)))
+    dummy = [16, 16]  # replaced per config by _tma_block_shapes
+    descs = [TensorDescriptor.from_tensor(t, list(dummy)) for t in (x2, weight, h, lora_b, out)]
+    args = (*descs, bias if bias is not None else out, M, N, K1, K2, _bucket(M), float(alpha2))
+    meta = dict(HAS_BIAS=bias is not None, BLOCK_K2=block_k2,
+                INTERPRET_BF16=_INTERPRETED and x2.dtype == torch.bfloat16)
+    if _INTERPRETED:
+        cfg = dict(TMA_INTERPRETER_CONFIG, BLOCK_K2=block_k2)
+        _tma_block_shapes({**cfg, "a1_desc": descs[0], "b1_desc": descs[1], "a2_desc": descs[2],
+                           "b2_desc": descs[3], "c_desc": descs[4]})
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        _tail_gemm_nt_tma_kernel[(min(3, tiles),)](*args, **{**meta, **TMA_INTERPRETER_CONFIG})
+        return out
+    dev = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    if dev not in _NUM_SMS:
+        _NUM_SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def grid(m):
+        return (min(_NUM_SMS[dev], triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
+
+    with torch.cuda.device(x2.device):
+        _tma_autotuned[grid](*args, **meta)
+    return out
+
+
 def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale):
     """Same contract as ``lora._lora_linear_backward_cublas`` with a base weight (without
     one there is no base GEMM to fuse, and the op stays on cuBLAS): ``(dx, dA, dB)``."""
