@@ -259,6 +259,7 @@ def _tail_gemm_nt_tma_kernel(
     INTERPRET_BF16: tl.constexpr,
     BLOCK_K2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """C = A1 B1ᵀ + alpha2 · A2 B2ᵀ (+ bias); all operands K-contiguous, out of bounds of a
     TMA load reads zeros (no masks), the store clips."""
@@ -266,7 +267,8 @@ def _tail_gemm_nt_tma_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K1, BLOCK_K)
     group_size = GROUP_M * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0),
+                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         first_m = (tile // group_size) * GROUP_M
         rows_in_group = min(num_pid_m - first_m, GROUP_M)
         off_m = (first_m + (tile % group_size) % rows_in_group) * BLOCK_M
