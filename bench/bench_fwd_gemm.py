@@ -82,6 +82,10 @@ def main() -> None:
               + f" | {errs['pointer']:.3g} / {errs['tma']:.3g} |")
     print("| **layer** | | | " + " | ".join(f"**{per_layer[k]:.3f}**" for k in kernels) + " | |")
     print(f"\n32 layers: " + ", ".join(f"{k} {32 * per_layer[k]:.1f} ms" for k in kernels))
+    from lorafuse.kernels import lora_triton as lt
+
+    for key, cfg in lt._tma_autotuned.cache.items():  # what the autotuner chose per shape
+        print(f"- tma config for (M bucket, N, K1, K2, ...) {key[:4]}: {cfg}")
 
 
 if __name__ == "__main__":
