@@ -21,9 +21,12 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .passes import DEFAULT_PASSES, PASSES
 
 IGNORE_INDEX = -100  # labels the loss skips (HF's cross-entropy ignore_index)
 _GiB = 2**30
@@ -83,8 +86,9 @@ def _check_record(where: str, rec) -> str:
     raise UserError(f"{where}: expected one of {_FORMATS}; found keys {sorted(rec)}")
 
 
-def read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    """The examples of a JSONL file as (``file:line``, record), each checked; blank lines skipped."""
+def read_jsonl(path: Path) -> list[tuple[str, dict, str]]:
+    """The examples of a JSONL file as (``file:line``, record, format), each checked; blank
+    lines skipped."""
     if not path.is_file():
         raise UserError(f"--data {path}: no such file")
     records = []
@@ -102,8 +106,7 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                                 f"each line should be one JSON object: {_FORMATS}") from None
-            _check_record(where, rec)
-            records.append((where, rec))
+            records.append((where, rec, _check_record(where, rec)))
     if not records:
         raise UserError(f"{path}: no examples (the file is empty); each line should be one JSON "
                         f"object: {_FORMATS}")
@@ -161,8 +164,8 @@ def load_dataset(path: Path, tokenizer, seq_len: int) -> tuple[list[dict], dict]
     """Tokenized examples truncated to ``seq_len``, and facts for the log: the formats found,
     how many were truncated, how many dropped because truncation left nothing to train on."""
     examples, formats, truncated, dropped = [], set(), 0, 0
-    for where, rec in read_jsonl(path):
-        formats.add(_check_record(where, rec))
+    for where, rec, fmt in read_jsonl(path):
+        formats.add(fmt)
         ex = tokenize_example(tokenizer, rec, where)
         if len(ex["input_ids"]) > seq_len:
             truncated += 1
@@ -183,74 +186,103 @@ _QLORA_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + 8-bit absmax/64
 _CUDA_OVERHEAD = 0.5 * _GiB  # CUDA context, cuBLAS workspaces, allocator slack
 
 
-def estimate_memory(config, *, qlora: bool, lora_r: int, target_modules, batch_size: int,
-                    seq_len: int, dtype_bytes: int = 2) -> dict:
-    """Bytes a training run needs on the GPU, by part (a rough upper estimate of eager PEFT
-    training without gradient checkpointing; lorafuse needs less). The weights are counted
-    exactly from the model built on the meta device."""
+@dataclass
+class ModelSizes:
+    """What the memory estimate needs to know of a model: parameter counts and shape."""
+    linear: int  # weights of the linears other than the output layer (4-bit with --qlora)
+    other: int  # every other parameter (embeddings, norms, lm_head, biases): model dtype
+    lora_per_rank: int  # sum of in + out features of the linears LoRA adapts
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def model_sizes(config, target_modules) -> ModelSizes:
+    """Counted exactly from the model built on the meta device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     out_emb = model.get_output_embeddings()
-    weights = lora = 0
-    seen = set()
+    linear = lora_per_rank = 0
+    counted = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not out_emb:
-            n = module.weight.numel()
-            seen.add(id(module.weight))
-            weights += n * (_QLORA_BYTES_PER_WEIGHT if qlora else dtype_bytes)
+            linear += module.weight.numel()
+            counted.add(id(module.weight))
             if target_modules == "all-linear" or name.split(".")[-1] in target_modules:
-                lora += lora_r * (module.in_features + module.out_features)
-    weights += sum(p.numel() * dtype_bytes for p in model.parameters() if id(p) not in seen)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = text.hidden_size
-    inter = getattr(text, "intermediate_size", None) or 4 * hidden
+                lora_per_rank += module.in_features + module.out_features
+    other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
+    text = config.get_text_config()
+    return ModelSizes(linear, other, lora_per_rank, text.hidden_size,
+                      getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+                      text.num_hidden_layers, text.vocab_size)
+
+
+def estimate_memory(sizes: ModelSizes, *, qlora: bool, lora_r: int, batch_size: int, seq_len: int,
+                    dtype_bytes: int = 2) -> dict:
+    """Bytes a training run needs on the GPU, by part: a rough estimate of PEFT training
+    without gradient checkpointing. At the Llama-3.1-8B shape, batch 2 × 2048, bf16: 45.0 GiB,
+    where eager PEFT measured 48.0 GiB and lorafuse 35.5 GiB (bench/RESULTS.md)."""
     tokens = batch_size * seq_len
     # kept for the backward per token and layer: ~10 hidden-sized tensors (norm inputs and
     # their fp32 copies, q/k/v, attention output, residuals) and 4 intermediate-sized (gate, up,
     # act, act*up); the logits: model-dtype output, fp32 copy for the loss and its gradient
-    per_token_layer = (10 * hidden + 4 * inter) * dtype_bytes
-    activations = tokens * text.num_hidden_layers * per_token_layer + tokens * text.vocab_size * (dtype_bytes + 8)
-    parts = {"weights": int(weights), "lora": lora * 16,  # fp32 param, grad, AdamW's two moments
-             "activations": int(activations), "overhead": _CUDA_OVERHEAD}
+    per_token_layer = (10 * sizes.hidden + 4 * sizes.intermediate) * dtype_bytes
+    parts = {
+        "weights": int(sizes.linear * (_QLORA_BYTES_PER_WEIGHT if qlora else dtype_bytes)
+                       + sizes.other * dtype_bytes),
+        "lora": lora_r * sizes.lora_per_rank * 16,  # fp32 parameter, gradient, AdamW's two moments
+        "activations": tokens * (sizes.layers * per_token_layer + sizes.vocab * (dtype_bytes + 8)),
+        "overhead": _CUDA_OVERHEAD,
+    }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def check_gpu_memory(config, args, seq_len: int, total_memory: int, dtype_bytes: int) -> int:
+def check_gpu_memory(sizes: ModelSizes, args, seq_len: int, total_memory: int, dtype_bytes: int) -> int:
     """The estimated bytes of the run, or a UserError naming what would fit in ``total_memory``."""
     def need(**changes):
-        kw = dict(qlora=args.qlora, lora_r=args.lora_r, target_modules=args.target_modules,
-                  batch_size=args.batch_size, seq_len=seq_len, dtype_bytes=dtype_bytes)
-        kw.update(changes)
-        return estimate_memory(config, **kw)["total"]
+        kw = dict(qlora=args.qlora, lora_r=args.lora_r, batch_size=args.batch_size, seq_len=seq_len,
+                  dtype_bytes=dtype_bytes)
+        return estimate_memory(sizes, **{**kw, **changes})["total"]
 
     needed = need()
     if needed <= total_memory:
         return needed
     fits = []
-    if not args.qlora and need(qlora=True) <= total_memory:
+    qlora_fits = not args.qlora and need(qlora=True) <= total_memory
+    if qlora_fits:
         fits.append(f"--qlora (about {need(qlora=True) / _GiB:.1f} GiB)")
-    bs = args.batch_size // 2
-    while bs >= 1:
-        if need(batch_size=bs) <= total_memory:
-            accum = args.grad_accum * args.batch_size // bs
-            fits.append(f"--batch-size {bs} --grad-accum {accum} (same batch per step; about "
-                        f"{need(batch_size=bs) / _GiB:.1f} GiB)")
+    accum = args.grad_accum * args.batch_size  # per step, kept by a smaller --batch-size
+    # the largest batch and the longest sequence that fit; with --qlora too where needed
+    for qlora in (args.qlora,) if args.qlora or qlora_fits else (False, True):
+        flag = "--qlora " if qlora and not args.qlora else ""
+        bs = args.batch_size // 2
+        while bs >= 1 and need(qlora=qlora, batch_size=bs) > total_memory:
+            bs //= 2
+        if bs >= 1:
+            fits.append(f"{flag}--batch-size {bs} --grad-accum {accum // bs} (same batch per step; "
+                        f"about {need(qlora=qlora, batch_size=bs) / _GiB:.1f} GiB)")
+        s = seq_len // 2
+        while s >= 64 and need(qlora=qlora, seq_len=s) > total_memory:
+            s //= 2
+        if s >= 64:
+            fits.append(f"{flag}--seq-len {s} (truncates longer examples; about "
+                        f"{need(qlora=qlora, seq_len=s) / _GiB:.1f} GiB)")
+        if bs >= 1:
             break
-        bs //= 2
-    s = seq_len // 2
-    while s >= 64:
-        if need(seq_len=s) <= total_memory:
-            fits.append(f"--seq-len {s} (truncates longer examples; about {need(seq_len=s) / _GiB:.1f} GiB)")
-            break
-        s //= 2
-    smallest = need(qlora=True, batch_size=1, seq_len=min(seq_len, 64))
+    if not fits:  # all three together
+        s = seq_len // 2
+        while s >= 64 and need(qlora=True, batch_size=1, seq_len=s) > total_memory:
+            s //= 2
+        if s >= 64:
+            fits.append(f"{'' if args.qlora else '--qlora '}--batch-size 1 --grad-accum {accum} --seq-len {s} "
+                        f"(about {need(qlora=True, batch_size=1, seq_len=s) / _GiB:.1f} GiB)")
     hint = ("would fit: " + "; or ".join(fits) if fits else
             "nothing smaller fits: even --qlora --batch-size 1 --seq-len 64 needs about "
-            f"{smallest / _GiB:.1f} GiB" if smallest > total_memory else
-            "would fit: a combination of --qlora, a smaller --batch-size and a smaller --seq-len")
+            f"{need(qlora=True, batch_size=1, seq_len=64) / _GiB:.1f} GiB")
     raise UserError(f"this run needs about {needed / _GiB:.1f} GiB of GPU memory (estimated: "
                     f"{'4-bit' if args.qlora else 'model-dtype'} weights, LoRA parameters with AdamW "
                     f"state, activations of batch {args.batch_size} × {seq_len} tokens), and the GPU has "
@@ -277,7 +309,7 @@ def _step_printer(compiling: bool):
             self.losses, self.step_times, self.step_tokens = [], [], []
 
         def on_train_begin(self, args, state, control, **kw):
-            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = None  # made after the first step: compiling prints its report meanwhile
             self.t_last, self.tokens_last = time.perf_counter(), state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -290,13 +322,16 @@ def _step_printer(compiling: bool):
             self.step_times.append(dt)
             self.step_tokens.append(tokens)
             note = "  (with compiling)" if compiling and len(self.losses) == 1 else ""
+            if self.bar is None:
+                self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
             self.bar.write(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
                            f"{tokens / dt:,.0f} tokens/s  {_peak_memory()}{note}")
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
             self.bar.update(state.global_step - self.bar.n)
 
         def on_train_end(self, args, state, control, **kw):
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     return StepPrinter()
 
@@ -316,12 +351,15 @@ def _load_tokenizer(model_dir: Path):
     return tok
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder next to ``out`` to train into (renamed to ``out`` at the end)."""
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _make_temporary_out(out: Path) -> Path:
+    """A fresh folder next to ``out`` to train into (renamed to ``out`` once complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -331,7 +369,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing what was there (only after it is complete)."""
+    """Move the finished ``tmp`` to ``out``, replacing what was there."""
     if out.is_dir() and any(out.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "out")
@@ -343,6 +381,8 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def finetune(args) -> int:
     from transformers import AutoConfig
+
+    from .backend import Options
 
     model_dir, out = Path(args.model), Path(args.out)
     if not model_dir.is_dir():
@@ -357,17 +397,12 @@ def finetune(args) -> int:
             raise UserError("--qlora needs a CUDA GPU (bitsandbytes 4-bit training); none is available")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--qlora needs bitsandbytes: pip install 'lorafuse[qlora]'")
-    options = {"verbose": True}
-    if args.passes:
-        options["passes"] = tuple(args.passes)
-    from .backend import Options
-
+    options = {"verbose": True, **({"passes": tuple(args.passes)} if args.passes else {})}
     try:
         Options.parse(options)
     except ValueError as e:
         raise UserError(f"--passes: {e}") from None
-    if not args.overwrite and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    _check_out(out, args.overwrite)
 
     tokenizer = _load_tokenizer(model_dir)
     examples, facts = load_dataset(Path(args.data), tokenizer, args.seq_len)
@@ -384,39 +419,41 @@ def finetune(args) -> int:
 
     bf16 = cuda and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
-    memory_note = ""
+    where = "cpu"
     if cuda:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        where = f"cuda:{torch.cuda.current_device()} ({props.name}, {props.total_memory / _GiB:.0f} GiB"
         if args.skip_memory_check:
-            memory_note = f"; {props.name}, {props.total_memory / _GiB:.0f} GiB (memory check skipped)"
+            where += ", memory check skipped)"
         else:
-            needed = check_gpu_memory(config, args, length, props.total_memory, dtype.itemsize)
-            memory_note = f"; {props.name}: needs about {needed / _GiB:.1f} of {props.total_memory / _GiB:.0f} GiB"
+            sizes = model_sizes(config, args.target_modules)
+            needed = check_gpu_memory(sizes, args, length, props.total_memory, dtype.itemsize)
+            where += f"; this run needs about {needed / _GiB:.1f} GiB)"
 
-    tmp = _prepare_out(out, args.overwrite)
+    tmp = _make_temporary_out(out)
     try:
-        trainer, printer, model = _train(args, model_dir, tmp, tokenizer, examples, length, dtype, bf16,
-                                         config, options, facts, device + memory_note)
+        model = _load_model(args, model_dir, config, dtype, bf16)
+        _print_plan(args, model, config, bf16, where, examples, facts, length)
+        if not args.no_compile:
+            model.compile(backend="lorafuse", options=options)
+        printer = _train(args, model, tmp / "trainer", examples, length, tokenizer.pad_token_id, bf16)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)  # Trainer's output_dir: nothing we keep
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _print_summary(printer, trainer, out, args.no_compile)
+    _print_summary(printer, out, args.no_compile)
     return 0
 
 
-def _train(args, model_dir, tmp, tokenizer, examples, length, dtype, bf16, config, options, facts, where):
-    """Load the model (4-bit with --qlora), add LoRA, compile it with lorafuse (unless
-    --no-compile) and train it with HF Trainer; output goes to ``tmp``."""
+def _load_model(args, model_dir: Path, config, dtype, bf16: bool):
+    """The model from ``model_dir`` (4-bit NF4 with --qlora) with LoRA adapters added."""
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    transformers.set_seed(args.seed)
+    transformers.set_seed(args.seed)  # LoRA's random init
     load_kw = dict(dtype=dtype, local_files_only=True, use_cache=False)
     if torch.cuda.is_available():
         load_kw["device_map"] = {"": torch.cuda.current_device()}
@@ -427,7 +464,7 @@ def _train(args, model_dir, tmp, tokenizer, examples, length, dtype, bf16, confi
     if config.model_type == "gemma2":
         load_kw["attn_implementation"] = "eager"  # its softcapped attention (README)
     try:
-        base = AutoModelForCausalLM.from_pretrained(model_dir, **load_kw)
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **load_kw)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {model_dir}: could not load the model ({e})") from None
     if config.model_type == "gpt2":
@@ -435,42 +472,46 @@ def _train(args, model_dir, tmp, tokenizer, examples, length, dtype, bf16, confi
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules, task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(base, lora)
+        return get_peft_model(base, lora)
     except ValueError as e:  # e.g. target modules not found in the model
         raise UserError(f"--target-modules: {e}") from None
 
+
+def _print_plan(args, model, config, bf16, where, examples, facts, length) -> None:
     n_all = sum(p.numel() for p in model.parameters())
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cut = [f"{facts['truncated']} truncated to --seq-len {args.seq_len}"] if facts["truncated"] else []
     if facts["dropped"]:
         cut.append(f"{facts['dropped']} dropped: no completion token left within --seq-len")
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epochs")
-    print(f"lorafuse finetune: {model_dir} ({config.model_type}, {n_all / 1e6:,.2f}M params"
+    steps = f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epochs"
+    compiled = ("--no-compile: eager PyTorch, no lorafuse fusion" if args.no_compile else
+                'compiled with backend="lorafuse" at the first step; its report follows')
+    print(f"lorafuse finetune: {args.model} ({config.model_type}, {n_all / 1e6:,.2f}M params"
           f"{', 4-bit' if args.qlora else ''}, {'bf16' if bf16 else 'fp32'}) on {where}\n"
-          f"  LoRA r={args.lora_r} alpha={args.lora_alpha} dropout={args.lora_dropout} on "
+          f"  LoRA r={args.lora_r} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} on "
           f"{args.target_modules}: {n_lora:,} trainable parameters\n"
           f"  data: {len(examples)} examples ({', '.join(facts['formats'])}) from {args.data}, padded to "
           f"{length} tokens{' (' + '; '.join(cut) + ')' if cut else ''}\n"
-          f"  {steps}, batch {args.batch_size} × grad-accum {args.grad_accum}, lr {args.lr:g}",
+          f"  {steps}, batch {args.batch_size} × grad-accum {args.grad_accum}, lr {args.lr:g}; {compiled}",
           flush=True)
-    if args.no_compile:
-        print("  --no-compile: eager PyTorch, no lorafuse fusion", flush=True)
-    else:
-        print("  compiling with backend=\"lorafuse\" at the first step; its report follows", flush=True)
-        model.compile(backend="lorafuse", options=options)
+
+
+def _train(args, model, output_dir: Path, examples, length: int, pad_id: int, bf16: bool):
+    """Train ``model`` with HF Trainer; the StepPrinter that watched it, with its figures."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     targs = TrainingArguments(
-        output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         max_steps=args.max_steps or -1, num_train_epochs=args.epochs, bf16=bf16,
         use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[],
-        seed=args.seed, dataloader_num_workers=0, dataloader_drop_last=True,
+        seed=args.seed, dataloader_num_workers=0,
+        dataloader_drop_last=True,  # one batch shape: no recompile for a last, smaller batch
         remove_unused_columns=False, label_names=["labels"],
         include_num_input_tokens_seen="non_padding", disable_tqdm=True)
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer = Trainer(model=model, args=targs, train_dataset=examples,
-                      data_collator=_Collator(length, tokenizer.pad_token_id))
+                      data_collator=_Collator(length, pad_id))
     trainer.remove_callback(PrinterCallback)  # the StepPrinter prints instead
     trainer.remove_callback(ProgressCallback)
     printer = _step_printer(compiling=not args.no_compile)
@@ -480,10 +521,10 @@ def _train(args, model_dir, tmp, tokenizer, examples, length, dtype, bf16, confi
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory while training ({_peak_memory()}); try --qlora, a smaller "
                         "--batch-size (with a larger --grad-accum) or a smaller --seq-len") from None
-    return trainer, printer, model
+    return printer
 
 
-def _print_summary(printer, trainer, out: Path, no_compile: bool) -> None:
+def _print_summary(printer, out: Path, no_compile: bool) -> None:
     from torch._dynamo.utils import counters
 
     losses, times, tokens = printer.losses, printer.step_times, printer.step_tokens
@@ -524,23 +565,27 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the adapters and tokenizer")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes; CUDA only)")
-    p.add_argument("--lora-r", type=_positive(int), default=16)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--target-modules", nargs="+", default=["all-linear"],
+    p.add_argument("--lora-r", type=_positive(int), default=16, metavar="R", help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=_positive(float), default=16, metavar="A",
+                   help="LoRA alpha: the update is scaled by alpha / r (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, metavar="P", help="(default 0)")
+    p.add_argument("--target-modules", nargs="+", default=["all-linear"], metavar="NAME",
                    help="module names to adapt (e.g. q_proj v_proj), or all-linear (default)")
-    p.add_argument("--max-steps", type=_positive(int), default=None,
+    p.add_argument("--max-steps", type=_positive(int), default=None, metavar="N",
                    help="optimizer steps (default: --epochs over the data)")
-    p.add_argument("--epochs", type=_positive(float), default=1.0)
-    p.add_argument("--lr", type=_positive(float), default=2e-4)
-    p.add_argument("--batch-size", type=_positive(int), default=4)
-    p.add_argument("--grad-accum", type=_positive(int), default=1)
-    p.add_argument("--seq-len", type=_positive(int), default=2048,
+    p.add_argument("--epochs", type=_positive(float), default=1.0, metavar="E", help="(default 1)")
+    p.add_argument("--lr", type=_positive(float), default=2e-4, help="learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=_positive(int), default=4, metavar="B",
+                   help="examples per forward pass (default 4)")
+    p.add_argument("--grad-accum", type=_positive(int), default=1, metavar="K",
+                   help="forward passes per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=_positive(int), default=2048, metavar="T",
                    help="longest example in tokens; longer ones are truncated (default 2048)")
     p.add_argument("--no-compile", action="store_true", help="train eagerly, without lorafuse")
-    p.add_argument("--passes", nargs="+", default=None,
-                   help="lorafuse passes to run (default: the backend's default, lora attention)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--passes", nargs="+", default=None, metavar="PASS",
+                   help=f"lorafuse passes to run (default: {' '.join(DEFAULT_PASSES)}; "
+                        f"available: {' '.join(PASSES)})")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start even when the GPU memory estimate says the run does not fit")
 

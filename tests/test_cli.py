@@ -246,17 +246,17 @@ def test_memory_estimate_counts_weights_and_lora_exactly(model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "down_proj"]))
+    targets = ["q_proj", "down_proj"]
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=8, target_modules=targets))
     n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     n_base = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
-    parts = cli.estimate_memory(config, qlora=False, lora_r=8, target_modules=["q_proj", "down_proj"],
-                                batch_size=2, seq_len=32, dtype_bytes=2)
+    sizes = cli.model_sizes(config, targets)
+    parts = cli.estimate_memory(sizes, qlora=False, lora_r=8, batch_size=2, seq_len=32, dtype_bytes=2)
     assert parts["weights"] == 2 * n_base and parts["lora"] == 16 * n_lora
-    twice = cli.estimate_memory(config, qlora=True, lora_r=8, target_modules="all-linear",
-                                batch_size=4, seq_len=32, dtype_bytes=2)
-    assert twice["activations"] == 2 * parts["activations"]  # linear in tokens
-    assert twice["weights"] < parts["weights"]  # 4-bit linears
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    bigger = cli.estimate_memory(sizes, qlora=True, lora_r=8, batch_size=4, seq_len=32, dtype_bytes=2)
+    assert bigger["activations"] == 2 * parts["activations"]  # linear in tokens
+    assert bigger["weights"] < parts["weights"]  # 4-bit linears
 
 
 def test_gpu_too_small_says_what_would_fit(model_dir, tmp_path, capsys, monkeypatch):
@@ -264,13 +264,12 @@ def test_gpu_too_small_says_what_would_fit(model_dir, tmp_path, capsys, monkeypa
     and each suggestion named fits by the same estimate."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    sizes = cli.model_sizes(AutoConfig.from_pretrained(model_dir), "all-linear")
     data = _write(tmp_path / "data.jsonl", _examples("text", n=16))
     seq = 16  # the data's longest example (12 tokens) rounded up to a multiple of 8
 
     def need(**kw):
-        args = dict(qlora=False, lora_r=16, target_modules="all-linear", batch_size=8, seq_len=seq)
-        return cli.estimate_memory(config, **{**args, **kw})["total"]
+        return cli.estimate_memory(sizes, **{**dict(qlora=False, lora_r=16, batch_size=8, seq_len=seq), **kw})["total"]
 
     total = (need(batch_size=1) + need()) // 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
