@@ -220,6 +220,16 @@ def test_empty_data_file_and_missing_paths(model_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
 
 
+def test_unknown_pass_and_bad_numbers(model_dir, tmp_path, capsys):
+    data = _write(tmp_path / "data.jsonl", _examples("text"))
+    assert _finetune(model_dir, data, tmp_path / "a", "--passes", "lora,fusion") == 1
+    assert "--passes: lorafuse: unknown pass(es) ['fusion']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error
+        _finetune(model_dir, data, tmp_path / "a", "--lora-r", "0")
+    assert exc.value.code == 2 and "must be > 0" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
 def test_messages_need_a_chat_template(model_dir, tmp_path, capsys):
     plain = tmp_path / "no-template"
     shutil.copytree(model_dir, plain)
