@@ -8,11 +8,14 @@ the others are there to be asked for with ``passes=(...)``: ``norm`` (fused RMSN
 slower than Inductor's fused kernel at the 8B shape) and ``loss`` (chunked lm_head +
 cross-entropy: 0.9 GiB less at the 8B shape, 4 % slower), and ``masked_attention``
 (attention masks from the inputs checked at run time: not measured on the GPU yet), and
-``dequant_matmul`` (bitsandbytes 4-bit linears + LoRA as one op: not measured on the GPU yet).
+``dequant_matmul`` (bitsandbytes 4-bit linears + LoRA as one op: not measured on the GPU yet),
+and ``rope`` (q and k rotated by one op, forward and backward: not measured on the GPU yet),
+and ``gated_mlp`` (``act(gate) * up`` as one op, act recomputed in the backward: not measured yet).
 """
 
-from . import attention, dequant_matmul, lora, loss, masked_attention, norm
+from . import attention, dequant_matmul, gated_mlp, lora, loss, masked_attention, norm, rope
 
 PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attention.NAME: attention.run,
-          masked_attention.NAME: masked_attention.run, dequant_matmul.NAME: dequant_matmul.run}
+          masked_attention.NAME: masked_attention.run, dequant_matmul.NAME: dequant_matmul.run,
+          rope.NAME: rope.run, gated_mlp.NAME: gated_mlp.run}
 DEFAULT_PASSES = (lora.NAME, attention.NAME)
