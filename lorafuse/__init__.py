@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 
 from .backend import Options, backend, lorafuse_backend  # noqa: E402
 from .explain import explain  # noqa: E402
+from .export import export_gguf  # noqa: E402
 
 __all__ = ["Options", "backend", "explain", "lorafuse_backend"]
