@@ -419,9 +419,13 @@ def _add_tokenizer(gguf, writer, tokenizer, vocab_size: int) -> None:
     spec = json.loads(backend.to_str())
     model, pre = spec["model"], spec.get("pre_tokenizer") or {}
     if model["type"] != "BPE" or model.get("byte_fallback") or not _has_byte_level(pre):
-        raise ExportError("GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 "
-                          f"style); this one is {model['type']} with pre-tokenizer "
-                          f"{pre.get('type')!r} (SentencePiece-style tokenizers are not supported)")
+        raise ExportError(
+            "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style); this one "
+            f"is {model['type']}{' with byte fallback' if model.get('byte_fallback') else ''} and "
+            f"pre-tokenizer {pre.get('type')!r} (SentencePiece style, as Llama 2's and Mistral "
+            "7B's). Export without the tokenizer, or merge with PEFT (merge_and_unload(), "
+            "save_pretrained() with the tokenizer) and convert that folder with llama.cpp's "
+            "convert_hf_to_gguf.py")
 
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:

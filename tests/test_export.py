@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_model, randomize_lora
+from conftest import assert_close_fp32, make_tiny_model, randomize_lora
 from lorafuse import export as gexport
 from lorafuse.export import ExportError, export_gguf
 
@@ -168,8 +168,7 @@ def test_f32_file_holds_exactly_the_merged_weights(arch, tmp_path):
         assert torch.equal(tensors["blk.0.attn_q.bias"], want["model.layers.0.self_attn.q_proj.bias"])
     else:  # the permutation did move rows
         assert not torch.equal(tensors["blk.0.attn_q.weight"], want["model.layers.0.self_attn.q_proj.weight"])
-    torch.testing.assert_close(rebuilt_logits(path, model.config, ids), want_logits,
-                               rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), want_logits)
 
     # the user's model is untouched: same tensors, adapters unmerged, same outputs
     after = model.state_dict()
@@ -241,8 +240,7 @@ def test_tied_embeddings_write_no_output_tensor(tmp_path):
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
     tensors, _, _ = read_gguf(path)
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
-    torch.testing.assert_close(rebuilt_logits(path, model.config, ids), logits(model.eval(), ids),
-                               rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), logits(model.eval(), ids))
 
 
 def test_compiled_model_lm_head_lora_and_several_adapters(tmp_path):
@@ -257,8 +255,17 @@ def test_compiled_model_lm_head_lora_and_several_adapters(tmp_path):
     ids = ids_for(model)
     want_logits = logits(model.eval(), ids)
     path = export_gguf(torch.compile(model, backend="eager"), tmp_path / "m.gguf", dtype="f32")
-    torch.testing.assert_close(rebuilt_logits(path, model.config, ids), want_logits,
-                               rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), want_logits)
+
+
+def test_modules_to_save_export_the_trained_copy(tmp_path):
+    model = make_tiny_model("llama", lora_kwargs={"modules_to_save": ["lm_head"]})
+    head = model.base_model.model.lm_head
+    with torch.no_grad():  # the trained copy differs from the original
+        head.modules_to_save["default"].weight.add_(torch.randn_like(head.original_module.weight))
+    ids = ids_for(model)
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), logits(model.eval(), ids))
 
 
 def test_disabled_adapters_export_the_base_model(tmp_path):
@@ -268,7 +275,7 @@ def test_disabled_adapters_export_the_base_model(tmp_path):
         want = logits(model.eval(), ids)
         path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
     assert not torch.allclose(want, logits(model, ids))  # the adapters do change the output
-    torch.testing.assert_close(rebuilt_logits(path, model.config, ids), want, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), want)
 
 
 def test_qlora_4bit_base_is_dequantized(tmp_path):
@@ -291,7 +298,7 @@ def test_qlora_4bit_base_is_dequantized(tmp_path):
     ids = ids_for(model)
     want = logits(model.train(), ids)  # training mode: bitsandbytes dequantizes, fp32 matmul
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
-    torch.testing.assert_close(rebuilt_logits(path, model.config, ids), want, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(path, model.config, ids), want)
 
     # an eval-mode forward on CPU may repack the weights into bitsandbytes' AVX512-BF16
     # layout (absmax rounded to bf16): the export still reads the weights the layer uses
@@ -340,6 +347,21 @@ def test_unknown_pre_tokenizer_is_written_as_default_with_a_warning():
         assert gexport._pre_tokenizer_name(spec["pre_tokenizer"]) == "default"
 
 
+def test_sentencepiece_style_tokenizer_is_refused(tmp_path):
+    """Byte-fallback BPE with a Metaspace pre-tokenizer (Llama 2, Mistral 7B) needs llama.cpp's
+    "llama" tokenizer model, which this exporter does not write: a clear error, no file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "a": 2}, merges=[], byte_fallback=True,
+                               unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    with pytest.raises(ExportError, match="BPE with byte fallback and pre-tokenizer 'Metaspace'"):
+        export_gguf(make_tiny_model("mistral"), tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -356,6 +378,17 @@ def test_unsupported_architecture_is_refused(arch, tmp_path):
     with pytest.raises(ExportError, match="supported: llama, mistral, qwen2"):
         export_gguf(make_tiny_model(arch), tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dora_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="LoRA variant .DoraLinearVariant.*merge_and_unload"):
+        export_gguf(make_tiny_model("llama", use_dora=True), tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mistral_sliding_window_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match="sliding_window=8, which llama.cpp's architecture ignores"):
+        export_gguf(make_tiny_model("mistral", sliding_window=8), tmp_path / "m.gguf")
 
 
 def test_failure_while_writing_leaves_no_file(llama_and_reference, tmp_path, monkeypatch):
@@ -386,8 +419,7 @@ def test_cli_exports_model_and_adapter_folders(tmp_path, capsys):
     assert gexport.main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                          "--out", str(out), "--dtype", "f32"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    torch.testing.assert_close(rebuilt_logits(out, model.config, ids), logits(model.eval(), ids),
-                               rtol=1e-5, atol=1e-5)
+    assert_close_fp32(rebuilt_logits(out, model.config, ids), logits(model.eval(), ids))
     vocab = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
     assert read_gguf(out)[2]["tokenizer.ggml.tokens"] == vocab
 
