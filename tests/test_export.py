@@ -97,6 +97,11 @@ def rebuilt_logits(path, cfg, ids):
     return logits(model.eval(), ids)
 
 
+# the pre-tokenizer regexes of Llama 3's and Qwen2's tokenizer.json
+SPLIT_REGEXES = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog. " * 4,
                   "Hello world, hello there! It's 2024: 12345 apples, I'll   see\n\nyou."]
 
@@ -112,9 +117,8 @@ def byte_level_tokenizer(pre: str = "gpt-2", vocab_size: int = 300):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:  # Llama 3 also takes a whole word found in the vocabulary without merging
         tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
-        regex = {v: k for k, v in gexport._PRE_TOKENIZER_REGEXES.items()}[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.Split(Regex(SPLIT_REGEXES[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
