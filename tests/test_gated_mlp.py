@@ -121,7 +121,7 @@ def test_op_saves_only_gate_and_up_and_fake_agrees():
     implementation agrees with the real one; an unknown activation is refused."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lorafuse.kernels.gated_mlp import gated_mlp_op
+    from lorafuse.kernels.gated_mlp import gated_mlp_backward_op, gated_mlp_op
 
     both = torch.randn(3, 4, 18, requires_grad=True)
     gate, up = both.chunk(2, -1)
@@ -134,6 +134,14 @@ def test_op_saves_only_gate_and_up_and_fake_agrees():
     assert (fy.shape, fy.stride(), fy.dtype) == (y.shape, y.stride(), y.dtype)
     with pytest.raises(ValueError, match="unknown activation"):
         gated_mlp_op(gate, up, "relu", torch.float32)
+    gb, ub, dy = (t.detach().bfloat16() for t in (gate, up, y))
+    for need in ((True, False), (False, True)):  # the empty placeholder too
+        real = gated_mlp_backward_op(dy, gb, ub, "gelu", *need)
+        with FakeTensorMode() as mode:
+            fake = gated_mlp_backward_op(*(mode.from_tensor(t) for t in (dy, gb, ub)), "gelu",
+                                         *need)
+        assert [(t.shape, t.stride(), t.dtype) for t in fake] == \
+            [(t.shape, t.stride(), t.dtype) for t in real]
 
 
 # --------------------------------------------------------------------------- Triton (subprocess)

@@ -153,7 +153,7 @@ def test_op_layout_fake_and_no_cos_grad():
     a gradient is refused rather than silently given none."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lorafuse.kernels.rope import rope_op
+    from lorafuse.kernels.rope import rope_backward_op, rope_op
 
     q = torch.randn(2, 7, 4, 10).transpose(1, 2)
     k = torch.randn(2, 7, 2, 10).transpose(1, 2).requires_grad_()
@@ -166,6 +166,13 @@ def test_op_layout_fake_and_no_cos_grad():
         [(t.shape, t.stride(), t.dtype) for t in (yq, yk)]
     (gk,) = torch.autograd.grad(yk.float().sum(), [k])
     assert gk.shape == k.shape and gk.norm() > 0
+    grads = (torch.randn(2, 7, 4, 10).transpose(1, 2), torch.randn(2, 2, 7, 10))
+    real = rope_backward_op(*grads, cos, sin, torch.bfloat16, torch.float32)
+    with FakeTensorMode() as mode:
+        fake = rope_backward_op(*(mode.from_tensor(t) for t in (*grads, cos, sin)),
+                                torch.bfloat16, torch.float32)
+    assert [(t.shape, t.stride(), t.dtype) for t in fake] == \
+        [(t.shape, t.stride(), t.dtype) for t in real]
     with pytest.raises(RuntimeError, match="no gradient for cos and sin"):
         yq, yk = rope_op(q, k, cos.requires_grad_(), sin, torch.float32)
         yq.sum().backward()
@@ -500,6 +507,26 @@ def test_model_one_rope_and_gated_mlp_per_layer(arch):
 @pytest.mark.parametrize("arch", MODEL_ARCHS)
 def test_model_losses_and_grads_match_eager(arch):
     assert_runs_match(model_run(arch)[0])
+
+
+def test_after_the_attention_pass():
+    """With the default passes first (what a user adds the two passes to): the attention
+    pass's SDPA reads the rope op's outputs; one step matches eager."""
+    from conftest import make_tiny_model, reset_dynamo
+
+    from lorafuse.passes import DEFAULT_PASSES
+
+    reset_dynamo()
+    model = make_tiny_model("llama", layers=LAYERS)
+    reports = []
+    passes = DEFAULT_PASSES + ("rope", "gated_mlp")
+    record = side_by_side(model, torch.compile(model, backend=passes_only_backend(passes, reports)),
+                          steps=1)
+    reset_dynamo()
+    assert {r.name: (len(r.matched), len(r.skipped)) for r in reports} == {
+        "lora": (7 * LAYERS, 0), "attention": (LAYERS, 0), "rope": (LAYERS, 0),
+        "gated_mlp": (LAYERS, 0)}
+    assert_runs_match(record)
 
 
 def test_phi3_partial_rotary_is_partial():

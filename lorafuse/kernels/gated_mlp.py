@@ -85,7 +85,7 @@ def gated_mlp_reference(gate, up, act, out_dtype):
 def gated_mlp_backward_reference(dy, gate, up, act, need_dgate, need_dup):
     """``(d_gate, d_up)`` in the dtypes of gate and up (empty where not needed)."""
     g, u, d = gate.float(), up.float(), dy.float()
-    dgate = dup = g.new_empty(0)
+    dgate, dup = gate.new_empty(0), up.new_empty(0)
     if need_dgate:
         du_act = d * u  # the gradient reaching act(gate)
         if act == "silu":
