@@ -8,6 +8,15 @@ __version__ = "0.1.0"
 
 from .backend import Options, backend, lorafuse_backend  # noqa: E402
 from .explain import explain  # noqa: E402
-from .export import export_gguf  # noqa: E402
 
-__all__ = ["Options", "backend", "explain", "lorafuse_backend"]
+__all__ = ["Options", "backend", "explain", "export_gguf", "lorafuse_backend"]
+
+
+def __getattr__(name):
+    # export_gguf imports gguf and PEFT's merge paths: loaded on first use only (and
+    # `python -m lorafuse.export` then does not see its module imported twice).
+    if name == "export_gguf":
+        from .export import export_gguf
+
+        return export_gguf
+    raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")

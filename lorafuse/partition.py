@@ -273,6 +273,11 @@ def _unpin(gm, why: str) -> None:
 _EXPENSIVE_ATEN = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_mm", "_int_mm")
 
 
+# lorafuse's elementwise / normalisation ops: memory-bound, as cheap to redo as the aten
+# chains they replace, so tier 1 may recompute them like the norms and activations it stands for.
+_CHEAP_LORAFUSE = ("rms_norm", "rope", "gated_mlp")
+
+
 def _is_expensive(node) -> bool:
     """A matmul, an attention, or any op outside aten/prims (lorafuse's fused ops,
     bitsandbytes, Triton kernels, higher-order ops): recomputed only in tier 2."""
@@ -281,6 +286,8 @@ def _is_expensive(node) -> bool:
     namespace = getattr(node.target, "namespace", None)
     if namespace is None:
         return False  # Python callables: getitem, symbolic size arithmetic
+    if namespace == "lorafuse" and str(node.target).split(".")[1] in _CHEAP_LORAFUSE:
+        return False
     if namespace not in ("aten", "prims"):
         return True
     name = str(node.target).split(".")[1]

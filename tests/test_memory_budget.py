@@ -273,3 +273,24 @@ def test_cache_key_follows_the_budget():
     part = LorafusePartitioner(asdict(lorafuse.Options(memory_budget=0.5)), report=object())
     state = part.__getstate__()
     assert state["_report"] is None and len(pickle.dumps(state)) < 400
+
+
+def test_lorafuse_elementwise_ops_are_cheap_to_recompute():
+    """Tier 1 recomputes norms, rope and activations: lorafuse's fused forms of them too;
+    its matmul-shaped ops (LoRA, 4-bit linear, fused loss) stay expensive."""
+    import lorafuse.kernels.gated_mlp  # noqa: F401  (register the ops)
+    import lorafuse.kernels.lora  # noqa: F401
+    import lorafuse.kernels.norm  # noqa: F401
+    import lorafuse.kernels.rope  # noqa: F401
+    from lorafuse.partition import _is_expensive
+
+    g = torch.fx.Graph()
+
+    def node(target):
+        return g.call_function(target, ())
+
+    ops = torch.ops.lorafuse
+    assert not any(_is_expensive(node(op.default)) for op in (ops.rope, ops.gated_mlp, ops.rms_norm))
+    assert _is_expensive(node(ops.lora_linear.default))
+    assert _is_expensive(node(torch.ops.aten.mm.default))
+    assert not _is_expensive(node(torch.ops.aten.mul.Tensor))
