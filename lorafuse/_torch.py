@@ -8,6 +8,7 @@ later release, this is the one file to change.
 import copy
 
 import torch
+from torch._dynamo.exc import RestartAnalysis  # noqa: F401  Dynamo's "trace again" signal: never swallow it
 from torch._dynamo.utils import counters  # noqa: F401  per-pass match counts (users read them here)
 # activation_memory_budget, patched per partition (memory_budget; checked on 2.13, not yet on 2.11)
 from torch._functorch import config as functorch_config  # noqa: F401

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ._torch import compile_fx, copy_graph, counters, list_mode_options
+from ._torch import RestartAnalysis, compile_fx, copy_graph, counters, list_mode_options
 from .partition import LorafusePartitioner, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASSES
 from .report import GraphReport, PassReport
@@ -93,6 +93,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
     try:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    except RestartAnalysis:
+        raise  # Dynamo traces the frame again (e.g. dynamic=True turning floats into tensors)
     except Exception as e:
         if opts.strict:
             raise

@@ -252,6 +252,11 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
         return "4-bit base (bitsandbytes): the dequant_matmul pass's job"
     if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
         return "several active adapters"
+    if any(n.startswith(module + "_scaling_") for n in names):
+        # dynamic=True: Dynamo passes Python floats (PEFT's scaling) as graph inputs, so the
+        # scale is a run-time value the op's constant `scale` cannot take.
+        return ("LoRA scale is a graph input, not a constant (torch.compile(dynamic=True) "
+                "does not specialise floats; set torch._dynamo.config.specialize_float = True)")
     return "adapter not in the recognised base + B(A(x)) * s form"
 
 
