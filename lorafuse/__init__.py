@@ -4,7 +4,7 @@
 (the backend is registered through the ``torch_dynamo_backends`` entry point).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 from .backend import Options, backend, lorafuse_backend  # noqa: E402
 from .explain import explain  # noqa: E402
