@@ -423,7 +423,7 @@ def child_train(args, variant: str, res: dict) -> dict:
 
 # Kernel name -> category, first match wins (lower-case substrings).
 KERNEL_CATEGORIES = [
-    ("lorafuse triton", ("lowrank", "lora")),
+    ("lorafuse triton", ("lowrank", "lora", "tail_gemm", "nf4", "rope", "gated_mlp", "rms_norm")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "triton_tem")),
     ("inductor reduction", ("triton_red", "triton_per")),
