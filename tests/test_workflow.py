@@ -32,7 +32,7 @@ def hf_runs(tmp_path_factory):
 
 
 def eval_batch() -> dict:
-    """Padded, with labels, shaped as the Trainer's eval batches (so it reuses their graph)."""
+    """A padded batch with labels, as a user's collator gives it."""
     from transformers import DataCollatorForLanguageModeling
 
     tok = make_tokenizer()
@@ -49,7 +49,7 @@ def eager_copy(model):
     return eager.eval()
 
 
-def prompt(length: int = SEQ):
+def prompt(length: int = SEQ):  # the eval batches' length: static shapes, fewer compiles
     ids = torch.randint(3, 32, (2, length), generator=torch.Generator().manual_seed(5))
     return ids, torch.ones_like(ids)
 
