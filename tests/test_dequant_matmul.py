@@ -609,6 +609,112 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
         assert e <= 2 * e_eager + 1e-4, f"{name}: {e:.2e} vs eager {e_eager:.2e}"
 
 
+def _as_torch_211(gm) -> list:
+    """Give every ``autograd_function_apply`` of ``gm`` the form torch 2.11's Dynamo builds
+    (dumped with torch 2.11.0, bitsandbytes 0.50.2): its forward body returns, after its
+    outputs, every other tensor or SymInt it computed (MatMul4Bit's ``B.view(-1, 1)``; with
+    dynamic shapes also ``A.numel()`` and ``numel == 0``), and its backward body takes one
+    (unused) gradient placeholder more per extra output. torch 2.13 returns the product
+    alone. Returns the nodes changed; on torch 2.11 there is nothing to add."""
+    afa = torch.ops.higher_order.autograd_function_apply
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not afa:
+            continue
+        fwd, bwd = getattr(gm, node.args[0].target), getattr(gm, node.args[1].target)
+        out = fwd.graph.output_node()
+        outs, saved = out.args[0]
+        extra = [n for n in fwd.graph.nodes if n.op in ("call_function", "call_method")
+                 and n.target is not torch._C._set_grad_enabled and n not in outs]
+        out.args = ((tuple(outs) + tuple(extra), saved),)
+        grads = [p for p in bwd.graph.nodes if p.op == "placeholder"][:len(outs)]
+        with bwd.graph.inserting_after(grads[-1]):
+            for i in reversed(range(len(extra))):
+                bwd.graph.placeholder(f"unused_{i}")
+        fwd.recompile()
+        bwd.recompile()
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is afa]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_pass_matches_torch_211_autograd_function_form(tmp_path_factory, dynamic):
+    """CI runs torch 2.13; the GPU machine runs 2.11, whose autograd_function_apply forward
+    also returns its intermediates. The 2.13 graph rewritten into that form: every 4-bit
+    linear still matches, the rewritten graph (run without Inductor) gives eager's loss and
+    LoRA gradients, and a forward whose output 0 is not the product is still refused."""
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    path = _checkpoint(tmp_path_factory, "llama")
+    model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
+    reports, extras = [], []
+
+    def rewrite_211(gm, example_inputs):
+        afas = _as_torch_211(gm)
+        for node in afas:
+            out = getattr(gm, node.args[0].target).graph.output_node()
+            outs, saved = out.args[0]
+            extras.append(len(outs) - 1)
+            out.args = ((outs[1:2] + outs[:1] + outs[2:], saved),)  # output 0 not the product
+            with pytest.raises(dequant_matmul.NoMatch, match="something else than the product"):
+                dequant_matmul._base(gm, node)
+            out.args = ((outs, saved),)
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        return gm.forward
+
+    batch = _batch(3)
+    if dynamic:  # a symbolic sequence length (dynamic=True would also make PEFT's scale a
+        for t in batch.values():  # graph input, which no pass fuses)
+            torch._dynamo.mark_dynamic(t, 1)
+    reset_dynamo()
+    try:
+        loss, grads = _loss_and_grads(torch.compile(model, backend=rewrite_211, fullgraph=True),
+                                      model, batch)
+    finally:
+        reset_dynamo()
+    loss_e, grads_e = _loss_and_grads(model, model, batch)
+    # layer 0's q/k/v see frozen embeddings: gemm_4bit called directly, no autograd function
+    assert len(extras) == 4 and min(extras) >= (3 if dynamic else 1), extras
+    (report,) = reports
+    assert len(report.matched) == 7 and not report.skipped, report
+    assert not any(s.endswith("(no adapter)") for s in report.matched), report
+    torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
+    assert len(grads_e) == 14
+    for name, g in grads_e.items():
+        assert g.norm() > 0, name
+        assert rel(grads[name], g) <= 1e-4, f"{name}: {rel(grads[name], g):.2e}"
+
+
+def test_pass_reports_cpu_inference_layout(tmp_path_factory):
+    """In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks the weight of each
+    Linear4bit whose input needs no gradient (layer 0's q/k/v) during the traced forward
+    and calls gemv_4bit on it: those sites are left alone and the report says why."""
+    has_avx512bf16 = getattr(BF, "has_avx512bf16", None)
+    if has_avx512bf16 is None or not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks CPU weights only on CPUs with AVX512-BF16")
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    path = _checkpoint(tmp_path_factory, "llama")
+    model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear").eval()
+    reports = []
+
+    def rewrite_only(gm, example_inputs):
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        return gm.forward
+
+    reset_dynamo()
+    try:
+        loss = torch.compile(model, backend=rewrite_only, fullgraph=True)(**_batch(0)).loss
+    finally:
+        reset_dynamo()
+    (report,) = reports
+    assert torch.isfinite(loss)
+    assert len(report.matched) == 4 and len(report.skipped) == 3, report
+    assert all("gemv_4bit" in why and "model.train()" in why for _, why in report.skipped), report
+
+
 # --------------------------------------------------------------------------- Triton
 # TRITON_INTERPRET must be set before triton is first imported, and this process has
 # imported it already: the checks run in one subprocess (this file run as a script).

@@ -15,7 +15,9 @@ dumped for NF4 with double quantisation and FP4 without) — per 4-bit linear::
               <quant-state tensors>, non_differentiable_idx=[], saved_for_backward_idx=[])
     y4  = afa[0]
     #     fwd_body_i: _set_grad_enabled(False); B.view(-1, 1); the same gemm_4bit call on its
-    #     placeholders; returns ((output,), saved); bwd_body_i:
+    #     placeholders; returns ((output,), saved) (torch 2.13; torch 2.11 returns
+    #     ((output, B, ...), saved): every other tensor or SymInt the body computed after
+    #     the output, and bwd_body_i takes one unused gradient more for each); bwd_body_i:
     #     dequantize_blockwise(absmax_8bit, absmax2, code2.to(dev), 256, f32) (when nested);
     #     absmax += offset; dequantize_4bit(b, absmax, blocksize, qt, (N, K), f32);
     #     .to(grad dtype); matmul(grad_output, W) → grad of x only.
@@ -65,7 +67,12 @@ no less precise than autocast's bf16 (tested against an fp32-compute model).
 Left alone, with a reason: an ``autograd_function_apply`` whose bodies are not
 MatMul4Bit's; a dequantised weight used outside its linear; shapes, dtypes or quant-state
 sizes that do not line up; an adapter whose intermediates are used outside the site (the
-base alone is still rewritten).
+base alone is still rewritten); ``bitsandbytes.gemv_4bit``, which bitsandbytes 0.50 calls
+only on CPU for a weight it repacked into another layout (``packing_format_for_cpu``) in
+a forward of a Linear4bit in eval mode whose input needs no gradient, on CPUs with
+AVX512-BF16 (Dynamo traces that repacking as a ``set_`` on the weight parameter, which
+plain Inductor also fails on at run time with an input size assertion: train in train
+mode).
 """
 
 from __future__ import annotations
@@ -247,9 +254,14 @@ def _afa_base(gm, afa: fx.Node) -> Base:
     if not any(n.op == "call_function" and n.target is deq for n in bwd.graph.nodes):
         raise NoMatch("autograd_function_apply around a 4-bit product whose backward does not "
                       "dequantize the weight (not bitsandbytes' MatMul4Bit)")
+    # fwd_body returns ((outputs...), saved). torch 2.13: ``(product,)``. torch 2.11 also
+    # returns the body's other intermediates after it (MatMul4Bit's ``B.view(-1, 1)``,
+    # which it keeps on ctx; with dynamic shapes the size checks too), all nodes vetted
+    # above; the outer graph reads only output 0 (checked below).
     out = next(n for n in fwd.graph.nodes if n.op == "output")
     first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else None
-    if not (isinstance(first, (tuple, list)) and len(first) == 1 and first[0] is nodes[0]):
+    if not (isinstance(first, (tuple, list)) and first and first[0] is nodes[0]
+            and all(isinstance(e, fx.Node) for e in first[1:])):
         raise NoMatch("MatMul4Bit-like forward returning something else than the product")
     users = list(afa.users)
     if len(users) != 1 or not (is_function(users[0], (operator.getitem,))
@@ -274,6 +286,11 @@ def _afa_base(gm, afa: fx.Node) -> Base:
 def _base(gm, node) -> Base:
     if _AFA is not None and node.op == "call_function" and node.target is _AFA:
         b = _afa_base(gm, node)
+    elif is_function(node, (_bnb_op("gemv_4bit"),)):
+        raise NoMatch("bitsandbytes' inference kernel gemv_4bit, on a weight in another layout "
+                      "(bitsandbytes 0.50 repacks a CPU weight when a Linear4bit in eval mode "
+                      "gets an input that needs no gradient): call model.train() before the "
+                      "first forward")
     else:
         found = _product(node)
         if found is None:
