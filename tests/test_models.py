@@ -358,6 +358,30 @@ def test_dynamic_true_scale_reason_and_specialize_float(fresh_dynamo):
                 str(report)
 
 
+def test_gradient_checkpointing_reason_and_warning(fresh_dynamo):
+    """HF gradient checkpointing (TRL's default) puts the layers inside checkpoint regions,
+    where no site can be fused: the report says why and what to do, and a warning too."""
+    from lorafuse.kernels import _dispatch
+    from lorafuse.passes.lora import CHECKPOINT_REASON
+    from lorafuse.report import Report
+
+    model = make_tiny_model("llama", layers=1, target_modules=["q_proj", "down_proj"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = make_batch(SEQ, seed=4)
+    want = copy.deepcopy(model)(**batch).loss
+    report = Report()
+    _dispatch.warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend=_collecting_backend(report))(**batch).loss
+    torch.testing.assert_close(got, want, **LOSS_TOL)
+    skipped = [why for g in report.graphs for p in g.passes if p.name == "lora"
+               for _, why in p.skipped]
+    assert report.totals().get("lora", 0) == 0 and len(skipped) == 2, str(report)
+    assert all(why == CHECKPOINT_REASON for why in skipped), str(report)
+    assert sum("gradient_checkpointing=False" in str(w.message) for w in caught) == 1
+
+
 def _collecting_backend(report):
     def backend(gm, example_inputs):
         return lorafuse.lorafuse_backend(gm, example_inputs, _collect=report)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..kernels._dispatch import warn_once
 from ..kernels import lora as lora_kernels  # noqa: F401  (registers the ops)
 from ..kernels import lora_group as lora_group_kernels  # noqa: F401
 from ._graph import (
@@ -235,6 +236,11 @@ def _adapter_placeholders(graph):
     return found
 
 
+_CHECKPOINT = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+CHECKPOINT_REASON = ("inside torch.utils.checkpoint (Hugging Face gradient checkpointing, TRL's "
+                     "default): set gradient_checkpointing=False and use lorafuse's memory_budget")
+
+
 def _why_left_alone(graph, a_ph, reasons) -> str:
     if a_ph in reasons:
         return reasons[a_ph]
@@ -252,6 +258,8 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
         return "4-bit base (bitsandbytes): the dequant_matmul pass's job"
     if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
         return "several active adapters"
+    if any(u.op == "call_function" and u.target is _CHECKPOINT for u in a_ph.users):
+        return CHECKPOINT_REASON
     if any(n.startswith(module + "_scaling_") for n in names):
         # dynamic=True: Dynamo passes Python floats (PEFT's scaling) as graph inputs, so the
         # scale is a run-time value the op's constant `scale` cannot take.
@@ -281,5 +289,8 @@ def run(gm: fx.GraphModule, report) -> None:
     for a_ph in _adapter_placeholders(graph):
         if a_ph not in done and a_ph.users:
             report.skipped.append((site_name(a_ph), _why_left_alone(graph, a_ph, reasons)))
+    if any(why == CHECKPOINT_REASON for _, why in report.skipped):
+        # Users rarely read the report, and this one costs all of the speed-up.
+        warn_once(f"lorafuse: LoRA sites left unfused: {CHECKPOINT_REASON}")
     graph.lint()
     gm.recompile()
