@@ -1,0 +1,314 @@
+"""bench/bench_context.py without a GPU: the longest-sequence search against fake oracles,
+the classification of runs, and the driver (budget, resume, tables) with a fake run in
+place of the child process. Pure Python, no model: well under a second."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_context as bc  # noqa: E402
+
+STEP = 1024
+
+
+def search(fits, peak=None, cap=80.0, step=STEP, max_seq=262144, limit=60):
+    """Drive search_state with the oracle fits(seq) (and peak(seq) for the line) until it
+    settles; return the final Search and the sequences it tried, in order."""
+    outcomes, points, tried = [], [], []
+    for _ in range(limit):
+        s = bc.search_state(outcomes, points, cap, step, max_seq, [o for _, o in outcomes])
+        if s.next is None:
+            return s, tried
+        assert s.next % step == 0 and step <= s.next <= max_seq, s
+        assert s.next not in tried, (s, tried)
+        tried.append(s.next)
+        ok = fits(s.next)
+        outcomes.append((s.next, "fit" if ok else "over"))
+        if peak is not None:
+            points.append((s.next, peak(s.next)))
+    raise AssertionError(f"no answer after {limit} runs: {tried}")
+
+
+def test_bisection_alone_finds_the_threshold_in_log_steps():
+    rng = random.Random(0)
+    for _ in range(200):
+        threshold = rng.randrange(0, 300_000)
+        s, tried = search(lambda n, t=threshold: n <= t)
+        expect = min(threshold // STEP * STEP, 262144)
+        assert s.lo == expect, (threshold, s, tried)
+        assert len(tried) <= 2 * 9 + 2  # doubling, then halving over <= 256 steps
+        if expect < 262144:
+            assert s.hi == expect + STEP and s.note == ""
+
+
+def test_peak_line_settles_in_two_or_three_runs():
+    # peak = weights + per-token activations: the line through two table points predicts
+    for a, b in [(15.0, 0.0021), (16.0, 0.00023), (20.0, 0.008), (15.5, 0.0004)]:
+        for cap in (24.0, 80.0):
+            def peak(n):
+                return a + b * n
+            table = [(2048, "fit" if peak(2048) <= cap else "over"),
+                     (8192, "fit" if peak(8192) <= cap else "over")]
+            outcomes, points, tried = list(table), [(2048, peak(2048)), (8192, peak(8192))], []
+            while True:
+                s = bc.search_state(outcomes, points, cap, STEP, 262144,
+                                    [o for n, o in outcomes if n in tried])
+                if s.next is None:
+                    break
+                tried.append(s.next)
+                outcomes.append((s.next, "fit" if peak(s.next) <= cap else "over"))
+                points.append((s.next, peak(s.next)))
+            expect = min(int((cap - a) / b) // STEP * STEP, 262144)
+            assert s.lo == expect, (a, b, cap, s, tried)
+            assert len(tried) <= 3, (a, b, cap, tried)
+
+
+def test_a_wrong_line_falls_back_to_bisection():
+    # the peak jumps (a memory plan that changes with length): the line keeps missing
+    def peak(n):
+        return 20 + 0.001 * n + (40 if n > 50_000 else 0)
+    s, tried = search(lambda n: peak(n) <= 80, peak)
+    assert s.lo == 49152  # 50,000 rounded down to a multiple of 1024: 48 * 1024
+    assert len(tried) <= 20
+
+
+def test_two_misses_in_a_row_gallop():
+    line = [(8192, 20.0), (16384, 30.0)]  # predicts 80 GiB at 57,344
+    s = bc.search_state([(57344, "fit"), (58368, "fit")], line, 80, STEP, 262144,
+                        ["fit", "fit"])
+    assert s.next == 58368 + 2 * STEP
+    s = bc.search_state([(57344, "fit"), (58368, "fit"), (60416, "fit")], line, 80, STEP,
+                        262144, ["fit", "fit", "fit"])
+    assert s.next == 60416 + 4 * STEP
+    # downwards, and never past the midpoint
+    s = bc.search_state([(4096, "fit"), (57344, "over"), (56320, "over")], line, 80, STEP,
+                        262144, ["over", "over"])
+    assert s.next == 56320 - 2 * STEP
+    s = bc.search_state([(4096, "fit"), (20480, "over"), (19456, "over"), (17408, "over"),
+                         (13312, "over")], line, 80, STEP, 262144, ["over"] * 4)
+    assert s.next == 8192  # 13,312 - 8 steps would pass the midpoint 8,704
+
+
+def test_nothing_fits_and_everything_fits():
+    s, _ = search(lambda n: False)
+    assert (s.lo, s.hi, s.next) == (0, STEP, None)
+    s, tried = search(lambda n: True, max_seq=65536)
+    assert s.lo == 65536 and s.hi is None and "max-seq" in s.note
+    assert tried[-1] == 65536
+
+
+def test_a_failed_run_inside_the_interval_stops_the_search():
+    s = bc.search_state([(4096, "fit"), (8192, "error"), (65536, "over")], [], 80, STEP, 262144)
+    assert s.next is None and s.stopped and s.lo == 4096 and "8,192" in s.note
+    # an error outside (lo, hi) says nothing about the answer
+    s = bc.search_state([(4096, "fit"), (8192, "over"), (65536, "error")], [], 80, STEP, 262144)
+    assert s.next == 5120 or 4096 < s.next < 8192
+    assert not s.stopped
+
+
+def test_not_monotone_is_reported():
+    s = bc.search_state([(4096, "fit"), (5120, "over"), (9216, "fit")], [], 80, STEP, 262144)
+    assert s.lo == 4096 and s.hi == 5120 and s.next is None and "not monotone" in s.note
+
+
+def test_predict_seq_uses_the_points_nearest_the_cap():
+    points = [(2048, 20.0), (8192, 26.0), (32768, 50.0)]
+    assert bc.predict_seq(points, 80.0) == pytest.approx(32768 + 30 / (24 / 24576))
+    assert bc.predict_seq(points, 23.0) == pytest.approx(2048 + 3 * 6144 / 6)
+    assert bc.predict_seq([(2048, 20.0)], 80.0) is None
+    assert bc.predict_seq([(2048, 20.0), (4096, 19.0)], 80.0) is None  # no growth: no line
+
+
+def run(outcome, peak=None, cap=None, seq=4096):
+    r = {"variant": "eager", "batch": 1, "seq": seq, "outcome": outcome, "cap_gib": cap}
+    if peak is not None:
+        r["peak_gib"] = peak
+    return r
+
+
+def test_classify_peak_mode():
+    assert bc.classify(run("ok", 23.9), 24, "peak") == "fit"
+    assert bc.classify(run("ok", 24.1), 24, "peak") == "over"
+    assert bc.classify(run("oom"), 80, "peak") == "over"  # out of the whole card
+    assert bc.classify(run("error"), 80, "peak") == "error"
+
+
+def test_classify_fraction_mode():
+    assert bc.classify(run("ok", 20, cap=24), 24, "fraction") == "fit"
+    assert bc.classify(run("ok", 20, cap=24), 80, "fraction") == "fit"  # fit 24: fits 80
+    assert bc.classify(run("ok", 20, cap=80), 24, "fraction") is None  # reserved unknown
+    assert bc.classify(run("ok", 20), 24, "fraction") is None  # not limited
+    assert bc.classify(run("ok", 30), 24, "fraction") == "over"
+    assert bc.classify(run("oom", cap=80), 24, "fraction") == "over"
+    assert bc.classify(run("oom", cap=24), 80, "fraction") is None
+
+
+def test_outcome_of_errors():
+    assert bc.outcome_of({"tok_s": 1.0}) == "ok"
+    assert bc.outcome_of({"error": "OOM: CUDA out of memory. Tried to allocate 2 GiB"}) == "oom"
+    assert bc.outcome_of({"error": "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling"}) \
+        == "oom"
+    assert bc.outcome_of({"error": "timeout: killed after 560 s"}) == "error"
+    assert bc.outcome_of({"error": "OutOfResources: out of resource: shared memory"}) == "error"
+
+
+def test_parsing():
+    assert bc.parse_workloads("2x2048, 2048,8192") == [(2, 2048), (1, 2048), (1, 8192)]
+    assert bc.parse_workloads("") == []
+    with pytest.raises(ValueError):
+        bc.parse_workloads("2x")
+    assert bc.parse_cap("24") == 24 and bc.parse_cap("80GiB") == 80
+    assert bc.parse_cap("512MiB") == 0.5
+    with pytest.raises(ValueError):
+        bc.parse_cap("24GB")
+    cfg = bc.lorafuse_configs(["lorafuse:b0.2", "lorafuse:x"],
+                              ['x={"options": {"passes": ["lora"]}}'])
+    assert cfg == {"b0.2": {"options": {"memory_budget": 0.2}},
+                   "x": {"options": {"passes": ["lora"]}}}
+    with pytest.raises(ValueError):
+        bc.lorafuse_configs(["lorafuse:b2"], [])
+
+
+# ----------------------------------------------------------------------------- the driver
+
+# fake variants: peak GiB = a + b * (tokens / 1024); the card holds 139 GiB
+FAKE = {"eager": (15.0, 8.5), "unsloth_gc": (16.0, 0.4), "lorafuse:b0": (15.5, 0.3)}
+CARD = 139.0
+
+
+class FakeRuns:
+    """Stands for run_probe: a fake peak per variant, OOM above the card (or above the cap
+    when limited), and `wall` seconds of a fake clock per run."""
+
+    def __init__(self, wall=100.0, broken=()):
+        self.now, self.wall, self.broken, self.calls = 0.0, wall, set(broken), []
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, variant, batch, seq, cap_gib, warmup, steps, timeout, log_path):
+        self.calls.append((variant, batch, seq, cap_gib))
+        if timeout < self.wall:
+            self.now += timeout
+            return {"error": f"timeout: killed after {timeout:.0f} s", "timed_out": True,
+                    "wall_s": timeout}
+        self.now += self.wall
+        a, b = FAKE[variant]
+        peak = a + b * batch * seq / 1024
+        if (variant, seq) in self.broken:
+            return {"error": "RuntimeError: illegal memory access", "wall_s": self.wall}
+        if peak > min(CARD, cap_gib or CARD):
+            return {"error": "OOM: CUDA out of memory. Tried to allocate 1 GiB",
+                    "wall_s": self.wall}
+        return {"tok_s": 1e4, "peak_gib": peak, "losses": [12.57, 12.5], "wall_s": self.wall}
+
+
+def driver(tmp_path, fake, *extra, resume=False):
+    argv = ["--variants", "eager,unsloth_gc,lorafuse:b0", "--json", str(tmp_path / "ctx.json"),
+            "--caps", "24,80", *extra]
+    if resume:
+        argv += ["--resume", str(tmp_path / "ctx.json")]
+    opts = bc.parse_args(argv)
+    state = bc.load_state(opts) if resume else bc.new_state(opts)
+    opts.session, opts.sites = len(state["meta"]["sessions"]), {}
+    return bc.Driver(opts, state, probe=fake, clock=fake.clock), opts, state
+
+
+def expected(variant, cap, step=STEP):
+    a, b = FAKE[variant]
+    return min(int((cap - a) / b * 1024) // step * step, 262144)
+
+
+@pytest.mark.parametrize("enforce", ["peak", "fraction"])
+def test_driver_fills_the_tables(tmp_path, enforce):
+    fake = FakeRuns()
+    d, opts, state = driver(tmp_path, fake, "--enforce", enforce)
+    d.go()
+    for v in FAKE:
+        for cap in (24.0, 80.0):
+            s = bc.search_for(state, v, cap, opts)
+            assert s.next is None and s.lo == expected(v, cap), (v, cap, s)
+    table = [c for c in fake.calls if c[2] in (2048, 8192, 32768) and c[3] is None]
+    assert len(table) == 12  # 3 variants x 4 workloads, each once
+    searches = len(fake.calls) - len(table)
+    assert searches <= 10, fake.calls  # two per variant and cap, less where the table settles
+    text = bc.render(opts, state)
+    assert "state: complete" in text
+    assert "| eager | 10,000 · " in text and "OOM" in text  # eager at 1x32768: 287 GiB
+    assert f"{expected('lorafuse:b0', 80):,} (10,000 tok/s" in text
+    assert "longest lorafuse lorafuse:b0" in text
+    saved = json.loads((tmp_path / "ctx.json").read_text())
+    assert len(saved["runs"]) == len(fake.calls)
+
+
+def test_driver_budget_and_resume_reach_the_same_answer(tmp_path):
+    whole = FakeRuns()
+    d, opts, state = driver(tmp_path / "a", whole)
+    d.go()
+    answer = {(v, c): bc.search_for(state, v, c, opts).lo for v in FAKE for c in (24.0, 80.0)}
+
+    fake = FakeRuns()
+    commands = 0
+    while True:
+        d, opts, state = driver(tmp_path / "b", fake, "--time-budget", "560",
+                                resume=commands > 0)
+        d.go()
+        bc.save(opts, state)
+        commands += 1
+        if "state: complete" in bc.render(opts, state):
+            break
+        assert commands < 20
+    assert commands >= 4  # 5 runs of 100 s per command
+    got = {(v, c): bc.search_for(state, v, c, opts).lo for v in FAKE for c in (24.0, 80.0)}
+    assert got == answer
+    assert len(fake.calls) == len(whole.calls)  # nothing ran twice
+
+
+def test_a_run_cut_by_the_budget_is_retried_not_recorded(tmp_path):
+    fake = FakeRuns(wall=100)
+    d, opts, state = driver(tmp_path, fake, "--time-budget", "100", "--seqs", "2048")
+    d.estimate = lambda variant: 10  # the estimate was wrong: the run needs 100 s
+    d.go()
+    assert state["runs"] == [] and len(state["interrupted"]) == 1
+    assert any("cut by the time budget" in why for *_, why in d.skipped)
+    d2, _, _ = driver(tmp_path, FakeRuns(), resume=True)
+    assert d2.estimate("eager") > 100  # next time it asks for more than it had
+
+
+def test_a_failing_run_stops_that_search_only(tmp_path):
+    fake = FakeRuns(broken={("lorafuse:b0", 32768)})
+    d, opts, state = driver(tmp_path, fake)
+    d.go()
+    s = bc.search_for(state, "lorafuse:b0", 80.0, opts)
+    assert s.stopped and s.lo == 8192
+    assert bc.search_for(state, "unsloth_gc", 80.0, opts).lo == expected("unsloth_gc", 80)
+    text = bc.render(opts, state)
+    assert "stopped: the run at 32,768 failed" in text
+    assert "error: RuntimeError: illegal memory access" in text
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    d, opts, state = driver(tmp_path, FakeRuns(), "--seqs", "2048", "--caps", "")
+    d.go()
+    with pytest.raises(SystemExit, match="enforce"):
+        driver(tmp_path, FakeRuns(), "--enforce", "fraction", resume=True)
+    with pytest.raises(SystemExit, match="another tag"):
+        driver(tmp_path, FakeRuns(), "--lorafuse-config", 'b0={"options": {}}', resume=True)
+
+
+def test_report_prints_the_file_and_runs_nothing(tmp_path, capsys):
+    d, opts, state = driver(tmp_path, FakeRuns(), "--seqs", "2048", "--caps", "")
+    d.go()
+    assert bc.main(["--report", "--resume", str(tmp_path / "ctx.json"), "--seqs", "2048",
+                    "--caps", "80"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    assert rows.count("| eager") == 2 and "| liger" not in rows  # the file's variants only
+    assert "state: incomplete" in out  # the searches at 80 GiB were not run by --report
+    assert json.loads((tmp_path / "ctx.json").read_text())["runs"] == state["runs"]
