@@ -7,7 +7,6 @@ run. Prints a table per shape: ms and TFLOP/s per config, cuBLAS's x Wᵀ alone 
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 

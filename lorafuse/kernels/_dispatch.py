@@ -23,3 +23,15 @@ def requested_impl(env: str, choices: tuple, default: str = "auto") -> str:
         warn_once(f"lorafuse: {env}={impl!r} is not one of {choices}; using {default!r}")
         return default
     return impl
+
+
+def use_triton(x, env: str) -> bool:
+    """For the elementwise families (``auto|torch|triton`` in ``env``): CUDA tensors take the
+    Triton kernel unless ``torch`` is asked for; CPU tensors only under the Triton
+    interpreter with ``triton`` asked for (tests); everything else the PyTorch reference."""
+    impl = requested_impl(env, ("auto", "torch", "triton"))
+    if impl == "torch":
+        return False
+    if x.is_cuda:
+        return True
+    return impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"

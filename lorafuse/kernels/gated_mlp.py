@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import requested_impl, warn_once
+from ._dispatch import use_triton, warn_once
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -47,19 +46,13 @@ except ImportError:  # pragma: no cover
     triton = None
 
 IMPL_ENV = "LORAFUSE_GATED_MLP_IMPL"
-_IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 
 def _use_triton(x: Tensor) -> bool:
-    impl = requested_impl(IMPL_ENV, _IMPLS)
-    if impl == "torch":
-        return False
-    if x.is_cuda:
-        return True
-    return impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return use_triton(x, IMPL_ENV)
 
 
 def _check_act(act: str) -> None:

@@ -95,7 +95,7 @@ def _scaled_mm(a, b, scale):
 
 
 def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    K, N = lora_a.shape[1], lora_b.shape[0]
+    N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
     g = dy2 @ lora_b  # unscaled; s rides on each consumer's alpha
     dx = _scaled_mm(g, lora_a, scale)

@@ -43,13 +43,12 @@ H200 this op is about 2x slower than Inductor's fused RMSNorm (bench/bench_norm.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._dispatch import requested_impl, warn_once
+from ._dispatch import use_triton, warn_once
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -58,21 +57,11 @@ except ImportError:  # pragma: no cover
     triton = None
 
 IMPL_ENV = "LORAFUSE_NORM_IMPL"
-_IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _requested_impl() -> str:
-    return requested_impl(IMPL_ENV, _IMPLS)
-
-
 def _use_triton(x: Tensor) -> bool:
-    impl = _requested_impl()
-    if impl == "torch":
-        return False
-    if x.is_cuda:
-        return True
-    return impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return use_triton(x, IMPL_ENV)
 
 
 # --------------------------------------------------------------------------- reference

@@ -36,12 +36,11 @@ on CPU (tests). The rope pass is not a default pass until measured faster than I
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
 
-from ._dispatch import requested_impl, warn_once
+from ._dispatch import use_triton, warn_once
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -50,17 +49,11 @@ except ImportError:  # pragma: no cover
     triton = None
 
 IMPL_ENV = "LORAFUSE_ROPE_IMPL"
-_IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _use_triton(x: Tensor) -> bool:
-    impl = requested_impl(IMPL_ENV, _IMPLS)
-    if impl == "torch":
-        return False
-    if x.is_cuda:
-        return True
-    return impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return use_triton(x, IMPL_ENV)
 
 
 # --------------------------------------------------------------------------- reference
