@@ -243,11 +243,11 @@ def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
         if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
             return pointer()  # no timing on the interpreter or inside a graph capture
         try:
-            t_tma = _time_ms(lambda: tma(), ())
+            t_tma = _time_ms(tma, ())
         except Exception as e:
             warn_once(f"lorafuse: TMA LoRA forward kernel unavailable ({type(e).__name__}: {e})")
             t_tma = float("inf")
-        choice = _choice[key] = "tma" if t_tma < _time_ms(lambda: pointer(), ()) else "pointer"
+        choice = _choice[key] = "tma" if t_tma < _time_ms(pointer, ()) else "pointer"
     return tma() if choice == "tma" else pointer()
 
 

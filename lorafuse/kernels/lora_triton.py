@@ -227,7 +227,7 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
 # in the kernel, and a persistent grid (one program per SM looping over tiles) overlaps one
 # tile's epilogue with the next tile's loads. The pointer kernel above ran 10-20 % behind
 # cuBLAS at the 8B shapes (bench/RESULTS.md); this one is chosen only where it measures
-# faster (lora._forward_kernel).
+# faster (lora._tail_gemm_forward).
 
 
 def _tma_block_shapes(nargs):
