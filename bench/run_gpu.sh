@@ -8,6 +8,7 @@
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
+#   ops    the kernel-family microbenchmarks (forward GEMM, rope / gated MLP, SDPA), ≤ 100 s each.
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
 #   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
@@ -27,7 +28,7 @@
 #   BENCH_COMMIT=  the commit to print when the checkout has no .git (a copied working tree)
 set -u
 MODE=${1:-quick}
-case "$MODE" in quick|1b|8b|full|smoke) ;; *) echo "usage: $0 [quick|1b|8b|full]" >&2; exit 2;; esac
+case "$MODE" in quick|1b|8b|ops|full|smoke) ;; *) echo "usage: $0 [quick|1b|8b|ops|full]" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -120,6 +121,18 @@ run_tests() {
     fi
 }
 
+run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Liger, 8B shapes
+    local script t rc
+    for script in bench_fwd_gemm.py bench_elementwise.py bench_attention.py; do
+        t=${OP_TIMEOUT:-100}
+        say "bench/$script (timeout ${t}s)"
+        timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
+        rc=$?
+        { echo; echo "### $script (exit $rc$([ $rc = 124 ] && echo ', TIMEOUT'))";
+          echo; tail -n 30 "$OUTDIR/${script%.py}.log"; echo; } >> "$SUMMARY"
+    done
+}
+
 run_train() {  # run_train NAME ARGS...
     local name=$1; shift
     local left; left=$(budget_left)
@@ -156,8 +169,11 @@ case "$MODE" in
     8b)
         run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
             --variants eager,inductor,lorafuse ;;
+    ops)
+        run_op_benches ;;
     full)
         run_tests
+        run_op_benches
         run_train 1b --shape 1b --ref --variants eager,eager_gc,inductor,lorafuse
         run_train 8b --shape 8b --ref --variants eager,eager_gc,inductor,lorafuse ;;
     smoke)
