@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ._torch import RestartAnalysis, compile_fx, copy_graph, counters, list_mode_options
-from .partition import LorafusePartitioner, parse_memory_budget
+from .partition import LorafusePartitioner, parse_activation_dtype, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASSES
 from .report import GraphReport, PassReport
 
@@ -36,6 +36,10 @@ class Options:
     # activation bytes the backward may keep per graph: None (min-cut's fastest plan),
     # a fraction in [0, 1] of that plan's, or "<x>GiB"/"<x>MiB" (partition.parse_memory_budget)
     memory_budget: float | str | None = None
+    # how the backward's saved activations are stored: None (as computed), "int8" or "fp8"
+    # (e4m3): one fp32 absmax per row, for large activations only matmuls and elementwise
+    # ops read in the backward (partition.quantize_saved); the forward is unchanged
+    activation_dtype: str | None = None
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -50,6 +54,7 @@ class Options:
         if bad:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
+        parse_activation_dtype(opts.activation_dtype)
         return opts
 
 

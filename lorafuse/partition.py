@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import re
 import warnings
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
-                     min_cut_rematerialization_partition)
+                     min_cut_rematerialization_partition, statically_known_true)
+from .kernels.quant_storage import FLOAT_DTYPES, STORAGE_DTYPES
 
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
 
@@ -90,14 +92,22 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._key = source_hash(json.dumps(options, sort_keys=True, default=str))
         self._budget = parse_memory_budget(options.get("memory_budget"))
         self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
+        self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
+        inputs = _graph_inputs(gm)
         if self._budget is None:  # today's behaviour: min-cut as configured, one call
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-            self._record(fwd, bwd, _graph_inputs(gm))
-            return fwd, bwd
-        return self._budgeted(gm, joint_inputs, kwargs)
+            plan = None
+        else:
+            fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs)
+        quantized = None
+        if self._storage_dtype is not None:
+            quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
+                                       self._storage_dtype)
+        self._record(fwd, bwd, inputs, plan, quantized)
+        return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs):
         """Min-cut under a budget on the activation bytes kept for the backward.
@@ -135,7 +145,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         if not hasattr(functorch_config, "activation_memory_budget"):  # torch < 2.4
             raise RuntimeError("memory_budget needs torch._functorch.config."
                                "activation_memory_budget (torch >= 2.4)")
-        inputs = _graph_inputs(gm)
+        inputs = _graph_inputs(gm)  # before min-cut, which may replace gm.graph
         with functorch_config.patch(activation_memory_budget=1.0):
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         default_plan = fwd, bwd
@@ -145,8 +155,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         plan = {"target": target, "default_activation_bytes": default_act,
                 "ratio": 1.0, "solves": 1, "tier": 0}
         if default_act <= target:  # the default plan fits: nothing to recompute
-            self._record(fwd, bwd, inputs, plan)
-            return fwd, bwd
+            return fwd, bwd, plan
         # min-cut replaced gm.graph (CSE): pin on the graph it will partition again.
         has_random = _pin(gm, _draws_random, "random")
         _pin(gm, _is_expensive, "expensive")
@@ -186,18 +195,17 @@ class LorafusePartitioner(CustomPartitionerFn):
         if "note" in plan:
             warnings.warn(f"lorafuse: memory_budget={self._budget_text}: {plan['note']}",
                           stacklevel=2)
-        self._record(fwd, bwd, inputs, plan)
-        return fwd, bwd
+        return fwd, bwd, plan
 
-    def _record(self, fwd, bwd, inputs, plan=None):
+    def _record(self, fwd, bwd, inputs, plan=None, quantized=None):
         if self._report is None:
             return
         try:
-            self._record_into(fwd, bwd, inputs, plan)
+            self._record_into(fwd, bwd, inputs, plan, quantized)
         except Exception as e:  # the report must never cost the user their compile
             self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
 
-    def _record_into(self, fwd, bwd, inputs, plan):
+    def _record_into(self, fwd, bwd, inputs, plan, quantized):
         saved = [n for n in bwd.graph.nodes
                  if n.op == "placeholder" and not n.name.startswith("tangents")]
         self._report.saved_for_backward = len(saved)
@@ -216,13 +224,19 @@ class LorafusePartitioner(CustomPartitionerFn):
             self._report.budget_solves = plan["solves"]
             self._report.budget_tier = plan["tier"]
             self._report.budget_note = plan.get("note")
+        if quantized is not None:
+            self._report.activation_dtype = quantized["dtype"]
+            self._report.quantized_tensors = len(quantized["names"])
+            self._report.quantized_from_bytes = quantized["from_bytes"]
+            self._report.quantized_to_bytes = quantized["to_bytes"]
+            self._report.quantize_left_alone = quantized["left_alone"]
 
     def __getstate__(self):
         # Inductor pickles its config, this object included, into its cache key: only the
         # key may go in, not the per-compile report, or no compile would ever hit the cache.
         # (The budget is in the key; a pickled copy never partitions.)
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
-                "_report": None}
+                "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):
         # Inductor keys its cache on this; None would let stale entries skip the hook.
@@ -361,3 +375,207 @@ def _static_bytes(nodes):
             return None
         total += numel * v.element_size()
     return total
+
+
+# --------------------------------------------------------------------------- quantized storage
+
+
+def parse_activation_dtype(value):
+    """The ``activation_dtype`` option, checked: ``None`` (activations are saved in the
+    dtype the forward computed them in) or the storage dtype for ``"int8"`` / ``"fp8"``
+    (float8_e4m3fn); both with one fp32 absmax per row (``kernels/quant_storage.py``)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in STORAGE_DTYPES:
+        return STORAGE_DTYPES[value]
+    raise ValueError(f"lorafuse: activation_dtype={value!r}: expected None, 'int8' or 'fp8'")
+
+
+# What is worth quantizing: tensors of at least this many bytes (per-row statistics and
+# small tensors cost little to keep), with rows of at least this many elements (the fp32
+# scale per row costs 4 bytes: at 16 elements an fp32 row shrinks 3.2x, a bf16 row 1.8x).
+QUANTIZE_MIN_BYTES = 64 * 2**10
+QUANTIZE_MIN_ROW = 16
+
+# Backward consumers of a saved activation (looking through views and casts), by what
+# they do with its noise (|error| <= absmax/254 per element for int8). Accepted: matmuls
+# and sums (the noise enters linearly), elementwise arithmetic and activation functions
+# (the norm recomputed as x * rstd, silu/gelu backward), the input x of lorafuse's LoRA
+# backward ops (only dA = (dy B s)^T x reads it). Refused: the tensor minus a per-row
+# statistic saved from the exact values (the cross-entropy backward recomputes softmax as
+# exp(logits - amax - log(sum)): the probabilities no longer sum to 1, and a noise d in a
+# logit is a relative error d in its probability), attention backward ops (P recomputed
+# as exp(q k^T - logsumexp): the same), softmax backward, and any op not listed
+# (indexing, scatter, unknown custom ops).
+_VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand",
+          "unsqueeze", "squeeze", "clone", "_to_copy", "convert_element_type", "alias"}
+_ELEMENTWISE = {"mul", "add", "sub", "rsub", "div", "neg", "pow", "sigmoid", "tanh", "silu",
+                "silu_backward", "gelu", "gelu_backward", "relu", "threshold_backward",
+                "sigmoid_backward", "tanh_backward", "exp", "abs", "sqrt", "rsqrt", "erf"}
+_SHIFTS = {"sub", "add", "rsub"}  # x - statistic: the softmax/log-softmax recompute
+_LINEAR_SINKS = {"mm", "bmm", "addmm", "baddbmm", "sum", "mean"}
+# lorafuse's backward ops: the arguments that only enter a matmul for a LoRA gradient
+# (dA = (dy B s)^T x). Their saved ``h = x A^T`` is not listed: it has r-element rows
+# (tokens x r: ~r/hidden of x's bytes) and its noise goes straight into dB.
+_LORAFUSE_LINEAR_ARGS = {"lora_linear_backward": {"x_lora"},
+                         "lora_linear_backward_ab": {"x_lora"},
+                         "lora_linear_group_backward": {"x"}}
+
+
+def _op_name(node) -> tuple[str | None, str | None]:
+    """``(namespace, op name)`` of a call_function node's target, or ``(None, None)``."""
+    if node.op != "call_function":
+        return None, None
+    namespace = getattr(node.target, "namespace", None)
+    if namespace is None:
+        return None, None
+    return namespace, str(node.target).split(".")[1]
+
+
+def _is_row_statistic(arg) -> bool:
+    val = getattr(arg, "meta", {}).get("val")
+    return isinstance(val, torch.Tensor) and val.dim() > 0 and val.shape[-1] == 1
+
+
+def _refusing_consumer(node) -> str | None:
+    """The first backward op that would not tolerate noise in ``node``'s value, or None."""
+    for user in node.users:
+        namespace, name = _op_name(user)
+        if namespace in ("aten", "prims") and name in _VIEWS:
+            refused = _refusing_consumer(user)
+            if refused:
+                return refused
+            continue
+        if namespace == "aten" and name in _SHIFTS and any(
+                a is not node and _is_row_statistic(a) for a in user.args):
+            return f"{namespace}.{name} with a saved per-row statistic (softmax recompute)"
+        if namespace == "aten" and (name in _ELEMENTWISE or name in _LINEAR_SINKS):
+            continue
+        if namespace == "lorafuse" and name in _LORAFUSE_LINEAR_ARGS:
+            args = [a.name for a in user.target._schema.arguments]
+            used_as = {args[i] for i, a in enumerate(user.args) if a is node}
+            used_as |= {k for k, a in user.kwargs.items() if a is node}
+            if used_as <= _LORAFUSE_LINEAR_ARGS[name]:
+                continue
+        return f"{namespace}.{name}" if name else str(user.target)
+    return None
+
+
+def _aliases_input(node, inputs) -> bool:
+    """A view (through any chain of views) of a graph input: no memory of its own."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return False
+        node = node.args[0]
+    return node.op == "placeholder" or node.name in inputs
+
+
+def _why_not_quantized(node, saved, inputs, user_outputs) -> str | None:
+    """Why the saved tensor ``node`` (its backward placeholder ``saved``) stays in its
+    dtype, or None to quantize it."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "not a tensor"
+    if node.op == "placeholder" or node.name in inputs or _aliases_input(node, inputs):
+        return "graph input (kept anyway)"
+    if node in user_outputs:
+        return "also a forward output (kept anyway)"
+    if val.dtype not in FLOAT_DTYPES:
+        return f"{val.dtype}"
+    if node.meta.get("saved_tensor_with_no_vc_check", False):
+        return "saved without version check"
+    if val.dim() == 0 or not isinstance(val.shape[-1], int) or val.shape[-1] < QUANTIZE_MIN_ROW:
+        return f"rows shorter than {QUANTIZE_MIN_ROW}"
+    if _size_of(node) < QUANTIZE_MIN_BYTES:
+        return f"smaller than {QUANTIZE_MIN_BYTES // 2**10} KiB"
+    if not statically_known_true(val.is_contiguous()):
+        return "not contiguous"
+    refused = _refusing_consumer(saved)
+    return f"used by {refused}" if refused else None
+
+
+def quantize_saved(fwd, bwd, inputs, num_fwd_outputs: int, storage_dtype) -> dict:
+    """Store the saved activations that qualify (``_why_not_quantized``) as
+    ``lorafuse::quantize_rows`` outputs, in place in both partitioned graphs.
+
+    AOTAutograd's contract for the two graphs (torch 2.11–2.13, ``_extract_fwd_bwd_modules``
+    and ``_categorize_saved_tensors_for_backward``): the forward returns
+    ``user outputs (num_fwd_outputs) + saved tensors + saved opaque objects + saved
+    symints``; the backward's placeholders are ``saved symints + saved tensors (same order)
+    + opaque objects + tangents + seeds``. AOTAutograd counts the saved tensors from the
+    forward's outputs after the partitioner returns, so a saved tensor x may be replaced,
+    at its position in both lists, by two tensors (q, absmax); the names are kept equal on
+    both sides (its saved-tensor-hooks check compares them). Tensors saved without a
+    version-counter check are sorted last and counted by a meta flag: they are left alone.
+
+    Returns ``{"dtype", "names", "from_bytes", "to_bytes", "left_alone": {reason: count}}``.
+    """
+    output = fwd.graph.find_nodes(op="output")[0]
+    outs = list(output.args[0])
+    user_outputs = set(outs[:num_fwd_outputs])
+    saved_in_bwd = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
+    plan = {"dtype": str(storage_dtype).replace("torch.", ""), "names": [], "from_bytes": 0,
+            "to_bytes": 0, "left_alone": {}}
+    new_outs = list(outs[:num_fwd_outputs])
+    for node in outs[num_fwd_outputs:]:
+        saved = saved_in_bwd.get(getattr(node, "name", None))
+        why = ("not used by the backward" if saved is None else
+               _why_not_quantized(node, saved, inputs, user_outputs))
+        if why is not None:
+            new_outs.append(node)
+            if isinstance(getattr(node, "meta", {}).get("val"), torch.Tensor):
+                plan["left_alone"][why] = plan["left_alone"].get(why, 0) + 1
+            continue
+        q, scale = _quantize_in_forward(fwd.graph, node, storage_dtype)
+        new_outs += [q, scale]
+        _dequantize_in_backward(bwd.graph, saved, q, scale)
+        plan["names"].append(node.name)
+        plan["from_bytes"] += _size_of(node)
+        plan["to_bytes"] += _size_of(q) + _size_of(scale)
+    if plan["names"]:
+        output.update_arg(0, tuple(new_outs))
+        for gm in (fwd, bwd):
+            gm.graph.lint()
+            gm.recompile()
+    return plan
+
+
+def _quantize_in_forward(graph, node, storage_dtype):
+    """``q, absmax = quantize_rows(node)`` right after ``node``: the full-precision tensor
+    dies after its last forward use, not at the end of the forward."""
+    with graph.inserting_after(node):
+        pair = graph.create_node("call_function", torch.ops.lorafuse.quantize_rows.default,
+                                 (node, storage_dtype), name=f"{node.name}_quantized")
+    pair.meta["val"] = torch.ops.lorafuse.quantize_rows.default(node.meta["val"], storage_dtype)
+    outs = []
+    for i, suffix in enumerate(("q", "absmax")):
+        with graph.inserting_after(outs[-1] if outs else pair):
+            item = graph.create_node("call_function", operator.getitem, (pair, i),
+                                     name=f"{node.name}_{suffix}")
+        item.meta["val"] = pair.meta["val"][i]
+        outs.append(item)
+    return outs
+
+
+def _dequantize_in_backward(graph, saved, q, scale) -> None:
+    """``saved`` (a placeholder) becomes two placeholders (q, absmax) at its position, and
+    ``dequantize_rows`` right before its first user (not at the top of the backward: the
+    dequantized copy lives only from where it is needed)."""
+    with graph.inserting_before(saved):
+        q_in = graph.placeholder(q.name)
+        scale_in = graph.placeholder(scale.name)
+    q_in.meta["val"], scale_in.meta["val"] = q.meta["val"], scale.meta["val"]
+    first_user = min(saved.users, key=_position(graph))
+    with graph.inserting_before(first_user):
+        value = graph.call_function(torch.ops.lorafuse.dequantize_rows.default,
+                                    (q_in, scale_in, saved.meta["val"].dtype))
+    value.meta["val"] = torch.ops.lorafuse.dequantize_rows.default(
+        q.meta["val"], scale.meta["val"], saved.meta["val"].dtype)
+    saved.replace_all_uses_with(value)
+    graph.erase_node(saved)
+
+
+def _position(graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__

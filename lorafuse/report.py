@@ -31,6 +31,11 @@ class GraphReport:
     recomputed_ops: int | None = None  # forward ops the backward computes again
     recomputed_expensive: int | None = None  # of which matmuls, attention, custom ops
     budget_note: str | None = None  # why the budget was not met, if it was not
+    activation_dtype: str | None = None  # storage dtype of quantized saved activations
+    quantized_tensors: int | None = None  # saved activations stored quantized
+    quantized_from_bytes: int | None = None  # their bytes in the dtype computed
+    quantized_to_bytes: int | None = None  # their bytes stored (codes + per-row scales)
+    quantize_left_alone: dict | None = None  # saved tensors kept as computed: reason -> count
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def format(self) -> str:
@@ -60,6 +65,15 @@ class GraphReport:
                              f"{self.budget_solves} min-cut solves)")
             if self.budget_note:
                 lines.append(f"    {self.budget_note}")
+            if self.activation_dtype is not None and self.quantized_tensors is not None:
+                kept = self.activation_bytes
+                lines.append(f"    activation_dtype {self.activation_dtype}: "
+                             f"{self.quantized_tensors} activations stored quantized, "
+                             f"{_size(self.quantized_from_bytes)} -> "
+                             f"{_size(self.quantized_to_bytes)}; activations kept in all "
+                             f"{_size(kept) if kept is not None else '?'}")
+                for reason, n in sorted((self.quantize_left_alone or {}).items()):
+                    lines.append(f"      kept as computed ×{n}: {reason}")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)
