@@ -12,9 +12,11 @@
 - Without the option the partitioned graphs contain no quantize op and the report no
   quantization fields.
 
-Measured on CPU (torch 2.13, seed 3): int8 LoRA gradients cos >= 0.99992, relative norm
-error <= 0.013; fp8 cos >= 0.9988, relative error <= 0.052; losses over 5 steps within
-(see LOSS_RTOL). CPU time: about 60 s.
+Measured on CPU (torch 2.13, seed 3), against the unquantized compiled run at step 1:
+int8 LoRA gradients cos >= 0.99992 and relative norm error <= 0.013 (worst of 28 tensors),
+fp8 cos >= 0.9988 and <= 0.052; 14 activations quantized, activation bytes kept 0.54x
+(quantized ones 0.27x). Losses over 5 SGD steps vs eager: relative difference <= 3e-6
+(int8), <= 5e-5 (fp8). CPU time: about 55 s.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ STEPS, BATCH, SEQ, LR = 5, 4, 128, 0.5
 # Bounds, with margin over what was measured on CPU (docstring).
 GRAD_COS = {"int8": 0.9995, "fp8": 0.995}
 GRAD_REL = {"int8": 0.04, "fp8": 0.12}
-LOSS_RTOL = 2e-3  # int8, per step, vs eager
+LOSS_RTOL = 1e-4  # int8, per step, vs eager (measured <= 3e-6)
 
 
 def _batch(step):
