@@ -181,6 +181,24 @@ def lora_params(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def sgd_steps(fn, model, batches, lr: float):
+    """Train ``model`` through ``fn`` (itself or a compiled wrapper) one plain SGD step per
+    batch (no Adam: its per-element scaling would amplify rounding differences between
+    runs): ``(losses, grads)``, the LoRA gradients of each step."""
+    params = lora_params(model)
+    losses, grads = [], []
+    for batch in batches:
+        loss = fn(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in params.values():
+                p -= lr * p.grad
+                p.grad = None
+    return losses, grads
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Factory: ``tiny_model(arch, **kw)`` → a PEFT-wrapped tiny model (see make_tiny_model)."""

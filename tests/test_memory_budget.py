@@ -32,7 +32,7 @@ import lorafuse.partition
 from lorafuse.partition import LorafusePartitioner, _torch_ratio, parse_memory_budget
 from lorafuse.report import Report
 
-from conftest import VOCAB, lora_params, make_tiny_model, reset_dynamo
+from conftest import VOCAB, lora_params, make_tiny_model, reset_dynamo, sgd_steps
 
 BUDGETS = (None, 1.0, 0.9, 0.5, 0.0)  # None: no budget (the reference run)
 STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
@@ -53,17 +53,7 @@ def _train(model, budget) -> dict:
     backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
                                 options={"memory_budget": budget, "strict": True})
     compiled = torch.compile(model, backend=backend)
-    params = lora_params(model)
-    losses, grads = [], []
-    for step in range(STEPS):
-        loss = compiled(**_batch(step)).loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in params.items()})
-        with torch.no_grad():
-            for p in params.values():
-                p -= LR * p.grad
-                p.grad = None
+    losses, grads = sgd_steps(compiled, model, [_batch(step) for step in range(STEPS)], LR)
     reset_dynamo()
     return {"report": report, "losses": losses, "grads": grads}
 

@@ -33,7 +33,7 @@ import lorafuse
 import lorafuse.kernels.quant_storage  # noqa: F401  (register the ops)
 from lorafuse.report import Report
 
-from conftest import VOCAB, lora_params, make_tiny_model, reset_dynamo
+from conftest import VOCAB, make_tiny_model, reset_dynamo, sgd_steps
 
 # --------------------------------------------------------------------------- the ops
 
@@ -126,17 +126,7 @@ def _train(model, options, steps):
         backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
                                     options={"strict": True, **options})
         fn = torch.compile(model, backend=backend)
-    params = lora_params(model)
-    losses, grads = [], []
-    for step in range(steps):
-        loss = fn(**_batch(step)).loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in params.items()})
-        with torch.no_grad():
-            for p in params.values():
-                p -= LR * p.grad
-                p.grad = None
+    losses, grads = sgd_steps(fn, model, [_batch(step) for step in range(steps)], LR)
     reset_dynamo()
     return {"report": report, "losses": losses, "grads": grads}
 
