@@ -383,6 +383,8 @@ def _lora_on_top(b: Base):
     if lt is None:
         return None, None
     a_lin, b_lin, scale = lt
+    if isinstance(scale, fx.Node):  # the lora pass folds it into B; this op takes a constant
+        return None, "LoRA scale is a run-time value (torch.compile(dynamic=True))"
     xa, A, _ = linear_args(a_lin)
     B = linear_args(b_lin)[1]
     inner = xa

@@ -58,7 +58,7 @@ class Site:
     bias: object
     lora_a: fx.Node
     lora_b: fx.Node
-    scale: float
+    scale: object  # a float, or a node: PEFT's scaling as a run-time value (dynamic=True)
     x_lora: object  # the dropout node, or None when the adapter reads x itself
     base_out: fx.Node  # the base product; its dtype is the compute dtype
     erase: list = field(default_factory=list)  # the site's nodes, users first
@@ -68,13 +68,19 @@ class NoMatch(Exception):
     """The add is not a LoRA site; ``reason`` says why when it looked like one."""
 
 
+def _runtime_scale(node) -> bool:
+    """``scaling.item()``: under dynamic=True Dynamo passes PEFT's float scaling as a 0-d
+    tensor input and reads it with ``item()`` (a SymFloat), so its value is not a constant."""
+    return is_method(node, ("item",)) and isinstance(val(node), torch.SymFloat)
+
+
 def _lora_term(node):
     """``l * s`` with ``l = linear(linear(x', A), B)`` → (A-linear, B-linear, s)."""
     if not is_mul(node):
         return None
     a, b = node.args[0], node.args[1]
-    lin, s = (a, b) if isinstance(a, fx.Node) else (b, a)
-    if not isinstance(s, (int, float)) or isinstance(s, bool):
+    lin, s = (a, b) if isinstance(a, fx.Node) and not _runtime_scale(a) else (b, a)
+    if not (_runtime_scale(s) or isinstance(s, (int, float))) or isinstance(s, bool):
         return None
     outer = linear_args(lin)
     if outer is None or outer[2] is not None:
@@ -82,7 +88,7 @@ def _lora_term(node):
     inner = linear_args(outer[0])
     if inner is None or inner[2] is not None:
         return None
-    return outer[0], lin, float(s)
+    return outer[0], lin, s if isinstance(s, fx.Node) else float(s)
 
 
 def _base(node):
@@ -175,19 +181,27 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
                 return node
             return add_node(g, "call_method", "to", (node, cdt), fake_mode)
 
+        def lora_b(site):
+            """B, with a run-time scale folded in (B·s, before the cast: one rounding) so
+            the op's own scale is 1: the same product, and autograd scales dB."""
+            if not isinstance(site.scale, fx.Node):
+                return cast(site.lora_b), site.scale
+            scaled = add_node(g, "call_function", operator.mul, (site.lora_b, site.scale), fake_mode)
+            return cast(scaled), 1.0
+
         def weight(site):
             w = site.weight
             return add_node(g, "call_method", "t", (w,), fake_mode) if site.weight_is_kn else w
 
         x = cast(first.x)
+        bs = [lora_b(site) for site in sites]
         if len(sites) == 1:
             args = (x, cast(weight(first)), cast(first.bias), cast(first.lora_a),
-                    cast(first.lora_b), first.scale, cast(first.x_lora))
+                    bs[0][0], bs[0][1], cast(first.x_lora))
             call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
         else:
             args = (x, [cast(weight(s)) for s in sites], [cast(s.bias) for s in sites],
-                    [cast(s.lora_a) for s in sites], [cast(s.lora_b) for s in sites],
-                    [s.scale for s in sites])
+                    [cast(s.lora_a) for s in sites], [b for b, _ in bs], [sc for _, sc in bs])
             call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default, args,
                             fake_mode)
         outs = []
@@ -216,7 +230,7 @@ def group_sites(sites: list, graph: fx.Graph) -> list:
             groups.append([site])
             continue
         group = by_input.get(key)
-        operands = (site.weight, site.bias, site.lora_a, site.lora_b)
+        operands = (site.weight, site.bias, site.lora_a, site.lora_b, site.scale)
         if group is not None and all(
                 not isinstance(n, fx.Node) or pos[n] < pos[group[0].add] for n in operands):
             group.append(site)
@@ -260,11 +274,6 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
         return "several active adapters"
     if any(u.op == "call_function" and u.target is _CHECKPOINT for u in a_ph.users):
         return CHECKPOINT_REASON
-    if any(n.startswith(module + "_scaling_") for n in names):
-        # dynamic=True: Dynamo passes Python floats (PEFT's scaling) as graph inputs, so the
-        # scale is a run-time value the op's constant `scale` cannot take.
-        return ("LoRA scale is a graph input, not a constant (torch.compile(dynamic=True) "
-                "does not specialise floats; set torch._dynamo.config.specialize_float = True)")
     return "adapter not in the recognised base + B(A(x)) * s form"
 
 
