@@ -75,7 +75,8 @@ def _runtime_scale(node) -> bool:
 
 
 def _lora_term(node):
-    """``l * s`` with ``l = linear(linear(x', A), B)`` → (A-linear, B-linear, s)."""
+    """``l * s`` with ``l = linear(linear(x', A), B)`` → (A-linear, B-linear, s); s is a
+    float, or the ``item()`` node of a run-time scale (``_runtime_scale``)."""
     if not is_mul(node):
         return None
     a, b = node.args[0], node.args[1]
