@@ -26,7 +26,7 @@ import functools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lorafuse
@@ -49,11 +49,15 @@ def _bound(x32, absmax, storage, out_dtype):
         b = m / 254
     else:
         b = torch.maximum(x32.abs() / 16, m / 458752)
-    out_eps = torch.finfo(out_dtype).eps
-    return b * (1 + 1e-5) + x32.abs() * out_eps + m * 4 * torch.finfo(torch.float32).eps
+    out = torch.finfo(out_dtype)
+    subnormal_step = out.smallest_normal * out.eps  # the output's rounding below its normals
+    return (b * (1 + 1e-5) + x32.abs() * out.eps + subnormal_step
+            + m * 4 * torch.finfo(torch.float32).eps)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
+@example(rows=1, cols=24, log_scale=-40, dtype=torch.bfloat16, storage="fp8", zero_row=False,
+         seed=0)  # bf16 subnormals: once failed in CI, when the bound left out their spacing
 @given(rows=st.integers(1, 6), cols=st.integers(1, 70),
        log_scale=st.sampled_from([-40, -20, -3, 0, 3, 20, 36]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
