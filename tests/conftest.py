@@ -26,6 +26,12 @@ atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples every run, so a red CI
+# is a regression, not a new random draw; local runs keep exploring fresh examples.
+_hypothesis_settings.register_profile("ci", derandomize=True)
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 from torch._dynamo.utils import counters  # noqa: E402
 
 # Geometry shared by every architecture: same head_dim, hidden and intermediate sizes
