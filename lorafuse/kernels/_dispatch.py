@@ -35,3 +35,15 @@ def use_triton(x, env: str) -> bool:
     if x.is_cuda:
         return True
     return impl == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_or_reference(x, env: str, what: str, triton_fn, reference_fn):
+    """``triton_fn()`` where ``use_triton(x, env)`` says so, else ``reference_fn()``; a
+    kernel that raises falls back to the reference, warned once (never crash training over
+    an optional kernel)."""
+    if use_triton(x, env):
+        try:
+            return triton_fn()
+        except Exception as e:
+            warn_once(f"lorafuse: Triton {what} failed ({type(e).__name__}: {e}); using PyTorch")
+    return reference_fn()

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import use_triton, warn_once
+from ._dispatch import triton_or_reference
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -49,10 +49,6 @@ IMPL_ENV = "LORAFUSE_GATED_MLP_IMPL"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
-
-
-def _use_triton(x: Tensor) -> bool:
-    return use_triton(x, IMPL_ENV)
 
 
 def _check_act(act: str) -> None:
@@ -249,23 +245,17 @@ def gated_mlp_backward_triton(dy, gate, up, act, need_dgate, need_dup):
 
 
 def _forward_impl(gate, up, act, out_dtype):
-    if _use_triton(gate):
-        try:
-            return gated_mlp_forward_triton(gate, up, act, out_dtype)
-        except Exception as e:  # never crash training over the optional kernel
-            warn_once(f"lorafuse: Triton gated MLP forward failed ({type(e).__name__}: {e}); "
-                      "using PyTorch")
-    return gated_mlp_reference(gate, up, act, out_dtype)
+    return triton_or_reference(
+        gate, IMPL_ENV, "gated MLP forward",
+        lambda: gated_mlp_forward_triton(gate, up, act, out_dtype),
+        lambda: gated_mlp_reference(gate, up, act, out_dtype))
 
 
 def _backward_impl(dy, gate, up, act, need_dgate, need_dup):
-    if _use_triton(gate):
-        try:
-            return gated_mlp_backward_triton(dy, gate, up, act, need_dgate, need_dup)
-        except Exception as e:
-            warn_once(f"lorafuse: Triton gated MLP backward failed ({type(e).__name__}: {e}); "
-                      "using PyTorch")
-    return gated_mlp_backward_reference(dy, gate, up, act, need_dgate, need_dup)
+    return triton_or_reference(
+        gate, IMPL_ENV, "gated MLP backward",
+        lambda: gated_mlp_backward_triton(dy, gate, up, act, need_dgate, need_dup),
+        lambda: gated_mlp_backward_reference(dy, gate, up, act, need_dgate, need_dup))
 
 
 # --------------------------------------------------------------------------- ops

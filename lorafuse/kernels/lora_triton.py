@@ -25,6 +25,8 @@ instead of autotuning.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -315,12 +317,18 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(index) -> bool:
+    """Hopper or newer (asked once per device: this check runs on every LoRA forward)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias) -> bool:
     if x2.dtype not in (torch.float16, torch.bfloat16):
         return False
     if any(t.dtype != x2.dtype for t in (weight, h, lora_b) + ((bias,) if bias is not None else ())):
         return False
-    if not _INTERPRETED and not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] >= 9):
+    if not _INTERPRETED and not (x2.is_cuda and _has_tma(x2.device.index)):
         return False
     N = weight.shape[0]
     return (all(_tma_ok(t) for t in (x2, weight, h, lora_b)) and (N * x2.element_size()) % 16 == 0

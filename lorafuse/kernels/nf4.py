@@ -138,8 +138,9 @@ def _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, 
             scales = block_scales(absmax, absmax2, code2, offset)
             q = qweight.reshape(-1, 1)
             return op.default(q, scales, blocksize, quant_type, [int(s) for s in shape], dtype)
-        except (RuntimeError, NotImplementedError):
-            pass
+        except (RuntimeError, NotImplementedError) as e:  # same numbers, slower
+            warn_once(f"lorafuse: bitsandbytes' dequantize_4bit failed ({type(e).__name__}: "
+                      f"{e}); decoding the 4-bit weight in PyTorch")
     return dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                            dtype)
 

@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton, warn_once
+from ._dispatch import triton_or_reference
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -58,10 +58,6 @@ except ImportError:  # pragma: no cover
 
 IMPL_ENV = "LORAFUSE_NORM_IMPL"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _use_triton(x: Tensor) -> bool:
-    return use_triton(x, IMPL_ENV)
 
 
 # --------------------------------------------------------------------------- reference
@@ -325,26 +321,17 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, ne
 
 
 def _forward_impl(x, weight, eps, offset, cast_before_weight, out_dtype):
-    if _use_triton(x):
-        try:
-            return rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight,
-                                           out_dtype)
-        except Exception as e:  # never crash training over the optional kernel
-            warn_once(f"lorafuse: Triton RMSNorm forward failed ({type(e).__name__}: {e}); "
-                       "using PyTorch")
-    return rms_norm_reference(x, weight, eps, offset, cast_before_weight, out_dtype)
+    return triton_or_reference(
+        x, IMPL_ENV, "RMSNorm forward",
+        lambda: rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, out_dtype),
+        lambda: rms_norm_reference(x, weight, eps, offset, cast_before_weight, out_dtype))
 
 
 def _backward_impl(dy, x, weight, rstd, offset, cast_before_weight, need_dx, need_dweight):
-    if _use_triton(x):
-        try:
-            return rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight,
-                                            need_dx, need_dweight)
-        except Exception as e:
-            warn_once(f"lorafuse: Triton RMSNorm backward failed ({type(e).__name__}: {e}); "
-                       "using PyTorch")
-    return rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight,
-                                       need_dx, need_dweight)
+    args = (dy, x, weight, rstd, offset, cast_before_weight, need_dx, need_dweight)
+    return triton_or_reference(x, IMPL_ENV, "RMSNorm backward",
+                               lambda: rms_norm_backward_triton(*args),
+                               lambda: rms_norm_backward_reference(*args))
 
 
 # --------------------------------------------------------------------------- ops

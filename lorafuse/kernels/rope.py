@@ -40,7 +40,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton, warn_once
+from ._dispatch import triton_or_reference
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -50,10 +50,6 @@ except ImportError:  # pragma: no cover
 
 IMPL_ENV = "LORAFUSE_ROPE_IMPL"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _use_triton(x: Tensor) -> bool:
-    return use_triton(x, IMPL_ENV)
 
 
 # --------------------------------------------------------------------------- reference
@@ -280,25 +276,22 @@ def _like(src: Tensor, values: Tensor, dtype) -> Tensor:
 
 
 def _forward_impl(q, k, cos, sin, out_dtype):
-    if _use_triton(q):
-        try:
-            return rope_forward_triton(q, k, cos, sin, out_dtype)
-        except Exception as e:  # never crash training over the optional kernel
-            warn_once(f"lorafuse: Triton rope forward failed ({type(e).__name__}: {e}); "
-                      "using PyTorch")
-    qo, ko = rope_reference(q, k, cos, sin, out_dtype)
-    return _like(q, qo, out_dtype), _like(k, ko, out_dtype)
+    def reference():
+        qo, ko = rope_reference(q, k, cos, sin, out_dtype)
+        return _like(q, qo, out_dtype), _like(k, ko, out_dtype)
+
+    return triton_or_reference(q, IMPL_ENV, "rope forward",
+                               lambda: rope_forward_triton(q, k, cos, sin, out_dtype), reference)
 
 
 def _backward_impl(dq, dk, cos, sin, dq_dtype, dk_dtype):
-    if _use_triton(dq):
-        try:
-            return rope_backward_triton(dq, dk, cos, sin, dq_dtype, dk_dtype)
-        except Exception as e:
-            warn_once(f"lorafuse: Triton rope backward failed ({type(e).__name__}: {e}); "
-                      "using PyTorch")
-    gq, gk = rope_backward_reference(dq, dk, cos, sin, dq_dtype, dk_dtype)
-    return _like(dq, gq, dq_dtype), _like(dk, gk, dk_dtype)
+    def reference():
+        gq, gk = rope_backward_reference(dq, dk, cos, sin, dq_dtype, dk_dtype)
+        return _like(dq, gq, dq_dtype), _like(dk, gk, dk_dtype)
+
+    return triton_or_reference(
+        dq, IMPL_ENV, "rope backward",
+        lambda: rope_backward_triton(dq, dk, cos, sin, dq_dtype, dk_dtype), reference)
 
 
 # --------------------------------------------------------------------------- ops
