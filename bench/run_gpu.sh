@@ -2,13 +2,16 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|full]       (default: quick)
+#   bash bench/run_gpu.sh [quick|1b|8b|ops|full|smoke][,MODE...]   (default: quick)
+#
+# Several modes separated by commas run in that order in one call (e.g. "ops,8b").
 #
 #   quick  GPU tests, the op benchmark, then 1B: eager, inductor, lorafuse, 2 + 8 steps.
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
-#   ops    the kernel-family microbenchmarks (forward GEMM, rope / gated MLP, SDPA), ≤ 100 s each.
+#   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
+#          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
 #   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
@@ -28,14 +31,17 @@
 #   BENCH_COMMIT=  the commit to print when the checkout has no .git (a copied working tree)
 set -u
 MODE=${1:-quick}
-case "$MODE" in quick|1b|8b|ops|full|smoke) ;; *) echo "usage: $0 [quick|1b|8b|ops|full]" >&2; exit 2;; esac
+for m in ${MODE//,/ }; do
+    case "$m" in quick|1b|8b|ops|full|smoke) ;;
+        *) echo "usage: $0 [quick|1b|8b|ops|full|smoke][,MODE...]" >&2; exit 2;; esac
+done
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python || command -v python3)}
 # The commit for the tables: git where the checkout has .git, else BENCH_COMMIT from the caller.
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
 export BENCH_COMMIT=$COMMIT
-if [ "$MODE" = full ]; then BUDGET_S=${BUDGET_S:-0}; else BUDGET_S=${BUDGET_S:-570}; fi
+if [[ ",$MODE," == *,full,* ]]; then BUDGET_S=${BUDGET_S:-0}; else BUDGET_S=${BUDGET_S:-570}; fi
 OUTDIR=${OUT:-bench/out/$(date +%Y%m%d_%H%M%S)}
 mkdir -p "$OUTDIR"
 CACHE=${CACHE:-/tmp/lorafuse_bench}
@@ -123,7 +129,7 @@ run_tests() {
 
 run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Liger, 8B shapes
     local script t rc
-    for script in bench_fwd_gemm.py bench_elementwise.py bench_attention.py; do
+    for script in ${OPS:-bench_fwd_gemm.py bench_nf4_gemm.py bench_elementwise.py bench_attention.py}; do
         t=${OP_TIMEOUT:-100}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
@@ -159,7 +165,8 @@ run_train() {  # run_train NAME ARGS...
     fi
 }
 
-case "$MODE" in
+for MODE_ONE in ${MODE//,/ }; do
+case "$MODE_ONE" in
     quick)
         TEST_TIMEOUT=${TEST_TIMEOUT:-120} OP_TIMEOUT=${OP_TIMEOUT:-90} run_tests
         run_train 1b --shape 1b --warmup 2 --steps 8 --ref --ref-steps 1,5,10 \
@@ -180,6 +187,7 @@ case "$MODE" in
         run_train tiny --shape tiny --device cpu --warmup 1 --steps 3 --ref-steps 1,4 \
             --variants eager,lorafuse ;;
 esac
+done
 
 echo
 echo "================================================================ summary ($MODE)"
