@@ -719,7 +719,7 @@ def test_pass_reports_cpu_inference_layout(tmp_path_factory):
 # TRITON_INTERPRET must be set before triton is first imported, and this process has
 # imported it already: the checks run in one subprocess (this file run as a script).
 
-TRITON_CHECKS = ["kernel-forward", "kernel-backward", "op-triton"]
+TRITON_CHECKS = ["dequantize", "kernel-forward", "kernel-backward", "op-triton"]
 
 
 @pytest.fixture(scope="module")
@@ -760,6 +760,18 @@ def _worker():
         lb = torch.randn(N, r, generator=g) if r else None
         b = torch.randn(N, generator=g).to(dt) if bias else None
         return q, scales, W, x, h, lb, b
+
+    def dequantize():
+        """The Triton dequantisation (the device path's) bit-exact with the reference."""
+        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
+            q, qs = quantize(N, K, bs, qt, nested, seed=N)
+            kw = qs_kwargs(qs)
+            scales = nf4.block_scales(kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
+            want = nf4.dequantize_4bit(q, kw["absmax"], kw["absmax2"], kw["code2"],
+                                       kw["offset"], (N, K), bs, qt, dt)
+            got = nf4.triton_dequantize_4bit(q, scales, (N, K), bs, qt, dt)
+            assert got.dtype == dt and got.shape == (N, K)
+            assert torch.equal(got, want), (N, K, bs, qt, dt)
 
     def forward():
         for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
@@ -821,6 +833,7 @@ def _worker():
                 assert rel(got, want) <= 2 * rel(dev, want) + floor, (rel(got, want),
                                                                       rel(dev, want))
 
+    record("dequantize", dequantize)
     record("kernel-forward", forward)
     record("kernel-backward", backward)
     record("op-triton", op)

@@ -331,6 +331,30 @@ def _stub_dispatch(monkeypatch, times, triton_raises=False):
     return lambda: lora._dispatch("bwd", (64, 1, 1, 1), cublas_fn, args), calls
 
 
+def test_pick_fastest_times_once_skips_failures_and_propagates_the_last(fresh_dispatch):
+    """The shared per-shape choice (the LoRA forward's kernels, the 4-bit dequantisation):
+    every candidate is timed once, the fastest is cached; a candidate that raises is left
+    out with one warning; an error of the last (safe) candidate propagates."""
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return fn()
+
+    def boom():
+        raise TypeError("unsupported")
+
+    cache = {}
+    cands = {"a": lambda: 3.0, "bad": boom, "b": lambda: 2.0}
+    with pytest.warns(RuntimeWarning, match="'bad' unavailable"):
+        assert _dispatch.pick_fastest(cache, "k", cands, "test", timer=timer) == "b"
+    assert cache == {"k": "b"} and len(timed) == 3
+    assert _dispatch.pick_fastest(cache, "k", cands, "test", timer=timer) == "b"
+    assert len(timed) == 3  # cached: nothing timed again
+    with pytest.raises(TypeError):
+        _dispatch.pick_fastest({}, "k", {"a": lambda: 1.0, "last": boom}, "test", timer=timer)
+
+
 @pytest.mark.parametrize("triton_faster", [True, False])
 def test_dispatch_measures_once_and_caches(fresh_dispatch, triton_faster):
     run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0 if triton_faster else 3.0, False: 2.0})

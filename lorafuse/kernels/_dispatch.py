@@ -1,10 +1,14 @@
-"""What the kernel families share: the ``LORAFUSE_<FAMILY>_IMPL`` switches, and warnings
-said once per process (a fallback warns on its first call, not on every step)."""
+"""What the kernel families share: the ``LORAFUSE_<FAMILY>_IMPL`` switches, warnings said
+once per process (a fallback warns on its first call, not on every step), and the choice
+of the fastest of several paths that compute the same numbers, timed once per shape."""
 
 from __future__ import annotations
 
 import os
+import statistics
 import warnings
+
+import torch
 
 warned: set = set()  # messages already given (tests clear it)
 
@@ -47,3 +51,41 @@ def triton_or_reference(x, env: str, what: str, triton_fn, reference_fn):
         except Exception as e:
             warn_once(f"lorafuse: Triton {what} failed ({type(e).__name__}: {e}); using PyTorch")
     return reference_fn()
+
+
+def time_ms(fn, args=(), iters: int = 5) -> float:
+    """Median of a few CUDA-event timings of ``fn(*args)``, after one warm-up call (JIT,
+    autotuning)."""
+    fn(*args)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn(*args)
+        end.record()
+    events[-1][1].synchronize()  # once per shape key, at its first use
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def pick_fastest(cache: dict, key, candidates: dict, what: str, timer=time_ms) -> str:
+    """The name of the fastest of ``candidates`` (name -> zero-argument callable; all must
+    compute the same numbers) for ``key``: each is timed once, at the key's first use, and
+    the choice is cached in ``cache``. A candidate that raises is left out, warned once;
+    the last candidate is the safe path, and its error propagates. Inside a CUDA graph
+    capture nothing is timed: the last candidate runs and nothing is cached."""
+    name = cache.get(key)
+    if name in candidates:
+        return name
+    names = list(candidates)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return names[-1]
+    times = {}
+    for n in names:
+        try:
+            times[n] = timer(candidates[n])
+        except Exception as e:
+            if n == names[-1]:
+                raise
+            warn_once(f"lorafuse: {what} path {n!r} unavailable ({type(e).__name__}: {e})")
+    cache[key] = min(times, key=times.get)
+    return cache[key]

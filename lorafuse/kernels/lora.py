@@ -28,13 +28,13 @@ When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes onl
 from __future__ import annotations
 
 import os
-import statistics
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._dispatch import requested_impl, warn_once
+from ._dispatch import pick_fastest, requested_impl, warn_once
+from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
 
 # --------------------------------------------------------------------------- reference
 
@@ -127,7 +127,6 @@ def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None):
 
 IMPL_ENV = "LORAFUSE_LORA_IMPL"
 _IMPLS = ("auto", "cublas", "triton")
-_MEASURE_ITERS = 5
 _choice: dict[tuple, str] = {}  # (mode, kind, shape key) -> "cublas" | "triton"
 
 
@@ -144,19 +143,6 @@ def _triton_backward():
     from . import lora_triton  # ImportError when triton is absent: caught by the caller
 
     return lora_triton.triton_lora_backward
-
-
-def _time_ms(fn, args) -> float:
-    """Median of a few CUDA-event timings, after one warm-up call (JIT, autotuning)."""
-    fn(*args)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(_MEASURE_ITERS)]
-    for start, end in events:
-        start.record()
-        fn(*args)
-        end.record()
-    events[-1][1].synchronize()  # once per shape key, at its first use
-    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def _dispatch(kind: str, key: tuple, cublas_fn, args):
@@ -198,16 +184,24 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
     cuBLAS's beta = 1 epilogue does not round once: on the H200 it rounds x Wᵀ to bf16
     before adding C, like eager PEFT, and a LoRA term under half an ulp of the base output
     is lost (bench/probe_rounding.py: 'captured' 0.19 against 1.00). So this runs the
-    Triton kernel, and falls back to cuBLAS writing fp32 (slower, same numbers). There is
-    no timing choice between paths that compute different things."""
-    if _requested_impl() != "cublas":
+    fastest of the paths that do round once (``_tail_gemm_forward``), and falls back to
+    cuBLAS writing fp32 if the Triton kernels fail. There is no timing choice between
+    paths that compute different things."""
+    if _requested_impl() != "cublas" and (x2.is_cuda or _triton_on_cpu()):
         try:
             return _tail_gemm_forward(x2, weight, bias, h, lora_b, scale)
         except Exception as e:  # never crash training over the optional kernel
             warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
                        "using cuBLAS with an fp32 output")
+    return _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale)
+
+
+def _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale):
+    """cuBLAS writing the base product in fp32, the tail and bias added there, one rounding:
+    the Triton kernels' numbers, with an (M, N) fp32 temporary."""
     if x2.dtype in (torch.float16, torch.bfloat16):
-        y = torch.mm(x2, weight.t(), out_dtype=torch.float32)
+        y = torch.mm(x2, weight.t(), out_dtype=torch.float32) if x2.is_cuda \
+            else x2.float() @ weight.t().float()  # CPU (tests): the same numbers
     else:
         y = x2 @ weight.t()
     y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
@@ -216,39 +210,33 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
     return y.to(x2.dtype)
 
 
-FWD_KERNEL_ENV = "LORAFUSE_LORA_FWD_KERNEL"  # auto | pointer | tma
+FWD_KERNEL_ENV = "LORAFUSE_LORA_FWD_KERNEL"  # auto | pointer | tma | cublas
 
 
 def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
-    """The one-rounding forward GEMM: the TMA kernel (Hopper, K-contiguous operands) or the
-    pointer kernel, whichever measured faster for this shape at its first call (both compute
-    the same thing: fp32 accumulation, one rounding)."""
+    """The one-rounding forward GEMM, whichever measured fastest for this shape at its first
+    call: the TMA kernel (Hopper, K-contiguous operands), the pointer kernel, or cuBLAS
+    with an fp32 output (it wins where N is small: k/v). All three compute the same thing:
+    fp32 accumulation, one rounding."""
     from . import lora_triton as lt
 
-    def pointer():
-        return lt.lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias, alpha2=scale)
-
-    def tma():
-        return lt.tail_gemm_nt_tma(x2, weight, h, lora_b, bias, alpha2=scale)
-
-    mode = requested_impl(FWD_KERNEL_ENV, ("auto", "pointer", "tma"))
-    if mode == "pointer" or not lt.tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias):
-        return pointer()
-    if mode == "tma":
-        return tma()
+    candidates = {
+        "tma": lambda: lt.tail_gemm_nt_tma(x2, weight, h, lora_b, bias, alpha2=scale),
+        "cublas": lambda: _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale),
+        "pointer": lambda: lt.lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias,
+                                                alpha2=scale),
+    }
+    if not lt.tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias):
+        del candidates["tma"]
+    mode = requested_impl(FWD_KERNEL_ENV, ("auto", "pointer", "tma", "cublas"))
+    if mode != "auto":
+        return candidates.get(mode, candidates["pointer"])()
+    if not x2.is_cuda:
+        return candidates["pointer"]()  # the interpreter (tests): nothing to time
     key = ("fwd", _bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
            bias is not None)
-    choice = _choice.get(key)
-    if choice is None:
-        if not x2.is_cuda or torch.cuda.is_current_stream_capturing():
-            return pointer()  # no timing on the interpreter or inside a graph capture
-        try:
-            t_tma = _time_ms(tma, ())
-        except Exception as e:
-            warn_once(f"lorafuse: TMA LoRA forward kernel unavailable ({type(e).__name__}: {e})")
-            t_tma = float("inf")
-        choice = _choice[key] = "tma" if t_tma < _time_ms(pointer, ()) else "pointer"
-    return tma() if choice == "tma" else pointer()
+    return candidates[pick_fastest(_choice, key, candidates, "LoRA forward GEMM",
+                                   timer=lambda fn: _time_ms(fn, ()))]()
 
 
 def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):

@@ -5,7 +5,8 @@
 ``x`` (..., K) is the base layer's input in bitsandbytes' compute dtype (the dtype of
 ``bnb_4bit_compute_dtype``: bitsandbytes casts its input to it, and the pass keeps that
 cast); ``bias`` (N,) is in that dtype too. The adapter has its own dtype (that of
-``lora_a``; fp32 for PEFT without autocast): ``lora_a`` A (r, K), ``lora_b`` B (N, r) and
+``lora_a``: fp32 for PEFT without autocast, the compute dtype under autocast, where the
+pass casts A and B to it): ``lora_a`` A (r, K), ``lora_b`` B (N, r) and
 ``x_lora`` x' (..., K), which is the adapter's input as PEFT feeds it (dropout of the
 layer input, cast to the adapter dtype) — always a separate input, so dropout needs no
 special case. ``out_dtype``: the dtype the graph wants y in (the add's dtype: PEFT adds
@@ -38,14 +39,18 @@ Saved for the backward: the packed weight and its quant state (parameters and bu
 no new memory), A, B, x' and h. Not x: the frozen base needs no weight gradient.
 
 Paths. CPU: the fp32 reference below. CUDA (and CPU tensors when ``DEVICE_PATH_ON_CPU``
-is set, for tests): dequantise W into a temporary in the compute dtype (bitsandbytes'
-``dequantize_4bit`` kernel when bitsandbytes is loaded, else the PyTorch decode), one
-cuBLAS GEMM writing fp32, free the temporary; the adapter GEMMs in the adapter dtype,
-its term added in the fp32 accumulator. That is bitsandbytes' own path (dequantise +
-cuBLAS), and it is the baseline the Triton kernel below (``triton_nf4_gemm``: W decoded
-inside its tiles, never materialised; the LoRA tail and bias in its fp32 accumulator)
-must beat on the GPU before it becomes the default. Until measured there, the Triton path
-runs only when asked for (``LORAFUSE_NF4_IMPL=triton``); it is tested under the Triton
+is set, for tests): dequantise W into a temporary in the compute dtype (the fastest per
+shape, timed once, of the Triton kernel ``triton_dequantize_4bit`` and bitsandbytes'
+``dequantize_4bit``; the PyTorch decode only where neither exists), then one GEMM and
+free the temporary. When the adapter, the output and x share the compute dtype (autocast),
+the GEMM is the bf16 LoRA op's forward (``lora.base_plus_lowrank``: the LoRA term added
+in the fp32 accumulator, one rounding); otherwise cuBLAS writes fp32, the adapter term
+(adapter dtype) and bias are added there, and y is rounded once to ``out_dtype``.
+That is bitsandbytes' own path (dequantise + cuBLAS) with the adapter fused in. The
+Triton GEMM below (``triton_nf4_gemm``: W decoded inside its tiles, never materialised)
+lost to it at every M measured on the H200 (``bench/bench_nf4_gemm.py``, RESULTS.md:
+13-50 × slower at M = 128-4096, and slower than bitsandbytes' gemv at M = 1), so it runs
+only when asked for (``LORAFUSE_NF4_IMPL=triton``); it is tested under the Triton
 interpreter on CPU.
 """
 
@@ -56,7 +61,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import requested_impl, warn_once
+from ._dispatch import pick_fastest, requested_impl, warn_once
 
 try:  # optional: the CPU reference and the cuBLAS path need no Triton
     import triton
@@ -126,23 +131,51 @@ def dequantize_4bit(qweight: Tensor, absmax: Tensor, absmax2: Optional[Tensor],
     return w.reshape(n, k).to(dtype)
 
 
+def _block_scales_fast(absmax, absmax2, code2, offset):
+    """``block_scales`` on CUDA with bitsandbytes' blockwise kernel when it is loaded (one
+    launch, as bitsandbytes does it: code2[absmax] · absmax2 in fp32, then + offset; the
+    PyTorch gathers take several launches and int64 index tensors)."""
+    op = getattr(getattr(torch.ops, "bitsandbytes", None), "dequantize_blockwise", None)
+    if absmax2 is not None and op is not None and absmax.is_cuda:
+        try:
+            s = op.default(absmax.reshape(-1), absmax2.reshape(-1), code2, NESTED_BLOCKSIZE,
+                           torch.float32)
+            return s + offset.float() if offset is not None else s
+        except (RuntimeError, NotImplementedError) as e:  # same numbers, slower
+            warn_once(f"lorafuse: bitsandbytes' dequantize_blockwise failed "
+                      f"({type(e).__name__}: {e}); decoding the 4-bit scales in PyTorch")
+    return block_scales(absmax, absmax2, code2, offset)
+
+
+_dequant_choice: dict = {}  # shape key -> the fastest dequantisation path on CUDA
+
+
 def _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, dtype):
-    """The device path's dequantisation: on CUDA, bitsandbytes' kernel when it is loaded
-    (it is whenever a graph held its ops), else the PyTorch decode: the same numbers.
+    """The device path's dequantisation. On CUDA, the fastest (timed once per shape) of
+    the Triton kernel above and bitsandbytes' kernel (when bitsandbytes is loaded: it is
+    whenever a graph held its ops), else the PyTorch decode: all give the same numbers.
     Not on CPU: bitsandbytes 0.50.2's CPU kernel decodes wrong scales when K is not a
     multiple of the blocksize (blocks that span rows); the PyTorch decode, like
     bitsandbytes' own default backend, is right there."""
+    if not qweight.is_cuda:
+        return dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize,
+                               quant_type, dtype)
+    scales = _block_scales_fast(absmax, absmax2, code2, offset)
+    shape = [int(s) for s in shape]
+    candidates = {}
+    if triton is not None and dtype in _W_DTYPES:
+        candidates["triton"] = lambda: triton_dequantize_4bit(qweight, scales, shape, blocksize,
+                                                              quant_type, dtype)
     op = getattr(getattr(torch.ops, "bitsandbytes", None), "dequantize_4bit", None)
-    if op is not None and qweight.is_cuda:
-        try:
-            scales = block_scales(absmax, absmax2, code2, offset)
-            q = qweight.reshape(-1, 1)
-            return op.default(q, scales, blocksize, quant_type, [int(s) for s in shape], dtype)
-        except (RuntimeError, NotImplementedError) as e:  # same numbers, slower
-            warn_once(f"lorafuse: bitsandbytes' dequantize_4bit failed ({type(e).__name__}: "
-                      f"{e}); decoding the 4-bit weight in PyTorch")
-    return dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
-                           dtype)
+    if op is not None:
+        candidates["bitsandbytes"] = lambda: op.default(qweight.reshape(-1, 1), scales,
+                                                        blocksize, quant_type, shape, dtype)
+    if not candidates:  # only when nothing faster exists: its temporaries are large
+        candidates["torch"] = lambda: dequantize_4bit(qweight, scales, None, None, None, shape,
+                                                      blocksize, quant_type, dtype)
+    key = (tuple(shape), blocksize, quant_type, dtype, qweight.device)
+    return candidates[pick_fastest(_dequant_choice, key, candidates,
+                                   "4-bit dequantisation")]()
 
 
 # --------------------------------------------------------------------------- reference
@@ -214,8 +247,10 @@ def nf4_linear_backward_reference(dy, qweight, absmax, absmax2, code2, offset, s
 # and fed to tl.dot; everything accumulates in fp32 and C is rounded once. The dequantised
 # weight never exists in memory. The LoRA tail (r columns) enters the same accumulator.
 # Small M (decoding, short sequences) and large M (training) are served by the autotuned
-# tile shapes (BLOCK_M 16 to 128); there is no split-K variant yet. Not measured on the GPU
-# yet: the op uses it only when LORAFUSE_NF4_IMPL=triton.
+# tile shapes (BLOCK_M 16 to 128); there is no split-K variant. Measured on the H200, it
+# loses to dequantise + cuBLAS at every M (the per-element decode, a gather from the code
+# table, costs more than the tensor-core work it feeds): the op uses it only when
+# LORAFUSE_NF4_IMPL=triton.
 #
 # Under the interpreter (TRITON_INTERPRET=1, CPU tensors) tl.dot on bf16 returns garbage
 # and fp32 -> bf16 casts truncate (DESIGN.md), so bf16 tiles are rounded to nearest even by
@@ -324,6 +359,23 @@ if triton is not None:
                                      key=["M_BUCKET", "P", "Q", "R"],
                                      do_bench=_nf4_bench)(_nf4_gemm_kernel)
 
+    @triton.jit
+    def _dequant_4bit_kernel(q_ptr, scale_ptr, code_ptr, out_ptr, numel,
+                             LOG2_BLOCKSIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """One element per lane: code value × its block's fp32 scale, rounded once to the
+        output dtype (bitsandbytes' dequantize_4bit, bit for bit). Memory-bound: reads
+        half a byte and writes two per element."""
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = e < numel
+        byte = tl.load(q_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
+        nib = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
+        w = tl.load(code_ptr + nib) * tl.load(scale_ptr + (e >> LOG2_BLOCKSIZE), mask=mask,
+                                              other=0.0)
+        if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round by hand
+            w = _round_bf16(w)
+        tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=mask)
+
 _W_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -387,6 +439,40 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
     return out
 
 
+DEQUANT_BLOCK = 2048  # elements per program of _dequant_4bit_kernel
+
+
+def triton_dequantize_4bit(qweight, scales, shape, blocksize, quant_type, dtype):
+    """The (N, K) weight in ``dtype`` from the packed 4-bit weight and its fp32 per-block
+    ``scales`` (``block_scales``): the same numbers as ``dequantize_4bit``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if not _INTERPRETED and not qweight.is_cuda:
+        raise ValueError("triton_dequantize_4bit: needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if blocksize not in BLOCKSIZES or dtype not in _W_DTYPES:
+        raise ValueError(f"triton_dequantize_4bit: blocksize {blocksize} or dtype {dtype} "
+                         "not supported")
+    N, K = int(shape[0]), int(shape[1])
+    out = torch.empty((N, K), dtype=dtype, device=qweight.device)
+    numel = N * K
+    if numel == 0:
+        return out
+    q = qweight.reshape(-1)
+    if q.dtype != torch.uint8:
+        q = q.view(torch.uint8)
+    grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
+    kernel = _dequant_4bit_kernel[grid]
+    args = (q, scales.contiguous(), code_table(quant_type, q.device), out, numel)
+    meta = dict(LOG2_BLOCKSIZE=int(blocksize).bit_length() - 1,
+                ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, BLOCK=DEQUANT_BLOCK)
+    if _INTERPRETED:
+        kernel(*args, **meta)
+    else:
+        with torch.cuda.device(q.device):
+            kernel(*args, **meta, num_warps=4)
+    return out
+
+
 # --------------------------------------------------------------------------- device path
 
 
@@ -412,9 +498,21 @@ def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize
     N, K = int(shape[0]), int(shape[1])
     W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                          x.dtype)
-    y = _mm_fp32(x.reshape(-1, K), W.t())
-    del W  # the temporary dequantised weight lives only for this GEMM
     lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    same = out_dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    if same and lora_a is None and bias is None:  # one GEMM, rounded once by cuBLAS
+        return (x2 @ W.t()).reshape(*lead, N), x.new_empty(0)
+    if same and lora_a is not None and lora_a.dtype == x.dtype and x_lora.dtype == x.dtype:
+        # the adapter in the compute dtype too (autocast): the bf16 LoRA op's forward GEMM
+        # (TMA / pointer kernel or cuBLAS in fp32, fastest per shape; one rounding)
+        from .lora import base_plus_lowrank
+
+        h = x_lora.reshape(-1, K) @ lora_a.t()
+        y = base_plus_lowrank(x2, W, bias, h, lora_b, scale)
+        return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
+    y = _mm_fp32(x2, W.t())
+    del W  # the temporary dequantised weight lives only for this GEMM
     h = x.new_empty(0)
     if lora_a is not None:
         h = x_lora.reshape(-1, K) @ lora_a.t()

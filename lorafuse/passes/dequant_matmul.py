@@ -61,8 +61,10 @@ the op (its add is the anchor) and the others stay as they are, added to the op'
 the same values.
 
 Under autocast PEFT skips its casts (``l`` has no ``.to``, the adapter linears' values
-are bf16 while A and B stay fp32): the op then computes the adapter in A's dtype (fp32),
-no less precise than autocast's bf16 (tested against an fp32-compute model).
+are bf16 while A and B stay fp32): the op computes the adapter in the dtype its product
+has in the graph (bf16, as autocast does; A and B are cast to it, and their gradients
+flow back through the casts), so the forward is the bf16 LoRA op's one-rounding GEMM on
+the dequantised weight (tested against an fp32-compute model).
 
 Left alone, with a reason: an ``autograd_function_apply`` whose bodies are not
 MatMul4Bit's; a dequantised weight used outside its linear; shapes, dtypes or quant-state
@@ -359,6 +361,7 @@ class Lora:
     scale: float
     x_lora: fx.Node  # the adapter's input (dropout output, or the cast input)
     erase: list
+    dtype: torch.dtype  # the adapter product's dtype in the graph (bf16 under autocast)
 
 
 def _lora_on_top(b: Base):
@@ -399,8 +402,8 @@ def _lora_on_top(b: Base):
     if any(not only_user(n, u) for n, u in pairs):
         return None, "an intermediate of the adapter site is used outside it"
     N, K = b.args["shapeB"]
-    va, vb, vxl, vadd = val(A), val(B), val(xa), val(add)
-    if any(not isinstance(v, torch.Tensor) for v in (va, vb, vxl, vadd)):
+    va, vb, vxl, vadd, vterm = val(A), val(B), val(xa), val(add), val(b_lin)
+    if any(not isinstance(v, torch.Tensor) for v in (va, vb, vxl, vadd, vterm)):
         return None, "no example values recorded for the adapter"
     if va.dim() != 2 or vb.dim() != 2:
         return None, "unexpected adapter ranks"
@@ -409,10 +412,10 @@ def _lora_on_top(b: Base):
             and same_sizes(vxl.shape, val(b.args["A"]).shape)
             and same_sizes(vadd.shape, val(b.out).shape)):
         return None, "adapter shapes do not line up"
-    if any(v.dtype not in _FLOATS for v in (va, vb, vxl, vadd)):
+    if any(v.dtype not in _FLOATS for v in (va, vb, vxl, vadd, vterm)):
         return None, "adapter tensors are not floating point"
     erase = [add] + ([cast] if cast is not None else []) + [term, b_lin, a_lin] + chain[::-1]
-    return Lora(add, A, B, scale, xa, erase), None
+    return Lora(add, A, B, scale, xa, erase, vterm.dtype), None
 
 
 def _rewrite(gm, b: Base, lora, fake_mode) -> None:
@@ -429,14 +432,14 @@ def _rewrite(gm, b: Base, lora, fake_mode) -> None:
         scale = 1.0
         out_dtype = val(b.out).dtype
         if lora is not None:
-            adt = val(lora.lora_a).dtype
+            adt = lora.dtype  # autocast runs the adapter in bf16: so does the op
 
             def cast(node):
                 if val(node).dtype == adt:
                     return node
                 return add_node(g, "call_method", "to", (node, adt), fake_mode)
 
-            lora_a, lora_b, x_lora = lora.lora_a, cast(lora.lora_b), cast(lora.x_lora)
+            lora_a, lora_b, x_lora = cast(lora.lora_a), cast(lora.lora_b), cast(lora.x_lora)
             scale, out_dtype = lora.scale, val(lora.add).dtype
         args = (a["A"], a["B"], absmax, absmax2, code2, offset, [int(s) for s in a["shapeB"]],
                 int(a["blocksize"]), a["quant_type"], a["bias"], lora_a, lora_b, float(scale),
