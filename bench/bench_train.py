@@ -441,7 +441,11 @@ def profile_steps(train_step, batches, n: int, device) -> dict:
     sync(device)
     t0 = time.perf_counter()
     on_cuda = device.type == "cuda"  # on CPU (smoke runs) it profiles CPU ops instead
-    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]
+    host = on_cuda and os.environ.get("BENCH_PROFILE_HOST") == "1"  # also host time per op
+    if host:
+        acts.append(ProfilerActivity.CPU)
+    with profile(activities=acts) as prof:
         for i in range(n):
             train_step(batches[i % N_BATCHES])
         sync(device)
@@ -462,6 +466,12 @@ def profile_steps(train_step, batches, n: int, device) -> dict:
     lines += [f"  {c:20s} {ms:8.2f} ms  {100 * ms / gpu_ms:5.1f} %" for c, ms in cats.most_common()]
     lines.append("  top kernels (ms/step, launches/step):")
     lines += [f"  {ms:8.2f} {counts[k]:6.0f}  {one_line(k, 110)}" for k, ms in kernels.most_common(25)]
+    if host:  # the host side: which ops' Python / dispatch cost the most per step
+        cpu = sorted(((e.self_cpu_time_total / 1e3 / n, e.count / n, e.key)
+                      for e in prof.key_averages() if e.self_cpu_time_total > 0), reverse=True)
+        lines.append(f"  host: {sum(c[0] for c in cpu):.1f} ms/step self CPU time; top ops "
+                     "(ms/step, calls/step):")
+        lines += [f"  {ms:8.2f} {cnt:6.0f}  {one_line(k, 110)}" for ms, cnt, k in cpu[:25]]
     return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "categories": dict(cats),
             "top": [[k, ms, counts[k]] for k, ms in kernels.most_common(40)],
             "text": "\n".join(lines)}
