@@ -452,7 +452,11 @@ def profile_steps(train_step, batches, n: int, device) -> dict:
     wall_ms = (time.perf_counter() - t0) * 1e3 / n
     kernels = collections.Counter()
     counts = collections.Counter()
+    from torch.autograd import DeviceType
+
     for evt in prof.key_averages():
+        if host and evt.device_type != DeviceType.CUDA:
+            continue  # a host op: its device time is its kernels', counted under their names
         us = evt.self_device_time_total if on_cuda else evt.self_cpu_time_total
         if us > 0:
             kernels[evt.key] += us / 1e3 / n
