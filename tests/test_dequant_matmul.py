@@ -233,6 +233,49 @@ def test_op_bf16_no_farther_from_fp64_than_eager(c, adapter_bf16, out_bf16, devi
             f"{name}: {rel(got, want):.2e} vs eager {rel(eager, want):.2e}"
 
 
+@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_folds_the_adapter_input_gradient_when_it_is_x(monkeypatch, device_path, dtype):
+    """x' given as x itself (the pass's form when there is no dropout and one dtype): the
+    backward computes dy W + dx' in one chain and returns dx' empty; x's gradient matches
+    the unfolded op's (x' a separate tensor, autograd adding the two) and the fp64
+    reference."""
+    q, qs = quantize(40, 128, 64, "nf4", nested=True)
+    kw = qs_kwargs(qs)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 5, 128, generator=g).to(dtype)
+    A0 = (torch.randn(4, 128, generator=g) * 0.2).to(dtype)
+    B0 = (torch.randn(40, 4, generator=g) * 0.2).to(dtype)
+    gy = torch.randn(2, 5, 40, generator=g).to(dtype)
+    flags = []
+    run = nf4._run
+
+    def spy(kind, impls, *args):
+        if kind == "bwd":
+            flags.append(args[-1])
+        return run(kind, impls, *args)
+
+    monkeypatch.setattr(nf4, "_run", spy)
+    monkeypatch.setattr(nf4, "DEVICE_PATH_ON_CPU", device_path)
+    grads = {}
+    for fold in (True, False):
+        x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+        y = nf4.nf4_linear(x, q, kw["absmax"], kw["shape"], 64, "nf4", absmax2=kw["absmax2"],
+                           code2=kw["code2"], offset=kw["offset"], lora_a=A, lora_b=B,
+                           scale=1.5, x_lora=x if fold else x * 1)
+        grads[fold] = torch.autograd.grad(y, (x, A, B), gy)
+    assert flags == [True, False]
+    W = nf4.dequantize_4bit(q, kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"],
+                            (40, 128), 64, "nf4", torch.float64)
+    gy64, A64, B64 = gy.double().reshape(-1, 40), A0.double(), B0.double()
+    dx64 = (gy64 @ W + 1.5 * (gy64 @ B64) @ A64).reshape(x0.shape)
+    floor = 1e-6 if dtype == torch.float32 else 4e-3
+    for fold in (True, False):
+        assert rel(grads[fold][0], dx64) <= floor, (fold, rel(grads[fold][0], dx64))
+    for a, b in zip(grads[True][1:], grads[False][1:]):
+        assert rel(a, b) <= floor
+
+
 def test_op_base_only_and_opcheck():
     q, qs = quantize(24, 64, 64, "nf4", nested=True)
     kw = qs_kwargs(qs)
@@ -491,6 +534,8 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
             and ("bitsandbytes" in str(n.target) or "autograd_function_apply" in str(n.target))]
     assert not left, left
     assert sum("dropout" in str(n.target) for n in gm.graph.nodes) == 7
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.lorafuse.nf4_linear.default]
+    assert len(ops) == 7 and all(n.args[13] is not n.args[0] for n in ops)  # nothing folded
     torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-6)
     for name, g in grads_e.items():
         assert g.norm() > 0, name
@@ -586,9 +631,13 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
             p_ref.copy_(p)
     reports = []
 
+    folded = []
+
     def rewrite_only(gm, example_inputs):
         reports.append(PassReport(dequant_matmul.NAME))
         dequant_matmul.run(gm, reports[-1])
+        folded.extend(n.args[13] is n.args[0] for n in gm.graph.nodes
+                      if n.target is torch.ops.lorafuse.nf4_linear.default)
         return gm.forward
 
     batch = _batch(1)
@@ -603,6 +652,7 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
         loss_e, grads_e = _loss_and_grads(model, model, batch)
     loss_r, grads_r = _loss_and_grads(ref, ref, batch)
     assert len(reports) == 1 and len(reports[0].matched) == 7 and not reports[0].skipped
+    assert folded == [True] * 7, folded  # the adapter reads the base input: dx' folded
     assert abs(loss - loss_r) <= 2 * abs(loss_e - loss_r) + 1e-4 * abs(loss_r)
     for name, g in grads_r.items():
         e, e_eager = rel(grads[name], g), rel(grads_e[name], g)

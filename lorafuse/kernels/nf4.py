@@ -34,6 +34,8 @@ then adds the adapter term: the reference here uses W in fp32 (its exact value).
 Gradients (dy flattened to 2-D, g = s · dy B):
     dx  = dy W               (W dequantised again: nothing dequantised is saved)
     dx' = g A,  dA = gᵀ x',  dB = s · dyᵀ h      (h = x' Aᵀ, an output, saved: r columns)
+    When x' is x (the same tensor, passed twice), dx = g A + dy W in one GEMM chain and
+    dx' is not returned separately.
     db  = Σ dy               (only when the bias requires grad: frozen in QLoRA)
 Saved for the backward: the packed weight and its quant state (parameters and buffers:
 no new memory), A, B, x' and h. Not x: the frozen base needs no weight gradient.
@@ -213,24 +215,32 @@ def nf4_linear_reference(x, qweight, absmax, absmax2, code2, offset, shape, bloc
 
 def nf4_linear_backward_reference(dy, qweight, absmax, absmax2, code2, offset, shape, blocksize,
                                   quant_type, x_dtype, lora_a, lora_b, x_lora, h, scale,
-                                  need_dx, need_lora):
-    """fp32 reference of ``(dx, dA, dB, dx')``; those not asked for are empty tensors."""
+                                  need_dx, need_lora, combine_dx=False):
+    """fp32 reference of ``(dx, dA, dB, dx')``; those not asked for are empty tensors. With
+    ``combine_dx`` (x' is x: no dropout, one dtype) dx holds dy W + dx' and dx' is empty."""
     N, K = int(shape[0]), int(shape[1])
     acc = _acc(dy, x_lora, lora_a)
     dy2 = dy.reshape(-1, N).to(acc)
     lead = dy.shape[:-1]
     dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
+    dx_acc = None
     if need_dx:
         W = dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                             acc)
-        dx = (dy2 @ W).to(x_dtype).reshape(*lead, K)
+        dx_acc = dy2 @ W
         del W
     if need_lora:
         g = (dy2 @ lora_b.to(acc)) * scale
         xl2 = x_lora.reshape(-1, K).to(acc)
-        dxl = (g @ lora_a.to(acc)).to(x_lora.dtype).reshape(x_lora.shape)
+        dxl_acc = g @ lora_a.to(acc)
+        if _folds_dx(need_dx, need_lora, combine_dx, x_lora, x_dtype):
+            dx_acc = dx_acc + dxl_acc
+        else:
+            dxl = dxl_acc.to(x_lora.dtype).reshape(x_lora.shape)
         dA = (g.t() @ xl2).to(lora_a.dtype)
         dB = ((dy2.t() @ h.reshape(-1, lora_a.shape[0]).to(acc)) * scale).to(lora_b.dtype)
+    if dx_acc is not None:
+        dx = dx_acc.to(x_dtype).reshape(*lead, K)
     return dx, dA, dB, dxl
 
 
@@ -525,20 +535,12 @@ def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize
 
 def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                      x_dtype, lora_a, lora_b, x_lora, h, scale, need_dx, need_lora,
-                     use_triton=False):
+                     combine_dx=False, use_triton=False):
     N, K = int(shape[0]), int(shape[1])
     dy2 = dy.reshape(-1, N)
     lead = dy.shape[:-1]
     dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
-    if need_dx and use_triton:
-        scales = block_scales(absmax, absmax2, code2, offset)
-        dx = triton_nf4_gemm(dy2.to(x_dtype), qweight, scales, shape, blocksize, quant_type,
-                             trans_w=True).reshape(*lead, K)
-    elif need_dx:
-        W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize,
-                             quant_type, x_dtype)
-        dx = (dy2.to(x_dtype) @ W).reshape(*lead, K)
-        del W
+    g = None
     if need_lora:
         adt = lora_a.dtype
         dya = dy2.to(adt)
@@ -546,6 +548,24 @@ def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksi
         dxl = _scaled_mm(g, lora_a, scale).to(x_lora.dtype).reshape(x_lora.shape)
         dA = _scaled_mm(g.t(), x_lora.reshape(-1, K).to(adt), scale)
         dB = _scaled_mm(dya.t(), h.reshape(-1, lora_a.shape[0]), scale).to(lora_b.dtype)
+    # x' is x (combine_dx, same dtype): dx = dx' + dy W in one GEMM chain, as the bf16 LoRA
+    # op's cuBLAS backward does, instead of two (M, K) outputs that autograd adds.
+    fold = _folds_dx(need_dx, need_lora, combine_dx, x_lora, x_dtype)
+    if need_dx and use_triton:
+        scales = block_scales(absmax, absmax2, code2, offset)
+        dx = triton_nf4_gemm(dy2.to(x_dtype), qweight, scales, shape, blocksize, quant_type,
+                             trans_w=True)
+        if fold:
+            dx += dxl.reshape(-1, K)
+    elif need_dx:
+        W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize,
+                             quant_type, x_dtype)
+        dx = dxl.reshape(-1, K).addmm_(dy2.to(x_dtype), W) if fold else dy2.to(x_dtype) @ W
+        del W
+    if need_dx:
+        dx = dx.reshape(*lead, K)
+    if fold:
+        dxl = dy.new_empty(0)  # folded into dx
     return dx, dA, dB, dxl
 
 
@@ -656,22 +676,31 @@ def nf4_linear_backward_op(
     scale: float,
     need_dx: bool,
     need_lora: bool,
+    combine_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dA, dB, dx')``; those not asked for are empty."""
+    """Returns ``(dx, dA, dB, dx')``; those not asked for are empty. ``combine_dx`` (x' is
+    x): dx' is added into dx, and returned empty, when both are asked for and x' has x's
+    dtype."""
     outs = _run("bwd", (nf4_linear_backward_reference, _backward_device, _backward_triton), dy,
                 qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, x_dtype,
-                lora_a, lora_b, x_lora, h, scale, need_dx, need_lora)
+                lora_a, lora_b, x_lora, h, scale, need_dx, need_lora, combine_dx)
     return tuple(t.contiguous() for t in outs)
+
+
+def _folds_dx(need_dx, need_lora, combine_dx, x_lora, x_dtype) -> bool:
+    return bool(combine_dx and need_dx and need_lora and x_lora.dtype == x_dtype)
 
 
 @nf4_linear_backward_op.register_fake
 def _(dy, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, x_dtype, lora_a,
-      lora_b, x_lora, h, scale, need_dx, need_lora):
+      lora_b, x_lora, h, scale, need_dx, need_lora, combine_dx=False):
     lead = dy.shape[:-1]
     dx = dy.new_empty(*lead, shape[1], dtype=x_dtype) if need_dx else dy.new_empty(0)
     if not need_lora:
         return dx, dy.new_empty(0), dy.new_empty(0), dy.new_empty(0)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), x_lora.new_empty(x_lora.shape)
+    dxl = dy.new_empty(0) if _folds_dx(need_dx, need_lora, combine_dx, x_lora, x_dtype) \
+        else x_lora.new_empty(x_lora.shape)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b), dxl
 
 
 _X, _BIAS, _A, _B, _XL = 0, 9, 10, 11, 13  # positions in nf4_linear_op's inputs
@@ -684,6 +713,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.has_lora = lora_a is not None
+    ctx.x_lora_is_x = x_lora is x  # the pass passes one node twice when x' is x
     # The packed weight and its quant state, not a dequantised copy; not x either.
     ctx.save_for_backward(qweight, absmax, absmax2, code2, offset, lora_a, lora_b, x_lora,
                           output[1])
@@ -698,14 +728,16 @@ def _backward(ctx, dy, _dh):
     need_lora = ctx.has_lora and bool(need[_A] or need[_B] or need[_XL])
     grads = [None] * 15
     if need_dx or need_lora:
+        combine = ctx.x_lora_is_x
         dx, dA, dB, dxl = nf4_linear_backward_op(
             dy, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, x_dtype,
-            lora_a, lora_b, x_lora, h, scale, need_dx, need_lora)
+            lora_a, lora_b, x_lora, h, scale, need_dx, need_lora, combine)
         if need_dx:
-            grads[_X] = dx
+            grads[_X] = dx  # dy W, plus dx' when folded (x' is x)
         if need_lora:
             grads[_A], grads[_B] = (dA if need[_A] else None), (dB if need[_B] else None)
-            grads[_XL] = dxl if need[_XL] else None
+            folded = _folds_dx(need_dx, need_lora, combine, x_lora, x_dtype)
+            grads[_XL] = dxl if need[_XL] and not folded else None
     if ctx.has_bias and need[_BIAS]:
         grads[_BIAS] = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return tuple(grads)

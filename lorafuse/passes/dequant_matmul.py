@@ -54,7 +54,9 @@ adapter, anchored on the add, output in the add's dtype (the bf16 base product, 
 adapter term and their sum computed in fp32, rounded once); a 4-bit linear without one
 becomes the op without an adapter, in place of ``y4``. The op's backward re-dequantises
 W; nothing dequantised is saved. The adapter's input stays a separate operand (dropout
-needs no special case: its node stays in the graph and autograd goes through it).
+needs no special case: its node stays in the graph and autograd goes through it); where it
+holds the base input's values in the same dtype (no dropout; casts that round alike), the
+base input's node is passed for both, and the op's backward folds dx' into dx.
 
 Several active adapters: PEFT adds them one after the other; the first is fused into
 the op (its add is the anchor) and the others stay as they are, added to the op's output:
@@ -418,6 +420,43 @@ def _lora_on_top(b: Base):
     return Lora(add, A, B, scale, xa, erase, vterm.dtype), None
 
 
+_CASTS = ("to", "float", "type", "bfloat16", "half")
+# dtype -> the dtypes that hold each of its values exactly
+_EXACT_IN = {torch.bfloat16: (torch.bfloat16, torch.float32, torch.float64),
+             torch.float16: (torch.float16, torch.float32, torch.float64),
+             torch.float32: (torch.float32, torch.float64), torch.float64: (torch.float64,)}
+
+
+def _cast_chain(node):
+    """``(root, roundings)``: ``node`` holds ``root``'s values rounded to each dtype of
+    ``roundings`` in turn; casts that lose nothing (bf16 → fp32, and back) add none."""
+    v = val(node)
+    if not (is_method(node, _CASTS) and isinstance(node.args[0], fx.Node)
+            and isinstance(v, torch.Tensor)):
+        return node, (), getattr(v, "dtype", None)
+    root, rounds, held = _cast_chain(node.args[0])
+    vs = val(node.args[0])
+    if held is None or not isinstance(vs, torch.Tensor) or vs.device != v.device:
+        return node, (), v.dtype
+    if v.dtype in _EXACT_IN.get(held, ()):
+        return root, rounds, held  # exact: the values do not change
+    return root, rounds + (v.dtype,), v.dtype
+
+
+def _same_values(x_lora, x) -> bool:
+    """Whether the adapter's input holds the base input's values, in the same dtype: the
+    same node, or casts of one tensor that round the same way (bitsandbytes'
+    ``x.to(compute dtype)`` beside PEFT's cast to the adapter dtype and ours; casts that
+    lose nothing are ignored; no dropout in between)."""
+    if x_lora is x:
+        return True
+    vl, vx = val(x_lora), val(x)
+    return (isinstance(vl, torch.Tensor) and isinstance(vx, torch.Tensor)
+            and vl.dtype == vx.dtype and vl.device == vx.device
+            and same_sizes(vl.shape, vx.shape)
+            and _cast_chain(x_lora)[:2] == _cast_chain(x)[:2])
+
+
 def _rewrite(gm, b: Base, lora, fake_mode) -> None:
     g = gm.graph
     a = b.args
@@ -440,6 +479,8 @@ def _rewrite(gm, b: Base, lora, fake_mode) -> None:
                 return add_node(g, "call_method", "to", (node, adt), fake_mode)
 
             lora_a, lora_b, x_lora = cast(lora.lora_a), cast(lora.lora_b), cast(lora.x_lora)
+            if _same_values(x_lora, a["A"]):
+                x_lora = a["A"]  # one node twice: the op folds dx' into dx (one GEMM chain)
             scale, out_dtype = lora.scale, val(lora.add).dtype
         args = (a["A"], a["B"], absmax, absmax2, code2, offset, [int(s) for s in a["shapeB"]],
                 int(a["blocksize"]), a["quant_type"], a["bias"], lora_a, lora_b, float(scale),
