@@ -812,14 +812,14 @@ def _worker():
         return q, scales, W, x, h, lb, b
 
     def dequantize():
-        """The Triton dequantisation (the device path's) bit-exact with the reference."""
+        """The Triton dequantisation (the device path's; nested scales decoded inside)
+        bit-exact with the reference."""
         for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
             q, qs = quantize(N, K, bs, qt, nested, seed=N)
             kw = qs_kwargs(qs)
-            scales = nf4.block_scales(kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
-            want = nf4.dequantize_4bit(q, kw["absmax"], kw["absmax2"], kw["code2"],
-                                       kw["offset"], (N, K), bs, qt, dt)
-            got = nf4.triton_dequantize_4bit(q, scales, (N, K), bs, qt, dt)
+            state = (kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
+            want = nf4.dequantize_4bit(q, *state, (N, K), bs, qt, dt)
+            got = nf4.triton_dequantize_4bit(q, *state, (N, K), bs, qt, dt)
             assert got.dtype == dt and got.shape == (N, K)
             assert torch.equal(got, want), (N, K, bs, qt, dt)
 

@@ -162,19 +162,19 @@ def _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, 
     if not qweight.is_cuda:
         return dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize,
                                quant_type, dtype)
-    scales = _block_scales_fast(absmax, absmax2, code2, offset)
     shape = [int(s) for s in shape]
     candidates = {}
     if triton is not None and dtype in _W_DTYPES:
-        candidates["triton"] = lambda: triton_dequantize_4bit(qweight, scales, shape, blocksize,
-                                                              quant_type, dtype)
+        candidates["triton"] = lambda: triton_dequantize_4bit(
+            qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, dtype)
     op = getattr(getattr(torch.ops, "bitsandbytes", None), "dequantize_4bit", None)
     if op is not None:
-        candidates["bitsandbytes"] = lambda: op.default(qweight.reshape(-1, 1), scales,
-                                                        blocksize, quant_type, shape, dtype)
+        candidates["bitsandbytes"] = lambda: op.default(
+            qweight.reshape(-1, 1), _block_scales_fast(absmax, absmax2, code2, offset),
+            blocksize, quant_type, shape, dtype)
     if not candidates:  # only when nothing faster exists: its temporaries are large
-        candidates["torch"] = lambda: dequantize_4bit(qweight, scales, None, None, None, shape,
-                                                      blocksize, quant_type, dtype)
+        candidates["torch"] = lambda: dequantize_4bit(qweight, absmax, absmax2, code2, offset,
+                                                      shape, blocksize, quant_type, dtype)
     key = (tuple(shape), blocksize, quant_type, dtype, qweight.device)
     return candidates[pick_fastest(_dequant_choice, key, candidates,
                                    "4-bit dequantisation")]()
@@ -370,18 +370,29 @@ if triton is not None:
                                      do_bench=_nf4_bench)(_nf4_gemm_kernel)
 
     @triton.jit
-    def _dequant_4bit_kernel(q_ptr, scale_ptr, code_ptr, out_ptr, numel,
+    def _dequant_4bit_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                             out_ptr, numel, NESTED: tl.constexpr, HAS_OFFSET: tl.constexpr,
                              LOG2_BLOCKSIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
                              BLOCK: tl.constexpr):
         """One element per lane: code value × its block's fp32 scale, rounded once to the
-        output dtype (bitsandbytes' dequantize_4bit, bit for bit). Memory-bound: reads
-        half a byte and writes two per element."""
+        output dtype (bitsandbytes' dequantize_4bit, bit for bit). A double-quantised
+        scale is decoded here as bitsandbytes does it (code2[absmax] · absmax2, rounded,
+        then + offset, rounded: the launch turns off FMA contraction to keep both
+        roundings). Memory-bound: reads half a byte and writes two per element."""
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = e < numel
         byte = tl.load(q_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
         nib = tl.where((e & 1) == 0, byte >> 4, byte & 0xF)
-        w = tl.load(code_ptr + nib) * tl.load(scale_ptr + (e >> LOG2_BLOCKSIZE), mask=mask,
-                                              other=0.0)
+        blk = e >> LOG2_BLOCKSIZE
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            s = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + (blk >> 8), mask=mask,
+                                                  other=0.0)
+            if HAS_OFFSET:
+                s = s + tl.load(offset_ptr)
+        else:
+            s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        w = tl.load(code_ptr + nib) * s
         if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round by hand
             w = _round_bf16(w)
         tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -452,9 +463,11 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
 DEQUANT_BLOCK = 2048  # elements per program of _dequant_4bit_kernel
 
 
-def triton_dequantize_4bit(qweight, scales, shape, blocksize, quant_type, dtype):
-    """The (N, K) weight in ``dtype`` from the packed 4-bit weight and its fp32 per-block
-    ``scales`` (``block_scales``): the same numbers as ``dequantize_4bit``."""
+def triton_dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize,
+                           quant_type, dtype):
+    """The (N, K) weight in ``dtype`` from the packed 4-bit weight and its quant state
+    (``absmax`` fp32 per block, or double-quantised: uint8 ``absmax`` with ``absmax2``,
+    ``code2`` and ``offset``): the same numbers as ``dequantize_4bit``, in one launch."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if not _INTERPRETED and not qweight.is_cuda:
@@ -462,6 +475,10 @@ def triton_dequantize_4bit(qweight, scales, shape, blocksize, quant_type, dtype)
     if blocksize not in BLOCKSIZES or dtype not in _W_DTYPES:
         raise ValueError(f"triton_dequantize_4bit: blocksize {blocksize} or dtype {dtype} "
                          "not supported")
+    nested = absmax2 is not None
+    if nested and (absmax.dtype != torch.uint8 or code2 is None):
+        raise ValueError("triton_dequantize_4bit: double-quantised absmax must be uint8 "
+                         "indices into code2")
     N, K = int(shape[0]), int(shape[1])
     out = torch.empty((N, K), dtype=dtype, device=qweight.device)
     numel = N * K
@@ -470,16 +487,23 @@ def triton_dequantize_4bit(qweight, scales, shape, blocksize, quant_type, dtype)
     q = qweight.reshape(-1)
     if q.dtype != torch.uint8:
         q = q.view(torch.uint8)
+    absmax = absmax.reshape(-1)
+    if nested:
+        absmax2, code2 = absmax2.reshape(-1).float(), code2.reshape(-1).float()
+        off = offset.reshape(-1).float() if offset is not None else absmax2
+    else:
+        absmax = absmax.float()
+        absmax2 = code2 = off = absmax
     grid = (triton.cdiv(numel, DEQUANT_BLOCK),)
-    kernel = _dequant_4bit_kernel[grid]
-    args = (q, scales.contiguous(), code_table(quant_type, q.device), out, numel)
-    meta = dict(LOG2_BLOCKSIZE=int(blocksize).bit_length() - 1,
+    args = (q, absmax, absmax2, code2, off, code_table(quant_type, q.device), out, numel)
+    meta = dict(NESTED=nested, HAS_OFFSET=nested and offset is not None,
+                LOG2_BLOCKSIZE=int(blocksize).bit_length() - 1,
                 ROUND_BF16=_INTERPRETED and dtype == torch.bfloat16, BLOCK=DEQUANT_BLOCK)
     if _INTERPRETED:
-        kernel(*args, **meta)
+        _dequant_4bit_kernel[grid](*args, **meta)
     else:
         with torch.cuda.device(q.device):
-            kernel(*args, **meta, num_warps=4)
+            _dequant_4bit_kernel[grid](*args, **meta, num_warps=4, enable_fp_fusion=False)
     return out
 
 
