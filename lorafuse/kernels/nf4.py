@@ -564,7 +564,6 @@ def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksi
     dy2 = dy.reshape(-1, N)
     lead = dy.shape[:-1]
     dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
-    g = None
     if need_lora:
         adt = lora_a.dtype
         dya = dy2.to(adt)
