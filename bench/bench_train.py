@@ -413,12 +413,30 @@ def child_train(args, variant: str, res: dict) -> dict:
         res["graph_break_reasons"] = [one_line(k, 160) for k in list(counters["graph_break"])[:5]]
         if "lorafuse" in counters:
             res["lorafuse_counters"] = dict(counters["lorafuse"])
+    if base == "lorafuse":
+        res["kernel_choices"] = kernel_choices()
+        log(f"{variant}: per-shape choices " + "; ".join(
+            f"{k} -> {v}" for k, v in sorted(res["kernel_choices"].items())))
     bad = [i + 1 for i, x in enumerate(res["losses"]) if not math.isfinite(x)]
     if bad:
         res["nonfinite_steps"] = bad
     log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
         + (f", peak {res['peak_gib']:.2f} GiB" if on_cuda else ""))
     return res
+
+
+def kernel_choices() -> dict:
+    """The paths lorafuse's timed-once dispatch chose per shape key (LoRA forward / backward,
+    4-bit dequantisation): runs of the same code that differ in speed may differ here."""
+    import sys as _sys
+
+    out = {}
+    for mod, attr in (("lorafuse.kernels.lora", "_choice"),
+                      ("lorafuse.kernels.nf4", "_dequant_choice")):
+        cache = getattr(_sys.modules.get(mod), attr, None) or {}
+        out.update({f"{mod.rsplit('.', 1)[1]}{tuple(str(x) for x in k)}": v
+                    for k, v in cache.items()})
+    return out
 
 
 # Kernel name -> category, first match wins (lower-case substrings).
