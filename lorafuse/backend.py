@@ -40,6 +40,10 @@ class Options:
     # (e4m3): one fp32 absmax per row, for large activations only matmuls and elementwise
     # ops read in the backward (partition.quantize_saved); the forward is unchanged
     activation_dtype: str | None = None
+    # recompute in the backward what cheap ops rebuild from tensors it keeps anyway (an
+    # MLP's act(gate) * up, each RMSNorm's output): fewer saved bytes, memory-bound
+    # recompute; opt-in until measured on the GPU (partition.recompute_free)
+    recompute_free: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":

@@ -6,8 +6,9 @@ the backward keeps and lets min-cut's own knapsack choose what to recompute inst
 (cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
 ``LorafusePartitioner._budgeted`` for how it is mapped onto torch's
 ``activation_memory_budget``. With ``activation_dtype`` set, ``quantize_saved`` then
-stores the large activations the backward keeps as int8/fp8 with per-row scales.
-Offloading is not built.
+stores the large activations the backward keeps as int8/fp8 with per-row scales. With
+``recompute_free`` (no budget), ``recompute_free`` drops from min-cut's plan what cheap
+ops rebuild from tensors the backward keeps anyway. Offloading is not built.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._budget = parse_memory_budget(options.get("memory_budget"))
         self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
+        self._recompute_free = bool(options.get("recompute_free", False))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
@@ -102,6 +104,9 @@ class LorafusePartitioner(CustomPartitionerFn):
         if self._budget is None:  # today's behaviour: min-cut as configured, one call
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             plan = None
+            if self._recompute_free:
+                fwd, bwd = recompute_free(gm, joint_inputs, kwargs, fwd, bwd, inputs,
+                                          self._report)
         else:
             fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs)
         quantized = None
@@ -238,6 +243,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         # key may go in, not the per-compile report, or no compile would ever hit the cache.
         # (The budget is in the key; a pickled copy never partitions.)
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
+                "_recompute_free": self._recompute_free,
                 "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):
@@ -249,6 +255,71 @@ class LorafusePartitioner(CustomPartitionerFn):
 # MUST_SAVE tags). Its knapsack quantises normalised sizes to 1e-4 ("dp" solver).
 # Used where pins must hold: random ops (both tiers) and matmuls (tier 1).
 _RANDOM_FLOOR = 1e-4
+
+
+_FREE_CONE = 8  # at most this many ops recomputed for one saved tensor
+
+
+def _free_cone(node, saved: set, inputs: set, limit: int = _FREE_CONE):
+    """The cheap ops to recompute ``node`` from tensors the backward keeps anyway (saved
+    values, graph inputs), ``node`` included; None if it needs more than ``limit`` ops,
+    an expensive or random op, or a value that is not kept."""
+    cone, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        if (n.op != "call_function" or _is_expensive(n) or _draws_random(n)
+                or (n.meta.get("recompute") is not None and n.meta.get(_PIN) != "free")
+                or getattr(n.target, "namespace", None) not in ("aten", "prims")):
+            return None
+        cone.append(n)
+        if len(cone) > limit:
+            return None
+        for a in n.all_input_nodes:
+            if a.name in saved or a.name in inputs or a.op == "placeholder":
+                continue
+            if not isinstance(a.meta.get("val"), torch.Tensor):
+                return None  # symbolic sizes: leave min-cut's plan alone
+            stack.append(a)
+    return cone
+
+
+def recompute_free(gm, joint_inputs, kwargs, fwd, bwd, inputs, report=None):
+    """The ``recompute_free`` option: drop from min-cut's plan every saved activation that
+    cheap ops (norm scaling, activations, casts, elementwise: no matmul, attention, custom
+    or random op) recompute from what the backward keeps anyway. Those ops are tagged
+    MUST_RECOMPUTE and min-cut runs once more; its plan is kept only if it saves fewer
+    bytes and redraws nothing random. It costs memory-bound recompute in the backward and
+    no extra saved bytes: in a Llama layer, the MLP's ``act(gate) * up`` (the gate and up
+    outputs are kept for its backward) and each RMSNorm's output (the norm's input and
+    inverse RMS are kept)."""
+    saved = {n.name for n in bwd.graph.nodes if n.op == "placeholder"
+             and not n.name.startswith("tangents")}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    tagged = []
+    for name in sorted(saved - inputs):
+        node = by_name.get(name)
+        cone = _free_cone(node, saved, inputs) if node is not None else None
+        if cone is None:
+            continue
+        for n in cone:
+            if n.meta.get("recompute") is None:
+                n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                n.meta[_PIN] = "free"
+                tagged.append(n)
+    if not tagged:
+        return fwd, bwd
+    try:
+        fwd2, bwd2 = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+    finally:
+        _unpin(gm, "free")
+    before, after = _saved_bytes(bwd, inputs)[0], _saved_bytes(bwd2, inputs)[0]
+    if after >= before or _random_ops_in(bwd2):
+        return fwd, bwd
+    if report is not None:
+        report.recompute_free_bytes = before - after
+    return fwd2, bwd2
 
 
 def _tier_config(tier: int) -> dict:

@@ -36,6 +36,7 @@ class GraphReport:
     quantized_from_bytes: int | None = None  # their bytes in the dtype computed
     quantized_to_bytes: int | None = None  # their bytes stored (codes + per-row scales)
     quantize_left_alone: dict | None = None  # saved tensors kept as computed: reason -> count
+    recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def format(self) -> str:
@@ -65,6 +66,10 @@ class GraphReport:
                              f"{self.budget_solves} min-cut solves)")
             if self.budget_note:
                 lines.append(f"    {self.budget_note}")
+            if self.recompute_free_bytes:
+                lines.append(f"    recompute_free: {_size(self.recompute_free_bytes)} fewer "
+                             "activation bytes kept (cheap ops redone in the backward from "
+                             f"tensors it keeps anyway); {self.recomputed_ops} ops recomputed")
             if self.activation_dtype is not None and self.quantized_tensors is not None:
                 kept = self.activation_bytes
                 lines.append(f"    activation_dtype {self.activation_dtype}: "

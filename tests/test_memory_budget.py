@@ -45,13 +45,14 @@ def _batch(step: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def _train(model, budget) -> dict:
-    """Compile ``model`` with ``memory_budget=budget``, train STEPS plain-SGD steps (no
-    Adam: its per-element scaling would amplify rounding differences between runs)."""
+def _train(model, budget, **options) -> dict:
+    """Compile ``model`` with ``memory_budget=budget`` (and ``options``), train STEPS
+    plain-SGD steps (no Adam: its per-element scaling would amplify rounding differences
+    between runs)."""
     reset_dynamo()
     report = Report()
     backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                options={"memory_budget": budget, "strict": True})
+                                options={"memory_budget": budget, "strict": True, **options})
     compiled = torch.compile(model, backend=backend)
     losses, grads = sgd_steps(compiled, model, [_batch(step) for step in range(STEPS)], LR)
     reset_dynamo()
@@ -65,6 +66,7 @@ def runs():
     with torch._functorch.config.patch(enable_autograd_cache=False):
         for budget in BUDGETS:
             out[budget] = _train(copy.deepcopy(base), budget)
+        out["free"] = _train(copy.deepcopy(base), None, recompute_free=True)
     return out
 
 
@@ -144,6 +146,44 @@ def test_losses_and_lora_grads_equal_no_budget(runs, budget):
             assert err <= GRAD_RTOL, f"budget {budget} step {step} {name}: rel. error {err:.2e}"
 
 
+# --------------------------------------------------------------------------- recompute_free
+
+
+@pytest.mark.slow
+def test_recompute_free_keeps_fewer_bytes_recomputing_only_cheap_ops(runs):
+    """``recompute_free`` drops the activations cheap ops rebuild from what the backward
+    keeps anyway (the MLP's act(gate) * up, the norms' outputs and inverse RMS): fewer
+    bytes than min-cut's plan, no matmul / attention / fused op recomputed, and the
+    report says how much."""
+    plain, free = _graph(runs[None]), _graph(runs["free"])
+    assert free.activation_bytes < plain.activation_bytes
+    assert free.recompute_free_bytes == plain.activation_bytes - free.activation_bytes
+    assert free.recomputed_expensive == 0 and free.recomputed_ops > plain.recomputed_ops
+    assert free.saved_bytes < plain.saved_bytes
+    assert "recompute_free: " in str(runs["free"]["report"])
+    assert "recompute_free" not in str(runs[None]["report"])
+
+
+@pytest.mark.slow
+def test_recompute_free_losses_and_lora_grads_equal_min_cut(runs):
+    want, got = runs[None], runs["free"]
+    for step in range(STEPS):
+        torch.testing.assert_close(got["losses"][step], want["losses"][step],
+                                   rtol=LOSS_RTOL, atol=0)
+        for name, g in want["grads"][step].items():
+            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
+            assert err <= GRAD_RTOL, f"recompute_free step {step} {name}: rel. error {err:.2e}"
+
+
+@pytest.mark.slow
+def test_recompute_free_never_redraws_dropout(dropout_model):
+    """Random ops are never in what recompute_free recomputes: with LoRA dropout the
+    gradients equal eager's on the same masks, and fewer bytes are still kept."""
+    reset_dynamo()
+    graph = _dropout_run(dropout_model, None, recompute_free=True)
+    assert graph.recompute_free_bytes and graph.recompute_free_bytes > 0
+
+
 # --------------------------------------------------------------------------- dropout
 
 
@@ -159,7 +199,7 @@ def dropout_model():
     return make_tiny_model("llama", layers=1, lora_dropout=0.1, seed=2)
 
 
-def _dropout_run(base, budget):
+def _dropout_run(base, budget, **options):
     """One step of a LoRA-dropout model compiled with ``budget``, against eager on the
     same masks: ``fallback_random`` makes Inductor draw them with eager's ATen ops —
     also the case where a recomputed dropout would draw a new mask in the backward
@@ -169,7 +209,7 @@ def _dropout_run(base, budget):
     reset_dynamo()
     report = Report()
     backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                options={"memory_budget": budget, "strict": True})
+                                options={"memory_budget": budget, "strict": True, **options})
     with torch._inductor.config.patch(fallback_random=True), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         got = _dropout_step(comp, torch.compile(comp, backend=backend))
