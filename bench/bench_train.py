@@ -441,7 +441,9 @@ def kernel_choices() -> dict:
 
 # Kernel name -> category, first match wins (lower-case substrings).
 KERNEL_CATEGORIES = [
-    ("lorafuse triton", ("lowrank", "lora", "tail_gemm", "nf4", "rope", "gated_mlp", "rms_norm")),
+    ("lorafuse triton", ("lowrank", "lora", "tail_gemm", "nf4", "dequant_4bit", "rope", "gated_mlp",
+                         "rms_norm")),
+    ("bitsandbytes", ("kdequantize", "kgemm_4bit", "kquantize")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "triton_tem")),
     ("inductor reduction", ("triton_red", "triton_per")),
