@@ -42,7 +42,8 @@ class Options:
     activation_dtype: str | None = None
     # recompute in the backward what cheap ops rebuild from tensors it keeps anyway (an
     # MLP's act(gate) * up, each RMSNorm's output): fewer saved bytes, memory-bound
-    # recompute; opt-in until measured on the GPU (partition.recompute_free)
+    # recompute; opt-in until measured on the GPU (partition.recompute_free); not used
+    # with a memory_budget, whose plan already recomputes cheap ops first
     recompute_free: bool = False
 
     @classmethod
