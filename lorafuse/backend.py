@@ -60,6 +60,9 @@ class Options:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         parse_activation_dtype(opts.activation_dtype)
+        if opts.recompute_free and opts.memory_budget is not None:
+            warnings.warn("lorafuse: recompute_free is not used with a memory_budget (the "
+                          "budget's plan already recomputes cheap ops first)", stacklevel=3)
         return opts
 
 

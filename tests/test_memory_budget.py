@@ -324,3 +324,10 @@ def test_lorafuse_elementwise_ops_are_cheap_to_recompute():
     assert _is_expensive(node(ops.lora_linear.default))
     assert _is_expensive(node(torch.ops.aten.mm.default))
     assert not _is_expensive(node(torch.ops.aten.mul.Tensor))
+
+
+def test_recompute_free_with_a_budget_warns_that_the_budget_applies():
+    from lorafuse.backend import Options
+
+    with pytest.warns(UserWarning, match="recompute_free is not used with a memory_budget"):
+        Options.parse({"recompute_free": True, "memory_budget": 0.5})
