@@ -6,9 +6,9 @@ the backward keeps and lets min-cut's own knapsack choose what to recompute inst
 (cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
 ``LorafusePartitioner._budgeted`` for how it is mapped onto torch's
 ``activation_memory_budget``. With ``activation_dtype`` set, ``quantize_saved`` then
-stores the large activations the backward keeps as int8/fp8 with per-row scales. With
-``recompute_free`` (no budget), ``recompute_free`` drops from min-cut's plan what cheap
-ops rebuild from tensors the backward keeps anyway. Offloading is not built.
+stores the large activations the backward keeps as int8/fp8 with per-row scales. The
+``recompute_free`` option (without a budget; ``recompute_free`` below) drops from min-cut's
+plan what cheap ops rebuild from tensors the backward keeps anyway. Offloading is not built.
 """
 
 from __future__ import annotations
