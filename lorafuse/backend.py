@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ._torch import RestartAnalysis, compile_fx, copy_graph, counters, list_mode_options
-from .partition import LorafusePartitioner, parse_activation_dtype, parse_memory_budget
+from .partition import AUTO, LorafusePartitioner, parse_activation_dtype, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASSES
 from .report import GraphReport, PassReport
 
@@ -33,9 +33,11 @@ class Options:
     verbose: bool = False  # print each graph's report to stderr at compile time
     strict: bool = False  # raise instead of warning and falling back (for tests)
     inductor: dict = field(default_factory=dict)  # extra Inductor config patches
-    # activation bytes the backward may keep per graph: None (min-cut's fastest plan),
-    # a fraction in [0, 1] of that plan's, or "<x>GiB"/"<x>MiB" (partition.parse_memory_budget)
-    memory_budget: float | str | None = None
+    # activation bytes the backward may keep per graph: "auto" (min-cut's fastest plan
+    # unless it would not fit in the GPU memory free at compile time), None (that plan
+    # always), a fraction in [0, 1] of that plan's, or "<x>GiB"/"<x>MiB"
+    # (partition.parse_memory_budget)
+    memory_budget: float | str | None = "auto"
     # how the backward's saved activations are stored: None (as computed), "int8" or "fp8"
     # (e4m3): one fp32 absmax per row, for large activations only matmuls and elementwise
     # ops read in the backward (partition.quantize_saved); the forward is unchanged
@@ -43,7 +45,7 @@ class Options:
     # recompute in the backward what cheap ops rebuild from tensors it keeps anyway (an
     # MLP's act(gate) * up, each RMSNorm's output): fewer saved bytes, memory-bound
     # recompute; opt-in until measured on the GPU (partition.recompute_free); not used
-    # with a memory_budget, whose plan already recomputes cheap ops first
+    # with an explicit memory_budget, whose plan already recomputes cheap ops first
     recompute_free: bool = False
 
     @classmethod
@@ -60,7 +62,7 @@ class Options:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         parse_activation_dtype(opts.activation_dtype)
-        if opts.recompute_free and opts.memory_budget is not None:
+        if opts.recompute_free and parse_memory_budget(opts.memory_budget) not in (None, AUTO):
             warnings.warn("lorafuse: recompute_free is not used with a memory_budget (the "
                           "budget's plan already recomputes cheap ops first)", stacklevel=3)
         return opts

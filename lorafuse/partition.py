@@ -1,9 +1,12 @@
 """The partitioner hook: splits Inductor's joint graph into forward and backward.
 
 It delegates to min-cut rematerialization (Inductor's default) and records what the
-backward keeps, for the report. With ``memory_budget`` set, it bounds the activations
-the backward keeps and lets min-cut's own knapsack choose what to recompute instead
-(cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
+backward keeps, for the report. By default (``memory_budget="auto"``) that plan stands
+unless its activations would not fit in the GPU memory free at compile time; then that
+becomes the budget. (A compiled graph found in PyTorch's caches is not partitioned again:
+its plan is the one made when it was compiled.) With a fraction or size as
+``memory_budget``, it bounds the activations the backward keeps and lets min-cut's own
+knapsack choose what to recompute instead (cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
 ``LorafusePartitioner._budgeted`` for how it is mapped onto torch's
 ``activation_memory_budget``. With ``activation_dtype`` set, ``quantize_saved`` then
 stores the large activations the backward keeps as int8/fp8 with per-row scales. The
@@ -49,9 +52,17 @@ _GIB = 2**30
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(GiB|MiB)\s*$")
 
 
+AUTO = ("auto", None)
+AUTO_FRACTION = 0.7  # of the GPU memory free at compile time that "auto" lets activations take
+
+
 def parse_memory_budget(value):
     """The ``memory_budget`` option, checked: ``None`` (no budget: min-cut's
-    runtime-optimal plan), ``("fraction", f)`` or ``("bytes", n)``.
+    runtime-optimal plan), ``AUTO``, ``("fraction", f)`` or ``("bytes", n)``.
+
+    ``"auto"`` (the default): min-cut's plan, unless its activations would not fit in
+    ``AUTO_FRACTION`` of the GPU memory free when the graph compiles; then that many bytes
+    become the budget (a warning says so). On CPU it is no budget.
 
     What the budget bounds: the **activation bytes kept for the backward** of each compiled
     graph, i.e. the tensors the forward saves that are not graph inputs (parameters and the
@@ -69,8 +80,8 @@ def parse_memory_budget(value):
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, a fraction in "
-                         "[0, 1] or a size such as '4GiB'")
+        raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, 'auto', a "
+                         "fraction in [0, 1] or a size such as '4GiB'")
     if isinstance(value, (int, float)):
         f = float(value)
         if not math.isfinite(f) or not 0.0 <= f <= 1.0:
@@ -79,15 +90,17 @@ def parse_memory_budget(value):
                 "activation bytes kept without a budget; give an absolute size as a string, "
                 "e.g. '4GiB' or '512MiB'")
         return ("fraction", f)
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO
     if isinstance(value, str):
         m = _SIZE.match(value)
         if not m:
             raise ValueError(f"lorafuse: memory_budget={value!r}: expected a size such as "
-                             "'4GiB' or '512MiB', or a fraction in [0, 1]")
+                             "'4GiB' or '512MiB', 'auto', or a fraction in [0, 1]")
         scale = _GIB if m.group(2) == "GiB" else 2**20
         return ("bytes", int(float(m.group(1)) * scale))
-    raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, a fraction in [0, 1] "
-                     "or a size such as '4GiB'")
+    raise ValueError(f"lorafuse: memory_budget={value!r}: expected None, 'auto', a fraction "
+                     "in [0, 1] or a size such as '4GiB'")
 
 
 class LorafusePartitioner(CustomPartitionerFn):
@@ -101,14 +114,28 @@ class LorafusePartitioner(CustomPartitionerFn):
 
     def __call__(self, gm, joint_inputs, **kwargs):
         inputs = _graph_inputs(gm)
-        if self._budget is None:  # today's behaviour: min-cut as configured, one call
+        budget, limit = self._budget, None
+        if budget == AUTO:
+            budget, limit = None, _auto_budget_bytes(joint_inputs)
+        if budget is None:  # min-cut as configured, one call
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             plan = None
             if self._recompute_free:
                 fwd, bwd = recompute_free(gm, joint_inputs, kwargs, fwd, bwd, inputs,
                                           self._report)
+            act = _saved_bytes(bwd, inputs)[0]
+            if limit is not None and act > limit:  # would not fit: "auto" sets a budget
+                text = f"auto ({limit / _GIB:.2f} GiB)"
+                warnings.warn(
+                    f"lorafuse: this graph's activations ({act / _GIB:.2f} GiB) would not fit "
+                    f"in {AUTO_FRACTION:.0%} of the GPU memory free now; recomputing to keep "
+                    f"at most {limit / _GIB:.2f} GiB (memory_budget='auto'; memory_budget=None "
+                    "turns this off)", stacklevel=2)
+                fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs, ("bytes", limit),
+                                                text)
         else:
-            fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs)
+            fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs, budget,
+                                            self._budget_text)
         quantized = None
         if self._storage_dtype is not None:
             quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
@@ -116,7 +143,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._record(fwd, bwd, inputs, plan, quantized)
         return fwd, bwd
 
-    def _budgeted(self, gm, joint_inputs, kwargs):
+    def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):
         """Min-cut under a budget on the activation bytes kept for the backward.
 
         torch's knob, ``torch._functorch.config.activation_memory_budget = r``, bounds the
@@ -157,10 +184,10 @@ class LorafusePartitioner(CustomPartitionerFn):
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         default_plan = fwd, bwd
         default_act, default_in = _saved_bytes(bwd, inputs)
-        kind, amount = self._budget
+        kind, amount = budget
         target = int(amount * default_act) if kind == "fraction" else amount
         plan = {"target": target, "default_activation_bytes": default_act,
-                "ratio": 1.0, "solves": 1, "tier": 0}
+                "ratio": 1.0, "solves": 1, "tier": 0, "text": budget_text}
         if default_act <= target:  # the default plan fits: nothing to recompute
             return fwd, bwd, plan
         # min-cut replaced gm.graph (CSE): pin on the graph it will partition again.
@@ -200,7 +227,7 @@ class LorafusePartitioner(CustomPartitionerFn):
                 plan["note"] = (f"budget not met: {act:,} bytes kept > {target:,} bytes (the "
                                 "outputs of random ops such as dropout are kept, not recomputed)")
         if "note" in plan:
-            warnings.warn(f"lorafuse: memory_budget={self._budget_text}: {plan['note']}",
+            warnings.warn(f"lorafuse: memory_budget={budget_text}: {plan['note']}",
                           stacklevel=2)
         return fwd, bwd, plan
 
@@ -224,7 +251,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._report.recomputed_ops = len(again)
         self._report.recomputed_expensive = sum(map(_is_expensive, again))
         if plan is not None:
-            self._report.memory_budget = self._budget_text
+            self._report.memory_budget = plan["text"]
             self._report.budget_bytes = plan["target"]
             self._report.default_activation_bytes = plan["default_activation_bytes"]
             self._report.budget_ratio = plan["ratio"]
@@ -255,6 +282,26 @@ class LorafusePartitioner(CustomPartitionerFn):
 # MUST_SAVE tags). Its knapsack quantises normalised sizes to 1e-4 ("dp" solver).
 # Used where pins must hold: random ops (both tiers) and matmuls (tier 1).
 _RANDOM_FLOOR = 1e-4
+
+
+def _auto_budget_bytes(joint_inputs):
+    """``AUTO_FRACTION`` of the memory free on the graph's GPU now (the driver's free memory
+    plus what PyTorch's caching allocator holds unused), or None off the GPU."""
+    device = next((t.device for t in _flat_tensors(joint_inputs) if t.device.type == "cuda"),
+                  None)
+    if device is None or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(AUTO_FRACTION * (free + max(cached, 0)))
+
+
+def _flat_tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _flat_tensors(y)
 
 
 _FREE_CONE = 8  # at most this many ops recomputed for one saved tensor

@@ -281,6 +281,46 @@ def test_budget_forms():
     assert parse_memory_budget("4GiB") == ("bytes", 4 * 2**30)
     assert parse_memory_budget(" 1.5 GiB ") == ("bytes", 3 * 2**29)
     assert parse_memory_budget("512MiB") == ("bytes", 2**29)
+    assert parse_memory_budget("auto") == parse_memory_budget(" Auto ") == lorafuse.partition.AUTO
+    from lorafuse.backend import Options
+
+    assert Options.parse({}).memory_budget == "auto"  # the default
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_gib", [None, 1.0, 60e-6])
+def test_auto_budget_applies_only_when_the_plan_would_not_fit(monkeypatch, free_gib):
+    """memory_budget='auto' (the default): min-cut's plan while its activations fit in the
+    memory "auto" allows (None: off the GPU; 1 GiB: plenty for the tiny model), else that
+    many bytes become the budget, with a warning and the report saying so; the losses and
+    gradients stay those of the plain plan."""
+    limit = None if free_gib is None else int(free_gib * 2**30)
+    monkeypatch.setattr(lorafuse.partition, "_auto_budget_bytes", lambda joint_inputs: limit)
+    base = make_tiny_model("llama", seed=3)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        want = _train(copy.deepcopy(base), None)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _train(copy.deepcopy(base), "auto")
+    plain, auto = _graph(want), _graph(got)
+    said = [str(w.message) for w in caught if "would not fit" in str(w.message)]
+    fits = limit is None or limit >= plain.activation_bytes
+    assert fits == (free_gib != 60e-6), (limit, plain.activation_bytes)  # both branches run
+    if fits:
+        assert auto.activation_bytes == plain.activation_bytes and auto.memory_budget is None
+        assert not said
+    else:
+        assert auto.memory_budget.startswith("auto (") and auto.budget_bytes == limit
+        assert auto.activation_bytes <= limit < plain.activation_bytes
+        assert said and "memory_budget=None" in said[0]
+    for step in range(STEPS):
+        torch.testing.assert_close(got["losses"][step], want["losses"][step],
+                                   rtol=LOSS_RTOL, atol=0)
+        for name, g in want["grads"][step].items():
+            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
+            assert err <= GRAD_RTOL, f"auto {free_gib} step {step} {name}: {err:.2e}"
 
 
 def test_torch_ratio_mapping():
