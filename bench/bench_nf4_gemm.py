@@ -90,7 +90,6 @@ def main() -> None:
                 layer[M, key] = layer.get((M, key), 0.0) + PER_LAYER[name] * v
             print(f"{name} M={M}: " + ", ".join(f"{d} {k} {v:.3f}" for (d, k), v in t.items()),
                   file=sys.stderr, flush=True)
-        del w, q, w_deq, scales
     cols = [("fwd", "bf16_mm"), ("fwd", "bnb"), ("fwd", "dequant_mm"), ("fwd", "triton"),
             ("bwd", "bf16_mm"), ("bwd", "dequant_mm"), ("bwd", "triton")]
     print("\n### 4-bit linear (NF4, double quant, blocksize 64), bf16, median ms\n")

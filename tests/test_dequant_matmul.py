@@ -359,6 +359,22 @@ def _checkpoint(tmp_path_factory, arch):
     return path
 
 
+def _pass_only(reports: list, graphs: list | None = None):
+    """A test backend: the 4-bit pass alone, the rewritten graph run eagerly (no Inductor);
+    each graph's report is appended to ``reports``, and the graph to ``graphs``."""
+    from lorafuse.passes import dequant_matmul
+    from lorafuse.report import PassReport
+
+    def backend(gm, example_inputs):
+        reports.append(PassReport(dequant_matmul.NAME))
+        dequant_matmul.run(gm, reports[-1])
+        if graphs is not None:
+            graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
 def _batch(step):
     g = torch.Generator().manual_seed(100 + step)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
@@ -496,8 +512,6 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from lorafuse.passes import dequant_matmul
-    from lorafuse.report import PassReport
 
     path = _checkpoint(tmp_path_factory, "llama")
     cfg = transformers.BitsAndBytesConfig(
@@ -509,13 +523,8 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
                                              lora_dropout=0.1))
     randomize_lora(model, 0.2, seed=0)
     model.train()
-    graphs = []
-
-    def rewrite_only(gm, example_inputs):
-        report = PassReport(dequant_matmul.NAME)
-        dequant_matmul.run(gm, report)
-        graphs.append((gm, report))
-        return gm.forward
+    reports, graphs = [], []
+    rewrite_only = _pass_only(reports, graphs)
 
     batch = _batch(0)
     reset_dynamo()
@@ -528,7 +537,7 @@ def test_pass_rewritten_graph_runs_eagerly_with_dropout(tmp_path_factory, quant_
     torch.manual_seed(3)
     loss_e, grads_e = _loss_and_grads(model, model, batch)
 
-    (gm, report), = graphs
+    (gm,), (report,) = graphs, reports
     assert len(report.matched) == _n_4bit(model) == 7 and not report.skipped, report
     left = [n.format_node() for n in gm.graph.nodes if n.op == "call_function"
             and ("bitsandbytes" in str(n.target) or "autograd_function_apply" in str(n.target))]
@@ -546,17 +555,11 @@ def test_pass_dynamic_sequence_lengths(tmp_path_factory):
     """A second sequence length recompiles with dynamic sizes: MatMul4Bit's forward body
     then keeps its ``numel() == 0`` check as nodes; the sites still match (graph run
     without Inductor) and agree with eager."""
-    from lorafuse.passes import dequant_matmul
-    from lorafuse.report import PassReport
 
     path = _checkpoint(tmp_path_factory, "llama")
     model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
     reports = []
-
-    def rewrite_only(gm, example_inputs):
-        reports.append(PassReport(dequant_matmul.NAME))
-        dequant_matmul.run(gm, reports[-1])
-        return gm.forward
+    rewrite_only = _pass_only(reports)
 
     reset_dynamo()
     try:
@@ -581,8 +584,6 @@ def test_pass_two_active_adapters(tmp_path_factory):
     stays an add on the op's output; loss and all LoRA gradients equal eager's."""
     from peft import LoraConfig
 
-    from lorafuse.passes import dequant_matmul
-    from lorafuse.report import PassReport
 
     path = _checkpoint(tmp_path_factory, "llama")
     model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
@@ -593,11 +594,7 @@ def test_pass_two_active_adapters(tmp_path_factory):
         if "lora_" in name:
             p.requires_grad_(True)
     reports = []
-
-    def rewrite_only(gm, example_inputs):
-        reports.append(PassReport(dequant_matmul.NAME))
-        dequant_matmul.run(gm, reports[-1])
-        return gm.forward
+    rewrite_only = _pass_only(reports)
 
     batch = _batch(2)
     reset_dynamo()
@@ -620,8 +617,6 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
     the adapter linears run in bf16). The pass alone, graph run eagerly: every 4-bit
     linear rewritten, and loss and LoRA gradients no farther from an fp32-compute model
     on the same weights than eager autocast's ×2."""
-    from lorafuse.passes import dequant_matmul
-    from lorafuse.report import PassReport
 
     path = _checkpoint(tmp_path_factory, "llama")
     model = _quantized_model(path, "llama", "nf4", True, torch.bfloat16, "all-linear")
@@ -631,14 +626,8 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
             p_ref.copy_(p)
     reports = []
 
-    folded = []
-
-    def rewrite_only(gm, example_inputs):
-        reports.append(PassReport(dequant_matmul.NAME))
-        dequant_matmul.run(gm, reports[-1])
-        folded.extend(n.args[13] is n.args[0] for n in gm.graph.nodes
-                      if n.target is torch.ops.lorafuse.nf4_linear.default)
-        return gm.forward
+    graphs = []
+    rewrite_only = _pass_only(reports, graphs)
 
     batch = _batch(1)
     reset_dynamo()
@@ -652,6 +641,8 @@ def test_pass_under_bf16_autocast(tmp_path_factory):
         loss_e, grads_e = _loss_and_grads(model, model, batch)
     loss_r, grads_r = _loss_and_grads(ref, ref, batch)
     assert len(reports) == 1 and len(reports[0].matched) == 7 and not reports[0].skipped
+    folded = [n.args[13] is n.args[0] for n in graphs[0].graph.nodes
+              if n.target is torch.ops.lorafuse.nf4_linear.default]
     assert folded == [True] * 7, folded  # the adapter reads the base input: dx' folded
     assert abs(loss - loss_r) <= 2 * abs(loss_e - loss_r) + 1e-4 * abs(loss_r)
     for name, g in grads_r.items():
@@ -742,17 +733,11 @@ def test_pass_reports_cpu_inference_layout(tmp_path_factory):
     has_avx512bf16 = getattr(BF, "has_avx512bf16", None)
     if has_avx512bf16 is None or not has_avx512bf16():
         pytest.skip("bitsandbytes repacks CPU weights only on CPUs with AVX512-BF16")
-    from lorafuse.passes import dequant_matmul
-    from lorafuse.report import PassReport
 
     path = _checkpoint(tmp_path_factory, "llama")
     model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear").eval()
     reports = []
-
-    def rewrite_only(gm, example_inputs):
-        reports.append(PassReport(dequant_matmul.NAME))
-        dequant_matmul.run(gm, reports[-1])
-        return gm.forward
+    rewrite_only = _pass_only(reports)
 
     reset_dynamo()
     try:
