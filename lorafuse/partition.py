@@ -6,12 +6,13 @@ unless its activations would not fit in the GPU memory free at compile time; the
 becomes the budget. (A compiled graph found in PyTorch's caches is not partitioned again:
 its plan is the one made when it was compiled.) With a fraction or size as
 ``memory_budget``, it bounds the activations the backward keeps and lets min-cut's own
-knapsack choose what to recompute instead (cheapest by FLOPs first): see ``parse_memory_budget`` for what the budget means and
-``LorafusePartitioner._budgeted`` for how it is mapped onto torch's
-``activation_memory_budget``. With ``activation_dtype`` set, ``quantize_saved`` then
-stores the large activations the backward keeps as int8/fp8 with per-row scales. The
-``recompute_free`` option (without a budget; ``recompute_free`` below) drops from min-cut's
-plan what cheap ops rebuild from tensors the backward keeps anyway. Offloading is not built.
+knapsack choose what to recompute instead (cheapest by FLOPs first): see
+``parse_memory_budget`` for what the budget means and ``LorafusePartitioner._budgeted``
+for how it is mapped onto torch's ``activation_memory_budget``. With ``activation_dtype``
+set, ``quantize_saved`` then stores the large activations the backward keeps as int8/fp8
+with per-row scales. The ``recompute_free`` option (without a budget; ``recompute_free``
+below) drops from min-cut's plan what cheap ops rebuild from tensors the backward keeps
+anyway. Offloading is not built.
 """
 
 from __future__ import annotations
