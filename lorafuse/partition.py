@@ -286,15 +286,20 @@ _RANDOM_FLOOR = 1e-4
 
 
 def _auto_budget_bytes(joint_inputs):
-    """``AUTO_FRACTION`` of the memory free on the graph's GPU now (the driver's free memory
-    plus what PyTorch's caching allocator holds unused), or None off the GPU."""
+    """``AUTO_FRACTION`` of the memory free on the graph's GPU now, or None off the GPU.
+    Free: the driver's free memory plus what PyTorch's caching allocator holds unused, and
+    no more than a ``torch.cuda.set_per_process_memory_fraction`` cap leaves."""
     device = next((t.device for t in _flat_tensors(joint_inputs) if t.device.type == "cuda"),
                   None)
     if device is None or not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(AUTO_FRACTION * (free + max(cached, 0)))
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + max(torch.cuda.memory_reserved(device) - allocated, 0)
+    cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if cap is not None and cap(device) < 1.0:
+        available = min(available, int(cap(device) * total) - allocated)
+    return int(AUTO_FRACTION * max(available, 0))
 
 
 def _flat_tensors(x):

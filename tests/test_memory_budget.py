@@ -371,3 +371,25 @@ def test_recompute_free_with_a_budget_warns_that_the_budget_applies():
 
     with pytest.warns(UserWarning, match="recompute_free is not used with a memory_budget"):
         Options.parse({"recompute_free": True, "memory_budget": 0.5})
+
+
+@pytest.mark.parametrize("cap", [1.0, 0.1])
+def test_auto_budget_reads_free_gpu_memory_and_a_process_cap(monkeypatch, cap):
+    """What "auto" allows: 70 % of the driver's free memory plus the allocator's unused
+    reserve, within a set_per_process_memory_fraction cap; nothing off the GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gib = 2**30
+    for name, value in (("is_available", lambda: True),
+                        ("mem_get_info", lambda d: (10 * gib, 80 * gib)),
+                        ("memory_reserved", lambda d: 3 * gib),
+                        ("memory_allocated", lambda d: 1 * gib),
+                        ("get_per_process_memory_fraction", lambda d: cap)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    with FakeTensorMode():
+        on_gpu = [[torch.empty(2, device="cuda")], []]
+        on_cpu = [[torch.empty(2)], []]
+    got = lorafuse.partition._auto_budget_bytes(on_gpu)
+    want = 12 * gib if cap == 1.0 else 8 * gib - 1 * gib  # free + unused reserve; cap − used
+    assert got == int(lorafuse.partition.AUTO_FRACTION * want)
+    assert lorafuse.partition._auto_budget_bytes(on_cpu) is None
