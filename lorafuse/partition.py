@@ -246,6 +246,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._report.saved_for_backward = len(saved)
         self._report.saved_bytes = _static_bytes(saved)
         self._report.activation_bytes, _ = _saved_bytes(bwd, inputs)
+        self._report.tokens = _tokens(fwd)
         # Forward nodes the backward computes again (names survive the split).
         forward = {n.name for n in fwd.graph.nodes if n.op == "call_function"}
         again = [n for n in bwd.graph.nodes if n.op == "call_function" and n.name in forward]
@@ -488,6 +489,18 @@ def _torch_ratio(target: int, default_act: int, unsaved_inputs: int) -> float:
     if default_act <= unsaved_inputs:
         return 0.0
     return min(1.0, max(0.0, (target - unsaved_inputs) / (default_act - unsaved_inputs)))
+
+
+def _tokens(fwd):
+    """Tokens per call of the graph: the size of its first 2-D integer input (the batch's
+    token ids, B × S), or None (no such input, or a symbolic size)."""
+    for n in fwd.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point() \
+                and v.dtype != torch.bool:
+            numel = v.numel()
+            return numel if isinstance(numel, int) and numel > 0 else None
+    return None
 
 
 def _static_bytes(nodes):

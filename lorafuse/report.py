@@ -22,6 +22,7 @@ class GraphReport:
     saved_for_backward: int | None = None  # tensors the partitioner kept for the backward
     saved_bytes: int | None = None  # their size, where the sizes are static
     activation_bytes: int | None = None  # of which not graph inputs (sizes hinted if dynamic)
+    tokens: int | None = None  # tokens per call (the batch's B × S), for bytes per token
     memory_budget: str | None = None  # the memory_budget option, when one was set
     budget_bytes: int | None = None  # activation bytes it allows this graph
     default_activation_bytes: int | None = None  # activation bytes kept without a budget
@@ -39,6 +40,21 @@ class GraphReport:
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
+    def _per_token(self) -> list:
+        """The plan in bytes per token: kept, recomputed instead of kept (against min-cut's
+        plan), stored quantized, offloaded (not built: none)."""
+        t = self.tokens
+        parts = [f"{_size(self.activation_bytes // t)} of activations kept"]
+        recomputed = (self.default_activation_bytes - self.activation_bytes
+                      if self.default_activation_bytes is not None else self.recompute_free_bytes)
+        if recomputed and recomputed > 0:
+            parts.append(f"{_size(recomputed // t)} recomputed instead")
+        if self.quantized_tensors:
+            parts.append(f"{_size(self.quantized_to_bytes // t)} of those kept stored quantized "
+                         f"(from {_size(self.quantized_from_bytes // t)})")
+        parts.append("none offloaded")
+        return parts
+
     def format(self) -> str:
         lines = [f"graph {self.index}:"]
         for p in self.passes:
@@ -55,6 +71,9 @@ class GraphReport:
             size = "" if self.saved_bytes is None else f", {self.saved_bytes / 2**20:.1f} MiB"
             lines.append(f"  memory plan: {self.saved_for_backward} tensors kept for backward{size}"
                          " (min-cut rematerialization)")
+            if self.activation_bytes is not None and self.tokens:
+                lines.append(f"    per token ({self.tokens} tokens a call): "
+                             + ", ".join(self._per_token()))
             kept, default = self.activation_bytes, self.default_activation_bytes
             if self.memory_budget is not None and None not in (kept, default, self.budget_bytes):
                 lines.append(f"    budget {self.memory_budget}: activations {_size(kept)} kept "

@@ -112,6 +112,13 @@ def test_report_shows_the_plan(runs):
     assert "memory plan:" in text and "budget 0.5: activations" in text, text
     assert " recomputed of " in text and "min-cut solves" in text, text
     assert "of them matmul/attention/custom" in text, text
+    g = _graph(runs[0.5])
+    assert g.tokens == BATCH * SEQ
+    assert f"per token ({BATCH * SEQ} tokens a call): " in text, text
+    assert f"{g.activation_bytes // g.tokens} B of activations kept" in text \
+        or "KiB of activations kept" in text, text
+    assert "recomputed instead" in text and "none offloaded" in text, text
+    assert "recomputed instead" not in str(runs[None]["report"])
 
 
 @pytest.mark.slow
@@ -161,6 +168,7 @@ def test_recompute_free_keeps_fewer_bytes_recomputing_only_cheap_ops(runs):
     assert free.recomputed_expensive == 0 and free.recomputed_ops > plain.recomputed_ops
     assert free.saved_bytes < plain.saved_bytes
     assert "recompute_free: " in str(runs["free"]["report"])
+    assert "recomputed instead" in str(runs["free"]["report"])
     assert "recompute_free" not in str(runs[None]["report"])
 
 
