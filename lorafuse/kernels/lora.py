@@ -216,8 +216,8 @@ FWD_KERNEL_ENV = "LORAFUSE_LORA_FWD_KERNEL"  # auto | pointer | tma | cublas
 def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
     """The one-rounding forward GEMM, whichever measured fastest for this shape at its first
     call: the TMA kernel (Hopper, K-contiguous operands), the pointer kernel, or cuBLAS
-    with an fp32 output (it wins where N is small: k/v). All three compute the same thing:
-    fp32 accumulation, one rounding."""
+    with an fp32 output (expected to win where N is small, k/v; not yet measured in a
+    step). All three compute the same thing: fp32 accumulation, one rounding."""
     from . import lora_triton as lt
 
     candidates = {
