@@ -70,6 +70,20 @@ def runs():
     return out
 
 
+def _assert_same_training(got, want, what: str) -> None:
+    """The losses and every LoRA gradient of each step equal the reference run's, to fp32
+    rounding (measured on CPU: bitwise equal)."""
+    for step in range(STEPS):
+        torch.testing.assert_close(got["losses"][step], want["losses"][step],
+                                   rtol=LOSS_RTOL, atol=0)
+        assert got["grads"][step].keys() == want["grads"][step].keys()
+        assert len(want["grads"][step]) == 28  # A and B of 14 sites
+        for name, g in want["grads"][step].items():
+            assert g.norm() > 0, name
+            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
+            assert err <= GRAD_RTOL, f"{what} step {step} {name}: rel. error {err:.2e}"
+
+
 def _graph(run):
     (graph,) = run["report"].graphs  # the tiny Llama compiles to one graph
     assert graph.fell_back is None, graph.fell_back
@@ -142,15 +156,7 @@ def test_cheap_recomputes_first(runs):
 @pytest.mark.parametrize("budget", BUDGETS[1:])
 def test_losses_and_lora_grads_equal_no_budget(runs, budget):
     want, got = runs[None], runs[budget]
-    for step in range(STEPS):
-        torch.testing.assert_close(got["losses"][step], want["losses"][step],
-                                   rtol=LOSS_RTOL, atol=0)
-        assert got["grads"][step].keys() == want["grads"][step].keys()
-        assert len(want["grads"][step]) == 28  # A and B of 14 sites
-        for name, g in want["grads"][step].items():
-            assert g.norm() > 0, name
-            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
-            assert err <= GRAD_RTOL, f"budget {budget} step {step} {name}: rel. error {err:.2e}"
+    _assert_same_training(got, want, f"budget {budget}")
 
 
 # --------------------------------------------------------------------------- recompute_free
@@ -175,12 +181,7 @@ def test_recompute_free_keeps_fewer_bytes_recomputing_only_cheap_ops(runs):
 @pytest.mark.slow
 def test_recompute_free_losses_and_lora_grads_equal_min_cut(runs):
     want, got = runs[None], runs["free"]
-    for step in range(STEPS):
-        torch.testing.assert_close(got["losses"][step], want["losses"][step],
-                                   rtol=LOSS_RTOL, atol=0)
-        for name, g in want["grads"][step].items():
-            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
-            assert err <= GRAD_RTOL, f"recompute_free step {step} {name}: rel. error {err:.2e}"
+    _assert_same_training(got, want, "recompute_free")
 
 
 @pytest.mark.slow
@@ -323,12 +324,7 @@ def test_auto_budget_applies_only_when_the_plan_would_not_fit(runs, monkeypatch,
         assert auto.memory_budget.startswith("auto (") and auto.budget_bytes == limit
         assert auto.activation_bytes <= limit < plain.activation_bytes
         assert said and "memory_budget=None" in said[0]
-    for step in range(STEPS):
-        torch.testing.assert_close(got["losses"][step], want["losses"][step],
-                                   rtol=LOSS_RTOL, atol=0)
-        for name, g in want["grads"][step].items():
-            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
-            assert err <= GRAD_RTOL, f"auto {free_gib} step {step} {name}: {err:.2e}"
+    _assert_same_training(got, want, f"auto {free_gib}")
 
 
 def test_torch_ratio_mapping():
