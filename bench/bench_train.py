@@ -428,12 +428,10 @@ def child_train(args, variant: str, res: dict) -> dict:
 def kernel_choices() -> dict:
     """The paths lorafuse's timed-once dispatch chose per shape key (LoRA forward / backward,
     4-bit dequantisation): runs of the same code that differ in speed may differ here."""
-    import sys as _sys
-
     out = {}
     for mod, attr in (("lorafuse.kernels.lora", "_choice"),
                       ("lorafuse.kernels.nf4", "_dequant_choice")):
-        cache = getattr(_sys.modules.get(mod), attr, None) or {}
+        cache = getattr(sys.modules.get(mod), attr, None) or {}
         out.update({f"{mod.rsplit('.', 1)[1]}{tuple(str(x) for x in k)}": v
                     for k, v in cache.items()})
     return out

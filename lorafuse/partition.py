@@ -124,8 +124,8 @@ class LorafusePartitioner(CustomPartitionerFn):
             if self._recompute_free:
                 fwd, bwd = recompute_free(gm, joint_inputs, kwargs, fwd, bwd, inputs,
                                           self._report)
-            act = _saved_bytes(bwd, inputs)[0]
-            if limit is not None and act > limit:  # would not fit: "auto" sets a budget
+            act = _saved_bytes(bwd, inputs)[0] if limit is not None else None  # "auto" only
+            if act is not None and act > limit:  # would not fit: "auto" sets a budget
                 text = f"auto ({limit / _GIB:.2f} GiB)"
                 warnings.warn(
                     f"lorafuse: this graph's activations ({act / _GIB:.2f} GiB) would not fit "

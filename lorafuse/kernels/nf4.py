@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import pick_fastest, requested_impl, warn_once
+from .lora import base_plus_lowrank
 
 try:  # optional: the CPU reference and the cuBLAS path need no Triton
     import triton
@@ -540,8 +541,6 @@ def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize
     if same and lora_a is not None and lora_a.dtype == x.dtype and x_lora.dtype == x.dtype:
         # the adapter in the compute dtype too (autocast): the bf16 LoRA op's forward GEMM
         # (TMA / pointer kernel or cuBLAS in fp32, fastest per shape; one rounding)
-        from .lora import base_plus_lowrank
-
         h = x_lora.reshape(-1, K) @ lora_a.t()
         y = base_plus_lowrank(x2, W, bias, h, lora_b, scale)
         return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
