@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|ops|full|smoke][,MODE...]   (default: quick)
+#   bash bench/run_gpu.sh [quick|1b|8b|ops|full|smoke|tests|trainer][,MODE...]  (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
 #
@@ -15,6 +15,9 @@
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
 #   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
+#   tests  only the GPU tests (pytest -m cuda).
+#   trainer  HF Trainer through `lorafuse finetune` on the 1B shape, eager and lorafuse, 30 steps
+#          (bench/bench_trainer.py; ~4 min).
 #
 # Environment:
 #   OUT=dir        where logs, JSON and markdown go (default bench/out/<date>); the device
@@ -32,8 +35,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|ops|full|smoke) ;;
-        *) echo "usage: $0 [quick|1b|8b|ops|full|smoke][,MODE...]" >&2; exit 2;; esac
+    case "$m" in quick|1b|8b|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|ops|full|smoke|tests|trainer][,MODE...]" >&2; exit 2;; esac
 done
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -97,7 +100,7 @@ budget_left() {  # seconds left for the next step, minus a reserve for the final
     if [ "$BUDGET_S" -gt 0 ]; then echo $(( BUDGET_S - SECONDS - 15 )); else echo 0; fi
 }
 
-run_tests() {
+run_tests() {  # run_tests [pytest-only]
     [ "${SKIP_TESTS:-0}" = 1 ] && return
     local t=${TEST_TIMEOUT:-150}
     if "$PY" -c "import pytest" 2>/dev/null; then
@@ -115,6 +118,7 @@ run_tests() {
     else
         echo "- pytest -m cuda: pytest not installed here" >> "$SUMMARY"
     fi
+    [ "${1:-}" = pytest-only ] && return
     if [ -f bench/bench_lora_op.py ]; then
         t=${OP_TIMEOUT:-100}
         say "bench/bench_lora_op.py (timeout ${t}s)"
@@ -183,6 +187,19 @@ case "$MODE_ONE" in
         run_op_benches
         run_train 1b --shape 1b --ref --variants eager,eager_gc,inductor,lorafuse
         run_train 8b --shape 8b --ref --variants eager,eager_gc,inductor,lorafuse ;;
+    tests)
+        run_tests pytest-only ;;
+    trainer)
+        say "bench/bench_trainer.py (1B, eager and lorafuse through lorafuse finetune)"
+        "$PY" bench/bench_trainer.py --cache "$CACHE" --json "$OUTDIR/trainer.json" \
+            --md "$OUTDIR/trainer.md" ${QLORA:+$([ "$QLORA" = 1 ] && echo --qlora)} \
+            > "$OUTDIR/trainer.out" 2> "$OUTDIR/trainer.log"
+        rc=$?
+        tail -n 4 "$OUTDIR/trainer.log"
+        if [ -s "$OUTDIR/trainer.md" ]; then { echo; cat "$OUTDIR/trainer.md"; } >> "$SUMMARY"
+        else echo "- bench_trainer: no table (exit $rc); see trainer.log" >> "$SUMMARY"; fi
+        for f in /tmp/lorafuse_bench_trainer/*.log; do
+            [ -f "$f" ] && cp "$f" "$OUTDIR/trainer_$(basename "$f")"; done ;;
     smoke)
         run_train tiny --shape tiny --device cpu --warmup 1 --steps 3 --ref-steps 1,4 \
             --variants eager,lorafuse ;;

@@ -205,3 +205,57 @@ def test_causal_or_masked_attention_8b_shape_bf16(padded):
         assert torch.isfinite(got).all(), name
         assert _rel(got, want) <= 1.25 * _rel(eager, want) + 1e-3, (name, _rel(got, want),
                                                                    _rel(eager, want))
+
+
+@pytest.mark.parametrize("site", list(SITES_8B))
+def test_forward_paths_compute_the_same_numbers(site, monkeypatch):
+    """The LoRA forward's candidates (TMA, pointer, cuBLAS writing fp32) all accumulate in
+    fp32 and round once; the automatic choice may take any of them, so they must agree to
+    within accumulation order, and the choice must be one of them."""
+    from lorafuse.kernels import lora, lora_triton
+
+    N, K = SITES_8B[site]
+    M, r, s = 4096, 16, 2.0
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    h = (torch.randn(M, r, device="cuda", generator=g)).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    want = (x.double() @ W.double().t() + s * h.double() @ B.double().t())
+    modes = ["pointer", "cublas"]
+    if lora_triton.tail_gemm_nt_tma_supported(x, W, h, B, None):
+        modes.append("tma")
+    ys = {}
+    for mode in modes + ["auto"]:
+        monkeypatch.setenv(lora.FWD_KERNEL_ENV, mode)
+        ys[mode] = lora.base_plus_lowrank(x, W, None, h, B, s)
+    ulp = want.abs().clamp_min(1e-3) * 2.0**-7  # one bf16 ulp, generously
+    for mode, y in ys.items():
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all(), mode
+        err = (y.double() - want).abs()
+        assert (err <= ulp).float().mean() > 0.999, (mode, err.max().item())
+        print(f"{site} {mode}: rel {_rel(y, want):.2e}")
+    chosen = [v for k, v in lora._choice.items() if k[0] == "fwd" and k[2] == N and k[3] == K]
+    assert chosen and set(chosen) <= set(modes), chosen
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_nf4_triton_dequantize_bit_exact_on_gpu(quant_type, nested):
+    """The Triton 4-bit decode against bitsandbytes' CUDA kernel, 8B shapes, bit for bit."""
+    BF = pytest.importorskip("bitsandbytes.functional")
+    from lorafuse.kernels import nf4
+
+    g = torch.Generator("cuda").manual_seed(2)
+    for n, k in ((4096, 4096), (1024, 4096), (4096, 14336)):
+        w = torch.randn(n, k, device="cuda", generator=g).bfloat16() * 0.02
+        q, qs = BF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+        kw = nf4.from_quant_state(qs)
+        for dtype in (torch.bfloat16, torch.float16):
+            qs_d = copy.copy(qs)
+            qs_d.dtype = dtype
+            want = BF.dequantize_4bit(q, qs_d)
+            got = nf4.triton_dequantize_4bit(q, kw["absmax"], kw.get("absmax2"), kw.get("code2"),
+                                             kw.get("offset"), kw["shape"], kw["blocksize"],
+                                             kw["quant_type"], dtype)
+            assert got.dtype == dtype and torch.equal(got, want), (n, k, dtype)
