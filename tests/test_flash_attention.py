@@ -1,0 +1,373 @@
+"""The flash-attention op (``lorafuse::flash_attention``), its Triton kernels, and the
+``eager_attention`` pass that puts it in place of Gemma2's eager attention chain.
+
+- Oracle: the eager chain in fp64 (transformers' ``eager_attention_forward`` math, softmax
+  in fp64, HF's additive fp32-``min`` mask), gradients by autograd on the unrepeated K/V.
+  The bf16 comparator is transformers' own Gemma2 ``eager_attention_forward`` run in bf16.
+- Hypothesis draws batch, heads (GQA ratios 1, 2, 4), query/key lengths (odd, not block
+  multiples; Lkv ≠ Lq too), head dims (not powers of two too), softcap on/off, window
+  on/off, causal or not, key padding (with rows that see no key). fp32: output, dq, dk, dv
+  equal the oracle to rtol 1e-5 (of the largest entry). bf16/fp16: each no farther from
+  the oracle than eager bf16/fp16 is, × 1.25 plus fp32 noise.
+- Reference path (plain PyTorch, CPU) on larger shapes in this process; the Triton kernels
+  under TRITON_INTERPRET=1 in one subprocess (this file run as a script) on tiny shapes
+  (≈ 20 s), plus their fallback; ``torch.library.opcheck`` of the op's registration.
+- The pass: on a small module and on tiny Gemma2 PEFT models (what it matches, what it
+  leaves alone and why); a Gemma2 model compiled with passes ("lora", "eager_attention")
+  trains 3 steps beside eager with the same losses and LoRA gradients.
+- On a GPU (``pytest -m cuda``): the kernels at real head dims (256, 80) against the oracle.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
+
+MIN32 = torch.finfo(torch.float32).min
+
+# --------------------------------------------------------------------------- oracle
+
+
+def additive_mask(lq, lkv, causal, window, key_mask, dtype):
+    """HF's additive mask (0 visible, the dtype's min elsewhere; fp32's for fp64: eager's
+    softmax runs in fp32), (B or 1, 1, Lq, Lkv), or None."""
+    from lorafuse.kernels.flash_attention import visible_mask
+
+    ok = visible_mask(lq, lkv, causal, window, key_mask, "cpu")
+    if ok is None:
+        return None
+    low = MIN32 if dtype == torch.float64 else torch.finfo(dtype).min
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, low)
+
+
+def hf_eager(q, k, v, mask, scale, softcap):
+    """transformers' Gemma2 eager_attention_forward (softmax in fp32, then q's dtype),
+    returned as (B, H, Lq, D)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False,
+                             head_dim=q.shape[-1])
+    out, _ = eager_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=scale,
+                                     softcap=softcap)
+    return out.transpose(1, 2)
+
+
+def eager64(q, k, v, mask, scale, softcap):
+    """The same chain in fp64 throughout (HF's casts the softmax to fp32)."""
+    n = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n, 1), v.repeat_interleave(n, 1)
+    s = torch.matmul(q, k.transpose(2, 3)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s + mask
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def run_attention(fn, inputs, dtype):
+    """(out, dq, dk, dv) of ``fn(q, k, v)`` on ``inputs`` cast to ``dtype``."""
+    q, k, v, dout = inputs
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def make_case(b, hkv, ratio, lq, lkv, d, seed, mask_kind):
+    g = torch.Generator().manual_seed(seed)
+    h = hkv * ratio
+    q = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64) * 1.5
+    k = torch.randn(b, hkv, lkv, d, generator=g, dtype=torch.float64) * 1.5
+    v = torch.randn(b, hkv, lkv, d, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, h, lq, d, generator=g, dtype=torch.float64)
+    key_mask = None
+    if mask_kind != "none":
+        key_mask = torch.rand(b, lkv, generator=g) > 0.25
+        if mask_kind == "left-padded":  # early queries of row 0 see no key
+            key_mask[0, : max(1, lkv // 3)] = False
+    return (q, k, v, dout), key_mask
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def check_case(op, case, dtype, what=""):
+    """The op (``op(q, k, v, key_mask, causal, scale, softcap, window)``) against the fp64
+    oracle: tight in fp32; in bf16/fp16 no worse than HF's eager in that dtype."""
+    (inputs, key_mask), causal, scale, softcap, window = case
+    lq, lkv = inputs[0].shape[2], inputs[1].shape[2]
+    ref = run_attention(lambda q, k, v: eager64(
+        q, k, v, additive_mask(lq, lkv, causal, window, key_mask, torch.float64), scale,
+        softcap), inputs, torch.float64)
+    got = run_attention(lambda q, k, v: op(q, k, v, key_mask, causal, scale, softcap, window),
+                        inputs, dtype)
+    if dtype != torch.float32:
+        eager = run_attention(lambda q, k, v: hf_eager(
+            q, k, v, additive_mask(lq, lkv, causal, window, key_mask, dtype), scale, softcap),
+            inputs, dtype)
+    for i, (name, a, r) in enumerate(zip(NAMES, got, ref)):
+        tag = f"{what} {name}"
+        assert a.dtype == dtype and a.shape == r.shape, tag
+        assert torch.isfinite(a).all(), f"{tag}: not finite"
+        if dtype == torch.float32:
+            # atol scaled to the largest entry, or to the O(1) inputs where the exact
+            # gradient is 0 (one visible key: dq = 0 up to fp32 noise)
+            torch.testing.assert_close(a.double(), r, rtol=1e-5,
+                                       atol=1e-5 * max(r.abs().max().item(), 1.0),
+                                       msg=lambda m: f"{tag}: {m}")
+        else:
+            err, err_eager = rel(a, r), rel(eager[i], r)
+            assert err <= 1.25 * err_eager + 1e-6, \
+                f"{tag}: error {err:.3g} vs eager {err_eager:.3g}"
+
+
+def op_call(q, k, v, key_mask, causal, scale, softcap, window):
+    from lorafuse.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, causal=causal, scale=scale, softcap=softcap, window=window,
+                           key_mask=key_mask)
+
+
+@st.composite
+def cases(draw, max_len, head_dims, min_len=1):
+    """((inputs, key_mask), causal, scale, softcap, window); lengths and windows >= min_len."""
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 2))
+    ratio = draw(st.sampled_from([1, 2, 4]))
+    lq = draw(st.integers(min_len, max_len))
+    causal = draw(st.booleans())
+    lkv = lq if draw(st.booleans()) else draw(st.integers(min_len, max_len))
+    d = draw(st.sampled_from(head_dims))
+    window = draw(st.one_of(st.none(), st.integers(min_len, max_len + 2))) if causal else None
+    softcap = draw(st.sampled_from([None, 1.5, 20.0]))
+    mask_kind = draw(st.sampled_from(["none", "random", "left-padded"]))
+    scale = d ** -0.5 * draw(st.sampled_from([0.5, 1.0, 2.0]))
+    seed = draw(st.integers(0, 2**16))
+    return make_case(b, hkv, ratio, lq, lkv, d, seed, mask_kind), causal, scale, softcap, window
+
+
+# Low precision: lengths and windows from 16. Like FlashAttention-2 (and SDPA's flash and
+# cuDNN kernels), the backward takes D_i = dout_i · out_i from the output rounded to bf16;
+# eager takes Σ_j p_ij dp_ij in fp32. Where a row sees only a handful of keys, dq and dk are
+# a small difference of large terms and that rounding shows (up to a few × eager's error
+# at 2 keys; see test_short_rows_low_precision); from ~16 keys on, the op is ~2× closer to
+# fp32 than eager is.
+LOW_PRECISION_MIN_LEN = 16
+
+
+# --------------------------------------------------------------------------- reference path (CPU)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases(max_len=70, head_dims=[8, 16, 40, 64, 128]))
+def test_reference_fp32_equals_eager(case):
+    check_case(op_call, case, torch.float32)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases(max_len=70, head_dims=[16, 64, 128], min_len=LOW_PRECISION_MIN_LEN),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_reference_low_precision_no_worse_than_eager(case, dtype):
+    check_case(op_call, case, dtype)
+
+
+def test_row_with_no_visible_key_is_eager_uniform():
+    """A query that sees no key (left padding) gets eager's answer: the mean of all V."""
+    from lorafuse.kernels.flash_attention import flash_attention
+
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    key_mask = torch.tensor([[False, False, True, True, True]])
+    out = flash_attention(q, k, v, causal=True, key_mask=key_mask)
+    torch.testing.assert_close(out[0, :, :2], v[0, 0].mean(0).expand(2, 2, 8))
+    eager = hf_eager(q, k, v, additive_mask(5, 5, True, None, key_mask, torch.float32),
+                     8 ** -0.5, None)
+    torch.testing.assert_close(out, eager)
+
+
+def test_layouts_and_opcheck():
+    """out has the memory of (B, L, H, D) (the model's transpose(1, 2).contiguous() is free);
+    gradients are laid out like q, k, v; the op's fake and autograd registrations pass
+    ``torch.library.opcheck``."""
+    from lorafuse.kernels.flash_attention import flash_attention, flash_attention_op
+
+    q = torch.randn(2, 7, 4, 16).transpose(1, 2).requires_grad_()  # HF's transposed views
+    k = torch.randn(2, 7, 2, 16).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 2, 7, 16, requires_grad=True)
+    out = flash_attention(q, k, v, softcap=5.0, window=3)
+    assert out.transpose(1, 2).is_contiguous()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.stride() == t.stride()
+    key_mask = torch.rand(2, 7) > 0.3
+    for args in [(q, k, v, None, True, 0.25, 5.0, 3), (q, k, v, key_mask, False, 0.3, None, None)]:
+        torch.library.opcheck(flash_attention_op, tuple(a.detach().requires_grad_()
+                                                        if isinstance(a, torch.Tensor)
+                                                        and a.is_floating_point() else a
+                                                        for a in args))
+
+
+def test_contract_errors():
+    from lorafuse.kernels.flash_attention import flash_attention
+
+    q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        flash_attention(q, k, k)
+    with pytest.raises(ValueError, match="window"):
+        flash_attention(q, q, q, causal=False, window=2)
+
+
+# --------------------------------------------------------------------------- Triton interpreter
+
+INTERPRETER_EXAMPLES = {"fp32": 24, "bf16": 10, "fp16": 4}
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    return run_interpreter_worker(__file__, LORAFUSE_FLASH_ATTENTION_IMPL="triton")
+
+
+@pytest.mark.parametrize("check", ["hypothesis-fp32", "hypothesis-bf16", "hypothesis-fp16",
+                                   "blocks-and-gqa-4", "short-rows-bf16", "fallback-head-dim"])
+def test_triton_interpreter(interpreter_results, check):
+    assert_check_passed(interpreter_results, check)
+
+
+def _worker():
+    """Runs in the subprocess (TRITON_INTERPRET=1, LORAFUSE_FLASH_ATTENTION_IMPL=triton)."""
+    import warnings
+
+    from lorafuse.kernels import _dispatch
+    from lorafuse.kernels import flash_attention as fa
+
+    assert fa._INTERPRETED, "TRITON_INTERPRET did not take effect"
+    record = CheckRecorder()
+
+    def no_fallback(fn):
+        def run(*args):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+                return fn(*args)
+        return run
+
+    def prop(name, dtype):
+        @settings(max_examples=INTERPRETER_EXAMPLES[name], deadline=None, database=None)
+        @given(case=cases(max_len=37, head_dims=[8, 16, 24, 32],
+                          min_len=1 if dtype == torch.float32 else LOW_PRECISION_MIN_LEN))
+        def check(case):
+            check_case(no_fallback(op_call), case, dtype)
+
+        return check
+
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                        ("fp16", torch.float16)):
+        record(f"hypothesis-{name}", prop(name, dtype))
+
+    def blocks_and_gqa_4():
+        """Several query and key blocks (16 in the interpreter) with every feature on."""
+        case = (make_case(2, 2, 4, 45, 45, 32, 7, "left-padded"), True, 0.2, 3.0, 20)
+        check_case(no_fallback(op_call), case, torch.float32, "blocks")
+
+    record("blocks-and-gqa-4", blocks_and_gqa_4)
+
+    def short_rows_low_precision():
+        """Rows of 1-3 keys in bf16: the op's dq/dk error is within eager's (× 1.25) plus
+        what rounding out to bf16 does to D_i = dout_i · out_i (see LOW_PRECISION_MIN_LEN):
+        δD_i = 2^-8 ‖dout_i ⊙ out_i‖ moves dq_i by scale δD_i Σ_j p_ij t'_ij k_j."""
+        from lorafuse.kernels.flash_attention import _reference_probs
+
+        for lkv, causal, seed in [(1, True, 0), (2, False, 1), (2, True, 2), (3, False, 3)]:
+            inputs, _ = make_case(1, 1, 2, lkv, lkv, 8, seed, "none")
+            q, k, v, dout = inputs
+            scale = 8 ** -0.5
+            mask = additive_mask(lkv, lkv, causal, None, None, torch.float64)
+            ref = run_attention(lambda q, k, v: eager64(q, k, v, mask, scale, None), inputs,
+                                torch.float64)
+            got = run_attention(lambda q, k, v: no_fallback(op_call)(
+                q, k, v, None, causal, scale, None, None), inputs, torch.bfloat16)
+            eager = run_attention(lambda q, k, v: hf_eager(q, k, v, additive_mask(
+                lkv, lkv, causal, None, None, torch.bfloat16), scale, None), inputs,
+                torch.bfloat16)
+            p = _reference_probs(q, k, None, causal, scale, None, None, torch.float64)[0]
+            dd = 2.0 ** -8 * (dout * (p @ v.repeat_interleave(2, 1))).norm(dim=-1, keepdim=True)
+            shift = {"dq": (scale * p * dd) @ k.repeat_interleave(2, 1),
+                     "dk": ((scale * p * dd).transpose(-1, -2) @ q).sum(1, keepdim=True)}
+            for i, name in ((1, "dq"), (2, "dk")):
+                err = (got[i].double() - ref[i]).norm()
+                err_eager = (eager[i].double() - ref[i]).norm()
+                assert err <= 1.25 * err_eager + shift[name].norm(), (lkv, name, err, err_eager)
+
+    record("short-rows-bf16", short_rows_low_precision)
+
+    def fallback_head_dim():
+        """Head dim 320 > 256 is not the kernel's: the reference runs, one warning."""
+        _dispatch.warned.clear()
+        q, k, v = torch.randn(1, 2, 3, 320), torch.randn(1, 1, 3, 320), torch.randn(1, 1, 3, 320)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = fa.flash_attention(q, k, v)
+            fa.flash_attention(q, k, v)
+        msgs = [str(w.message) for w in caught if "flash attention" in str(w.message)]
+        assert len(msgs) == 1 and "256" in msgs[0], msgs
+        want, _ = fa.attention_reference(q, k, v, None, True, 320 ** -0.5, None, None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    record("fallback-head-dim", fallback_head_dim)
+    record.report()
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,softcap,window,mask_kind", [
+    (256, 50.0, None, "none"), (256, 20.0, 100, "none"), (80, None, None, "left-padded"),
+    (128, 5.0, 64, "random"), (64, None, 33, "none")])
+def test_cuda_kernels(d, softcap, window, mask_kind, dtype):
+    from lorafuse.kernels import _dispatch
+    from lorafuse.kernels.flash_attention import flash_attention
+
+    inputs, key_mask = make_case(2, 2, 2, 333, 333, d, d, mask_kind)
+    inputs = [t.cuda() for t in inputs]
+    key_mask = key_mask.cuda() if key_mask is not None else None
+    _dispatch.warned.clear()
+
+    def op(q, k, v, km, causal, scale, cap, w):
+        return flash_attention(q, k, v, causal=causal, scale=scale, softcap=cap, window=w,
+                               key_mask=km)
+
+    km_cpu = key_mask.cpu() if key_mask is not None else None
+    mask64 = additive_mask(333, 333, True, window, km_cpu, torch.float64).cuda()
+    mask = additive_mask(333, 333, True, window, km_cpu, dtype).cuda()
+    ref = run_attention(lambda q, k, v: eager64(q, k, v, mask64, d ** -0.5, softcap), inputs,
+                        torch.float64)
+    got = run_attention(lambda q, k, v: op(q, k, v, key_mask, True, d ** -0.5, softcap, window),
+                        inputs, dtype)
+    assert not _dispatch.warned, _dispatch.warned  # the Triton path ran
+    eager = run_attention(lambda q, k, v: hf_eager(q, k, v, mask, d ** -0.5, softcap), inputs,
+                          dtype)
+    for name, a, r, e in zip(NAMES, got, ref, eager):
+        assert torch.isfinite(a).all(), name
+        err, err_eager = rel(a, r), rel(e, r)
+        print(f"d={d} {dtype} {name}: lorafuse {err:.2e} eager {err_eager:.2e}")
+        if dtype == torch.float32:
+            assert err <= 1e-5, (name, err)
+        else:
+            assert err <= 1.25 * err_eager + 1e-6, (name, err, err_eager)
+
+
+if __name__ == "__main__":
+    _worker()
