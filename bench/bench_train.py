@@ -320,6 +320,7 @@ def child_train(args, variant: str, res: dict) -> dict:
     res["trainable_params"] = sum(p.numel() for p in lora_params.values())
     res["load_s"] = round(time.time() - t0, 1)
     step_model = model
+    cudagraphs = False  # options {"inductor": {"triton.cudagraphs": true}}: CUDA graph trees
     if base in ("inductor", "aot_eager", "lorafuse"):
         backend, how = resolve_backend(base)
         res["backend_via"] = how
@@ -329,6 +330,7 @@ def child_train(args, variant: str, res: dict) -> dict:
             options = json.loads(args.lorafuse_options) if (base == "lorafuse" and
                                                             args.lorafuse_options) else None
         step_model = torch.compile(model, backend=backend, options=options)
+        cudagraphs = bool(((options or {}).get("inductor") or {}).get("triton.cudagraphs"))
     try:
         opt = torch.optim.AdamW(lora_params.values(), lr=1e-4, fused=True)
         res["fused_adamw"] = True
@@ -345,6 +347,8 @@ def child_train(args, variant: str, res: dict) -> dict:
         + (f", {res['load_gib']:.2f} GiB allocated" if on_cuda else ""))
 
     def train_step(ids):
+        if cudagraphs:  # a new step: the graphs' previous outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
             # --attention-mask: an all-ones mask, as a Trainer's collator passes
             mask = {"attention_mask": torch.ones_like(ids)} if args.attention_mask else {}
@@ -352,7 +356,8 @@ def child_train(args, variant: str, res: dict) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        # a copy: under CUDA graphs the next step's replay overwrites the graph's output
+        return loss.detach().clone()
 
     # -- the loop. Losses stay on the device (no per-step sync) and are read at the end.
     total = args.warmup + args.steps
