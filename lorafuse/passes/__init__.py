@@ -10,12 +10,15 @@ cross-entropy: 0.9 GiB less at the 8B shape, 4 % slower), and ``masked_attention
 (attention masks from the inputs checked at run time: not measured on the GPU yet), and
 ``dequant_matmul`` (bitsandbytes 4-bit linears + LoRA as one op: not measured on the GPU yet),
 and ``rope`` (q and k rotated by one op, forward and backward: not measured on the GPU yet),
-and ``gated_mlp`` (``act(gate) * up`` as one op, act recomputed in the backward: not measured yet).
+and ``gated_mlp`` (``act(gate) * up`` as one op, act recomputed in the backward: not measured yet),
+and ``eager_attention`` (Gemma2's eager softcap attention → flash attention: not measured on the GPU yet).
 """
 
-from . import attention, dequant_matmul, gated_mlp, lora, loss, masked_attention, norm, rope
+from . import (attention, dequant_matmul, eager_attention, gated_mlp, lora, loss, masked_attention,
+               norm, rope)
 
 PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attention.NAME: attention.run,
           masked_attention.NAME: masked_attention.run, dequant_matmul.NAME: dequant_matmul.run,
-          rope.NAME: rope.run, gated_mlp.NAME: gated_mlp.run}
+          rope.NAME: rope.run, gated_mlp.NAME: gated_mlp.run,
+          eager_attention.NAME: eager_attention.run}
 DEFAULT_PASSES = (lora.NAME, attention.NAME)
