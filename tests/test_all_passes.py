@@ -2,7 +2,7 @@
 
 Per architecture (``ARCHS + MORE_ARCHS``, 2 layers) and per batch form — no
 ``attention_mask``, or one on every batch (row 1 left-padded on steps 0, 2, 4; all ones on
-steps 1, 3) — a tiny PEFT LoRA model is compiled with all seven passes and trained 5 AdamW
+steps 1, 3) — a tiny PEFT LoRA model is compiled with all eight passes and trained 5 AdamW
 steps (fp32) beside eager PyTorch. Checked:
 
 - every site of every pass matched: the counts in ``SITES`` below, derived from the config
@@ -39,7 +39,8 @@ from lorafuse.report import PassReport
 
 pytestmark = pytest.mark.slow
 
-ALL_PASSES = ("lora", "attention", "masked_attention", "norm", "rope", "gated_mlp", "loss")
+ALL_PASSES = ("lora", "attention", "masked_attention", "eager_attention", "norm", "rope",
+              "gated_mlp", "loss")
 ALL_ARCHS = ARCHS + MORE_ARCHS
 L = LAYERS = 2
 STEPS = 5
@@ -53,9 +54,10 @@ OVERRIDES = {"gemma3": {"layer_types": ["sliding_attention", "full_attention"]}}
 
 # --------------------------------------------------------------------------- expected sites
 # Per arch: lora = PEFT lora.Linear modules ("all-linear": every projection, not lm_head);
-# attn = attention layers; causal = of those, layers whose mask, without an attention_mask
-# input, is a constant the attention pass can prove causal (a sliding window of 8 < SEQ
-# tokens is not); norm = RMSNorms; rope = q/k pairs (one op per layer); gated_mlp =
+# attn = attention layers; eager = of those, layers written as an eager chain (no SDPA
+# call: the eager_attention pass's, sliding window or not); causal = of those attention
+# layers, layers whose mask, without an attention_mask input, is a constant the attention
+# pass can prove causal (a sliding window of 8 < SEQ tokens is not); norm = RMSNorms; rope = q/k pairs (one op per layer); gated_mlp =
 # act(gate) * up products; loss = lm_head + cross-entropy.
 SITES = {
     # q, k, v, o, gate, up, down per layer; input + post-attention RMSNorm per layer and the
@@ -67,11 +69,11 @@ SITES = {
     "qwen2": dict(lora=7 * L, attn=L, causal=L, norm=2 * L + 1, rope=L, gated_mlp=L, loss=1),
     # as Llama, plus per-head q_norm and k_norm in every layer
     "qwen3": dict(lora=7 * L, attn=L, causal=L, norm=4 * L + 1, rope=L, gated_mlp=L, loss=1),
-    # eager attention (matmul, tanh softcap, softmax, matmul); layers alternate sliding
-    # (window 8: not causal) and full; input, post-attention, pre- and post-feedforward
+    # eager attention (matmul, tanh softcap, softmax, matmul) in every layer; layers alternate
+    # sliding (window 8: not causal) and full; input, post-attention, pre- and post-feedforward
     # norms ((1 + w) form) per layer + final; gelu_tanh gate; loss behind a final softcap.
-    "gemma2": dict(lora=7 * L, attn=L, causal=L // 2, norm=4 * L + 1, rope=L, gated_mlp=L,
-                   loss=1),
+    "gemma2": dict(lora=7 * L, attn=L, eager=L, causal=L // 2, norm=4 * L + 1, rope=L,
+                   gated_mlp=L, loss=1),
     # SDPA; layer 0 sliding (not causal), layer 1 full (OVERRIDES); Gemma2's four norms
     # plus q_norm and k_norm per layer; gelu_tanh gate.
     "gemma3": dict(lora=7 * L, attn=L, causal=1, norm=6 * L + 1, rope=L, gated_mlp=L, loss=1),
@@ -86,26 +88,32 @@ SITES = {
 
 
 def expected(arch: str, masked: bool) -> dict:
-    """Sites per pass. Without an attention_mask input the causal layers are the attention
-    pass's; with one, every layer's mask depends on that input: masked_attention's (it
-    checks at run time; a sliding window then takes the masked branch)."""
+    """Sites per pass. SDPA layers: without an attention_mask input the causal ones are the
+    attention pass's; with one, every layer's mask depends on that input: masked_attention's
+    (it checks at run time; a sliding window then takes the masked branch). Eager-chain
+    layers are eager_attention's, sliding window or not (with an attention_mask: a known
+    gap, see _known_gaps)."""
     s = SITES[arch]
-    return {"lora": s["lora"], "attention": 0 if masked else s["causal"],
-            "masked_attention": s["attn"] if masked else 0, "norm": s["norm"],
-            "rope": s["rope"], "gated_mlp": s["gated_mlp"], "loss": s["loss"]}
+    eager = s.get("eager", 0)
+    sdpa = s["attn"] - eager
+    return {"lora": s["lora"], "attention": 0 if masked or not sdpa else s["causal"],
+            "masked_attention": sdpa if masked else 0, "eager_attention": eager,
+            "norm": s["norm"], "rope": s["rope"], "gated_mlp": s["gated_mlp"], "loss": s["loss"]}
 
 
 DEPENDS_ON_INPUTS = ("mask depends on inputs (padding or packed sequences; the opt-in "
                      "masked_attention pass checks it at run time)")
 NOT_CAUSAL = "mask is not causal"
 CONSTANT_NOT_CAUSAL = "mask is constant and not causal (a run-time check would always fail)"
+EAGER_DEPENDS_ON_INPUTS = ("mask depends on inputs (attention_mask / position_ids): not "
+                           "provable causal at compile time")
 
 
 def expected_left_alone(arch: str, masked: bool) -> dict:
     """{pass: {reason: sites}}: only attention calls, for the reasons their passes give."""
     s = SITES[arch]
-    if arch == "gemma2":  # no SDPA call: nothing for either attention pass to look at
-        return {}
+    if s.get("eager"):  # no SDPA call: nothing for the SDPA passes to look at
+        return {"eager_attention": {EAGER_DEPENDS_ON_INPUTS: s["eager"]}} if masked else {}
     if masked:
         return {"attention": {DEPENDS_ON_INPUTS: s["attn"]}}
     sliding = s["attn"] - s["causal"]
@@ -113,16 +121,15 @@ def expected_left_alone(arch: str, masked: bool) -> dict:
             "masked_attention": {CONSTANT_NOT_CAUSAL: sliding}} if sliding else {}
 
 
-GEMMA2_EAGER = ("Gemma2's eager attention (matmul, tanh softcap, softmax, matmul) is not an "
-                "SDPA call: neither attention pass matches it (DESIGN.md puts eager chains in "
-                "the attention pass; not implemented)")
+EAGER_MASKED = ("an eager attention chain whose mask is built from the attention_mask input "
+                "cannot be proven causal at compile time: eager_attention leaves it alone (no "
+                "run-time check like masked_attention's for eager chains yet)")
 
 
 def _known_gaps(arch: str, masked: bool, name: str) -> str | None:
     """Why a site the issue asks for is not matched yet (the case is xfail, strict)."""
-    if arch == "gemma2" and name in ("attention", "masked_attention") \
-            and expected(arch, masked)[name]:
-        return GEMMA2_EAGER
+    if masked and name == "eager_attention" and expected(arch, masked)[name]:
+        return EAGER_MASKED
     return None
 
 
@@ -281,6 +288,8 @@ def test_expected_table_agrees_with_the_model(arch):
     assert SITES[arch]["norm"] == sum(type(m).__name__.endswith("RMSNorm")
                                       for m in model.modules())
     assert model.config.num_hidden_layers == LAYERS
+    eager = model.config._attn_implementation == "eager"  # every layer an eager chain
+    assert SITES[arch].get("eager", 0) == (LAYERS if eager else 0)
     if arch in ("gemma2", "gemma3"):  # layer kinds behind "causal"
         kinds = model.config.layer_types
         assert kinds == ["sliding_attention", "full_attention"]
