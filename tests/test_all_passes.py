@@ -55,10 +55,11 @@ OVERRIDES = {"gemma3": {"layer_types": ["sliding_attention", "full_attention"]}}
 # --------------------------------------------------------------------------- expected sites
 # Per arch: lora = PEFT lora.Linear modules ("all-linear": every projection, not lm_head);
 # attn = attention layers; eager = of those, layers written as an eager chain (no SDPA
-# call: the eager_attention pass's, sliding window or not); causal = of those attention
-# layers, layers whose mask, without an attention_mask input, is a constant the attention
-# pass can prove causal (a sliding window of 8 < SEQ tokens is not); norm = RMSNorms; rope = q/k pairs (one op per layer); gated_mlp =
-# act(gate) * up products; loss = lm_head + cross-entropy.
+# call: the eager_attention pass's, sliding window or not); causal = of the attention
+# layers, those whose mask, without an attention_mask input, is a constant the attention
+# pass can prove causal (a sliding window of 8 < SEQ tokens is not); norm = RMSNorms;
+# rope = q/k pairs (one op per layer); gated_mlp = act(gate) * up products; loss =
+# lm_head + cross-entropy.
 SITES = {
     # q, k, v, o, gate, up, down per layer; input + post-attention RMSNorm per layer and the
     # final one; SiLU gate.

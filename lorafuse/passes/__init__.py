@@ -11,7 +11,7 @@ cross-entropy: 0.9 GiB less at the 8B shape, 4 % slower), and ``masked_attention
 ``dequant_matmul`` (bitsandbytes 4-bit linears + LoRA as one op: not measured on the GPU yet),
 and ``rope`` (q and k rotated by one op, forward and backward: not measured on the GPU yet),
 and ``gated_mlp`` (``act(gate) * up`` as one op, act recomputed in the backward: not measured yet),
-and ``eager_attention`` (Gemma2's eager softcap attention → flash attention: not measured on the GPU yet).
+and ``eager_attention`` (Gemma2's eager attention → flash attention: not measured on the GPU yet).
 """
 
 from . import (attention, dequant_matmul, eager_attention, gated_mlp, lora, loss, masked_attention,
