@@ -244,11 +244,15 @@ def save_tokenizer(out: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    # Special tokens get names no word contains: the tokenizer matches them inside words
+    # ("t1" as BOS would split "t123" into BOS + "23").
+    special = ["<unk>", "<s>", "</s>"]
+    vocab = {**{t: i for i, t in enumerate(special)},
+             **{f"t{i}": i for i in range(len(special), vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0",
-                            bos_token="t1", eos_token="t2").save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>",
+                            bos_token="<s>", eos_token="</s>").save_pretrained(out)
 
 
 def load_unsloth_model(args, gradient_checkpointing: bool):
