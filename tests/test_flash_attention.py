@@ -338,13 +338,13 @@ class EagerChain(torch.nn.Module):
     is ``"input"`` (from a padding input) or ``"none"``."""
 
     def __init__(self, heads=4, kv_heads=2, dim=8, softcap=5.0, window=None, mask="causal",
-                 dropout=0.0, form="hf", return_weights=False):
+                 dropout=0.0, form="hf", return_weights=False, full_mask=False):
         super().__init__()
         self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
         self.num_key_value_groups = heads // kv_heads
         self.head_dim = dim
         self.softcap, self.window, self.mask, self.dropout = softcap, window, mask, dropout
-        self.form, self.return_weights = form, return_weights
+        self.form, self.return_weights, self.full_mask = form, return_weights, full_mask
         self.q = torch.nn.Linear(32, heads * dim)
         self.kv = torch.nn.Linear(32, 2 * kv_heads * dim)
 
@@ -363,7 +363,8 @@ class EagerChain(torch.nn.Module):
         mask = None if self.mask == "none" else torch.where(
             ok, torch.zeros((), dtype=x.dtype), torch.finfo(x.dtype).min)
         if mask is not None and mask.dim() == 2:
-            mask = mask[None, None].expand(b, 1, length, length)
+            mask = mask[None, None].expand(b, self.heads if self.full_mask else 1, length,
+                                           length)
         scale = self.dim ** -0.5
         if self.form == "hf":
             from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
@@ -408,6 +409,8 @@ PASS_CASES = {
     "hf-no-softcap-mha": (dict(kv_heads=4, softcap=None), False, torch.float32, None),
     "hf-no-mask": (dict(mask="none"), False, torch.float32, None),
     "div-scale-mha": (dict(kv_heads=4, form="div", window=5), False, torch.float32, None),
+    "mask-first-full-shape": (dict(kv_heads=4, form="div", full_mask=True), False,
+                              torch.float32, None),
     "dropout-eval": (dict(dropout=0.1), True, torch.float32, None),
     "dropout-train": (dict(dropout=0.1), False, torch.float32,
                       "attention dropout in training (the op has no dropout)"),

@@ -574,6 +574,7 @@ def flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tenso
                        window: Optional[int]) -> tuple[Tensor, Tensor]:
     """``(out, lse)``; see the module doc. q (B, H, Lq, D), k and v (B, Hkv, Lkv, D),
     key_mask boolean (B, Lkv) or None (True = visible)."""
+    _check_shapes(q, k, v, key_mask, causal, window, softcap)  # never index out of bounds
     args = (q, k, v, key_mask, causal, scale, softcap, window)
     return triton_or_reference(q, IMPL_ENV, "flash attention forward",
                                lambda: attention_forward_triton(*args),

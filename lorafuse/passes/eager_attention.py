@@ -269,10 +269,13 @@ def match(out: fx.Node) -> Site:
         ta, tb, tn = _tensor(a), _tensor(b), _tensor(node)
         if ta is None or tb is None or tn is None:
             raise NoMatch("mask addition of non-tensors")
-        # The scores are the operand with the result's shape (the mask broadcasts).
-        s, m = (a, b) if same_sizes(ta.shape, tn.shape) else (b, a)
-        if not same_sizes(_tensor(s).shape, tn.shape):
+        # The scores: the operand with the result's shape (the mask may broadcast) that
+        # is a softcap or a scaling (both operands may have the full shape).
+        fits = [same_sizes(t.shape, tn.shape) for t in (ta, tb)]
+        chainy = [_softcap(x) is not None or _scalar_factor(x) is not None for x in (a, b)]
+        if not any(fits):
             raise NoMatch("mask broadcasts the scores to a larger shape")
+        s, m = (b, a) if fits[1] and (chainy[1] or not fits[0]) and not chainy[0] else (a, b)
         site.mask, site.scores_shape = m, tuple(tn.shape)
         site.chain.append(node)
         node = s
