@@ -30,6 +30,10 @@ D_i = Σ_d dout_id · out_id:
 
 One kernel computes dq (per query block), another dk and dv (per K/V block, looping over
 the G query heads that share it, so GQA needs no atomics and K/V are never repeated).
+As in FlashAttention-2, D_i comes from ``out`` as stored (bf16 in bf16): on rows that see
+only a few keys, dq and dk are a small difference of large terms and carry that rounding
+(eager computes Σ_j p_ij dp_ij in fp32 there); from ~16 keys on they are closer to fp32
+than eager's (tests/test_flash_attention.py).
 tanh is computed from ``exp`` (a Taylor series near 0 where ``1 − e^{−2x}`` would cancel):
 ``tl.math`` has none and libdevice is not in the interpreter; one formula runs everywhere.
 

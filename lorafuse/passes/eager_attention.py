@@ -78,10 +78,6 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _single_user(node) -> bool:
-    return isinstance(node, fx.Node) and len(node.users) == 1
-
-
 def _call_args(node, names):
     """``node``'s arguments by name (positional ones in ``names`` order, then kwargs)."""
     args = dict(zip(names, node.args))
