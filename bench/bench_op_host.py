@@ -1,0 +1,151 @@
+"""Host (CPU) cost per call of lorafuse's ops, beside the calls they replace: what a step
+pays in Python and launches when the GPU is not the bottleneck (the QLoRA step with the
+4-bit pass was host-bound in session 5, bench/RESULTS.md).
+
+    python bench/bench_op_host.py [--m 16] [--calls 400] [--no-nf4]
+
+Each path is called ``--calls`` times at a small M (the GPU work per call is a few
+microseconds, so the loop's wall time is the host's), as Inductor's generated code calls
+the ops: ``torch.ops.lorafuse.*.default`` under no_grad. Columns: host µs per call (wall
+time of the loop / calls, no synchronisation inside) and GPU µs per call (CUDA events
+around the same loop); when host > GPU the path is host-bound at this M. The last column
+is host ms per 8B step at that rate (224 calls: 7 sites × 32 layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lorafuse  # noqa: E402,F401  (registers the ops)
+from lorafuse.kernels import lora, nf4  # noqa: E402
+
+SITES_PER_STEP = 224
+
+
+def measure(fn, calls: int) -> tuple[float, float]:
+    """(host µs per call, GPU µs per call) of ``fn()`` called ``calls`` times."""
+    for _ in range(5):
+        fn()  # per-shape choices, JIT, autotuning
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return host / calls * 1e6, start.elapsed_time(end) / calls * 1e3
+
+
+def with_env(name: str, value: str, fn):
+    def call():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = old
+    return call
+
+
+def lora_paths(M: int):
+    N = K = 4096
+    r, s = 16, 2.0
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    h = x @ A.t()
+    fwd = torch.ops.lorafuse.lora_linear.default
+    bwd = torch.ops.lorafuse.lora_linear_backward.default
+    paths = {
+        "torch.mm (one cuBLAS call: the floor)": lambda: x @ W.t(),
+        "eager LoRA (linear + 2 mm + mul + add)":
+            lambda: torch.nn.functional.linear(x, W) + (x @ A.t()) @ B.t() * s,
+        "lorafuse::lora_linear (auto)": lambda: fwd(x, W, None, A, B, s, x),
+    }
+    for mode in ("pointer", "tma", "cublas"):
+        paths[f"lorafuse::lora_linear ({mode})"] = with_env(
+            lora.FWD_KERNEL_ENV, mode, lambda: fwd(x, W, None, A, B, s, x))
+    paths["lorafuse::lora_linear_backward"] = lambda: bwd(dy, x, W, A, B, h, s)
+    paths["eager LoRA backward (4 mm + add)"] = lambda: (
+        dy @ W + ((dy @ B) * s) @ A, ((dy @ B) * s).t() @ x, dy.t() @ (h * s))
+    return paths
+
+
+def nf4_paths(M: int):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    N = K = 4096
+    r, s = 16, 2.0
+    g = torch.Generator("cuda").manual_seed(1)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    kw = nf4.from_quant_state(qs)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    h = x @ A.t()
+    qargs = (q, kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"), kw["shape"],
+             kw["blocksize"], kw["quant_type"])
+    fwd = torch.ops.lorafuse.nf4_linear.default
+    bwd = torch.ops.lorafuse.nf4_linear_backward.default
+    return {
+        "bnb.matmul_4bit (bitsandbytes' own)": lambda: bnb.matmul_4bit(x, q.t(), qs),
+        "triton_dequantize_4bit": lambda: nf4.triton_dequantize_4bit(*qargs, torch.bfloat16),
+        "bitsandbytes dequantize_4bit": lambda: F.dequantize_4bit(q, qs),
+        "lorafuse::nf4_linear": lambda: fwd(x, *qargs, None, A, B, s, x, torch.bfloat16),
+        "lorafuse::nf4_linear_backward": lambda: bwd(
+            dy, *qargs, torch.bfloat16, A, B, x, h, s, True, True, True),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", type=int, default=16, help="rows per call (small: host-bound)")
+    p.add_argument("--calls", type=int, default=400)
+    p.add_argument("--no-nf4", action="store_true", help="skip the 4-bit paths")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_op_host.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    paths = lora_paths(args.m)
+    if not args.no_nf4:
+        try:
+            paths.update(nf4_paths(args.m))
+        except ImportError as e:
+            print(f"4-bit paths skipped: {e}", file=sys.stderr)
+    print(f"### Host cost per call, M = {args.m}, N = K = 4096, r = 16, bf16, "
+          f"{args.calls} calls ({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
+    print("| path | host µs/call | GPU µs/call | host ms per 224 calls |")
+    print("|---|---|---|---|")
+    with torch.no_grad():
+        for name, fn in paths.items():
+            try:
+                host, gpu = measure(fn, args.calls)
+            except Exception as e:  # a path that cannot run here: say so, go on
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+                continue
+            print(f"| {name} | {host:.1f} | {gpu:.1f} | {host * SITES_PER_STEP / 1e3:.1f} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
