@@ -3,15 +3,20 @@
 Each pass exposes ``NAME`` and ``run(gm, report)``; it rewrites the sites it can
 prove and records the rest in ``report.skipped`` with a reason.
 
-``DEFAULT_PASSES`` are those measured faster than Inductor on the GPU (bench/RESULTS.md);
-the others are there to be asked for with ``passes=(...)``: ``norm`` (fused RMSNorm: 2x
-slower than Inductor's fused kernel at the 8B shape) and ``loss`` (chunked lm_head +
-cross-entropy: 0.9 GiB less at the 8B shape, 4 % slower), and ``masked_attention``
-(attention masks from the inputs checked at run time: not measured on the GPU yet), and
-``dequant_matmul`` (bitsandbytes 4-bit linears + LoRA as one op: not measured on the GPU yet),
-and ``rope`` (q and k rotated by one op, forward and backward: not measured on the GPU yet),
-and ``gated_mlp`` (``act(gate) * up`` as one op, act recomputed in the backward: not measured yet),
-and ``eager_attention`` (Gemma2's eager attention → flash attention: not measured on the GPU yet).
+``DEFAULT_PASSES`` are those measured faster than Inductor on the GPU (bench/RESULTS.md).
+The others are asked for with ``passes=(...)``:
+
+- ``norm``: fused RMSNorm; 2x slower than Inductor's fused kernel at the 8B shape.
+- ``loss``: chunked lm_head + cross-entropy; 0.9 GiB less at the 8B shape, 4 % slower.
+- ``dequant_matmul``: bitsandbytes 4-bit linears + LoRA as one op; on the 8B QLoRA step
+  host-bound (252 ms of GPU time in a 314 ms step), so slower than the default passes.
+- ``masked_attention``: attention masks from the inputs, checked at run time; not measured
+  on the GPU yet.
+- ``rope``: q and k rotated by one op, forward and backward; not measured on the GPU yet.
+- ``gated_mlp``: ``act(gate) * up`` as one op, act recomputed in the backward; not measured
+  on the GPU yet.
+- ``eager_attention``: Gemma2's eager attention → flash attention; not measured on the GPU
+  yet.
 """
 
 from . import (attention, dequant_matmul, eager_attention, gated_mlp, lora, loss, masked_attention,
