@@ -92,8 +92,8 @@ def expected(arch: str, masked: bool) -> dict:
     """Sites per pass. SDPA layers: without an attention_mask input the causal ones are the
     attention pass's; with one, every layer's mask depends on that input: masked_attention's
     (it checks at run time; a sliding window then takes the masked branch). Eager-chain
-    layers are eager_attention's, sliding window or not (with an attention_mask: a known
-    gap, see _known_gaps)."""
+    layers are eager_attention's, sliding window or not (with an attention_mask: decided at
+    run time from the mask's key ranges, the chain's own math where they do not fit)."""
     s = SITES[arch]
     eager = s.get("eager", 0)
     sdpa = s["attn"] - eager
@@ -106,15 +106,13 @@ DEPENDS_ON_INPUTS = ("mask depends on inputs (padding or packed sequences; the o
                      "masked_attention pass checks it at run time)")
 NOT_CAUSAL = "mask is not causal"
 CONSTANT_NOT_CAUSAL = "mask is constant and not causal (a run-time check would always fail)"
-EAGER_DEPENDS_ON_INPUTS = ("mask depends on inputs (attention_mask / position_ids): not "
-                           "provable causal at compile time")
 
 
 def expected_left_alone(arch: str, masked: bool) -> dict:
     """{pass: {reason: sites}}: only attention calls, for the reasons their passes give."""
     s = SITES[arch]
-    if s.get("eager"):  # no SDPA call: nothing for the SDPA passes to look at
-        return {"eager_attention": {EAGER_DEPENDS_ON_INPUTS: s["eager"]}} if masked else {}
+    if s.get("eager"):  # no SDPA call: nothing for the SDPA passes to look at; an input
+        return {}       # mask is eager_attention's run-time check (not left alone)
     if masked:
         return {"attention": {DEPENDS_ON_INPUTS: s["attn"]}}
     sliding = s["attn"] - s["causal"]
@@ -122,15 +120,10 @@ def expected_left_alone(arch: str, masked: bool) -> dict:
             "masked_attention": {CONSTANT_NOT_CAUSAL: sliding}} if sliding else {}
 
 
-EAGER_MASKED = ("an eager attention chain whose mask is built from the attention_mask input "
-                "cannot be proven causal at compile time: eager_attention leaves it alone (no "
-                "run-time check like masked_attention's for eager chains yet)")
-
-
 def _known_gaps(arch: str, masked: bool, name: str) -> str | None:
-    """Why a site the issue asks for is not matched yet (the case is xfail, strict)."""
-    if masked and name == "eager_attention" and expected(arch, masked)[name]:
-        return EAGER_MASKED
+    """Why a site the issue asks for is not matched yet (the case is xfail, strict). None
+    today: Gemma2's eager chain with an attention_mask was the last (eager_attention now
+    decides it at run time from the mask's key ranges)."""
     return None
 
 

@@ -7,7 +7,8 @@ padded. Padded or not, the traced call is ``sdpa(q, repeat_kv(k), repeat_kv(v),
 attn_mask=mask)``, which at the 8B shape costs 1.83 ms forward + backward against 0.73 ms
 for ``sdpa(q, k, v, is_causal=True, enable_gqa=True)`` (bench/bench_attention.py).
 
-Two ops, inserted by ``passes/masked_attention.py``:
+Two ops (``passes/masked_attention.py`` inserts the first, and the second's three-way
+form below):
 
 - ``lorafuse::mask_is_causal(mask)`` → a 0-d bool tensor **on the CPU**: whether the mask
   selects exactly the causal (top-left ``tril``) pattern on every batch and head. One
@@ -16,6 +17,26 @@ Two ops, inserted by ``passes/masked_attention.py``:
   attention of q against K/V with ``n_rep`` query heads per K/V head; ``is_causal=True``
   with ``enable_gqa`` on the unrepeated K/V where ``use_causal`` holds (reading a CPU bool:
   no sync), else exactly the traced masked call on repeated K/V.
+
+and, for masks that are not causal (padding, packed documents, windows), three more:
+
+- ``lorafuse::mask_key_ranges(mask)`` → ``(lo, hi, ok)``: each query's first and last
+  visible key (int32 (B, Lq), on the mask's device) and a CPU bool (one host read): every
+  query sees exactly that range, and at least one key.
+- ``lorafuse::sdpa_causal_ranges_or_masked(q, k, v, mask, use_causal, ranges_ok, lo, hi,
+  n_rep, scale, flash)``: as ``sdpa_causal_or_masked``, plus a middle branch where
+  ``ranges_ok``: ``lorafuse::flash_attention`` with key bounds lo..hi (unrepeated K/V,
+  K/V blocks outside a query block's ranges skipped). Inserted by ``masked_attention``.
+- ``lorafuse::eager_ranges_or_chain(q, k, v, mask, ranges_ok, lo, hi, n_rep, scale,
+  softcap)``: an eager chain (Gemma2: softcap) whose mask comes from the inputs: the flash
+  op with softcap and key bounds where ``ranges_ok``, else the chain's own math
+  (``eager_chain``). Inserted by ``eager_attention``.
+
+Under transformers 5.x a left-padded batch's padded queries see no key at all (their rows
+are empty): ``ok`` is False and such batches take the masked / chain branch. Right
+padding and packed documents (``position_ids`` restarting at 0) are ranges. None of the
+range branches is measured on the GPU yet (the range check is a few passes over the mask
+per step; the flash kernels' key-bounds path is tested under the Triton interpreter only).
 
 The backward recomputes the forward (the same branch) and differentiates it: it keeps q,
 k, v and the mask — not the output and its log-sum-exp as SDPA's own backward does — at
@@ -137,3 +158,238 @@ def _backward(ctx, dout):
 
 
 sdpa_causal_or_masked_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- key ranges
+# HF's 4-D masks (padding, packed documents, sliding windows) show each query one
+# contiguous range of keys, [first, last]. ``lorafuse::mask_key_ranges`` finds those ranges
+# on the mask's device and says (one host read) whether they describe the mask exactly;
+# then ``lorafuse::flash_attention`` with per-query key bounds computes the attention on
+# the unrepeated K/V, skipping the K/V blocks outside each query block's ranges.
+
+
+def _visible_keys(mask: Tensor):
+    """(visible, valid): ``mask`` as booleans, True = attend, and a 0-d device bool that
+    says whether an additive mask holds only 0 (attend) and the dtype's lowest or -inf
+    (masked), transformers' values; boolean masks are always valid."""
+    if mask.dtype == torch.bool:
+        return mask, torch.ones((), dtype=torch.bool, device=mask.device)
+    visible = mask == 0
+    valid = (visible | (mask <= torch.finfo(mask.dtype).min)).all()
+    return visible, valid
+
+
+def key_ranges(mask: Tensor):
+    """``(lo, hi, ok)`` on ``mask``'s device (see ``mask_key_ranges_op``); ``ok`` 0-d."""
+    b, h, lq, lkv = mask.shape
+    dev = mask.device
+    if lq == 0 or lkv == 0 or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        zeros = torch.zeros((b, lq), dtype=torch.int32, device=dev)
+        return zeros, zeros - 1, torch.zeros((), dtype=torch.bool, device=dev)
+    visible, ok = _visible_keys(mask)
+    if h != 1:  # one range per (batch, query): every head must agree
+        ok = ok & (visible == visible[:, :1]).all()
+    vis = visible[:, 0]
+    count = vis.sum(-1)
+    lo = vis.view(torch.uint8).argmax(-1)  # the first visible key (0 for an empty row)
+    hi = lo + count - 1
+    # one run of visible keys: exactly one False -> True step (counting one before key 0)
+    starts = vis[..., 0].to(torch.int64) + (vis[..., 1:] & ~vis[..., :-1]).sum(-1)
+    ok = ok & (starts == 1).all()  # also: no empty row
+    return lo.to(torch.int32), hi.to(torch.int32), ok
+
+
+@torch.library.custom_op("lorafuse::mask_key_ranges", mutates_args=())
+def mask_key_ranges_op(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lo, hi, ok)`` of a 4-D mask (B or 1, 1, Lq, Lkv), boolean (True = attend) or
+    additive (0 = attend; the dtype's lowest or -inf = masked): lo and hi int32 (B, Lq),
+    each query's first and last visible key, on the mask's device; ``ok`` a 0-d bool **on
+    the CPU** (one device→host read): every query sees exactly the keys lo..hi, at least
+    one, and the additive values are only those two. A head dim > 1 must repeat one mask."""
+    if mask.dim() != 4:
+        raise ValueError(f"mask_key_ranges takes a 4-D mask, not {mask.dim()}-D")
+    lo, hi, ok = key_ranges(mask)
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return lo, hi, torch.tensor(False)  # no host read under capture (mask_is_causal)
+    return lo, hi, ok.cpu()
+
+
+@mask_key_ranges_op.register_fake
+def _(mask):
+    if mask.dim() != 4:
+        raise ValueError(f"mask_key_ranges takes a 4-D mask, not {mask.dim()}-D")
+    b, lq = mask.shape[0], mask.shape[2]
+    return (mask.new_empty((b, lq), dtype=torch.int32),
+            mask.new_empty((b, lq), dtype=torch.int32),
+            torch.empty((), dtype=torch.bool, device="cpu"))
+
+
+def _flash_out_like(q: Tensor, v: Tensor) -> Tensor:
+    """(B, H, Lq, Dv) with the memory of (B, Lq, H, Dv): the flash op's output layout, free
+    to ``transpose(1, 2).contiguous()`` (what HF does next)."""
+    b, h, lq, _ = q.shape
+    return q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2)
+
+
+def _in_flash_layout(out: Tensor, q: Tensor, v: Tensor) -> Tensor:
+    want = _flash_out_like(q, v)
+    return out if out.stride() == want.stride() else want.copy_(out)
+
+
+def _bounds(lo: Tensor, hi: Tensor, batch: int):
+    """The key bounds expanded to the batch (a mask may broadcast over it)."""
+    return lo.expand(batch, -1), hi.expand(batch, -1)
+
+
+def _flash_scale(q: Tensor, scale: Optional[float]) -> float:
+    return float(scale) if scale is not None else q.shape[-1] ** -0.5  # SDPA's default
+
+
+def flash_with_bounds(q, k, v, lo, hi, scale, softcap=None):
+    """``lorafuse::flash_attention`` (not causal, no window, no key mask) with key bounds."""
+    from . import flash_attention  # noqa: F401  (registers the op)
+
+    klo, khi = _bounds(lo, hi, q.shape[0])
+    return torch.ops.lorafuse.flash_attention(q, k, v, None, False, scale, softcap, None,
+                                              klo, khi)
+
+
+def flash_with_bounds_backward(dout, q, k, v, lo, hi, scale, softcap=None):
+    """(dq, dk, dv) of ``flash_with_bounds``, recomputing its forward (out and lse)."""
+    out, lse = flash_with_bounds(q, k, v, lo, hi, scale, softcap)
+    klo, khi = _bounds(lo, hi, q.shape[0])
+    return torch.ops.lorafuse.flash_attention_backward(dout, q, k, v, out, lse, None, False,
+                                                       scale, softcap, None, klo, khi)
+
+
+def _vjp(fn, dout, q, k, v):
+    # torch.func.vjp, not autograd.grad: inside a custom op's implementation the autograd
+    # dispatch keys are excluded (see sdpa_causal_or_masked_backward_op).
+    _, vjp = torch.func.vjp(fn, q, k, v)
+    return vjp(dout)
+
+
+@torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked", mutates_args=())
+def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                                    use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor,
+                                    key_hi: Tensor, n_rep: int, scale: Optional[float],
+                                    flash: bool) -> Tensor:
+    """SDPA of q on K/V (``n_rep`` query heads per K/V head) under ``mask``, three ways,
+    chosen by the CPU bools: causal SDPA on the unrepeated K/V if ``use_causal``; else, if
+    ``flash`` and ``ranges_ok``, ``lorafuse::flash_attention`` with the mask's key ranges;
+    else the traced masked SDPA on repeated K/V. Out in the flash op's layout."""
+    if not bool(use_causal) and flash and bool(ranges_ok):
+        out = flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale))[0]
+    else:
+        out = attention_reference(q, k, v, mask, bool(use_causal), n_rep, scale)
+    return _in_flash_layout(out, q, v)
+
+
+@sdpa_causal_ranges_or_masked_op.register_fake
+def _(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
+    return _flash_out_like(q, v)
+
+
+@torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked_backward", mutates_args=())
+def sdpa_causal_ranges_or_masked_backward_op(
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, use_causal: Tensor,
+        ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int, scale: Optional[float],
+        flash: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the branch the forward took, recomputing its forward."""
+    causal = bool(use_causal)
+    if not causal and flash and bool(ranges_ok):
+        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, key_lo, key_hi,
+                                                _flash_scale(q, scale))
+    else:
+        dq, dk, dv = _vjp(lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal,
+                                                                 n_rep, scale), dout, q, k, v)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@sdpa_causal_ranges_or_masked_backward_op.register_fake
+def _(dout, q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+
+
+def _ranges_setup_context(ctx, inputs, output):
+    q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash = inputs
+    ctx.n_rep, ctx.scale, ctx.flash = n_rep, scale, flash
+    ctx.save_for_backward(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi)
+
+
+def _ranges_backward(ctx, dout):
+    q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi = ctx.saved_tensors
+    dq, dk, dv = sdpa_causal_ranges_or_masked_backward_op(
+        dout, q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, ctx.n_rep, ctx.scale,
+        ctx.flash)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+sdpa_causal_ranges_or_masked_op.register_autograd(_ranges_backward,
+                                                  setup_context=_ranges_setup_context)
+
+
+def eager_chain(q, k, v, mask, n_rep: int, scale: float, softcap: Optional[float]):
+    """transformers' ``eager_attention_forward`` (Gemma2's), as the eager chain computes it:
+    scores in q's dtype, the softcap, ``+ mask``, softmax in fp32 cast back, times V."""
+    s = torch.matmul(q, repeat_kv(k, n_rep).transpose(2, 3)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s + mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, repeat_kv(v, n_rep))
+
+
+@torch.library.custom_op("lorafuse::eager_ranges_or_chain", mutates_args=())
+def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                             ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
+                             scale: float, softcap: Optional[float]) -> Tensor:
+    """An eager attention chain with an additive ``mask`` from the inputs: the flash op with
+    the softcap and the mask's key ranges where ``ranges_ok`` (a CPU bool), else the chain's
+    own math (``eager_chain``). Out in the flash op's layout."""
+    if bool(ranges_ok):
+        out = flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap)[0]
+    else:
+        out = eager_chain(q, k, v, mask, n_rep, scale, softcap)
+    return _in_flash_layout(out, q, v)
+
+
+@eager_ranges_or_chain_op.register_fake
+def _(q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
+    return _flash_out_like(q, v)
+
+
+@torch.library.custom_op("lorafuse::eager_ranges_or_chain_backward", mutates_args=())
+def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                      mask: Tensor, ranges_ok: Tensor, key_lo: Tensor,
+                                      key_hi: Tensor, n_rep: int, scale: float,
+                                      softcap: Optional[float]
+                                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the branch the forward took, recomputing its forward."""
+    if bool(ranges_ok):
+        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, key_lo, key_hi, scale, softcap)
+    else:
+        dq, dk, dv = _vjp(lambda q_, k_, v_: eager_chain(q_, k_, v_, mask, n_rep, scale,
+                                                         softcap), dout, q, k, v)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@eager_ranges_or_chain_backward_op.register_fake
+def _(dout, q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _eager_setup_context(ctx, inputs, output):
+    q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap = inputs
+    ctx.args = (n_rep, scale, softcap)
+    ctx.save_for_backward(q, k, v, mask, ranges_ok, key_lo, key_hi)
+
+
+def _eager_backward(ctx, dout):
+    q, k, v, mask, ranges_ok, key_lo, key_hi = ctx.saved_tensors
+    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, mask, ranges_ok, key_lo,
+                                                   key_hi, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+eager_ranges_or_chain_op.register_autograd(_eager_backward, setup_context=_eager_setup_context)

@@ -32,9 +32,20 @@ to fp32 than the chain). The match anchors on the last matmul and proves each li
   number of heads;
 - no intermediate is used outside the chain (``output_attentions`` returns the weights).
 
-Anything unproven is left alone with the reason in the report — notably masks built from
-an ``attention_mask`` or ``position_ids`` input (what HF Trainer batches carry): the pass
-cannot prove at compile time that they are causal.
+A mask built from an ``attention_mask`` or ``position_ids`` input (what HF Trainer batches
+carry) cannot be classified at compile time; such a site is decided at run time instead::
+
+    lo, hi, ranges_ok = lorafuse::mask_key_ranges(mask)    # once per mask, a CPU bool
+    out = lorafuse::eager_ranges_or_chain(q, k0, v0, mask, ranges_ok, lo, hi, n, scale, c)
+
+which is the flash op with softcap and per-query key bounds [lo, hi] (the causal, padding,
+document and window structure all come from the ranges) where every query sees one
+contiguous, non-empty range of keys, and the chain's own math (transformers'
+``eager_attention_forward``, on repeated K/V) otherwise — e.g. left padding, whose padded
+queries see no key. The mask must be additive, (B or 1, 1, Lq, Lkv) against the scores.
+Not measured on the GPU (the range check's cost, the recomputed forward in the backward).
+
+Anything else unproven is left alone with the reason in the report.
 
 Not a default pass until measured faster on the GPU (bench/bench_softcap_attention.py).
 """
@@ -47,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
 from ..kernels import flash_attention as flash_attention_kernels  # noqa: F401  (registers the op)
 from ._graph import DROPOUT_FUNCS, add_node, fake_mode_of, is_add, is_function, is_method
 from ._graph import is_mul, same_sizes, val
@@ -322,8 +334,22 @@ def match(out: fx.Node) -> Site:
     return site
 
 
+RUN_TIME = "run-time"  # _mask_kind: the mask depends on the inputs; its ranges decide
+
+
+def _fits_run_time_check(site) -> bool:
+    """An additive mask (B or 1, 1, Lq, Lkv) of static sizes against the scores."""
+    m, shape = _tensor(site.mask), site.scores_shape
+    if m is None or not m.is_floating_point() or m.dim() != 4:
+        return False
+    if not all(isinstance(x, int) for x in tuple(m.shape) + tuple(shape)):
+        return False
+    return m.shape[0] in (1, shape[0]) and m.shape[1] == 1 and tuple(m.shape[2:]) == shape[2:]
+
+
 def _mask_kind(gm, site, cache: dict) -> tuple:
-    """``(causal, window)`` of the site's mask (None: no mask), cached per mask and shape."""
+    """``(causal, window)`` of the site's mask (None: no mask), cached per mask and shape;
+    ``(RUN_TIME, None)`` for a mask from the inputs that the run-time check can take."""
     if site.mask is None:
         return False, None
     shape = site.scores_shape
@@ -334,7 +360,11 @@ def _mask_kind(gm, site, cache: dict) -> tuple:
             cache[key] = ("ok", classify_mask(value, shape))
         except NotConstant as e:
             reason = e.args[0]
-            cache[key] = ("no", DEPENDS_ON_INPUTS if "depends on inputs" in reason else reason)
+            if "depends on inputs" in reason and _fits_run_time_check(site):
+                cache[key] = ("ok", (RUN_TIME, None))
+            else:
+                cache[key] = ("no", DEPENDS_ON_INPUTS if "depends on inputs" in reason
+                              else reason)
         except NoMatch as e:
             cache[key] = ("no", e.args[0])
     status, detail = cache[key]
@@ -343,14 +373,35 @@ def _mask_kind(gm, site, cache: dict) -> tuple:
     return detail
 
 
-def rewrite(gm, site, causal, window, fake_mode) -> None:
+def _ranges_of(graph, mask, ranges: dict, fake_mode):
+    """(lo, hi, ok) nodes of ``lorafuse::mask_key_ranges(mask)``, one call per mask."""
+    if mask not in ranges:
+        with graph.inserting_after(mask):
+            r = add_node(graph, "call_function", torch.ops.lorafuse.mask_key_ranges.default,
+                         (mask,), fake_mode)
+        with graph.inserting_after(r):
+            ranges[mask] = [add_node(graph, "call_function", operator.getitem, (r, i),
+                                     fake_mode) for i in range(3)]
+    return ranges[mask]
+
+
+def rewrite(gm, site, causal, window, fake_mode, ranges=None) -> None:
     g = gm.graph
     softcap = site.softcap
-    args = (site.q, site.k, site.v, None, causal, site.scale, softcap, window)
-    with g.inserting_before(site.out):
-        call = add_node(g, "call_function", torch.ops.lorafuse.flash_attention.default, args,
-                        fake_mode)
-        new = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
+    if causal == RUN_TIME:
+        lo, hi, ok = _ranges_of(g, site.mask, ranges, fake_mode)
+        n_rep = _tensor(site.q).shape[1] // _tensor(site.k).shape[1]
+        with g.inserting_before(site.out):
+            new = add_node(g, "call_function",
+                           torch.ops.lorafuse.eager_ranges_or_chain.default,
+                           (site.q, site.k, site.v, site.mask, ok, lo, hi, n_rep, site.scale,
+                            softcap), fake_mode)
+    else:
+        args = (site.q, site.k, site.v, None, causal, site.scale, softcap, window)
+        with g.inserting_before(site.out):
+            call = add_node(g, "call_function", torch.ops.lorafuse.flash_attention.default,
+                            args, fake_mode)
+            new = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
     site.out.replace_all_uses_with(new)
     for n in [site.out] + site.chain:  # the chain lists users before their inputs
         if not n.users:
@@ -360,7 +411,7 @@ def rewrite(gm, site, causal, window, fake_mode) -> None:
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
-    masks, dropped, i = {}, set(), 0
+    masks, ranges, dropped, i = {}, {}, set(), 0
     for node in list(graph.nodes):
         try:
             site = match(node)
@@ -380,7 +431,7 @@ def run(gm: fx.GraphModule, report) -> None:
         for n in replaced:  # what fed the chain (repeat_kv, the mask) may die with it
             dropped |= {a for inp in n.all_input_nodes if inp not in replaced
                         for a in _ancestors(inp)}
-        rewrite(gm, site, causal, window, fake_mode)
+        rewrite(gm, site, causal, window, fake_mode, ranges)
         report.matched.append(name)
         report.ops += 1
     _erase_dead(graph, dropped)  # repeat_kv and mask nodes nothing reads any more

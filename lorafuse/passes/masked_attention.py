@@ -1,5 +1,6 @@
 """Masked-attention pass: an SDPA call whose mask comes from the inputs → causal attention
-on the unrepeated K/V when, at run time, the mask is causal (``kernels/attention.py``).
+on the unrepeated K/V when, at run time, the mask is causal, else flash attention on the
+mask's per-query key ranges when those describe it (``kernels/attention.py``).
 
 It takes the SDPA calls the ``attention`` pass could not prove causal at compile time —
 in practice masks built from an ``attention_mask`` or ``position_ids`` input, which every
@@ -8,19 +9,29 @@ HF Trainer batch carries, padded or not::
     out = scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
   →
     use_causal = lorafuse::mask_is_causal(mask)          # once per mask, a CPU bool
-    out = lorafuse::sdpa_causal_or_masked(q, k, v, mask, use_causal, n_rep, scale)
+    lo, hi, ranges_ok = lorafuse::mask_key_ranges(mask)  # once per mask, a CPU bool
+    out = lorafuse::sdpa_causal_ranges_or_masked(q, k, v, mask, use_causal, ranges_ok,
+                                                 lo, hi, n_rep, scale, flash)
 
-A padded batch still gets the masked call (exactly the traced one), so results never
-change; an unpadded one gets ``is_causal=True, enable_gqa=True``. Left alone: attention
+An unpadded batch gets ``is_causal=True, enable_gqa=True``. A batch whose mask shows each
+query one contiguous, non-empty range of keys — right padding, packed documents
+(``position_ids`` restarting at 0, no ``attention_mask``), a sliding window — gets
+``lorafuse::flash_attention`` with those key bounds (causal=False, SDPA's scale), which
+reads K/V once per head group and skips the K/V blocks outside each query block's ranges.
+Anything else — notably left padding, whose padded queries see no key under transformers
+5.x's masks — gets exactly the traced masked call. ``flash`` is False (that branch never
+taken) where the head dim exceeds 256 or V's head dim differs from q's. Left alone: attention
 dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, Lkv), K/V
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
-Not a default pass: its cost (one host read of the mask per step; a recomputed attention
-forward in the backward) has not been measured on the GPU yet.
+Not a default pass: its cost (two host reads per mask per step; a recomputed attention
+forward in the backward) and the flash branch's speed have not been measured on the GPU yet.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
@@ -68,6 +79,16 @@ def _plan(call) -> tuple:
     return call["key"], call["value"], 1
 
 
+def _flash_fits(call) -> bool:
+    """Whether the flash branch may run: q, k, v of one head dim up to 256."""
+    from ..kernels.flash_attention import MAX_HEAD_DIM
+
+    q, k, v = (val(call.get(a)) for a in ("query", "key", "value"))
+    d = q.shape[-1]
+    return isinstance(d, int) and d <= MAX_HEAD_DIM and same_sizes(k.shape[-1:], (d,)) \
+        and same_sizes(v.shape[-1:], (d,))
+
+
 def _constant_and_not_causal(gm, call) -> bool:
     """A mask the compile can evaluate (no inputs, static sizes) that is not causal — a
     sliding window, say: a run-time check would fail at every step, so leave it alone."""
@@ -81,7 +102,7 @@ def _constant_and_not_causal(gm, call) -> bool:
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
-    flags, dropped = {}, set()
+    flags, ranges, dropped = {}, {}, set()
     calls = [n for n in graph.nodes if sdpa_call(n) is not None]
     for i, node in enumerate(calls):
         call = sdpa_call(node)
@@ -102,11 +123,19 @@ def run(gm: fx.GraphModule, report) -> None:
                 flags[mask] = add_node(graph, "call_function",
                                        torch.ops.lorafuse.mask_is_causal.default, (mask,),
                                        fake_mode)
+            with graph.inserting_after(flags[mask]):
+                r = add_node(graph, "call_function",
+                             torch.ops.lorafuse.mask_key_ranges.default, (mask,), fake_mode)
+            with graph.inserting_after(r):
+                ranges[mask] = [add_node(graph, "call_function", operator.getitem, (r, i),
+                                         fake_mode) for i in range(3)]
+        lo, hi, ok = ranges[mask]
         before = set(node.all_input_nodes)
         with graph.inserting_before(node):
             new = add_node(graph, "call_function",
-                           torch.ops.lorafuse.sdpa_causal_or_masked.default,
-                           (call["query"], k, v, mask, flags[mask], n_rep, call.get("scale")),
+                           torch.ops.lorafuse.sdpa_causal_ranges_or_masked.default,
+                           (call["query"], k, v, mask, flags[mask], ok, lo, hi, n_rep,
+                            call.get("scale"), _flash_fits(call)),
                            fake_mode)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
