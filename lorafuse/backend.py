@@ -47,6 +47,11 @@ class Options:
     # recompute; opt-in until measured on the GPU (partition.recompute_free); not used
     # with an explicit memory_budget, whose plan already recomputes cheap ops first
     recompute_free: bool = False
+    # keep the large saved activations in pinned CPU memory between the forward and the
+    # backward, copied on a side stream and prefetched one ahead in the backward
+    # (partition.offload_saved, kernels/offload.py); opt-in, not measured on the GPU yet.
+    # Inductor runs such graphs without CUDA graphs (they have CPU tensors).
+    offload_activations: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":

@@ -12,7 +12,9 @@ for how it is mapped onto torch's ``activation_memory_budget``. With ``activatio
 set, ``quantize_saved`` then stores the large activations the backward keeps as int8/fp8
 with per-row scales. The ``recompute_free`` option (without a budget; ``recompute_free``
 below) drops from min-cut's plan what cheap ops rebuild from tensors the backward keeps
-anyway. Offloading is not built.
+anyway. With ``offload_activations``, ``offload_saved`` moves the large activations the
+backward keeps to CPU memory after the forward and brings each back, prefetched, before the
+backward needs it (kernels/offload.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
                      min_cut_rematerialization_partition, statically_known_true)
+from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
 from .kernels.quant_storage import FLOAT_DTYPES, STORAGE_DTYPES
 
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
@@ -111,6 +114,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
         self._recompute_free = bool(options.get("recompute_free", False))
+        self._offload = bool(options.get("offload_activations", False))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
@@ -141,7 +145,10 @@ class LorafusePartitioner(CustomPartitionerFn):
         if self._storage_dtype is not None:
             quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
                                        self._storage_dtype)
-        self._record(fwd, bwd, inputs, plan, quantized)
+        offloaded = None
+        if self._offload:
+            offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"])
+        self._record(fwd, bwd, inputs, plan, quantized, offloaded)
         return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):
@@ -232,15 +239,15 @@ class LorafusePartitioner(CustomPartitionerFn):
                           stacklevel=2)
         return fwd, bwd, plan
 
-    def _record(self, fwd, bwd, inputs, plan=None, quantized=None):
+    def _record(self, fwd, bwd, inputs, plan=None, quantized=None, offloaded=None):
         if self._report is None:
             return
         try:
-            self._record_into(fwd, bwd, inputs, plan, quantized)
+            self._record_into(fwd, bwd, inputs, plan, quantized, offloaded)
         except Exception as e:  # the report must never cost the user their compile
             self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
 
-    def _record_into(self, fwd, bwd, inputs, plan, quantized):
+    def _record_into(self, fwd, bwd, inputs, plan, quantized, offloaded=None):
         saved = [n for n in bwd.graph.nodes
                  if n.op == "placeholder" and not n.name.startswith("tangents")]
         self._report.saved_for_backward = len(saved)
@@ -266,13 +273,17 @@ class LorafusePartitioner(CustomPartitionerFn):
             self._report.quantized_from_bytes = quantized["from_bytes"]
             self._report.quantized_to_bytes = quantized["to_bytes"]
             self._report.quantize_left_alone = quantized["left_alone"]
+        if offloaded is not None:
+            self._report.offloaded_tensors = len(offloaded["names"])
+            self._report.offloaded_bytes = offloaded["bytes"]
+            self._report.offload_left_alone = offloaded["left_alone"]
 
     def __getstate__(self):
         # Inductor pickles its config, this object included, into its cache key: only the
         # key may go in, not the per-compile report, or no compile would ever hit the cache.
         # (The budget is in the key; a pickled copy never partitions.)
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
-                "_recompute_free": self._recompute_free,
+                "_recompute_free": self._recompute_free, "_offload": self._offload,
                 "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):
@@ -720,3 +731,83 @@ def _dequantize_in_backward(graph, saved, q, scale) -> None:
 def _position(graph):
     order = {n: i for i, n in enumerate(graph.nodes)}
     return order.__getitem__
+
+
+# --------------------------------------------------------------------------- offloading
+
+OFFLOAD_MIN_BYTES = 2**20  # smaller tensors are not worth a copy each way
+
+
+def _why_not_offloaded(node, saved, inputs, user_outputs) -> str | None:
+    """Why the saved tensor ``node`` (its backward placeholder ``saved``) stays on the
+    device, or None to offload it."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "not a tensor"
+    if node.op == "placeholder" or node.name in inputs or _aliases_input(node, inputs):
+        return "graph input (kept anyway)"
+    if node in user_outputs:
+        return "also a forward output (kept anyway)"
+    if node.meta.get("saved_tensor_with_no_vc_check", False):
+        return "saved without version check"
+    if val.device.type not in ("cuda", "cpu"):
+        return f"on {val.device.type}"
+    if _size_of(node) < OFFLOAD_MIN_BYTES:
+        return f"smaller than {OFFLOAD_MIN_BYTES // 2**10} KiB"
+    if not statically_known_true(val.is_contiguous()):
+        return "not contiguous"
+    return None
+
+
+def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int) -> dict:
+    """Keep the saved activations that qualify (``_why_not_offloaded``) in CPU memory: the
+    forward returns ``lorafuse::offload(x)`` in x's place (same position, same name, as
+    ``quantize_saved`` explains), and the backward calls ``lorafuse::reload`` right before
+    x's first use, passing the next offloaded tensor in the backward's order of first use so
+    that its copy back starts there (a prefetch one reload ahead).
+
+    Returns ``{"names", "bytes", "left_alone": {reason: count}}``."""
+    output = fwd.graph.find_nodes(op="output")[0]
+    outs = list(output.args[0])
+    user_outputs = set(outs[:num_fwd_outputs])
+    saved_in_bwd = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
+    plan = {"names": [], "bytes": 0, "left_alone": {}}
+    new_outs = list(outs[:num_fwd_outputs])
+    chosen = []  # (backward placeholder, its CPU placeholder)
+    for node in outs[num_fwd_outputs:]:
+        saved = saved_in_bwd.get(getattr(node, "name", None))
+        why = ("not used by the backward" if saved is None or not saved.users else
+               _why_not_offloaded(node, saved, inputs, user_outputs))
+        if why is not None:
+            new_outs.append(node)
+            if isinstance(getattr(node, "meta", {}).get("val"), torch.Tensor):
+                plan["left_alone"][why] = plan["left_alone"].get(why, 0) + 1
+            continue
+        with fwd.graph.inserting_after(node):
+            cpu = fwd.graph.call_function(torch.ops.lorafuse.offload.default, (node,))
+        cpu.meta["val"] = torch.ops.lorafuse.offload.default(node.meta["val"])
+        new_outs.append(cpu)
+        with bwd.graph.inserting_before(saved):
+            cpu_in = bwd.graph.placeholder(cpu.name)
+        cpu_in.meta["val"] = cpu.meta["val"]
+        chosen.append((saved, cpu_in))
+        plan["names"].append(node.name)
+        plan["bytes"] += _size_of(node)
+    if not chosen:
+        return plan
+    position = _position(bwd.graph)
+    chosen.sort(key=lambda pair: position(min(pair[0].users, key=position)))
+    for i, (saved, cpu_in) in enumerate(chosen):
+        nxt = chosen[i + 1][1] if i + 1 < len(chosen) else None
+        device = saved.meta["val"].device
+        with bwd.graph.inserting_before(min(saved.users, key=_position(bwd.graph))):
+            back = bwd.graph.call_function(torch.ops.lorafuse.reload.default,
+                                           (cpu_in, device, nxt))
+        back.meta["val"] = torch.ops.lorafuse.reload.default(cpu_in.meta["val"], device, None)
+        saved.replace_all_uses_with(back)
+        bwd.graph.erase_node(saved)
+    output.update_arg(0, tuple(new_outs))
+    for gm in (fwd, bwd):
+        gm.graph.lint()
+        gm.recompile()
+    return plan

@@ -37,12 +37,15 @@ class GraphReport:
     quantized_from_bytes: int | None = None  # their bytes in the dtype computed
     quantized_to_bytes: int | None = None  # their bytes stored (codes + per-row scales)
     quantize_left_alone: dict | None = None  # saved tensors kept as computed: reason -> count
+    offloaded_tensors: int | None = None  # saved activations kept in CPU memory
+    offloaded_bytes: int | None = None  # their bytes
+    offload_left_alone: dict | None = None  # saved tensors left on the device: reason -> count
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def _per_token(self) -> list:
         """The plan in bytes per token: kept, recomputed instead of kept (against min-cut's
-        plan), stored quantized, offloaded (not built: none)."""
+        plan), stored quantized, offloaded to CPU memory."""
         t = self.tokens
         parts = [f"{_size(self.activation_bytes // t)} of activations kept"]
         recomputed = (self.default_activation_bytes - self.activation_bytes
@@ -52,7 +55,10 @@ class GraphReport:
         if self.quantized_tensors:
             parts.append(f"{_size(self.quantized_to_bytes // t)} of those kept stored quantized "
                          f"(from {_size(self.quantized_from_bytes // t)})")
-        parts.append("none offloaded")
+        if self.offloaded_tensors:
+            parts.append(f"{_size(self.offloaded_bytes // t)} of those kept offloaded to CPU memory")
+        else:
+            parts.append("none offloaded")
         return parts
 
     def format(self) -> str:
@@ -98,6 +104,12 @@ class GraphReport:
                              f"{_size(kept) if kept is not None else '?'}")
                 for reason, n in sorted((self.quantize_left_alone or {}).items()):
                     lines.append(f"      kept as computed ×{n}: {reason}")
+            if self.offloaded_tensors is not None:
+                lines.append(f"    offload_activations: {self.offloaded_tensors} activations "
+                             f"({_size(self.offloaded_bytes)}) kept in CPU memory between the "
+                             "forward and the backward")
+                for reason, n in sorted((self.offload_left_alone or {}).items()):
+                    lines.append(f"      left on the device ×{n}: {reason}")
         if self.fell_back:
             lines.append(f"  fell back to plain Inductor: {self.fell_back}")
         return "\n".join(lines)

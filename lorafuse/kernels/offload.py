@@ -1,0 +1,115 @@
+"""Activations kept for the backward in CPU memory: ``lorafuse::offload`` and
+``lorafuse::reload`` (the partitioner's ``offload_activations`` option, partition.py).
+
+The forward graph calls ``offload(x)`` right after x is computed; the copy goes to pinned
+CPU memory on a side stream, so the forward does not wait for it, and x's GPU memory is
+handed back once the copy is done (``record_stream``), not before. The backward calls
+``reload(x_cpu, device, next_cpu)`` right before x's first use: it waits for x's copy back
+(issued by the previous ``reload`` as a prefetch, on the same side stream) and starts the
+copy of ``next_cpu``, the next offloaded tensor the backward needs, so each copy back runs
+while the backward computes between two reloads. Both copies of a tensor go through one
+side stream per device, so the copy back of x is always queued after its copy out.
+
+The values are never changed, only moved: the reference implementation below (and the
+path on CPU tensors, where there is nothing to offload) is a plain copy. The copies share
+the PCIe link with nothing else of lorafuse; whether they hide behind the compute depends on
+the bytes offloaded per layer against the layer's backward time (not measured on the GPU yet).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import warn_once
+
+_streams: dict = {}  # device index -> the side stream for both copies
+# data_ptr of an offloaded CPU tensor -> (that tensor, its GPU copy being filled, an event
+# after the copy): prefetches started by the previous reload
+_prefetched: dict = {}
+
+
+def offload_reference(x: Tensor) -> Tensor:
+    return x.to("cpu", copy=True)
+
+
+def reload_reference(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device, copy=True)
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(device=index)
+    return _streams[index]
+
+
+def _offload_cuda(x: Tensor) -> Tensor:
+    if torch.cuda.is_current_stream_capturing():  # a CUDA graph cannot hold a side stream's copy
+        raise RuntimeError("lorafuse: offload_activations cannot run inside a CUDA graph capture")
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
+    with torch.cuda.stream(side):
+        out.copy_(x, non_blocking=True)
+    x.record_stream(side)  # its memory is not reused before the copy is done
+    return out
+
+
+def _copy_back(x: Tensor, device: torch.device):
+    """Start the copy of ``x`` (pinned CPU) to ``device`` on the side stream: (gpu, event)."""
+    side = _side_stream(device)
+    with torch.cuda.stream(side):
+        gpu = torch.empty(x.shape, dtype=x.dtype, device=device)
+        gpu.copy_(x, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    return gpu, done
+
+
+def _reload_cuda(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) -> Tensor:
+    entry = _prefetched.pop(x.data_ptr(), None)
+    if entry is not None and entry[0] is x:
+        gpu, done = entry[1], entry[2]
+    else:  # the first reload of a backward (nothing prefetched it), or a stale entry
+        gpu, done = _copy_back(x, device)
+    current = torch.cuda.current_stream(device)
+    current.wait_event(done)
+    gpu.record_stream(current)  # allocated on the side stream, used and freed on this one
+    if next_cpu is not None and next_cpu.data_ptr() not in _prefetched:
+        ngpu, ndone = _copy_back(next_cpu, device)
+        _prefetched[next_cpu.data_ptr()] = (next_cpu, ngpu, ndone)
+    return gpu
+
+
+@torch.library.custom_op("lorafuse::offload", mutates_args=())
+def offload_op(x: Tensor) -> Tensor:
+    """A CPU copy of ``x`` (pinned, filled on a side stream when x is on CUDA)."""
+    if x.is_cuda:
+        try:
+            return _offload_cuda(x.contiguous())
+        except RuntimeError as e:  # pinned memory refused, say: the same copy, synchronously
+            warn_once(f"lorafuse: asynchronous offload unavailable ({e}); copying synchronously")
+    return offload_reference(x)
+
+
+@offload_op.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device="cpu")
+
+
+@torch.library.custom_op("lorafuse::reload", mutates_args=())
+def reload_op(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) -> Tensor:
+    """``x`` (an ``offload`` output) back on ``device``, and the copy of ``next_cpu`` (the
+    next one the backward needs) started."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.is_pinned():
+        return _reload_cuda(x, device, next_cpu)
+    return reload_reference(x, device)
+
+
+@reload_op.register_fake
+def _(x, device, next_cpu):
+    return torch.empty(x.shape, dtype=x.dtype, device=device)

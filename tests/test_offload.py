@@ -1,0 +1,126 @@
+"""The ``offload_activations`` option: saved activations kept in CPU memory between the
+forward and the backward (partition.offload_saved, kernels/offload.py).
+
+On CPU there is nothing to gain, but the graphs are rewritten the same way (the ops copy),
+so these tests check the rewrite: what is offloaded (by the size threshold, set to 0 here
+so the tiny model has candidates), that every offloaded tensor is reloaded before its first
+use with the next one prefetched, the report, and that the losses and LoRA gradients equal
+the run without offloading (values are only moved). The CUDA path (side stream, pinned
+memory, prefetch) is tests/test_cuda.py's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import lorafuse
+import lorafuse.partition
+from lorafuse.report import Report
+
+from conftest import VOCAB, make_tiny_model, reset_dynamo, sgd_steps
+
+STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
+
+
+def _batch(step):
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _train(model, **options):
+    reset_dynamo()
+    report = Report()
+    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                options={"strict": True, **options})
+    compiled = torch.compile(model, backend=backend)
+    losses, grads = sgd_steps(compiled, model, [_batch(s) for s in range(STEPS)], LR)
+    reset_dynamo()
+    return {"report": report, "losses": losses, "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    base = make_tiny_model("llama", seed=3)
+    graphs = {}
+    real = lorafuse.partition.offload_saved
+
+    def spy(fwd, bwd, *args):  # keep the rewritten graphs to inspect
+        plan = real(fwd, bwd, *args)
+        graphs.update(fwd=fwd, bwd=bwd, plan=plan)
+        return plan
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
+    mp.setattr(lorafuse.partition, "offload_saved", spy)
+    try:
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            out = {"plain": _train(copy.deepcopy(base)),
+                   "offload": _train(copy.deepcopy(base), offload_activations=True)}
+    finally:
+        mp.undo()
+    out["graphs"] = graphs
+    return out
+
+
+def _calls(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+
+@pytest.mark.slow
+def test_losses_and_lora_grads_equal_no_offload(runs):
+    got, want = runs["offload"], runs["plain"]
+    for step in range(STEPS):
+        torch.testing.assert_close(got["losses"][step], want["losses"][step], rtol=0, atol=0)
+        assert got["grads"][step].keys() == want["grads"][step].keys()
+        for name, g in want["grads"][step].items():
+            torch.testing.assert_close(got["grads"][step][name], g, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(runs):
+    g = runs["graphs"]
+    fwd, bwd, plan = g["fwd"], g["bwd"], g["plan"]
+    offloads = _calls(fwd, torch.ops.lorafuse.offload.default)
+    reloads = _calls(bwd, torch.ops.lorafuse.reload.default)
+    assert len(plan["names"]) == len(offloads) == len(reloads) > 0
+    # each offload follows its source directly and feeds only the forward's output
+    for node in offloads:
+        assert node.args[0].name in plan["names"]
+        assert [u.op for u in node.users] == ["output"]
+    # reloads in backward order: reload i prefetches the CPU tensor reload i + 1 reads
+    order = {n: i for i, n in enumerate(bwd.graph.nodes)}
+    reloads.sort(key=order.__getitem__)
+    for i, node in enumerate(reloads):
+        cpu, device, nxt = node.args
+        assert cpu.op == "placeholder" and cpu.meta["val"].device.type == "cpu"
+        assert nxt is (reloads[i + 1].args[0] if i + 1 < len(reloads) else None)
+        first_use = min(node.users, key=order.__getitem__)
+        assert order[node] < order[first_use]
+    # nothing in the backward reads an offloaded tensor's old placeholder
+    names = {n.name for n in bwd.graph.find_nodes(op="placeholder")}
+    assert not names & set(plan["names"])
+
+
+@pytest.mark.slow
+def test_report_shows_what_was_offloaded(runs):
+    (graph,) = runs["offload"]["report"].graphs
+    plan = runs["graphs"]["plan"]
+    assert graph.offloaded_tensors == len(plan["names"]) and graph.offloaded_bytes == plan["bytes"]
+    text = graph.format()
+    assert "offload_activations:" in text and "offloaded to CPU memory" in text
+    (plain,) = runs["plain"]["report"].graphs
+    assert plain.offloaded_tensors is None and "none offloaded" in plain.format()
+
+
+def test_ops_copy_values_and_pass_opcheck():
+    x = torch.randn(3, 5, 7)
+    cpu = torch.ops.lorafuse.offload.default(x)
+    assert cpu.device.type == "cpu" and torch.equal(cpu, x) and cpu.data_ptr() != x.data_ptr()
+    back = torch.ops.lorafuse.reload.default(cpu, torch.device("cpu"), None)
+    assert torch.equal(back, x) and back.data_ptr() != cpu.data_ptr()
+    torch.library.opcheck(torch.ops.lorafuse.offload.default, (x,))
+    torch.library.opcheck(torch.ops.lorafuse.reload.default, (cpu, torch.device("cpu"), x))
