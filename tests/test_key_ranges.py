@@ -187,17 +187,19 @@ def bounded_case(r, hkv, ratio, d, seed):
     return (q, k, v, dout), lo, hi
 
 
-def check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, what=""):
-    """flash_attention with key bounds (and causal) against the fp64 eager chain under the
-    equivalent additive mask: tight in fp32; in bf16/fp16 within 1.25 × eager's error."""
+def check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, what="", window=None):
+    """flash_attention with key bounds (and causal, a window) against the fp64 eager chain
+    under the equivalent additive mask: tight in fp32; in bf16/fp16 within 1.25 × eager's
+    error."""
     from lorafuse.kernels.flash_attention import flash_attention, visible_mask
 
     lq, lkv = inputs[0].shape[2], inputs[1].shape[2]
-    vis = visible_mask(lq, lkv, causal, None, None, "cpu", lo, hi)
+    vis = visible_mask(lq, lkv, causal, window, None, "cpu", lo, hi)
     ref = run_attention(lambda q, k, v: eager64(q, k, v, additive(vis, torch.float64, MIN32),
                                                 scale, softcap), inputs, torch.float64)
     got = run_attention(lambda q, k, v: flash_attention(
-        q, k, v, causal=causal, scale=scale, softcap=softcap, key_lo=lo, key_hi=hi),
+        q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, key_lo=lo,
+        key_hi=hi),
         inputs, dtype)
     if dtype != torch.float32:
         eager = run_attention(lambda q, k, v: hf_eager(q, k, v, additive(vis, dtype), scale,
@@ -226,25 +228,26 @@ def bounded_cases(draw, max_len, head_dims, min_len=1):
     ratio = draw(st.sampled_from([1, 2, 4]))
     d = draw(st.sampled_from(head_dims))
     causal = draw(st.booleans()) and r[0].shape[1] == r[2]
+    window = draw(st.one_of(st.none(), st.integers(min_len, max_len))) if causal else None
     softcap = draw(st.sampled_from([None, 1.5, 20.0]))
     scale = d ** -0.5 * draw(st.sampled_from([0.5, 1.0, 2.0]))
     seed = draw(st.integers(0, 2**16))
-    return bounded_case(r, hkv, ratio, d, seed), causal, scale, softcap
+    return bounded_case(r, hkv, ratio, d, seed), causal, scale, softcap, window
 
 
 @settings(max_examples=30, deadline=None)
 @given(case=bounded_cases(max_len=50, head_dims=[8, 16, 40, 64]))
 def test_bounds_reference_fp32(case):
-    (inputs, lo, hi), causal, scale, softcap = case
-    check_bounded(inputs, lo, hi, causal, scale, softcap, torch.float32)
+    (inputs, lo, hi), causal, scale, softcap, window = case
+    check_bounded(inputs, lo, hi, causal, scale, softcap, torch.float32, window=window)
 
 
 @settings(max_examples=12, deadline=None)
 @given(case=bounded_cases(max_len=60, head_dims=[16, 64], min_len=16),
        dtype=st.sampled_from([torch.bfloat16, torch.float16]))
 def test_bounds_reference_low_precision(case, dtype):
-    (inputs, lo, hi), causal, scale, softcap = case
-    check_bounded(inputs, lo, hi, causal, scale, softcap, dtype)
+    (inputs, lo, hi), causal, scale, softcap, window = case
+    check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, window=window)
 
 
 def test_bounds_contract_and_opcheck():
@@ -290,10 +293,10 @@ def _worker():
         @settings(max_examples=examples, deadline=None, database=None)
         @given(case=bounded_cases(max_len=35, head_dims=[8, 16, 24], min_len=min_len))
         def check(case):
-            (inputs, lo, hi), causal, scale, softcap = case
+            (inputs, lo, hi), causal, scale, softcap, window = case
             with warnings.catch_warnings():
                 warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
-                check_bounded(inputs, lo, hi, causal, scale, softcap, dtype)
+                check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, window=window)
 
         return check
 
@@ -314,6 +317,7 @@ def _worker():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             check_bounded(inputs, lo, hi, True, 0.2, 3.0, torch.float32, "blocks")
+            check_bounded(inputs, lo, hi, True, 0.2, None, torch.float32, "window", window=9)
             check_bounded(inputs, lo, hi, False, 0.2, None, torch.float32, "blocks")
 
     record("bounds-blocks-dead-rows", blocks_dead_rows)
@@ -563,8 +567,14 @@ def test_masked_attention_pass_llama(kind, branch, monkeypatch):
     ops = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert sum(n.target is torch.ops.lorafuse.mask_key_ranges.default for n in ops) == 1
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-    if kind == "packed":
-        assert any("position_ids" in p for p in placeholders), placeholders
+    if kind == "packed":  # the 4-D mask the ranges read is built from position_ids
+        from lorafuse.passes.attention import _ancestors
+
+        (ranges,) = [n for n in ops if n.target is torch.ops.lorafuse.mask_key_ranges.default]
+        mask = ranges.args[0]
+        assert mask.meta["example_value"].dim() == 4
+        feeds = {n.name for n in _ancestors(mask) if n.op == "placeholder"}
+        assert any("position_ids" in p for p in feeds), feeds
         assert not any("attention_mask" in p for p in placeholders), placeholders
     assert all(t == [branch] for t in taken), taken
 
