@@ -187,19 +187,20 @@ def bounded_case(r, hkv, ratio, d, seed):
     return (q, k, v, dout), lo, hi
 
 
-def check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, what="", window=None):
-    """flash_attention with key bounds (and causal, a window) against the fp64 eager chain
-    under the equivalent additive mask: tight in fp32; in bf16/fp16 within 1.25 × eager's
-    error."""
+def check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, what="", window=None,
+                  key_mask=None):
+    """flash_attention with key bounds (and causal, a window, a key mask) against the fp64
+    eager chain under the equivalent additive mask: tight in fp32; in bf16/fp16 within
+    1.25 × eager's error."""
     from lorafuse.kernels.flash_attention import flash_attention, visible_mask
 
     lq, lkv = inputs[0].shape[2], inputs[1].shape[2]
-    vis = visible_mask(lq, lkv, causal, window, None, "cpu", lo, hi)
+    vis = visible_mask(lq, lkv, causal, window, key_mask, "cpu", lo, hi)
     ref = run_attention(lambda q, k, v: eager64(q, k, v, additive(vis, torch.float64, MIN32),
                                                 scale, softcap), inputs, torch.float64)
     got = run_attention(lambda q, k, v: flash_attention(
         q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, key_lo=lo,
-        key_hi=hi),
+        key_hi=hi, key_mask=key_mask),
         inputs, dtype)
     if dtype != torch.float32:
         eager = run_attention(lambda q, k, v: hf_eager(q, k, v, additive(vis, dtype), scale,
@@ -248,6 +249,17 @@ def test_bounds_reference_fp32(case):
 def test_bounds_reference_low_precision(case, dtype):
     (inputs, lo, hi), causal, scale, softcap, window = case
     check_bounded(inputs, lo, hi, causal, scale, softcap, dtype, window=window)
+
+
+def test_bounds_with_key_mask():
+    """Key bounds and a key mask together (no pass does this; the op allows it)."""
+    i = torch.arange(20)
+    lo = torch.stack([torch.clamp(i - 6, min=0), i // 5 * 5]).int()
+    hi = torch.stack([i, torch.clamp(i + 2, max=19)]).int()
+    inputs, lo, hi = bounded_case((lo, hi, 20), 1, 2, 16, 3)
+    key_mask = torch.rand(2, 20, generator=torch.Generator().manual_seed(2)) > 0.4
+    for causal in (False, True):
+        check_bounded(inputs, lo, hi, causal, 0.25, 5.0, torch.float32, key_mask=key_mask)
 
 
 def test_bounds_contract_and_opcheck():
@@ -318,6 +330,9 @@ def _worker():
             warnings.simplefilter("error", RuntimeWarning)
             check_bounded(inputs, lo, hi, True, 0.2, 3.0, torch.float32, "blocks")
             check_bounded(inputs, lo, hi, True, 0.2, None, torch.float32, "window", window=9)
+            key_mask = torch.rand(2, lq, generator=torch.Generator().manual_seed(1)) > 0.3
+            check_bounded(inputs, lo, hi, False, 0.2, 3.0, torch.float32, "key mask",
+                          key_mask=key_mask)
             check_bounded(inputs, lo, hi, False, 0.2, None, torch.float32, "blocks")
 
     record("bounds-blocks-dead-rows", blocks_dead_rows)
