@@ -623,20 +623,29 @@ def _aliases_input(node, inputs) -> bool:
     return node.op == "placeholder" or node.name in inputs
 
 
-def _why_not_quantized(node, saved, inputs, user_outputs) -> str | None:
-    """Why the saved tensor ``node`` (its backward placeholder ``saved``) stays in its
-    dtype, or None to quantize it."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
+def _why_kept_as_is(node, inputs, user_outputs) -> str | None:
+    """What rules out storing the saved tensor ``node`` any other way (quantized,
+    offloaded) whatever its size or dtype, or None."""
+    if not isinstance(node.meta.get("val"), torch.Tensor):
         return "not a tensor"
     if node.op == "placeholder" or node.name in inputs or _aliases_input(node, inputs):
         return "graph input (kept anyway)"
     if node in user_outputs:
         return "also a forward output (kept anyway)"
-    if val.dtype not in FLOAT_DTYPES:
-        return f"{val.dtype}"
     if node.meta.get("saved_tensor_with_no_vc_check", False):
         return "saved without version check"
+    return None
+
+
+def _why_not_quantized(node, saved, inputs, user_outputs) -> str | None:
+    """Why the saved tensor ``node`` (its backward placeholder ``saved``) stays in its
+    dtype, or None to quantize it."""
+    why = _why_kept_as_is(node, inputs, user_outputs)
+    if why is not None:
+        return why
+    val = node.meta["val"]
+    if val.dtype not in FLOAT_DTYPES:
+        return f"{val.dtype}"
     if val.dim() == 0 or not isinstance(val.shape[-1], int) or val.shape[-1] < QUANTIZE_MIN_ROW:
         return f"rows shorter than {QUANTIZE_MIN_ROW}"
     if _size_of(node) < QUANTIZE_MIN_BYTES:
@@ -741,15 +750,10 @@ OFFLOAD_MIN_BYTES = 2**20  # smaller tensors are not worth a copy each way
 def _why_not_offloaded(node, saved, inputs, user_outputs) -> str | None:
     """Why the saved tensor ``node`` (its backward placeholder ``saved``) stays on the
     device, or None to offload it."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return "not a tensor"
-    if node.op == "placeholder" or node.name in inputs or _aliases_input(node, inputs):
-        return "graph input (kept anyway)"
-    if node in user_outputs:
-        return "also a forward output (kept anyway)"
-    if node.meta.get("saved_tensor_with_no_vc_check", False):
-        return "saved without version check"
+    why = _why_kept_as_is(node, inputs, user_outputs)
+    if why is not None:
+        return why
+    val = node.meta["val"]
     if val.device.type not in ("cuda", "cpu"):
         return f"on {val.device.type}"
     if _size_of(node) < OFFLOAD_MIN_BYTES:

@@ -205,6 +205,26 @@ def sgd_steps(fn, model, batches, lr: float):
     return losses, grads
 
 
+def lorafuse_sgd_run(model, batches, lr: float, options) -> dict:
+    """``sgd_steps`` through ``backend="lorafuse"`` with ``options`` (strict; None: eager),
+    collecting the compile's report: ``{"report", "losses", "grads"}``."""
+    import functools
+
+    import lorafuse
+    from lorafuse.report import Report
+
+    reset_dynamo()
+    report = Report()
+    fn = model
+    if options is not None:
+        backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                    options={"strict": True, **options})
+        fn = torch.compile(model, backend=backend)
+    losses, grads = sgd_steps(fn, model, batches, lr)
+    reset_dynamo()
+    return {"report": report, "losses": losses, "grads": grads}
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Factory: ``tiny_model(arch, **kw)`` → a PEFT-wrapped tiny model (see make_tiny_model)."""

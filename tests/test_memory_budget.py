@@ -32,7 +32,7 @@ import lorafuse.partition
 from lorafuse.partition import LorafusePartitioner, _torch_ratio, parse_memory_budget
 from lorafuse.report import Report
 
-from conftest import VOCAB, lora_params, make_tiny_model, reset_dynamo, sgd_steps
+from conftest import VOCAB, lora_params, lorafuse_sgd_run, make_tiny_model, reset_dynamo
 
 BUDGETS = (None, 1.0, 0.9, 0.5, 0.0)  # None: no budget (the reference run)
 STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
@@ -47,16 +47,9 @@ def _batch(step: int) -> dict:
 
 def _train(model, budget, **options) -> dict:
     """Compile ``model`` with ``memory_budget=budget`` (and ``options``), train STEPS
-    plain-SGD steps (no Adam: its per-element scaling would amplify rounding differences
-    between runs)."""
-    reset_dynamo()
-    report = Report()
-    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                options={"memory_budget": budget, "strict": True, **options})
-    compiled = torch.compile(model, backend=backend)
-    losses, grads = sgd_steps(compiled, model, [_batch(step) for step in range(STEPS)], LR)
-    reset_dynamo()
-    return {"report": report, "losses": losses, "grads": grads}
+    plain-SGD steps."""
+    return lorafuse_sgd_run(model, [_batch(step) for step in range(STEPS)], LR,
+                            {"memory_budget": budget, **options})
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,14 @@ memory, prefetch) is tests/test_cuda.py's.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 
 import lorafuse
 import lorafuse.partition
-from lorafuse.report import Report
 
-from conftest import VOCAB, make_tiny_model, reset_dynamo, sgd_steps
+from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model
 
 STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
 
@@ -32,14 +30,7 @@ def _batch(step):
 
 
 def _train(model, **options):
-    reset_dynamo()
-    report = Report()
-    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                options={"strict": True, **options})
-    compiled = torch.compile(model, backend=backend)
-    losses, grads = sgd_steps(compiled, model, [_batch(s) for s in range(STEPS)], LR)
-    reset_dynamo()
-    return {"report": report, "losses": losses, "grads": grads}
+    return lorafuse_sgd_run(model, [_batch(s) for s in range(STEPS)], LR, options)
 
 
 @pytest.fixture(scope="module")

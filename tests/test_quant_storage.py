@@ -22,7 +22,6 @@ fp8 cos >= 0.9988 and <= 0.052; 14 activations quantized, activation bytes kept 
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -31,9 +30,8 @@ from hypothesis import strategies as st
 
 import lorafuse
 import lorafuse.kernels.quant_storage  # noqa: F401  (register the ops)
-from lorafuse.report import Report
 
-from conftest import VOCAB, make_tiny_model, reset_dynamo, sgd_steps
+from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model, reset_dynamo
 
 # --------------------------------------------------------------------------- the ops
 
@@ -122,17 +120,7 @@ def _batch(step):
 
 def _train(model, options, steps):
     """``options=None``: eager. Plain SGD (no Adam: it would amplify rounding differences)."""
-    reset_dynamo()
-    report = Report()
-    if options is None:
-        fn = model
-    else:
-        backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                    options={"strict": True, **options})
-        fn = torch.compile(model, backend=backend)
-    losses, grads = sgd_steps(fn, model, [_batch(step) for step in range(steps)], LR)
-    reset_dynamo()
-    return {"report": report, "losses": losses, "grads": grads}
+    return lorafuse_sgd_run(model, [_batch(step) for step in range(steps)], LR, options)
 
 
 RUNS = {  # name: (options, steps)
