@@ -196,9 +196,12 @@ def _padded_mask(b, length, pads, side="left"):
 @given(b=st.integers(1, 3), kv_heads=st.integers(1, 2), n_rep=st.sampled_from([1, 2, 3]),
        length=st.integers(1, 9), pads=st.lists(st.integers(0, 3), min_size=3, max_size=3),
        side=st.sampled_from(["left", "right"]), additive=st.booleans())
-def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side, additive):
+@pytest.mark.parametrize("flash", [False, True])
+def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side, additive,
+                                          flash):
     """The op equals the traced call (masked SDPA on repeated K/V), forward and every
-    gradient, whichever branch the mask picks; the branch is causal iff nothing is padded."""
+    gradient, whichever branch the mask picks (with ``flash``, right-padded masks take the
+    key-range branch); the branch is causal iff nothing is padded."""
     from lorafuse.kernels.attention import repeat_kv
 
     pads = [min(p, length - 1) for p in pads[:b]]
@@ -212,7 +215,9 @@ def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side
     flag = torch.ops.lorafuse.mask_is_causal(mask)
     assert flag.device.type == "cpu" and bool(flag) == (sum(pads) == 0)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    got = torch.ops.lorafuse.sdpa_causal_or_masked(qs, ks, vs, mask, flag, n_rep, None)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    got = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(qs, ks, vs, mask, flag, ok, lo, hi,
+                                                          n_rep, None, flash)
     got_grads = torch.autograd.grad(got, (qs, ks, vs), dout)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     want = F.scaled_dot_product_attention(qr, repeat_kv(kr, n_rep), repeat_kv(vr, n_rep),
@@ -229,9 +234,10 @@ def test_causal_or_masked_opcheck():
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     for m in (mask, _padded_mask(2, 5, [0, 0])):
         flag = torch.ops.lorafuse.mask_is_causal(m)
-        torch.library.opcheck(torch.ops.lorafuse.sdpa_causal_or_masked.default,
+        lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(m)
+        torch.library.opcheck(torch.ops.lorafuse.sdpa_causal_ranges_or_masked.default,
                               (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), m,
-                               flag, 2, None))
+                               flag, ok, lo, hi, 2, None, True))
         torch.library.opcheck(torch.ops.lorafuse.mask_is_causal.default, (m,))
 
 

@@ -168,10 +168,12 @@ def test_llama_1b_shape_20_steps_against_fp32():
             assert r["grad_err_lorafuse"] <= 1.1 * r["grad_err_eager"] + 1e-3, r
 
 
+@pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_causal_or_masked_attention_8b_shape_bf16(padded):
+def test_causal_or_masked_attention_8b_shape_bf16(padded, flash):
     """The masked_attention op at the 8B attention shape in bf16: forward and gradients no
-    farther from an fp32 computation than the traced masked SDPA call in bf16 is."""
+    farther from an fp32 computation than the traced masked SDPA call in bf16 is. Padded
+    with ``flash``: the key-range branch (Triton flash attention with per-query bounds)."""
     import torch.nn.functional as F
 
     from lorafuse.kernels.attention import repeat_kv
@@ -197,8 +199,10 @@ def test_causal_or_masked_attention_8b_shape_bf16(padded):
 
     traced = lambda q_, k_, v_: F.scaled_dot_product_attention(  # noqa: E731
         q_, repeat_kv(k_, 4), repeat_kv(v_, 4), attn_mask=mask)
-    ours = lambda q_, k_, v_: torch.ops.lorafuse.sdpa_causal_or_masked(  # noqa: E731
-        q_, k_, v_, mask, flag, 4, None)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    assert bool(ok)  # causal rows, and padded rows the eye keeps non-empty, are ranges
+    ours = lambda q_, k_, v_: torch.ops.lorafuse.sdpa_causal_ranges_or_masked(  # noqa: E731
+        q_, k_, v_, mask, flag, ok, lo, hi, 4, None, flash)
     ref = run(traced, torch.float32)
     for name, got, eager, want in zip(("out", "dq", "dk", "dv"), run(ours, torch.bfloat16),
                                       run(traced, torch.bfloat16), ref):

@@ -7,26 +7,22 @@ padded. Padded or not, the traced call is ``sdpa(q, repeat_kv(k), repeat_kv(v),
 attn_mask=mask)``, which at the 8B shape costs 1.83 ms forward + backward against 0.73 ms
 for ``sdpa(q, k, v, is_causal=True, enable_gqa=True)`` (bench/bench_attention.py).
 
-Two ops (``passes/masked_attention.py`` inserts the first, and the second's three-way
-form below):
+The ops (``passes/masked_attention.py`` and ``passes/eager_attention.py`` insert them):
 
 - ``lorafuse::mask_is_causal(mask)`` → a 0-d bool tensor **on the CPU**: whether the mask
   selects exactly the causal (top-left ``tril``) pattern on every batch and head. One
   device→host read per mask per step (every layer shares the mask), early in the forward.
-- ``lorafuse::sdpa_causal_or_masked(q, k, v, mask, use_causal, n_rep, scale)``: the
-  attention of q against K/V with ``n_rep`` query heads per K/V head; ``is_causal=True``
-  with ``enable_gqa`` on the unrepeated K/V where ``use_causal`` holds (reading a CPU bool:
-  no sync), else exactly the traced masked call on repeated K/V.
-
-and, for masks that are not causal (padding, packed documents, windows), three more:
 
 - ``lorafuse::mask_key_ranges(mask)`` → ``(lo, hi, ok)``: each query's first and last
   visible key (int32 (B, Lq), on the mask's device) and a CPU bool (one host read): every
   query sees exactly that range, and at least one key.
 - ``lorafuse::sdpa_causal_ranges_or_masked(q, k, v, mask, use_causal, ranges_ok, lo, hi,
-  n_rep, scale, flash)``: as ``sdpa_causal_or_masked``, plus a middle branch where
-  ``ranges_ok``: ``lorafuse::flash_attention`` with key bounds lo..hi (unrepeated K/V,
-  K/V blocks outside a query block's ranges skipped). Inserted by ``masked_attention``.
+  n_rep, scale, flash)``: the attention of q against K/V with ``n_rep`` query heads per
+  K/V head, three ways, chosen by the CPU bools (no sync): ``is_causal=True`` with
+  ``enable_gqa`` on the unrepeated K/V where ``use_causal`` holds; else, where ``flash``
+  and ``ranges_ok``, ``lorafuse::flash_attention`` with key bounds lo..hi (unrepeated K/V,
+  K/V blocks outside a query block's ranges skipped); else exactly the traced masked call
+  on repeated K/V. Inserted by ``masked_attention``.
 - ``lorafuse::eager_ranges_or_chain(q, k, v, mask, ranges_ok, lo, hi, n_rep, scale,
   softcap)``: an eager chain (Gemma2: softcap) whose mask comes from the inputs: the flash
   op with softcap and key bounds where ``ranges_ok``, else the chain's own math
@@ -109,55 +105,6 @@ def mask_is_causal_op(mask: Tensor) -> Tensor:
 @mask_is_causal_op.register_fake
 def _(mask):
     return torch.empty((), dtype=torch.bool, device="cpu")
-
-
-@torch.library.custom_op("lorafuse::sdpa_causal_or_masked", mutates_args=())
-def sdpa_causal_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
-                             use_causal: Tensor, n_rep: int,
-                             scale: Optional[float]) -> Tensor:
-    return attention_reference(q, k, v, mask, bool(use_causal), n_rep, scale).contiguous()
-
-
-@sdpa_causal_or_masked_op.register_fake
-def _(q, k, v, mask, use_causal, n_rep, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-@torch.library.custom_op("lorafuse::sdpa_causal_or_masked_backward", mutates_args=())
-def sdpa_causal_or_masked_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                                      mask: Tensor, use_causal: Tensor, n_rep: int,
-                                      scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) by recomputing the chosen branch; dk, dv on the unrepeated heads."""
-    causal = bool(use_causal)
-    # torch.func.vjp, not autograd.grad: inside a custom op's implementation the autograd
-    # dispatch keys are excluded, so tensors would get no grad_fn; functorch's transform
-    # levels work there.
-    _, vjp = torch.func.vjp(
-        lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal, n_rep, scale),
-        q, k, v)
-    dq, dk, dv = vjp(dout)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@sdpa_causal_or_masked_backward_op.register_fake
-def _(dout, q, k, v, mask, use_causal, n_rep, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, use_causal, n_rep, scale = inputs
-    ctx.n_rep, ctx.scale = n_rep, scale
-    ctx.save_for_backward(q, k, v, mask, use_causal)
-
-
-def _backward(ctx, dout):
-    q, k, v, mask, use_causal = ctx.saved_tensors
-    dq, dk, dv = sdpa_causal_or_masked_backward_op(dout, q, k, v, mask, use_causal,
-                                                   ctx.n_rep, ctx.scale)
-    return dq, dk, dv, None, None, None, None
-
-
-sdpa_causal_or_masked_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- key ranges
@@ -264,7 +211,8 @@ def flash_with_bounds_backward(dout, q, k, v, lo, hi, scale, softcap=None):
 
 def _vjp(fn, dout, q, k, v):
     # torch.func.vjp, not autograd.grad: inside a custom op's implementation the autograd
-    # dispatch keys are excluded (see sdpa_causal_or_masked_backward_op).
+    # dispatch keys are excluded, so tensors would get no grad_fn; functorch's transform
+    # levels work there.
     _, vjp = torch.func.vjp(fn, q, k, v)
     return vjp(dout)
 
