@@ -133,7 +133,7 @@ run_tests() {  # run_tests [pytest-only]
 
 run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Liger, 8B shapes
     local script t rc
-    for script in ${OPS:-bench_fwd_gemm.py bench_nf4_gemm.py bench_elementwise.py bench_attention.py bench_op_host.py}; do
+    for script in ${OPS:-bench_fwd_gemm.py bench_nf4_gemm.py bench_elementwise.py bench_attention.py bench_softcap_attention.py bench_op_host.py}; do
         t=${OP_TIMEOUT:-100}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
