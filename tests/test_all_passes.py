@@ -82,9 +82,10 @@ SITES = {
     # of rope (R = head_dim); up * silu(gate) from one chunk.
     "phi3": dict(lora=4 * L, attn=L, causal=L, norm=2 * L + 1, rope=L, gated_mlp=L, loss=1),
     # Conv1D c_attn, attn.c_proj, c_fc, mlp.c_proj per layer (view-addmm-view); SDPA
-    # without GQA; LayerNorm, not RMSNorm (the norm pass leaves layer_norm to Inductor);
-    # learned positions, no rope; gelu_new MLP, no gate; lm_head tied to wte.
-    "gpt2": dict(lora=4 * L, attn=L, causal=L, norm=0, rope=0, gated_mlp=0, loss=1),
+    # without GQA; LayerNorm, not RMSNorm: ln_1 and ln_2 per layer and ln_f (one
+    # F.layer_norm call each); learned positions, no rope; gelu_new MLP, no gate; lm_head
+    # tied to wte.
+    "gpt2": dict(lora=4 * L, attn=L, causal=L, norm=2 * L + 1, rope=0, gated_mlp=0, loss=1),
 }
 
 
@@ -276,10 +277,12 @@ def assert_matches_eager(run: Run, what: str) -> None:
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_expected_table_agrees_with_the_model(arch):
-    """The table's LoRA and norm counts are the model's own modules (lora.Linear, *RMSNorm)."""
+    """The table's LoRA and norm counts are the model's own modules (lora.Linear, *RMSNorm,
+    nn.LayerNorm)."""
     model = make_tiny_model(arch, layers=LAYERS, **OVERRIDES.get(arch, {}))
     assert SITES[arch]["lora"] == lora_sites(model)
-    assert SITES[arch]["norm"] == sum(type(m).__name__.endswith("RMSNorm")
+    assert SITES[arch]["norm"] == sum(type(m).__name__.endswith("RMSNorm") or
+                                      isinstance(m, torch.nn.LayerNorm)
                                       for m in model.modules())
     assert model.config.num_hidden_layers == LAYERS
     eager = model.config._attn_implementation == "eager"  # every layer an eager chain

@@ -1,5 +1,6 @@
 """Fused RMSNorm: ``lorafuse::rms_norm`` with its backward, in the rounding order of the
-model code it replaces.
+model code it replaces. LayerNorm (``lorafuse::layer_norm``) is the second half of this
+file, laid out the same way; its own notes are there.
 
 Two variants, as transformers writes them (h = x in fp32, r = rsqrt(mean(h²) + eps) per
 row, n = h · r in fp32):
@@ -422,3 +423,306 @@ def rms_norm(x, weight=None, eps=1e-6, offset=0.0, cast_before_weight=True, out_
                                  cast_before_weight)
     return rms_norm_op(x, weight, float(eps), float(offset), bool(cast_before_weight),
                        out_dtype)[0]
+
+
+# =========================================================================== LayerNorm
+#
+# ``lorafuse::layer_norm``: F.layer_norm over the last dim (h = x in fp32, per row
+# mean μ = mean(h), rstd = 1/sqrt(mean((h − μ)²) + eps), the biased variance as
+# F.layer_norm uses), n = (h − μ)·rstd, y = n·w + b in fp32, rounded once to x.dtype
+# (what F.layer_norm returns, mixed bf16/fp16 input with fp32 parameters included).
+# weight and bias are each optional (elementwise_affine=False, bias=False).
+#
+# The op returns ``(y, mean, rstd)`` (mean and rstd fp32, shape ``x.shape[:-1]``); x,
+# mean and rstd are all the backward keeps, never y. Gradients in fp32 (g = dy · w, or dy
+# without a weight):
+#
+#     dx = rstd · (g − mean(g) − n · mean(g · n))      rounded once to x.dtype
+#     dw = Σ_rows dy · n                                only when weight requires grad
+#     db = Σ_rows dy                                    only when bias requires grad
+#
+# CPU runs the reference (F.layer_norm itself for y, so the forward equals eager exactly);
+# CUDA runs the Triton kernels below, laid out as the RMSNorm ones (forward: BLOCK_M rows
+# per program; backward: programs looping over row blocks, dw and db as (programs, N)
+# fp32 partial sums, summed after). Not measured on the GPU.
+
+
+def layer_norm_reference(x, weight, bias, eps):
+    """``(y, mean, rstd)``: y from F.layer_norm (eager's numbers), mean and rstd fp32."""
+    N = x.shape[-1]
+    y = torch.nn.functional.layer_norm(x, (N,), weight, bias, eps)
+    var, mean = torch.var_mean(x.to(torch.float32), -1, correction=0)
+    return y, mean, torch.rsqrt(var + eps)
+
+
+def layer_norm_backward_reference(dy, x, weight, mean, rstd, need_dx, need_dweight,
+                                  need_dbias):
+    """``(dx, dw, db)``: dx in x.dtype, dw and db fp32 (N,); each an empty tensor when
+    not needed."""
+    N = x.shape[-1]
+    r = rstd.unsqueeze(-1)
+    n = (x.to(torch.float32) - mean.unsqueeze(-1)) * r
+    g = dy.to(torch.float32)
+    dw = g.new_empty(0)
+    db = g.new_empty(0)
+    if need_dweight:
+        dw = (g * n).reshape(-1, N).sum(0)
+    if need_dbias:
+        db = g.reshape(-1, N).sum(0)
+    if weight is not None:
+        g = g * weight.to(torch.float32)
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = (r * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True)))
+        dx = dx.to(x.dtype)
+    return dx, dw, db
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+        M, N, stride_x, stride_y,
+        inv_n, eps,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAND_ROUND_OUT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rmask = rows < M
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        h = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=1) * inv_n
+        hc = tl.where(mask, h - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(hc * hc, axis=1) * inv_n + eps)
+        n = hc * rstd[:, None]
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            n = n * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            n = n + b[None, :]
+        if HAND_ROUND_OUT:
+            n = _rne_bf16(n)
+        tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :],
+                 n.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=rmask)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(
+        dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+        M, N, stride_dy, stride_x, stride_dx,
+        inv_n, num_blocks,
+        HAS_WEIGHT: tl.constexpr,
+        NEED_DX: tl.constexpr,
+        NEED_DW: tl.constexpr,
+        NEED_DB: tl.constexpr,
+        HAND_ROUND_DX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # As _rms_norm_bwd_kernel: programs walk row blocks pid, pid + programs, ...,
+        # keeping their dw and db partial sums in registers.
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        w = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for blk in range(pid, num_blocks, nprog):
+            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            rows64 = rows.to(tl.int64)
+            h = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            g = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+            n = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+            if NEED_DW:
+                dw_acc += tl.sum(g * n, axis=0)
+            if NEED_DB:
+                db_acc += tl.sum(g, axis=0)
+            if HAS_WEIGHT:
+                g = g * w[None, :]
+            if NEED_DX:
+                mean_g = tl.sum(g, axis=1) * inv_n
+                dot = tl.sum(g * n, axis=1) * inv_n
+                dx = rstd[:, None] * (g - mean_g[:, None] - n * dot[:, None])
+                if HAND_ROUND_DX:
+                    dx = _rne_bf16(dx)
+                tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :],
+                         dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            tl.store(dw_ptr + pid * N + cols, dw_acc, mask=cmask)
+        if NEED_DB:
+            tl.store(db_ptr + pid * N + cols, db_acc, mask=cmask)
+
+
+def _check_layer_norm(x, weight, bias) -> None:
+    _check(x, weight, x.dtype)
+    if bias is not None and bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"unsupported bias dtype {bias.dtype}")
+
+
+def layer_norm_forward_triton(x, weight, bias, eps):
+    """Same contract as ``layer_norm_reference``: ``(y, mean, rstd)``."""
+    _check_layer_norm(x, weight, bias)
+    N = x.shape[-1]
+    x2 = _rows(x, N)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M and N:
+        cfg = launch_config(N)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _layer_norm_fwd_kernel[grid](
+                x2, x2 if weight is None else weight, x2 if bias is None else bias,
+                y, mean, rstd,
+                M, N, x2.stride(0), y.stride(0),
+                1.0 / N, float(eps),
+                HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                HAND_ROUND_OUT=_INTERPRETED and x.dtype == torch.bfloat16,
+                **cfg,
+            )
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
+
+
+def layer_norm_backward_triton(dy, x, weight, mean, rstd, need_dx, need_dweight, need_dbias):
+    """Same contract as ``layer_norm_backward_reference``: ``(dx, dw, db)``."""
+    _check_layer_norm(x, weight, None)
+    N = x.shape[-1]
+    x2, dy2 = _rows(x, N), _rows(dy, N)
+    M = x2.shape[0]
+    need_dw, need_db = bool(need_dweight), bool(need_dbias)
+    dx = torch.empty((M, N) if need_dx else (0,), dtype=x.dtype, device=x.device)
+    if not (M and N):
+        zeros = [torch.zeros((N,) if need else (0,), dtype=torch.float32, device=x.device)
+                 for need in (need_dw, need_db)]
+        return (dx.reshape(x.shape) if need_dx else dx), zeros[0], zeros[1]
+    cfg = launch_config(N)
+    num_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    programs = _dw_programs(x, num_blocks) if (need_dw or need_db) else num_blocks
+    partial = [torch.empty((programs, N) if need else (0,), dtype=torch.float32,
+                           device=x.device) for need in (need_dw, need_db)]
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, x2, x2 if weight is None else weight, mean.reshape(-1), rstd.reshape(-1),
+            dx if need_dx else x2, partial[0] if need_dw else rstd,
+            partial[1] if need_db else rstd,
+            M, N, dy2.stride(0), x2.stride(0), dx.stride(0) if need_dx else 0,
+            1.0 / N, num_blocks,
+            HAS_WEIGHT=weight is not None,
+            NEED_DX=bool(need_dx),
+            NEED_DW=need_dw,
+            NEED_DB=need_db,
+            HAND_ROUND_DX=_INTERPRETED and x.dtype == torch.bfloat16,
+            **cfg,
+        )
+    dw, db = (p.sum(0) if need else p for p, need in zip(partial, (need_dw, need_db)))
+    return (dx.reshape(x.shape) if need_dx else dx), dw, db
+
+
+def _layer_norm_forward_impl(x, weight, bias, eps):
+    return triton_or_reference(
+        x, IMPL_ENV, "LayerNorm forward",
+        lambda: layer_norm_forward_triton(x, weight, bias, eps),
+        lambda: layer_norm_reference(x, weight, bias, eps))
+
+
+def _layer_norm_backward_impl(*args):
+    x = args[1]
+    return triton_or_reference(x, IMPL_ENV, "LayerNorm backward",
+                               lambda: layer_norm_backward_triton(*args),
+                               lambda: layer_norm_backward_reference(*args))
+
+
+@torch.library.custom_op("lorafuse::layer_norm", mutates_args=())
+def layer_norm_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(y, mean, rstd)``: y in x.dtype with x's shape, mean and rstd fp32
+    ``x.shape[:-1]``."""
+    y, mean, rstd = _layer_norm_forward_impl(x, weight, bias, eps)
+    return y.contiguous(), mean.contiguous(), rstd.contiguous()
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return (x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("lorafuse::layer_norm_backward", mutates_args=())
+def layer_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dw, db)``: dx in x.dtype (empty unless need_dx), dw and db fp32 (N,)
+    (each empty unless needed)."""
+    dx, dw, db = _layer_norm_backward_impl(dy, x, weight, mean, rstd, need_dx, need_dweight,
+                                           need_dbias)
+    return dx.contiguous(), dw.contiguous(), db.contiguous()
+
+
+@layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, need_dx, need_dweight, need_dbias):
+    N = x.shape[-1]
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty((N,) if need_dweight else (0,), dtype=torch.float32),
+            x.new_empty((N,) if need_dbias else (0,), dtype=torch.float32))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    need_db = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (need_dx or need_dw or need_db):
+        return None, None, None, None
+    dx, dw, db = layer_norm_backward_op(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(ctx.bias_dtype) if need_db else None, None)
+
+
+layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm over the last dim with the fused forward and backward."""
+    return layer_norm_op(x, weight, bias, float(eps))[0]

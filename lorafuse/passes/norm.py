@@ -1,4 +1,5 @@
-"""Norm pass: RMSNorm as transformers writes it → one ``lorafuse::rms_norm`` op.
+"""Norm pass: RMSNorm as transformers writes it → one ``lorafuse::rms_norm`` op, and
+``F.layer_norm`` over the last dim → one ``lorafuse::layer_norm`` op.
 
 What Dynamo captures (torch-level graph; h is fp32 throughout)::
 
@@ -18,11 +19,18 @@ products after it) to be used only inside the match; x, weight and the output ma
 used anywhere. Weight-side nodes (``weight.float()``, ``1 + ...``) are left in place if
 something else uses them. Anything else is left alone with a reason.
 
-LayerNorm (``F.layer_norm``) is not rewritten: Inductor's fused kernel stays.
+LayerNorm: Dynamo leaves ``nn.LayerNorm`` (GPT-2's ln_1, ln_2, ln_f) as one
+``F.layer_norm(x, normalized_shape, weight, bias, eps)`` call (``torch.layer_norm`` too);
+it is rewritten when normalized_shape is the last dim alone (a constant provably equal to
+x's), eps is a constant, weight and bias (each optional) are (N,) tensors of x's dtype or
+fp32 with a half-precision x, and the call's output has x's dtype and shape (under CUDA
+autocast F.layer_norm returns fp32 for a half input: left alone). Anything else is left
+alone with a reason. The op saves x, mean and rstd for the backward, not the output.
 
 Not a default pass (``passes=(..., "norm")`` asks for it): on the H200 at the 8B shape
 Inductor's own fused RMSNorm (with the residual add folded in) is about 2x faster than this
-op (bench/bench_norm.py, bench/RESULTS.md).
+op (bench/bench_norm.py, bench/RESULTS.md). The LayerNorm op has not been measured on the
+GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _POW_FUNCS = (torch.pow, operator.pow)
 _RSQRT_FUNCS = (torch.rsqrt,)
 _MEAN_FUNCS = (torch.mean,)
+_LAYER_NORM_FUNCS = (torch.nn.functional.layer_norm, torch.layer_norm)
 
 
 @dataclass
@@ -248,6 +257,79 @@ def match(rs: fx.Node) -> Site:
     return Site(x, weight, float(eps), offset, cast_before, out, chain, weight_side)
 
 
+@dataclass
+class LayerNormSite:
+    x: fx.Node
+    weight: object  # fx.Node or None
+    bias: object  # fx.Node or None
+    eps: float
+    out: fx.Node  # the layer_norm call
+
+
+_LN_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
+
+
+def match_layer_norm(node: fx.Node) -> LayerNormSite:
+    """``F.layer_norm(x, (N,), weight, bias, eps)`` over x's last dim."""
+    if not is_function(node, _LAYER_NORM_FUNCS):
+        raise NoMatch(None)
+    names = _LN_ARGS + (("cudnn_enable",) if node.target is torch.layer_norm else ())
+    if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args):]):
+        raise NoMatch("layer_norm call with arguments it does not take")
+    a = dict(zip(names, node.args), **node.kwargs)
+    a.setdefault("weight", None)
+    a.setdefault("bias", None)
+    a.setdefault("eps", 1e-5)
+    x, shape, eps = a.get("input"), a.get("normalized_shape"), a["eps"]
+    tx = _tensor(x)
+    if tx is None or tx.dtype not in _FLOATS or tx.dim() < 1:
+        raise NoMatch(f"layer_norm input is not a {_FLOATS} tensor")
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1:
+        raise NoMatch(f"normalized_shape {shape} is not the last dim alone")
+    if not isinstance(shape[0], int) or not same_sizes(shape, tx.shape[-1:]):
+        raise NoMatch("normalized_shape is not provably x's last dim (symbolic size)")
+    if not _number(eps):
+        raise NoMatch("eps is not a constant")
+    N = tx.shape[-1]
+    params = []
+    for key in ("weight", "bias"):
+        p = a[key]
+        if p is None:
+            params.append(None)
+            continue
+        tp = _tensor(p)
+        if _weight_of(p, N, tx.device) is None:
+            raise NoMatch(f"layer_norm {key} is not a ({N},) float tensor on x's device")
+        if tp.dtype != tx.dtype and not (tp.dtype == torch.float32 and
+                                          tx.dtype != torch.float32):
+            raise NoMatch(f"layer_norm {key} dtype {tp.dtype} with input {tx.dtype}")
+        params.append(p)
+    if all(p is not None for p in params) and \
+            _tensor(params[0]).dtype != _tensor(params[1]).dtype:
+        raise NoMatch("layer_norm weight and bias of different dtypes")
+    ty = _tensor(node)
+    if ty is None or ty.dtype != tx.dtype or not same_sizes(ty.shape, tx.shape):
+        raise NoMatch("layer_norm output dtype or shape is not the input's (autocast?)")
+    return LayerNormSite(x, params[0], params[1], float(eps), node)
+
+
+def rewrite_layer_norm(gm: fx.GraphModule, site: LayerNormSite, fake_mode, remap: dict) -> None:
+    g = gm.graph
+    with g.inserting_before(site.out):
+        args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight),
+                remap.get(site.bias, site.bias), site.eps)
+        call = add_node(g, "call_function", torch.ops.lorafuse.layer_norm.default, args,
+                        fake_mode)
+        y = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
+    site.out.replace_all_uses_with(y)
+    remap[site.out] = y
+    g.erase_node(site.out)
+
+
 def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
     """Replace one site; ``remap`` maps an already-replaced output to its replacement (a
     norm's input may be another norm's output)."""
@@ -264,7 +346,7 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
             g.erase_node(node)
 
 
-def _name(site: Site) -> str:
+def _name(site) -> str:
     if site.weight is not None and site.weight.op == "placeholder":
         return site_name(site.weight).split("_parameters_")[0]
     return site.out.name
@@ -275,13 +357,19 @@ def run(gm: fx.GraphModule, report) -> None:
     fake_mode = fake_mode_of(graph)
     sites, remap = [], {}
     for node in list(graph.nodes):
-        try:
-            sites.append(match(node))
-        except NoMatch as e:
-            if e.args and e.args[0]:
-                report.skipped.append((node.name, e.args[0]))
+        for matcher in (match, match_layer_norm):
+            try:
+                sites.append(matcher(node))
+                break
+            except NoMatch as e:
+                if e.args and e.args[0]:
+                    report.skipped.append((node.name, e.args[0]))
+                    break
     for site in sites:
-        rewrite(gm, site, fake_mode, remap)
+        if isinstance(site, LayerNormSite):
+            rewrite_layer_norm(gm, site, fake_mode, remap)
+        else:
+            rewrite(gm, site, fake_mode, remap)
         report.matched.append(_name(site))
         report.ops += 1
     graph.lint()
