@@ -606,6 +606,32 @@ def test_pass_matches_layer_norm():
     assert sum(n.target is F.layer_norm for n in g.nodes) == 1
 
 
+def test_pass_layer_norm_dynamic_left_alone():
+    """Under dynamic=True eps is a graph input and a normalized_shape taken from x.shape is
+    a symbolic size: both left alone, with a reason (nothing is guessed)."""
+    from lorafuse.passes import norm as norm_pass
+    from lorafuse.report import PassReport
+
+    ln = torch.nn.LayerNorm(24)
+    reasons = []
+
+    def backend(gm, example_inputs):
+        pr = PassReport("norm")
+        norm_pass.run(gm, pr)
+        assert not pr.matched
+        reasons.extend(why for _, why in pr.skipped)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: ln(x), backend=backend, dynamic=True)(torch.randn(2, 5, 24))
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]), backend=backend,
+                      dynamic=True)
+    f(torch.randn(3, 7, 5))
+    torch._dynamo.reset()
+    assert len(reasons) == 2 and "eps" in reasons[0] and "symbolic" in reasons[1], reasons
+
+
 # --------------------------------------------------------------------------- whole models
 
 STEPS = 3

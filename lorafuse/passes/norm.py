@@ -284,6 +284,8 @@ def match_layer_norm(node: fx.Node) -> LayerNormSite:
     tx = _tensor(x)
     if tx is None or tx.dtype not in _FLOATS or tx.dim() < 1:
         raise NoMatch(f"layer_norm input is not a {_FLOATS} tensor")
+    if isinstance(shape, fx.Node):
+        raise NoMatch("normalized_shape is computed in the graph (a symbolic size)")
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
     if isinstance(shape, int):
@@ -293,7 +295,7 @@ def match_layer_norm(node: fx.Node) -> LayerNormSite:
     if not isinstance(shape[0], int) or not same_sizes(shape, tx.shape[-1:]):
         raise NoMatch("normalized_shape is not provably x's last dim (symbolic size)")
     if not _number(eps):
-        raise NoMatch("eps is not a constant")
+        raise NoMatch("eps is not a constant (a symbolic graph input under dynamic=True?)")
     N = tx.shape[-1]
     params = []
     for key in ("weight", "bias"):
