@@ -427,7 +427,7 @@ _EXPENSIVE_ATEN = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_mm",
 
 # lorafuse's elementwise / normalisation ops: memory-bound, as cheap to redo as the aten
 # chains they replace, so tier 1 may recompute them like the norms and activations it stands for.
-_CHEAP_LORAFUSE = ("rms_norm", "rope", "gated_mlp")
+_CHEAP_LORAFUSE = ("rms_norm", "layer_norm", "rope", "gated_mlp")
 
 
 def _is_expensive(node) -> bool:

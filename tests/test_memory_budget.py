@@ -357,7 +357,10 @@ def test_lorafuse_elementwise_ops_are_cheap_to_recompute():
         return g.call_function(target, ())
 
     ops = torch.ops.lorafuse
-    assert not any(_is_expensive(node(op.default)) for op in (ops.rope, ops.gated_mlp, ops.rms_norm))
+    import lorafuse.kernels.norm  # noqa: F401  (registers layer_norm)
+
+    cheap = (ops.rope, ops.gated_mlp, ops.rms_norm, ops.layer_norm)
+    assert not any(_is_expensive(node(op.default)) for op in cheap)
     assert _is_expensive(node(ops.lora_linear.default))
     assert _is_expensive(node(torch.ops.aten.mm.default))
     assert not _is_expensive(node(torch.ops.aten.mul.Tensor))
