@@ -116,8 +116,12 @@ def term_scales(variant, x, w, eps, dy, x_grad, w_grad):
 
 def assert_no_worse(got, eager, ref, scale, what, factor=1.5):
     """got's distance from the fp32 reference ≤ ``factor`` × eager's, plus fp32 noise (1e-5
-    of the terms' magnitude: where the result cancels to ~0, both are noise)."""
-    floor = 1e-5 * scale * got.numel() ** 0.5
+    of the terms' magnitude: where the result cancels to ~0, both are noise), plus one
+    rounding of got's dtype at the largest magnitude, in total: with one or two elements
+    (a width-1 norm's weight gradient) eager may land on the nearest value by luck and got
+    one ulp away (measured: 0.8008 against 0.7969 for 0.7981)."""
+    one_rounding = torch.finfo(got.dtype).eps * ref.double().abs().max().item() if got.numel() else 0
+    floor = 1e-5 * scale * got.numel() ** 0.5 + one_rounding
     err = (got.double() - ref.double()).norm().item()
     err_eager = (eager.double() - ref.double()).norm().item()
     assert err <= factor * err_eager + floor, \
