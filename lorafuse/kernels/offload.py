@@ -47,8 +47,6 @@ def _side_stream(device: torch.device):
 
 
 def _offload_cuda(x: Tensor) -> Tensor:
-    if torch.cuda.is_current_stream_capturing():  # a CUDA graph cannot hold a side stream's copy
-        raise RuntimeError("lorafuse: offload_activations cannot run inside a CUDA graph capture")
     out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
