@@ -683,8 +683,11 @@ def child_main(args) -> None:
 
 
 def git_commit() -> str:
-    """HEAD of this checkout (+dirty), or $BENCH_COMMIT where there is no .git (a copied tree)."""
-    fallback = os.environ.get("BENCH_COMMIT", "unknown")
+    """$BENCH_COMMIT when set (a copied tree's .git can be stale), else HEAD of this checkout
+    (+dirty), else "unknown"."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    fallback = "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10)

@@ -31,7 +31,7 @@
 #   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
 #   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
 #   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
-#   BENCH_COMMIT=  the commit to print when the checkout has no .git (a copied working tree)
+#   BENCH_COMMIT=  the commit to print (wins over git: a copied tree can carry a stale .git)
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
@@ -41,8 +41,9 @@ done
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-$(command -v python || command -v python3)}
-# The commit for the tables: git where the checkout has .git, else BENCH_COMMIT from the caller.
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
+# The commit for the tables: BENCH_COMMIT from the caller when set (the device tool's copy
+# of the tree can carry a stale .git), else git, else "unknown".
+COMMIT=${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export BENCH_COMMIT=$COMMIT
 if [[ ",$MODE," == *,full,* ]]; then BUDGET_S=${BUDGET_S:-0}; else BUDGET_S=${BUDGET_S:-570}; fi
 OUTDIR=${OUT:-bench/out/$(date +%Y%m%d_%H%M%S)}
