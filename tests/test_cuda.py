@@ -318,3 +318,53 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
     for name, p in params_want.items():
         assert _rel(params_got[name], p) <= 1e-2, name
     assert max(peak_got[1:]) < max(peak_want[1:]), (peak_got, peak_want)
+
+
+@pytest.mark.parametrize("N", [4096, 2050])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_triton_kernels_real_sizes(N, dtype):
+    """The RMSNorm and LayerNorm Triton kernels, called directly (the op would fall back to
+    PyTorch with a warning if a kernel raised), at the 8B width and an odd one: output and
+    every gradient against fp32 math on the same inputs, no farther than eager in ``dtype``
+    (+ one rounding)."""
+    from lorafuse.kernels import norm
+
+    g = torch.Generator("cuda").manual_seed(N)
+    M = 4 * 2048 + 3
+    x = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(N, device="cuda", generator=g)).to(dtype)
+    b = (0.1 * torch.randn(N, device="cuda", generator=g)).to(dtype)
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    slack = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5
+
+    def eager_and_fp32(fn, *params):
+        out = []
+        for cast in (lambda t: t, lambda t: t.float()):
+            xs = cast(x).requires_grad_()
+            ps = [cast(p).requires_grad_() for p in params]
+            y = fn(xs, *ps)
+            y.backward(cast(dy))
+            out.append([y.detach().float()] + [t.grad.float() for t in (xs, *ps)])
+        return out
+
+    # LayerNorm
+    y, mean, rstd = norm.layer_norm_forward_triton(x, w, b, 1e-5)
+    dx, dw, db = norm.layer_norm_backward_triton(dy, x, w, mean, rstd, True, True, True)
+    eager, want = eager_and_fp32(lambda t, w_, b_: torch.nn.functional.layer_norm(
+        t, (N,), w_, b_, 1e-5), w, b)
+    for name, got, e, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), eager, want):
+        assert _rel(got.float(), r) <= _rel(e, r) + slack, (name, _rel(got.float(), r),
+                                                            _rel(e, r))
+
+    # RMSNorm as Llama writes it (normalise in fp32, cast, times weight)
+    def llama_rms(t, w_):
+        t32 = t.float()
+        n = t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return w_ * n.to(t.dtype)
+
+    y, rstd = norm.rms_norm_forward_triton(x, w, 1e-6, 0.0, True, dtype)
+    dx, dw = norm.rms_norm_backward_triton(dy, x, w, rstd, 0.0, True, True, True)
+    eager, want = eager_and_fp32(llama_rms, w)
+    for name, got, e, r in zip(("y", "dx", "dw"), (y, dx, dw), eager, want):
+        assert _rel(got.float(), r) <= _rel(e, r) + slack, (name, _rel(got.float(), r),
+                                                            _rel(e, r))
