@@ -28,6 +28,7 @@
 #   QLORA=1        add --qlora (bitsandbytes NF4 base; carry .whl/base.tgz for bitsandbytes)
 #                  variants unsloth / unsloth_gc need .whl/uns.tgz (and base.tgz) carried
 #   SKIP_TESTS=1   skip pytest and the op benchmark
+#   PYTEST_ARGS=.. more pytest arguments for the GPU tests (e.g. "tests/test_cuda.py")
 #   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
 #   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
 #   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
@@ -106,13 +107,16 @@ run_tests() {  # run_tests [pytest-only]
     local t=${TEST_TIMEOUT:-150}
     if "$PY" -c "import pytest" 2>/dev/null; then
         say "pytest -m cuda (timeout ${t}s)"
-        timeout "$t" "$PY" -m pytest -m cuda -q > "$OUTDIR/pytest_cuda.log" 2>&1
+        # SIGINT first: pytest then still prints which tests failed and why
+        # shellcheck disable=SC2086
+        timeout -s INT -k 30 "$t" "$PY" -m pytest -m cuda -q -rfE --tb=short \
+            ${PYTEST_ARGS:-} > "$OUTDIR/pytest_cuda.log" 2>&1
         local rc=$?
-        tail -n 15 "$OUTDIR/pytest_cuda.log"
+        grep -E "^(FAILED|ERROR) |passed|failed" "$OUTDIR/pytest_cuda.log" | tail -n 25
         case $rc in
             0) line="passed" ;;
             5) line="no cuda tests collected (exit 5)" ;;
-            124) line="TIMEOUT after ${t}s" ;;
+            124|130|2) line="TIMEOUT or interrupted after ${t}s (exit $rc)" ;;
             *) line="FAILED (exit $rc)" ;;
         esac
         echo "- pytest -m cuda: $line — $(tail -n 1 "$OUTDIR/pytest_cuda.log")" >> "$SUMMARY"

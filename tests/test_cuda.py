@@ -340,8 +340,8 @@ def test_norm_triton_kernels_real_sizes(N, dtype):
     def eager_and_fp32(fn, *params):
         out = []
         for cast in (lambda t: t, lambda t: t.float()):
-            xs = cast(x).requires_grad_()
-            ps = [cast(p).requires_grad_() for p in params]
+            xs = cast(x).detach().clone().requires_grad_()
+            ps = [cast(p).detach().clone().requires_grad_() for p in params]
             y = fn(xs, *ps)
             y.backward(cast(dy))
             out.append([y.detach().float()] + [t.grad.float() for t in (xs, *ps)])
