@@ -87,7 +87,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..kernels import nf4 as nf4_kernels  # noqa: F401  (registers the ops)
+from .._torch import unset_fake_temporarily
+from ..kernels import nf4 as nf4_kernels  # (also registers the ops)
 from ._graph import (
     DROPOUT_FUNCS,
     add_node,
@@ -486,6 +487,11 @@ def _rewrite(gm, b: Base, lora, fake_mode) -> None:
                 int(a["blocksize"]), a["quant_type"], a["bias"], lora_a, lora_b, float(scale),
                 x_lora, out_dtype)
         call = add_node(g, "call_function", torch.ops.lorafuse.nf4_linear.default, args, fake_mode)
+        # The op's 16-entry code table is cached per device at its first use. Made here, at
+        # compile time: made at the first run, it would sit in the CUDA-graph pool of
+        # Inductor's cudagraph trees, which refuse memory they do not track as an output.
+        with unset_fake_temporarily():
+            nf4_kernels.code_table(a["quant_type"], val(a["A"]).device)
         y = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)
     (lora.add if lora is not None else b.out).replace_all_uses_with(y)
     erase = (lora.erase if lora is not None else []) + b.erase
