@@ -49,7 +49,8 @@ class Options:
     recompute_free: bool = False
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched one ahead in the backward
-    # (partition.offload_saved, kernels/offload.py); opt-in, not measured on the GPU yet.
+    # (partition.offload_saved, kernels/offload.py); opt-in, and ignored on CUDA (with a
+    # warning) until a GPU run verifies it: see partition.OFFLOAD_ON_GPU_ENV.
     # Inductor runs such graphs without CUDA graphs (they have CPU tensors).
     offload_activations: bool = False
 

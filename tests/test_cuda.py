@@ -276,6 +276,7 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
     from lorafuse.kernels import offload
 
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 2**16)
+    monkeypatch.setenv(lorafuse.partition.OFFLOAD_ON_GPU_ENV, "1")
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
                       max_position_embeddings=2048, use_cache=False)

@@ -47,12 +47,18 @@ def _side_stream(device: torch.device):
 
 
 def _offload_cuda(x: Tensor) -> Tensor:
+    # The side stream reads a copy of x, not x: Inductor's generated code reuses a dead
+    # buffer's memory for a later kernel's output without going through the allocator, so
+    # x.record_stream(side) would not stop that kernel from overwriting x mid-copy (the
+    # session-6 GPU test saw different losses from the second step on). The device-to-
+    # device copy costs ~1 % of the trip over PCIe.
+    staged = x.clone(memory_format=torch.contiguous_format)
     out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     side = _side_stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
+    side.wait_stream(torch.cuda.current_stream(x.device))  # the copy is complete
     with torch.cuda.stream(side):
-        out.copy_(x, non_blocking=True)
-    x.record_stream(side)  # its memory is not reused before the copy is done
+        out.copy_(staged, non_blocking=True)
+    staged.record_stream(side)  # its memory is not reused before the copy is done
     return out
 
 
@@ -87,7 +93,7 @@ def offload_op(x: Tensor) -> Tensor:
     """A CPU copy of ``x`` (pinned, filled on a side stream when x is on CUDA)."""
     if x.is_cuda:
         try:
-            return _offload_cuda(x.contiguous())
+            return _offload_cuda(x)
         except RuntimeError as e:  # pinned memory refused, say: the same copy, synchronously
             warn_once(f"lorafuse: asynchronous offload unavailable ({e}); copying synchronously")
     return offload_reference(x)
