@@ -7,9 +7,10 @@ pays in Python and launches when the GPU is not the bottleneck (the QLoRA step w
 Each path is called ``--calls`` times at a small M (the GPU work per call is a few
 microseconds, so the loop's wall time is the host's), as Inductor's generated code calls
 the ops: ``torch.ops.lorafuse.*.default`` under no_grad. Columns: host µs per call (wall
-time of the loop / calls, no synchronisation inside) and GPU µs per call (CUDA events
-around the same loop); when host > GPU the path is host-bound at this M. The last column
-is host ms per 8B step at that rate (224 calls: 7 sites × 32 layers).
+time of the loop / calls, no synchronisation inside) and host ms per 8B step at that rate
+(224 calls: 7 sites × 32 layers). There is no GPU column: CUDA events around a host-bound
+loop measure the host again (session 6); the GPU time per op is in bench_lora_op.py and
+bench_nf4_gemm.py, at training sizes.
 """
 
 from __future__ import annotations
@@ -30,20 +31,17 @@ from lorafuse.kernels import lora, nf4  # noqa: E402
 SITES_PER_STEP = 224
 
 
-def measure(fn, calls: int) -> tuple[float, float]:
-    """(host µs per call, GPU µs per call) of ``fn()`` called ``calls`` times."""
+def measure(fn, calls: int) -> float:
+    """Host µs per call of ``fn()`` called ``calls`` times."""
     for _ in range(5):
         fn()  # per-shape choices, JIT, autotuning
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     host = time.perf_counter() - t0
-    end.record()
-    end.synchronize()
-    return host / calls * 1e6, start.elapsed_time(end) / calls * 1e3
+    torch.cuda.synchronize()
+    return host / calls * 1e6
 
 
 def with_env(name: str, value: str, fn):
@@ -133,16 +131,16 @@ def main() -> int:
             print(f"4-bit paths skipped: {e}", file=sys.stderr)
     print(f"### Host cost per call, M = {args.m}, N = K = 4096, r = 16, bf16, "
           f"{args.calls} calls ({torch.cuda.get_device_name()}, torch {torch.__version__})\n")
-    print("| path | host µs/call | GPU µs/call | host ms per 224 calls |")
-    print("|---|---|---|---|")
+    print("| path | host µs/call | host ms per 224 calls |")
+    print("|---|---|---|")
     with torch.no_grad():
         for name, fn in paths.items():
             try:
-                host, gpu = measure(fn, args.calls)
+                host = measure(fn, args.calls)
             except Exception as e:  # a path that cannot run here: say so, go on
-                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} | |")
                 continue
-            print(f"| {name} | {host:.1f} | {gpu:.1f} | {host * SITES_PER_STEP / 1e3:.1f} |",
+            print(f"| {name} | {host:.1f} | {host * SITES_PER_STEP / 1e3:.1f} |",
                   flush=True)
     return 0
 
