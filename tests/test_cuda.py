@@ -266,9 +266,10 @@ def test_nf4_triton_dequantize_bit_exact_on_gpu(quant_type, nested):
 
 
 def test_offload_activations_same_training_less_peak_memory(monkeypatch):
-    """offload_activations on the GPU (side stream, pinned memory, prefetch one ahead): the
-    same losses and LoRA gradients as without it (to the run-to-run noise of the attention
-    backward), a lower peak, and no prefetch left over after each backward."""
+    """offload_activations on the GPU (side stream, pinned memory, prefetch one ahead, a
+    small in-flight limit): the same losses and LoRA gradients as without it (to the
+    run-to-run noise of the attention backward), less memory held between the forward and
+    the backward, a lower peak, and no prefetch left over after each backward."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -277,6 +278,7 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
 
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 2**16)
     monkeypatch.setenv(lorafuse.partition.OFFLOAD_ON_GPU_ENV, "1")
+    monkeypatch.setattr(offload, "INFLIGHT_BYTES", 2**24)  # this model offloads ~10 × that
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
                       max_position_embeddings=2048, use_cache=False)
@@ -293,12 +295,14 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
                                                 init_lora_weights=False))
         compiled = torch.compile(model, backend="lorafuse", options=options)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        losses, peaks = [], []
+        losses, peaks, held = [], [], []
         for _ in range(3):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             with torch.autocast("cuda", torch.bfloat16):
                 loss = compiled(input_ids=ids, labels=ids).loss
+            torch.cuda.synchronize()
+            held.append(torch.cuda.memory_allocated())  # what the backward will need
             loss.backward()
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated())
@@ -308,16 +312,18 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
             opt.zero_grad(set_to_none=True)
         grads_like = {n: p.detach().float().clone() for n, p in model.named_parameters()
                       if p.requires_grad}
-        return losses, peaks, grads_like
+        return losses, peaks, grads_like, held
 
-    want, peak_want, params_want = run()
-    got, peak_got, params_got = run(offload_activations=True)
+    want, peak_want, params_want, held_want = run()
+    got, peak_got, params_got, held_got = run(offload_activations=True)
     print(f"losses {want} vs {got}; peak {max(peak_want) / 2**20:.0f} MiB vs "
-          f"{max(peak_got) / 2**20:.0f} MiB")
+          f"{max(peak_got) / 2**20:.0f} MiB; held after the forward "
+          f"{max(held_want) / 2**20:.0f} MiB vs {max(held_got) / 2**20:.0f} MiB")
     for a, b in zip(got, want):
         assert abs(a - b) <= 1e-3 * abs(b), (got, want)
     for name, p in params_want.items():
         assert _rel(params_got[name], p) <= 1e-2, name
+    assert max(held_got[1:]) < max(held_want[1:]), (held_got, held_want)
     assert max(peak_got[1:]) < max(peak_want[1:]), (peak_got, peak_want)
 
 

@@ -115,3 +115,40 @@ def test_ops_copy_values_and_pass_opcheck():
     assert torch.equal(back, x) and back.data_ptr() != cpu.data_ptr()
     torch.library.opcheck(torch.ops.lorafuse.offload.default, (x,))
     torch.library.opcheck(torch.ops.lorafuse.reload.default, (cpu, torch.device("cpu"), x))
+
+
+class _FakeCopy:
+    """An event stand-in: finished or not, and whether the host waited on it."""
+
+    def __init__(self, finished):
+        self.finished, self.waited = finished, False
+
+    def query(self):
+        return self.finished
+
+    def synchronize(self):
+        self.waited = self.finished = True
+
+
+def test_inflight_copies_are_bounded_oldest_first():
+    """limit_inflight forgets finished copies without waiting, waits on the host for the
+    oldest unfinished ones only while the bytes in flight exceed the limit, and never for
+    the newest (the copy just issued)."""
+    from collections import deque
+
+    from lorafuse.kernels.offload import limit_inflight
+
+    q = deque()
+    a, b, c, d = _FakeCopy(True), _FakeCopy(False), _FakeCopy(False), _FakeCopy(False)
+    limit_inflight(q, a, 100, 250)
+    assert list(q) == [(a, 100)]  # the newest stays even when finished
+    limit_inflight(q, b, 100, 250)
+    assert [e for e, _ in q] == [b] and not a.waited  # a had finished: dropped, no wait
+    limit_inflight(q, c, 100, 250)
+    assert [e for e, _ in q] == [b, c] and not b.waited  # 200 in flight ≤ 250
+    limit_inflight(q, d, 100, 250)  # 300 > 250: wait for the oldest only
+    assert b.waited and not c.waited and not d.waited
+    assert [e for e, _ in q] == [c, d]
+    big = _FakeCopy(False)
+    limit_inflight(q, big, 1000, 250)  # alone above the limit: everything older is waited on
+    assert c.waited and d.waited and not big.waited and [e for e, _ in q] == [big]

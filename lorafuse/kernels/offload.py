@@ -1,9 +1,11 @@
 """Activations kept for the backward in CPU memory: ``lorafuse::offload`` and
 ``lorafuse::reload`` (the partitioner's ``offload_activations`` option, partition.py).
 
-The forward graph calls ``offload(x)`` right after x is computed; the copy goes to pinned
-CPU memory on a side stream, so the forward does not wait for it, and x's GPU memory is
-handed back once the copy is done (``record_stream``), not before. The backward calls
+The forward graph calls ``offload(x)`` right after x is computed; a clone of x is copied
+to pinned CPU memory on a side stream, so the forward does not wait for it, and the
+clone's GPU memory is handed back once the copy is done (``record_stream``), not before.
+The host waits for the oldest copies when more than ``INFLIGHT_BYTES`` are in flight, so
+that the offloaded memory is actually reused during the forward. The backward calls
 ``reload(x_cpu, device, next_cpu)`` right before x's first use: it waits for x's copy back
 (issued by the previous ``reload`` as a prefetch, on the same side stream) and starts the
 copy of ``next_cpu``, the next offloaded tensor the backward needs, so each copy back runs
@@ -13,11 +15,14 @@ side stream per device, so the copy back of x is always queued after its copy ou
 The values are never changed, only moved: the reference implementation below (and the
 path on CPU tensors, where there is nothing to offload) is a plain copy. The copies share
 the PCIe link with nothing else of lorafuse; whether they hide behind the compute depends on
-the bytes offloaded per layer against the layer's backward time (not measured on the GPU yet).
+the bytes offloaded per layer against the layer's compute time. Session 6's one GPU run (before
+the clone and the limit) gave wrong gradients and no lower peak; on CUDA the option is off
+until a GPU run passes (partition.OFFLOAD_ON_GPU_ENV).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import torch
@@ -26,6 +31,14 @@ from torch import Tensor
 from ._dispatch import warn_once
 
 _streams: dict = {}  # device index -> the side stream for both copies
+# Copies out still running: device index -> deque of (event after the copy, its bytes).
+# The caching allocator reuses a block freed under record_stream only once the host has
+# seen the side stream's event complete, and the host runs ahead of the GPU; without a
+# limit every offloaded tensor stays allocated until the end of the forward, and the peak
+# does not fall (session 6's GPU test: 628 against 623 MiB). Past INFLIGHT_BYTES the host
+# waits for the oldest copy; the GPU still has the queued kernels to run meanwhile.
+INFLIGHT_BYTES = 2**29
+_inflight: dict = {}
 # data_ptr of an offloaded CPU tensor -> (that tensor, its GPU copy being filled, an event
 # after the copy): prefetches started by the previous reload
 _prefetched: dict = {}
@@ -58,8 +71,26 @@ def _offload_cuda(x: Tensor) -> Tensor:
     side.wait_stream(torch.cuda.current_stream(x.device))  # the copy is complete
     with torch.cuda.stream(side):
         out.copy_(staged, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
     staged.record_stream(side)  # its memory is not reused before the copy is done
+    limit_inflight(_inflight.setdefault(side.device_index, deque()), done,
+                   staged.numel() * staged.element_size(), INFLIGHT_BYTES)
     return out
+
+
+def limit_inflight(queue: deque, done, nbytes: int, limit: int) -> None:
+    """Add the copy ``done`` (an event with ``query``/``synchronize``) of ``nbytes`` to
+    ``queue``, forget the copies already finished, and wait on the host for the oldest
+    ones while more than ``limit`` bytes are in flight (always leaving the newest)."""
+    queue.append((done, nbytes))
+    while len(queue) > 1 and queue[0][0].query():
+        queue.popleft()
+    inflight = sum(b for _, b in queue)
+    while len(queue) > 1 and inflight > limit:
+        event, b = queue.popleft()
+        event.synchronize()
+        inflight -= b
 
 
 def _copy_back(x: Tensor, device: torch.device):
