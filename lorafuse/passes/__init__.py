@@ -16,8 +16,8 @@ The others are asked for with ``passes=(...)``:
 - ``rope``: q and k rotated by one op, forward and backward; not measured on the GPU yet.
 - ``gated_mlp``: ``act(gate) * up`` as one op, act recomputed in the backward; not measured
   on the GPU yet.
-- ``eager_attention``: Gemma2's eager attention → flash attention; not measured on the GPU
-  yet.
+- ``eager_attention``: Gemma2's eager attention → flash attention; 7–16 % slower than
+  Inductor's fused chain with a softcap at head dim 256 (session 6).
 """
 
 from . import (attention, dequant_matmul, eager_attention, gated_mlp, lora, loss, masked_attention,

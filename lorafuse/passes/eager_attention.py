@@ -47,7 +47,8 @@ Not measured on the GPU (the range check's cost, the recomputed forward in the b
 
 Anything else unproven is left alone with the reason in the report.
 
-Not a default pass until measured faster on the GPU (bench/bench_softcap_attention.py).
+Not a default pass: on the H200 the flash kernel with a softcap was 7–16 % slower than
+Inductor's fused eager chain (bench/bench_softcap_attention.py, bench/RESULTS.md session 6).
 """
 
 from __future__ import annotations
