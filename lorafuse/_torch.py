@@ -16,6 +16,9 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition  #
 from torch._inductor import list_mode_options  # noqa: F401  torch.compile(mode=...) as config patches
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  Inductor's entry point, with config_patches
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook's base
+# the aten decompositions Inductor's graphs are traced with (code inlined into a partitioned
+# graph must use the same ops: Inductor refuses an op it both decomposes and lowers)
+from torch._inductor.decomposition import select_decomp_table  # noqa: F401
 from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: F401  real tensors at compile time
 from torch.fx.experimental.symbolic_shapes import statically_known_true  # noqa: F401  compare sizes, no guards
 

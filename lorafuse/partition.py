@@ -19,6 +19,7 @@ backward needs it (kernels/offload.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,12 +31,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
-                     min_cut_rematerialization_partition, statically_known_true)
+                     min_cut_rematerialization_partition, select_decomp_table,
+                     statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
-from .kernels.quant_storage import FLOAT_DTYPES, STORAGE_DTYPES
+from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
+                                    quantize_rows)
 
 _SOURCES = sorted(str(p) for p in Path(__file__).parent.rglob("*.py"))
 
@@ -658,8 +662,8 @@ def _why_not_quantized(node, saved, inputs, user_outputs) -> str | None:
 
 
 def quantize_saved(fwd, bwd, inputs, num_fwd_outputs: int, storage_dtype) -> dict:
-    """Store the saved activations that qualify (``_why_not_quantized``) as
-    ``lorafuse::quantize_rows`` outputs, in place in both partitioned graphs.
+    """Store the saved activations that qualify (``_why_not_quantized``) quantized
+    (``kernels/quant_storage.py``, inlined as aten ops), in place in both partitioned graphs.
 
     AOTAutograd's contract for the two graphs (torch 2.11–2.13, ``_extract_fwd_bwd_modules``
     and ``_categorize_saved_tensors_for_backward``): the forward returns
@@ -703,37 +707,52 @@ def quantize_saved(fwd, bwd, inputs, num_fwd_outputs: int, storage_dtype) -> dic
     return plan
 
 
-def _quantize_in_forward(graph, node, storage_dtype):
-    """``q, absmax = quantize_rows(node)`` right after ``node``: the full-precision tensor
-    dies after its last forward use, not at the end of the forward."""
+def _inline(graph, fn, nodes, *consts):
+    """``fn(*values of nodes, *consts)`` traced to aten ops on the nodes' fake values and
+    copied into ``graph`` at its insertion point; returns the copy of fn's output (a node
+    or a tuple of nodes), each with its fake value. Inlined rather than one opaque op so
+    that Inductor compiles it with the kernels around it."""
+    vals = [n.meta["val"] for n in nodes]
+    mode = getattr(vals[0], "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        traced = make_fx(lambda *xs: fn(*xs, *consts), select_decomp_table(),
+                         tracing_mode="real")(*vals)
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    return graph.graph_copy(traced.graph, dict(zip(placeholders, nodes)))
+
+
+def _renamed(graph, node, name):
+    """``node`` recreated under ``name`` (AOTAutograd matches a saved tensor's name in the
+    forward's outputs with the backward's placeholder)."""
     with graph.inserting_after(node):
-        pair = graph.create_node("call_function", torch.ops.lorafuse.quantize_rows.default,
-                                 (node, storage_dtype), name=f"{node.name}_quantized")
-    pair.meta["val"] = torch.ops.lorafuse.quantize_rows.default(node.meta["val"], storage_dtype)
-    outs = []
-    for i, suffix in enumerate(("q", "absmax")):
-        with graph.inserting_after(outs[-1] if outs else pair):
-            item = graph.create_node("call_function", operator.getitem, (pair, i),
-                                     name=f"{node.name}_{suffix}")
-        item.meta["val"] = pair.meta["val"][i]
-        outs.append(item)
-    return outs
+        new = graph.create_node(node.op, node.target, node.args, node.kwargs, name=name)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _quantize_in_forward(graph, node, storage_dtype):
+    """``q, absmax`` (``quantize_rows``, inlined) right after ``node``: the
+    full-precision tensor dies after its last forward use, not at the end of the forward."""
+    with graph.inserting_before(node.next):  # (inserting_after(node) would reverse them)
+        q, scale = _inline(graph, quantize_rows, [node], storage_dtype)
+    return [_renamed(graph, q, f"{node.name}_q"), _renamed(graph, scale, f"{node.name}_absmax")]
 
 
 def _dequantize_in_backward(graph, saved, q, scale) -> None:
     """``saved`` (a placeholder) becomes two placeholders (q, absmax) at its position, and
-    ``dequantize_rows`` right before its first user (not at the top of the backward: the
-    dequantized copy lives only from where it is needed)."""
+    the dequantisation (``dequantize_rows``, inlined) right before its first user
+    (not at the top of the backward: the dequantized copy lives only from where it is
+    needed)."""
     with graph.inserting_before(saved):
         q_in = graph.placeholder(q.name)
         scale_in = graph.placeholder(scale.name)
     q_in.meta["val"], scale_in.meta["val"] = q.meta["val"], scale.meta["val"]
     first_user = min(saved.users, key=_position(graph))
     with graph.inserting_before(first_user):
-        value = graph.call_function(torch.ops.lorafuse.dequantize_rows.default,
-                                    (q_in, scale_in, saved.meta["val"].dtype))
-    value.meta["val"] = torch.ops.lorafuse.dequantize_rows.default(
-        q.meta["val"], scale.meta["val"], saved.meta["val"].dtype)
+        value = _inline(graph, dequantize_rows, [q_in, scale_in],
+                        saved.meta["val"].dtype)
     saved.replace_all_uses_with(value)
     graph.erase_node(saved)
 

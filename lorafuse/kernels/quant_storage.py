@@ -1,11 +1,14 @@
-"""Quantized storage of saved activations: ``lorafuse::quantize_rows`` and
-``lorafuse::dequantize_rows``.
+"""Quantized storage of saved activations: ``quantize_rows`` and
+``dequantize_rows``.
 
-The partitioner (``lorafuse/partition.py``, option ``activation_dtype``) puts
-``quantize_rows`` in the forward right after an activation the backward needs, saves its
-two outputs instead of the activation, and puts ``dequantize_rows`` in the backward
-before the activation's first user. The ops sit in graphs that are already partitioned:
-they need no autograd.
+The partitioner (``lorafuse/partition.py``, option ``activation_dtype``) traces
+``quantize_rows`` to aten ops and inlines it in the forward right after an
+activation the backward needs, saves its two outputs instead of the activation, and
+inlines ``dequantize_rows`` in the backward before the activation's first user.
+Inlined, not custom ops: Inductor compiles them with their neighbours (the row reduction
+and the scaling as one kernel, or into the kernel that produces the activation; the
+dequantisation into the backward kernel that reads it, where that kernel is its own),
+instead of the ~10 full passes over the tensor the eager code makes.
 
 Per-row absmax scaling, a row being the last dim (``m = max |x|`` over the row, fp32):
 
@@ -30,9 +33,10 @@ non-finite value there, so the step's loss or gradients are non-finite anyway; t
 non-finite value is never turned into a finite wrong one.
 
 fp8 works on CPU (float8_e4m3fn conversions are implemented there in torch ≥ 2.1); it is
-slower than int8 there. Paths: the PyTorch code below on every device (a handful of
-elementwise kernels and one row reduction on CUDA; a fused Triton kernel is not written
-yet).
+slower than int8 there. The code below is written with out-of-place ops only (the graphs
+it is inlined into are functional). Compiled by Inductor, its float arithmetic may round
+differently from eager (division on the GPU): the bounds above still hold, to a few fp32
+ulps of m (tests/test_quant_storage.py checks the compiled round trip).
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def quantize_rows_reference(x: Tensor, qdtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def quantize_rows(x: Tensor, qdtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(q, absmax)``: see the module docstring."""
+    if qdtype not in _QMAX:
+        raise ValueError(f"quantize_rows: qdtype {qdtype} is not one of {list(_QMAX)}")
     qmax = _QMAX[qdtype]
     h = x.to(torch.float32)
     absmax = h.abs().amax(dim=-1)  # NaN propagates; inf stays inf
@@ -58,39 +64,13 @@ def quantize_rows_reference(x: Tensor, qdtype: torch.dtype) -> tuple[Tensor, Ten
     unit = h / torch.where(ok, absmax.unsqueeze(-1), torch.ones_like(h[..., :1]))
     unit = torch.where(ok, unit, torch.zeros_like(unit))
     if qdtype == torch.int8:
-        q = torch.round(unit * qmax).clamp_(-qmax, qmax).to(torch.int8)
+        q = torch.round(unit * qmax).clamp(-qmax, qmax).to(torch.int8)
     else:
-        q = (unit * qmax).clamp_(-qmax, qmax).to(qdtype)
+        q = (unit * qmax).clamp(-qmax, qmax).to(qdtype)
     return q, scale
 
 
-def dequantize_rows_reference(q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def dequantize_rows(q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     """``x'`` in ``out_dtype``: ``(q / qmax) · absmax``, per row."""
     qmax = _QMAX[q.dtype]
     return ((q.to(torch.float32) / qmax) * scale.unsqueeze(-1)).to(out_dtype)
-
-
-@torch.library.custom_op("lorafuse::quantize_rows", mutates_args=())
-def quantize_rows_op(x: Tensor, qdtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Returns ``(q, absmax)``: q in ``qdtype`` (int8 or float8_e4m3fn) with x's shape,
-    absmax fp32 ``x.shape[:-1]``."""
-    if qdtype not in _QMAX:
-        raise ValueError(f"lorafuse::quantize_rows: qdtype {qdtype} is not one of {list(_QMAX)}")
-    q, scale = quantize_rows_reference(x, qdtype)
-    return q.contiguous(), scale.contiguous()
-
-
-@quantize_rows_op.register_fake
-def _(x, qdtype):
-    return x.new_empty(x.shape, dtype=qdtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("lorafuse::dequantize_rows", mutates_args=())
-def dequantize_rows_op(q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """Returns ``x'`` in ``out_dtype``, contiguous, with q's shape."""
-    return dequantize_rows_reference(q, scale, out_dtype).contiguous()
-
-
-@dequantize_rows_op.register_fake
-def _(q, scale, out_dtype):
-    return q.new_empty(q.shape, dtype=out_dtype)
