@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import math
-import operator
 import os
 import re
 import warnings
@@ -766,8 +765,9 @@ def _position(graph):
 
 OFFLOAD_MIN_BYTES = 2**20  # smaller tensors are not worth a copy each way
 # Offloading CUDA tensors is off unless this is "1": session 6's GPU test found different
-# losses from the second step on (likely a race with Inductor's buffer reuse, fixed since
-# in kernels/offload.py but not yet run on a GPU) and no lower peak (not explained yet). Until a GPU run passes
+# losses from the second step on and no lower peak. The likely causes (Inductor reusing a
+# buffer mid-copy; the allocator holding offloaded memory until the host sees the copies
+# done) are addressed in kernels/offload.py, not yet on a GPU. Until a GPU run passes
 # tests/test_cuda.py::test_offload_activations_same_training_less_peak_memory, the option
 # warns and leaves CUDA graphs alone rather than risk wrong gradients.
 OFFLOAD_ON_GPU_ENV = "LORAFUSE_OFFLOAD_ON_GPU"
