@@ -10,7 +10,8 @@ the ops: ``torch.ops.lorafuse.*.default`` under no_grad. Columns: host µs per c
 time of the loop / calls, no synchronisation inside) and host ms per 8B step at that rate
 (224 calls: 7 sites × 32 layers). There is no GPU column: CUDA events around a host-bound
 loop measure the host again (session 6); the GPU time per op is in bench_lora_op.py and
-bench_nf4_gemm.py, at training sizes.
+bench_nf4_gemm.py, at training sizes. After the table, a cProfile breakdown of each
+lorafuse op's host time by function (``--profile``), to see what to cut.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def main() -> int:
     p.add_argument("--m", type=int, default=16, help="rows per call (small: host-bound)")
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--no-nf4", action="store_true", help="skip the 4-bit paths")
+    p.add_argument("--profile", default="lorafuse::", metavar="PREFIX",
+                   help="after the table, where the host time of the paths whose name "
+                        "starts with PREFIX goes (cProfile, top functions by own time); "
+                        "'' for none")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_op_host.py needs a CUDA GPU", file=sys.stderr)
@@ -142,7 +147,35 @@ def main() -> int:
                 continue
             print(f"| {name} | {host:.1f} | {host * SITES_PER_STEP / 1e3:.1f} |",
                   flush=True)
+        if args.profile:
+            for name, fn in paths.items():
+                if name.startswith(args.profile):
+                    print_profile(name, fn, args.calls)
     return 0
+
+
+def print_profile(name: str, fn, calls: int, top: int = 12) -> None:
+    """The functions where ``calls`` calls of ``fn`` spend their host time (own time,
+    µs per call), as a table: which Python (dispatch, checks, launchers) to cut."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, _)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"\n#### {name}: own host time per call (cProfile, which inflates it)\n")
+    print("| function | calls per call | own µs per call |")
+    print("|---|---|---|")
+    for (path, line, func), (_, nc, tottime, _, _) in rows:
+        where = f"{Path(path).name}:{line} {func}" if line else func
+        print(f"| `{where}` | {nc / calls:.0f} | {tottime / calls * 1e6:.1f} |")
 
 
 if __name__ == "__main__":
