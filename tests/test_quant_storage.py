@@ -267,3 +267,33 @@ def test_cache_key_follows_the_option():
 
     keys = {uuid(), uuid(activation_dtype="int8"), uuid(activation_dtype="fp8")}
     assert len(keys) == 3
+
+
+@pytest.mark.slow
+def test_dynamic_shapes_quantized_and_offloaded(monkeypatch):
+    """torch.compile(dynamic=True): the inlined (de)quantisation and the offload ops are
+    traced on symbolic sizes; two sequence lengths run one compiled graph, with losses
+    within the int8 bound of eager's."""
+    import lorafuse.partition
+    from lorafuse.report import Report
+
+    monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
+    model = make_tiny_model("llama", layers=1, seed=5)
+    eager = copy.deepcopy(model)
+    reset_dynamo()
+    report = Report()
+    backend = lambda gm, ex: lorafuse.lorafuse_backend(  # noqa: E731
+        gm, ex, _collect=report,
+        options={"strict": True, "activation_dtype": "int8", "offload_activations": True})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for seq in (128, 96):
+        ids = torch.randint(0, VOCAB, (BATCH, seq), generator=torch.Generator().manual_seed(seq))
+        got = compiled(input_ids=ids, labels=ids).loss
+        got.backward()
+        want = eager(input_ids=ids, labels=ids).loss
+        torch.testing.assert_close(got, want, rtol=LOSS_RTOL, atol=0)
+    reset_dynamo()
+    (graph,) = report.graphs  # one graph for both lengths
+    assert graph.fell_back is None, graph.fell_back
+    assert graph.quantized_tensors and graph.offloaded_tensors, (graph.quantized_tensors,
+                                                                 graph.offloaded_tensors)
