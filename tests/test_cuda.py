@@ -303,6 +303,8 @@ def _small_llama_run(steps=3, **options):
         out["peaks"].append(torch.cuda.max_memory_allocated())
         assert not offload._prefetched, "a prefetch was left over"
         out["losses"].append(loss.item())
+        print(f"step {step}: loss {out['losses'][-1]:.4f}, held {_mib(out['held'][-1:])}, "
+              f"peak {_mib(out['peaks'][-1:])}", flush=True)  # progress under -s
         if step == 0:
             out["grads"] = {n: p.grad.float().clone() for n, p in trainable.items()}
         opt.step()
