@@ -764,13 +764,6 @@ def _position(graph):
 # --------------------------------------------------------------------------- offloading
 
 OFFLOAD_MIN_BYTES = 2**20  # smaller tensors are not worth a copy each way
-# Offloading CUDA tensors is off unless this is "1": session 6's GPU test found different
-# losses from the second step on and no lower peak. The likely causes (Inductor reusing a
-# buffer mid-copy; the allocator holding offloaded memory until the host sees the copies
-# done) are addressed in kernels/offload.py, not yet on a GPU. Until a GPU run passes
-# tests/test_cuda.py::test_offload_activations_same_training_less_peak_memory, the option
-# warns and leaves CUDA graphs alone rather than risk wrong gradients.
-OFFLOAD_ON_GPU_ENV = "LORAFUSE_OFFLOAD_ON_GPU"
 
 
 def _why_not_offloaded(node, saved, inputs, user_outputs) -> str | None:
@@ -782,11 +775,6 @@ def _why_not_offloaded(node, saved, inputs, user_outputs) -> str | None:
     val = node.meta["val"]
     if val.device.type not in ("cuda", "cpu"):
         return f"on {val.device.type}"
-    if val.device.type == "cuda" and os.environ.get(OFFLOAD_ON_GPU_ENV) != "1":
-        warnings.warn("lorafuse: offload_activations is not yet verified on CUDA and is "
-                      f"ignored there (set {OFFLOAD_ON_GPU_ENV}=1 to try it); activations "
-                      "stay on the GPU")
-        return f"on CUDA ({OFFLOAD_ON_GPU_ENV} not set)"
     if _size_of(node) < OFFLOAD_MIN_BYTES:
         return f"smaller than {OFFLOAD_MIN_BYTES // 2**10} KiB"
     if not statically_known_true(val.is_contiguous()):

@@ -326,7 +326,6 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
     from lorafuse.kernels import offload
 
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 2**16)
-    monkeypatch.setenv(lorafuse.partition.OFFLOAD_ON_GPU_ENV, "1")
     monkeypatch.setattr(offload, "INFLIGHT_BYTES", 2**24)  # this model offloads ~10 × that
     want = _small_llama_run()
     got = _small_llama_run(offload_activations=True)
