@@ -499,6 +499,18 @@ def test_gemma2_trains_like_eager(fresh_dynamo):
 # --------------------------------------------------------------------------- GPU
 
 
+def test_fp32_runs_only_the_smallest_tile_configs():
+    """fp32 (DOT_FP32) autotunes over the last, smallest config of each list alone: larger
+    fp32 tiles never finished on the H200 (session 7); other dtypes keep them all."""
+    from lorafuse.kernels import flash_attention as fa
+
+    for tuned, configs in ((fa._fwd_tuned, fa.FWD_CONFIGS), (fa._dq_tuned, fa.DQ_CONFIGS),
+                           (fa._dkdv_tuned, fa.DKDV_CONFIGS)):
+        prune = tuned.early_config_prune
+        assert prune(configs, {}, DOT_FP32=True) == configs[-1:]
+        assert prune(configs, {}, DOT_FP32=False) == configs
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
