@@ -63,12 +63,18 @@ def _calls(gm, op):
 
 @pytest.mark.slow
 def test_losses_and_lora_grads_equal_no_offload(runs):
+    # The values are only moved, but a tensor offloaded through a permutation (attention's
+    # (B, H, S, D) views) comes back in its traced layout, and Inductor's kernels around it
+    # may then sum in another order: equal to fp32 rounding, not always bitwise.
     got, want = runs["offload"], runs["plain"]
     for step in range(STEPS):
-        torch.testing.assert_close(got["losses"][step], want["losses"][step], rtol=0, atol=0)
+        torch.testing.assert_close(got["losses"][step], want["losses"][step], rtol=1e-6, atol=0)
         assert got["grads"][step].keys() == want["grads"][step].keys()
         for name, g in want["grads"][step].items():
-            torch.testing.assert_close(got["grads"][step][name], g, rtol=0, atol=0)
+            assert g.norm() > 0, name
+            err = ((got["grads"][step][name] - g).norm() / g.norm()).item()
+            print(f"step {step} {name}: relative error {err:.1e}")
+            assert err <= 1e-5, (step, name, err)
 
 
 @pytest.mark.slow
@@ -78,10 +84,19 @@ def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(
     offloads = _calls(fwd, torch.ops.lorafuse.offload.default)
     reloads = _calls(bwd, torch.ops.lorafuse.reload.default)
     assert len(plan["names"]) == len(offloads) == len(reloads) > 0
-    # each offload follows its source directly and feeds only the forward's output
+    # each offload reads its source, or a contiguous permutation of it (attention's
+    # (B, H, S, D) views), and feeds only the forward's output
+    sources = {}
     for node in offloads:
-        assert node.args[0].name in plan["names"]
+        src = node.args[0]
+        if src.target is torch.ops.aten.permute.default:
+            assert src.meta["val"].is_contiguous()
+            src = src.args[0]
+        assert src.name in plan["names"]
         assert [u.op for u in node.users] == ["output"]
+        sources[node.name] = src.meta["val"]
+    permuted = [n for n in offloads if n.args[0].target is torch.ops.aten.permute.default]
+    assert permuted, "no permuted tensor offloaded: the tiny model should have some"
     # reloads in backward order: reload i prefetches the CPU tensor reload i + 1 reads
     order = {n: i for i, n in enumerate(bwd.graph.nodes)}
     reloads.sort(key=order.__getitem__)
@@ -91,6 +106,13 @@ def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(
         assert nxt is (reloads[i + 1].args[0] if i + 1 < len(reloads) else None)
         first_use = min(node.users, key=order.__getitem__)
         assert order[node] < order[first_use]
+        # what the backward reads has the saved tensor's shape and strides again
+        value = node
+        if len(node.users) == 1 and first_use.target is torch.ops.aten.permute.default:
+            value = first_use
+        want = sources[cpu.name]
+        assert value.meta["val"].shape == want.shape
+        assert value.meta["val"].stride() == want.stride()
     # nothing in the backward reads an offloaded tensor's old placeholder
     names = {n.name for n in bwd.graph.find_nodes(op="placeholder")}
     assert not names & set(plan["names"])

@@ -44,12 +44,15 @@ _inflight: dict = {}
 _prefetched: dict = {}
 
 
+# Both copies are contiguous, as the fake implementations say, whatever x's strides at run
+# time (Inductor may lay out an intermediate differently from the traced strides; its
+# generated code checks a custom op's output strides against the fake's).
 def offload_reference(x: Tensor) -> Tensor:
-    return x.to("cpu", copy=True)
+    return torch.empty(x.shape, dtype=x.dtype, device="cpu").copy_(x)
 
 
 def reload_reference(x: Tensor, device: torch.device) -> Tensor:
-    return x.to(device, copy=True)
+    return torch.empty(x.shape, dtype=x.dtype, device=device).copy_(x)
 
 
 def _side_stream(device: torch.device):
