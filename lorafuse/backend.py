@@ -49,8 +49,7 @@ class Options:
     recompute_free: bool = False
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched one ahead in the backward
-    # (partition.offload_saved, kernels/offload.py); opt-in, and ignored on CUDA (with a
-    # warning) until a GPU run verifies it: see partition.OFFLOAD_ON_GPU_ENV.
+    # (partition.offload_saved, kernels/offload.py); opt-in.
     # Inductor runs such graphs without CUDA graphs (they have CPU tensors).
     offload_activations: bool = False
 

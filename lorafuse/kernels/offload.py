@@ -16,8 +16,8 @@ The values are never changed, only moved: the reference implementation below (an
 path on CPU tensors, where there is nothing to offload) is a plain copy. The copies share
 the PCIe link with nothing else of lorafuse; whether they hide behind the compute depends on
 the bytes offloaded per layer against the layer's compute time. Session 6's one GPU run (before
-the clone and the limit) gave wrong gradients and no lower peak; on CUDA the option is off
-until a GPU run passes (partition.OFFLOAD_ON_GPU_ENV).
+the clone and the limit) gave wrong gradients and no lower peak; session 7's, with both,
+gave the same losses bitwise and about half the memory held after the forward.
 """
 
 from __future__ import annotations
