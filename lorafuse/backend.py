@@ -20,7 +20,7 @@ import torch
 
 from ._torch import RestartAnalysis, compile_fx, copy_graph, counters, list_mode_options
 from .partition import AUTO, LorafusePartitioner, parse_activation_dtype, parse_memory_budget
-from .passes import DEFAULT_PASSES, PASSES
+from .passes import DEFAULT_PASSES, PASS_OPTIONS, PASSES
 from .report import GraphReport, PassReport
 
 log = logging.getLogger("lorafuse")
@@ -52,6 +52,10 @@ class Options:
     # (partition.offload_saved, kernels/offload.py); opt-in.
     # Inductor runs such graphs without CUDA graphs (they have CPU tensors).
     offload_activations: bool = False
+    # with the loss pass: a training graph returns an empty tensor as the logits and never
+    # writes them (as Liger and Unsloth do in training; 1 GiB at the 8B shape); graphs
+    # without gradients keep them (passes/loss.py); opt-in
+    drop_logits: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -67,6 +71,9 @@ class Options:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         parse_activation_dtype(opts.activation_dtype)
+        if opts.drop_logits and "loss" not in opts.passes:
+            warnings.warn("lorafuse: drop_logits needs the loss pass (passes=(..., \"loss\")); "
+                          "without it the logits are returned as usual", stacklevel=3)
         if opts.recompute_free and parse_memory_budget(opts.memory_budget) not in (None, AUTO):
             warnings.warn("lorafuse: recompute_free is not used with a memory_budget (the "
                           "budget's plan already recomputes cheap ops first)", stacklevel=3)
@@ -88,7 +95,7 @@ def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport,
         report.passes.append(pr)
         backup = pristine if i == 0 and pristine is not None else copy_graph(gm.graph)
         try:
-            PASSES[name](gm, pr)
+            PASSES[name](gm, pr, **{k: getattr(opts, k) for k in PASS_OPTIONS.get(name, ())})
         except Exception as e:  # never worse than plain torch.compile
             if opts.strict:
                 raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 
 import pytest
@@ -27,12 +28,13 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
-from conftest import run_once
+from conftest import run_once, sgd_steps
 import lorafuse
 from lorafuse.kernels import loss as loss_kernels
 from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
 from lorafuse.passes import loss as loss_pass
-from lorafuse.report import PassReport
+from lorafuse.backend import Options
+from lorafuse.report import PassReport, Report
 
 odd = st.integers(1, 70).filter(lambda v: v % 16 != 0)
 
@@ -393,3 +395,51 @@ def test_whole_model_loss_fused_and_equal(arch):
             assert g.norm() > 0, f"{name}: zero eager gradient, the test would be blind"
             err = rel(rec["grads"][step][name], g)
             assert err <= GRAD_RTOL, f"{arch} step {step} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_drop_logits_same_training_empty_logits(arch):
+    """``drop_logits``: the training graph returns an empty tensor as the logits, with the
+    losses and LoRA gradients of the run that returns them; under ``torch.no_grad()`` (its
+    own graph) the logits come back, equal to eager's; the report says which site."""
+    model = make_tiny_model(arch, layers=1, seed=3)
+    batches = [_batch(step, arch) for step in range(3)]
+    runs = {}
+    for drop in (False, True):
+        reset_dynamo()
+        m = copy.deepcopy(model)
+        report = Report()
+        backend = functools.partial(lorafuse.lorafuse_backend, _collect=report, options={
+            "strict": True, "passes": ["lora", "loss"], "drop_logits": drop})
+        compiled = torch.compile(m, backend=backend)
+        seen = []
+
+        def fn(**batch):
+            out = compiled(**batch)
+            seen.append(tuple(out.logits.shape))
+            return out
+
+        losses, grads = sgd_steps(fn, m, batches, LR)
+        with torch.no_grad():
+            got = compiled(**batches[0]).logits
+            want = m(**batches[0]).logits
+        assert_close_fp32(got, want, what=f"{arch} no_grad logits (drop_logits={drop})")
+        runs[drop] = (losses, grads, seen, report)
+    reset_dynamo()
+    (want_losses, want_grads, want_seen, _), (losses, grads, seen, report) = runs[False], runs[True]
+    assert all(len(s) == 3 for s in want_seen)  # (batch, seq, vocab) without the option
+    assert seen == [(0,)] * len(batches)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(want_losses), rtol=1e-6, atol=0)
+    for step, want in enumerate(want_grads):
+        for name, g in want.items():
+            assert g.norm() > 0, name
+            assert rel(grads[step][name], g) <= 1e-6, (step, name)
+    matched = [m for g in report.graphs for p in g.passes if p.name == "loss" for m in p.matched]
+    assert "lm_head (logits not returned)" in matched  # the training graph
+    assert "lm_head" in matched  # the no_grad graph keeps its logits
+
+
+def test_drop_logits_without_the_loss_pass_warns():
+    with pytest.warns(UserWarning, match="drop_logits needs the loss pass"):
+        Options.parse({"drop_logits": True})

@@ -1,7 +1,8 @@
 """Graph rewrites on Dynamo's torch-level FX graph, one pass per module.
 
-Each pass exposes ``NAME`` and ``run(gm, report)``; it rewrites the sites it can
-prove and records the rest in ``report.skipped`` with a reason.
+Each pass exposes ``NAME`` and ``run(gm, report, **options)`` (``PASS_OPTIONS``: which
+backend options it reads); it rewrites the sites it can prove and records the rest in
+``report.skipped`` with a reason.
 
 ``DEFAULT_PASSES`` are those measured faster than Inductor on the GPU (bench/RESULTS.md).
 The others are asked for with ``passes=(...)``:
@@ -28,3 +29,5 @@ PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attenti
           rope.NAME: rope.run, gated_mlp.NAME: gated_mlp.run,
           eager_attention.NAME: eager_attention.run}
 DEFAULT_PASSES = (lora.NAME, attention.NAME)
+# the backend options a pass reads, passed to its run() as keyword arguments
+PASS_OPTIONS = {loss.NAME: ("drop_logits",)}

@@ -29,6 +29,14 @@ zero gradient for an unused output is detected and skipped). What is saved is th
 full logits in the model dtype (what eager returns too), not the fp32 upcast, the
 log-softmax and the fp32 logits gradient. Logits used by anything else inside the graph
 (a second loss term, ...) leave the site alone: "logits used outside the loss".
+
+``drop_logits`` (the backend option, opt-in): in a graph that computes gradients through
+the loss, the logits output becomes an empty (0-element) tensor instead, and the op
+writes none. That is what Liger's and Unsloth's patched models return in training; it
+saves the (tokens × vocab) buffer (1 GiB at the Llama-3 8B shape, batch 2 × 2048, in
+bf16) and its writing. A graph without gradients (evaluation under ``torch.no_grad()``,
+which Dynamo compiles apart) keeps them. Code that reads ``outputs.logits`` during
+training gets the empty tensor, which fails at its first use rather than giving numbers.
 """
 
 from __future__ import annotations
@@ -204,6 +212,8 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
         if site.return_logits:
             logits = cast(add_node(g, "call_function", operator.getitem, (call, 1), fake_mode),
                           val(site.logits_out).dtype)
+        if site.dropped_logits:  # the empty tensor in the logits' place in the output
+            logits = add_node(g, "call_method", "new_empty", (site.hidden, (0,)), fake_mode)
     site.ce.replace_all_uses_with(loss)
     if logits is not None:
         site.logits_out.replace_all_uses_with(logits, delete_user_cb=lambda u: u.op == "output")
@@ -212,7 +222,7 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
             g.erase_node(node)
 
 
-def run(gm: fx.GraphModule, report) -> None:
+def run(gm: fx.GraphModule, report, drop_logits: bool = False) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
     for ce in [n for n in graph.nodes if is_function(n, CROSS_ENTROPY)]:
@@ -221,8 +231,13 @@ def run(gm: fx.GraphModule, report) -> None:
         except NoMatch as e:
             report.skipped.append((_name(ce), e.args[0]))
             continue
+        site.dropped_logits = drop_logits and site.return_logits and (site.need_dh or
+                                                                      site.need_dw)
+        if site.dropped_logits:
+            site.return_logits = False
         rewrite(gm, site, fake_mode)
-        report.matched.append(_weight_name(site.weight))
+        report.matched.append(_weight_name(site.weight)
+                              + (" (logits not returned)" if site.dropped_logits else ""))
         report.ops += 1
     graph.lint()
     gm.recompile()
