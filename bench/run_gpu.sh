@@ -107,10 +107,13 @@ run_tests() {  # run_tests [pytest-only]
     local t=${TEST_TIMEOUT:-150}
     if "$PY" -c "import pytest" 2>/dev/null; then
         say "pytest -m cuda (timeout ${t}s)"
-        # SIGINT first: pytest then still prints which tests failed and why
+        # SIGINT first: pytest then still prints which tests failed and why. A test stuck
+        # in C code ignores SIGINT (session 7: a GPU kernel that never finished) and its
+        # buffered output dies with it: faulthandler dumps every thread's stack to the log
+        # after 180 s in one test.
         # shellcheck disable=SC2086
         timeout -s INT -k 30 "$t" "$PY" -m pytest -m cuda -q -rfE --tb=short \
-            ${PYTEST_ARGS:-} > "$OUTDIR/pytest_cuda.log" 2>&1
+            -o faulthandler_timeout=180 ${PYTEST_ARGS:-} > "$OUTDIR/pytest_cuda.log" 2>&1
         local rc=$?
         grep -E "^(FAILED|ERROR) |passed|failed" "$OUTDIR/pytest_cuda.log" | tail -n 25
         case $rc in
