@@ -1,11 +1,12 @@
-"""Which flash-attention backward tile config hangs on the GPU (session 7: the GPU test of
-``kernels/flash_attention.py`` at head dim 256, softcap 50, sat > 200 s in the autotuner's
-benchmark of the backward).
+"""Which flash-attention backward tile config gets stuck on the GPU (session 7: the GPU test
+of ``kernels/flash_attention.py`` at head dim 256, softcap 50, sat > 200 s in the
+autotuner's benchmark of the backward, compiling: Triton's ``make_llir``).
 
 Each (dtype, kernel, config) runs in its own child process with a time limit: the child
 pins that kernel to the one config (the autotuner then runs it without benchmarking), runs
 forward and backward once on the test's case (B 2, 4 query heads on 2 K/V heads, 333 × 333,
-causal), synchronises, and prints its time. A child that does not finish is a hang.
+causal), synchronises, and prints its time, compile included. A child that does not
+finish within the limit is stuck (compiling or running).
 
     python bench/probe_flash_hang.py [--d 256] [--softcap 50] [--limit 40]
 """

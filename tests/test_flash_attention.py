@@ -501,7 +501,7 @@ def test_gemma2_trains_like_eager(fresh_dynamo):
 
 def test_fp32_runs_only_the_smallest_tile_configs():
     """fp32 (DOT_FP32) autotunes over the last, smallest config of each list alone: larger
-    fp32 tiles never finished on the H200 (session 7); other dtypes keep them all."""
+    fp32 tiles did not finish compiling on the H200 (session 7); other dtypes keep them."""
     from lorafuse.kernels import flash_attention as fa
 
     for tuned, configs in ((fa._fwd_tuned, fa.FWD_CONFIGS), (fa._dq_tuned, fa.DQ_CONFIGS),

@@ -555,10 +555,11 @@ if triton is not None:
 
     def _fp32_smallest(configs, nargs, **meta):
         # fp32 dots ("ieee") on the H200 (triton 3.6): at head dim 256 the backward's first
-        # configs (dq 64 × 32, dkdv 32 × 64, 4 warps, 2 stages) never finished, where the
-        # last, smallest ones took < 1 s (session 7, bench/probe_flash_hang.py; bf16 at the
-        # same tiles is fine). Until other head dims are probed, fp32 runs only the last
-        # config of each list: slower, never stuck.
+        # configs (dq 64 × 32, dkdv 32 × 64, 4 warps, 2 stages) did not finish compiling in
+        # 200 s (stuck in Triton's make_llir, faulthandler's stack), where the last,
+        # smallest ones compiled and ran in < 10 s (session 7, bench/probe_flash_hang.py;
+        # bf16 at the same tiles: 3 s). Until other head dims are probed, fp32 autotunes
+        # only the last config of each list: slower kernels, no stuck first step.
         return configs[-1:] if meta.get("DOT_FP32") else configs
 
     def _tuned(configs, kernel):
