@@ -65,6 +65,11 @@ class Options:
         if unknown:
             raise ValueError(f"lorafuse: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         opts = cls(**options)
+        not_bool = [f.name for f in fields(cls) if isinstance(f.default, bool)
+                    and not isinstance(getattr(opts, f.name), bool)]
+        if not_bool:  # a "false" string would read as True
+            raise ValueError(f"lorafuse: option(s) {not_bool} take True or False, got "
+                             f"{[getattr(opts, n) for n in not_bool]}")
         opts.passes = tuple(opts.passes)
         bad = [p for p in opts.passes if p not in PASSES]
         if bad:

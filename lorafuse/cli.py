@@ -402,6 +402,11 @@ def finetune(args) -> int:
         Options.parse(options)
     except ValueError as e:
         raise UserError(f"--passes: {e}") from None
+    options.update(_backend_options(args.option))
+    try:
+        Options.parse(options)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--option: {e}") from None
     _check_out(out, args.overwrite)
 
     tokenizer = _load_tokenizer(model_dir)
@@ -585,9 +590,29 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--passes", nargs="+", default=None, metavar="PASS",
                    help=f"lorafuse passes to run (default: {' '.join(DEFAULT_PASSES)}; "
                         f"available: {' '.join(PASSES)})")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a lorafuse backend option (README, Options), VALUE read as JSON where it "
+                        "parses, else as text; repeatable, e.g. --option activation_dtype=fp8 "
+                        "--option offload_activations=true --option memory_budget=0.5")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start even when the GPU memory estimate says the run does not fit")
+
+
+def _backend_options(pairs) -> dict:
+    """``["k=v", ...]`` from ``--option`` → ``{k: v}``, v as JSON where it parses."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {pair!r}: expected KEY=VALUE")
+        if key in ("passes", "verbose"):
+            raise UserError(f"--option {key}: use --passes (the report is always printed)")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 def _run_export(argv) -> int:

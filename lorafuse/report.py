@@ -13,6 +13,7 @@ class PassReport:
     skipped: list = field(default_factory=list)  # (site name, reason)
     ops: int = 0  # fused ops emitted (sites sharing an input may share one op)
     error: str | None = None  # set when the pass raised and the graph was left alone
+    notes: list = field(default_factory=list)  # what a user should know about matched sites
 
 
 @dataclass
@@ -73,6 +74,7 @@ class GraphReport:
                 sites = [s for s, r in p.skipped if r == reason]
                 shown = ", ".join(sites[:3]) + (", ..." if len(sites) > 3 else "")
                 lines.append(f"    left alone ×{n}: {reason} [{shown}]")
+            lines += [f"    {note}" for note in p.notes]
         if self.saved_for_backward is not None:
             size = "" if self.saved_bytes is None else f", {self.saved_bytes / 2**20:.1f} MiB"
             lines.append(f"  memory plan: {self.saved_for_backward} tensors kept for backward{size}"

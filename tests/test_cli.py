@@ -358,3 +358,34 @@ def test_finetune_compiled_with_lorafuse_prints_the_report(model_dir, tmp_path, 
     assert "lorafuse fused lora 7" in cap.out
     assert (out / "adapter_model.safetensors").is_file()
     reset_dynamo()
+
+
+@pytest.mark.parametrize("option,message", [
+    ("offload", "--option 'offload': expected KEY=VALUE"),
+    ("offload_activations=yes", "--option: lorafuse: option(s) ['offload_activations'] take True or False"),
+    ("activation_dtype=int4", "--option: "),
+    ("no_such=1", "--option: lorafuse: unknown option(s) ['no_such']"),
+    ("passes=[\"lora\"]", "--option passes: use --passes")])
+def test_bad_backend_options_are_clear_errors(model_dir, tmp_path, capsys, option, message):
+    data = _write(tmp_path / "data.jsonl", _examples("text"))
+    assert _finetune(model_dir, data, tmp_path / "a", "--option", option) == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+def test_finetune_with_memory_options(model_dir, tmp_path, capsys):
+    """--option reaches the backend: int8 storage, offloading and drop_logits show in the
+    report, and the run trains."""
+    reset_dynamo()
+    data = _write(tmp_path / "data.jsonl", _examples("prompt_completion"))
+    out = tmp_path / "adapter"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+                     "--max-steps", "2", "--batch-size", "2", "--passes", "lora", "loss",
+                     "--option", "activation_dtype=int8", "--option", "offload_activations=true",
+                     "--option", "drop_logits=true"]) == 0
+    cap = capsys.readouterr()
+    assert "activation_dtype int8:" in cap.err and "offload_activations:" in cap.err
+    assert "drop_logits: lm_head's logits are not returned" in cap.err
+    losses = _step_losses(cap.out)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    reset_dynamo()

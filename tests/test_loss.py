@@ -435,9 +435,12 @@ def test_drop_logits_same_training_empty_logits(arch):
         for name, g in want.items():
             assert g.norm() > 0, name
             assert rel(grads[step][name], g) <= 1e-6, (step, name)
-    matched = [m for g in report.graphs for p in g.passes if p.name == "loss" for m in p.matched]
-    assert "lm_head (logits not returned)" in matched  # the training graph
-    assert "lm_head" in matched  # the no_grad graph keeps its logits
+    loss_reports = [p for g in report.graphs for p in g.passes if p.name == "loss"]
+    assert [p.matched for p in loss_reports] == [["lm_head"], ["lm_head"]]
+    notes = [p.notes for p in loss_reports]  # the training graph's, not the no_grad one's
+    assert notes == [["drop_logits: lm_head's logits are not returned (outputs.logits is an "
+                      "empty tensor in this graph)"], []]
+    assert "drop_logits: lm_head's logits" in report.graphs[0].format()
 
 
 def test_drop_logits_without_the_loss_pass_warns():

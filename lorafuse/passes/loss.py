@@ -236,8 +236,10 @@ def run(gm: fx.GraphModule, report, drop_logits: bool = False) -> None:
         if site.dropped_logits:
             site.return_logits = False
         rewrite(gm, site, fake_mode)
-        report.matched.append(_weight_name(site.weight)
-                              + (" (logits not returned)" if site.dropped_logits else ""))
+        report.matched.append(_weight_name(site.weight))
+        if site.dropped_logits:
+            report.notes.append(f"drop_logits: {_weight_name(site.weight)}'s logits are not "
+                                "returned (outputs.logits is an empty tensor in this graph)")
         report.ops += 1
     graph.lint()
     gm.recompile()
