@@ -2,7 +2,8 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|ops|full|smoke|tests|trainer][,MODE...]  (default: quick)
+#   bash bench/run_gpu.sh [quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer][,MODE...]
+#   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
 #
@@ -10,6 +11,11 @@
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
+#   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:mem (loss pass, recompute_free, fp8
+#          storage, offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6
+#          steps, no fp32 reference. ~6 min.
+#   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
+#          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
@@ -36,8 +42,9 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|ops|full|smoke|tests|trainer][,MODE...]" >&2; exit 2;; esac
+    case "$m" in quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer][,MODE...]" >&2
+           exit 2;; esac
 done
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -97,6 +104,11 @@ else
     BACKEND_NOTE="backend 'lorafuse' not registered; bench_train imports lorafuse.backend"
 fi
 say "$BACKEND_NOTE"
+
+# the lorafuse configurations of the memory and qcg modes
+MEMORY_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "recompute_free": true,
+  "activation_dtype": "fp8", "offload_activations": true, "drop_logits": true}}'
+CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 
 budget_left() {  # seconds left for the next step, minus a reserve for the final printing
     if [ "$BUDGET_S" -gt 0 ]; then echo $(( BUDGET_S - SECONDS - 15 )); else echo 0; fi
@@ -190,6 +202,12 @@ case "$MODE_ONE" in
     8b)
         run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
             --variants eager,inductor,lorafuse ;;
+    memory)
+        run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
+            --variants lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" ;;
+    qcg)
+        QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
+            --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     ops)
         run_op_benches ;;
     full)
