@@ -174,3 +174,13 @@ def test_inflight_copies_are_bounded_oldest_first():
     big = _FakeCopy(False)
     limit_inflight(q, big, 1000, 250)  # alone above the limit: everything older is waited on
     assert c.waited and d.waited and not big.waited and [e for e, _ in q] == [big]
+
+
+def test_inflight_limit_from_the_environment():
+    from lorafuse.kernels import offload
+
+    assert offload._inflight_bytes(None) == 512 * 2**20
+    assert offload._inflight_bytes("64") == 64 * 2**20
+    for bad in ("lots", "0", "-5", "nan", "inf"):
+        with pytest.warns(UserWarning, match="not a positive number of MiB"):
+            assert offload._inflight_bytes(bad) == 512 * 2**20

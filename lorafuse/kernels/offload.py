@@ -22,6 +22,8 @@ gave the same losses bitwise and about half the memory held after the forward.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import deque
 from typing import Optional
 
@@ -37,7 +39,24 @@ _streams: dict = {}  # device index -> the side stream for both copies
 # limit every offloaded tensor stays allocated until the end of the forward, and the peak
 # does not fall (session 6's GPU test: 628 against 623 MiB). Past INFLIGHT_BYTES the host
 # waits for the oldest copy; the GPU still has the queued kernels to run meanwhile.
-INFLIGHT_BYTES = 2**29
+# LORAFUSE_OFFLOAD_INFLIGHT_MB sets it (more: fewer host waits, a higher peak); it is
+# read when the module is first imported.
+INFLIGHT_ENV = "LORAFUSE_OFFLOAD_INFLIGHT_MB"
+
+
+def _inflight_bytes(text: str | None) -> int:
+    try:
+        nbytes = int(float(text if text is not None else 512) * 2**20)
+        if nbytes <= 0:
+            raise ValueError
+    except (ValueError, OverflowError):
+        warnings.warn(f"lorafuse: {INFLIGHT_ENV}={text!r} is not a positive number of MiB; "
+                      "using 512")
+        nbytes = 512 * 2**20
+    return nbytes
+
+
+INFLIGHT_BYTES = _inflight_bytes(os.environ.get(INFLIGHT_ENV))
 _inflight: dict = {}
 # data_ptr of an offloaded CPU tensor -> (that tensor, its GPU copy being filled, an event
 # after the copy): prefetches started by the previous reload
