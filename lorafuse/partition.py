@@ -738,7 +738,7 @@ def _quantize_in_forward(graph, node, storage_dtype, perm):
     right after ``node``: the full-precision tensor dies after its last forward use, not at
     the end of the forward."""
     with graph.inserting_before(node.next):  # (inserting_after(node) would reverse them)
-        q, scale = _inline(graph, lambda x, dtype: quantize_rows(x.permute(perm), dtype),
+        q, scale = _inline(graph, lambda x, dtype: quantize_rows(_permute(x, perm), dtype),
                            [node], storage_dtype)
     return [_renamed(graph, q, f"{node.name}_q"), _renamed(graph, scale, f"{node.name}_absmax")]
 
@@ -754,7 +754,7 @@ def _dequantize_in_backward(graph, saved, q, scale, inverse) -> None:
     q_in.meta["val"], scale_in.meta["val"] = q.meta["val"], scale.meta["val"]
     first_user = min(saved.users, key=_position(graph))
     with graph.inserting_before(first_user):
-        value = _inline(graph, lambda c, a, dtype: dequantize_rows(c, a, dtype).permute(inverse),
+        value = _inline(graph, lambda c, a, dtype: _permute(dequantize_rows(c, a, dtype), inverse),
                         [q_in, scale_in], saved.meta["val"].dtype)
     saved.replace_all_uses_with(value)
     graph.erase_node(saved)
@@ -785,6 +785,15 @@ def _dense_order(val) -> list | None:
     return perm if statically_known_true(val.permute(perm).is_contiguous()) else None
 
 
+def _is_identity(perm: list) -> bool:
+    return perm == list(range(len(perm)))
+
+
+def _permute(x, perm: list):
+    """``x.permute(perm)``, or x itself for the identity (no node where nothing moves)."""
+    return x if _is_identity(perm) else x.permute(perm)
+
+
 def _inverse(perm: list) -> list:
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
@@ -794,7 +803,7 @@ def _inverse(perm: list) -> list:
 
 def _permuted(graph, node, perm):
     """``node.permute(perm)`` as a node after ``node`` (``node`` itself for the identity)."""
-    if perm == list(range(len(perm))):
+    if _is_identity(perm):
         return node
     with graph.inserting_after(node):
         out = graph.call_function(torch.ops.aten.permute.default, (node, perm))
