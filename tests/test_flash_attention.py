@@ -496,9 +496,6 @@ def test_gemma2_trains_like_eager(fresh_dynamo):
     assert counters["lorafuse"]["lora"] == 7 * model.config.num_hidden_layers
 
 
-# --------------------------------------------------------------------------- GPU
-
-
 def test_fp32_runs_only_the_smallest_tile_configs():
     """fp32 (DOT_FP32) autotunes over the last, smallest config of each list alone: larger
     fp32 tiles did not finish compiling on the H200 (session 7); other dtypes keep them."""
@@ -509,6 +506,9 @@ def test_fp32_runs_only_the_smallest_tile_configs():
         prune = tuned.early_config_prune
         assert prune(configs, {}, DOT_FP32=True) == configs[-1:]
         assert prune(configs, {}, DOT_FP32=False) == configs
+
+
+# --------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.cuda
