@@ -340,6 +340,23 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
     assert max(got["peaks"][1:]) < max(want["peaks"][1:]), (got["peaks"], want["peaks"])
 
 
+def test_drop_logits_same_losses_on_gpu():
+    """drop_logits with the loss pass on the GPU (the op's CUDA path, bf16 autocast): the
+    same losses and first-step LoRA gradients as the loss pass returning the logits (to
+    the run-to-run noise of the attention backward, as the offload test), and a peak no
+    higher."""
+    passes = ["lora", "attention", "loss"]
+    want = _small_llama_run(passes=passes)
+    got = _small_llama_run(passes=passes, drop_logits=True)
+    print(f"losses {want['losses']} vs {got['losses']}; peak {_mib(want['peaks'])} vs "
+          f"{_mib(got['peaks'])}")
+    for a, b in zip(got["losses"], want["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(b), (got["losses"], want["losses"])
+    for name, g in want["grads"].items():
+        assert _rel(got["grads"][name], g) <= 1e-2, name
+    assert max(got["peaks"]) <= max(want["peaks"]), (got["peaks"], want["peaks"])
+
+
 @pytest.mark.parametrize("storage,cos_min", [("int8", 0.9995), ("fp8", 0.995)])
 def test_quantized_storage_on_gpu(storage, cos_min):
     """activation_dtype on the GPU, where Inductor compiles the inlined (de)quantisation
