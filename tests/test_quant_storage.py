@@ -297,3 +297,6 @@ def test_dynamic_shapes_quantized_and_offloaded(monkeypatch):
     assert graph.fell_back is None, graph.fell_back
     assert graph.quantized_tensors and graph.offloaded_tensors, (graph.quantized_tensors,
                                                                  graph.offloaded_tensors)
+    # attention's permuted (B, H, S, D) tensors too: their symbolic strides still order
+    assert "not dense in any dimension order" not in graph.offload_left_alone, \
+        graph.offload_left_alone
