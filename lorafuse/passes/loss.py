@@ -188,7 +188,7 @@ def match(ce: fx.Node) -> Site:
     return Site(ce=ce, hidden=hidden, weight=weight, labels=labels, softcap=softcap,
                 ignore_index=ignore_index, reduction=reduction, return_logits=return_logits,
                 logits_out=logits_out, lin=lin, need_dh=grad and bool(vh.requires_grad),
-                need_dw=grad and bool(vw.requires_grad), chain=chain)
+                need_dw=grad and bool(vw.requires_grad), chain=chain, dropped_logits=False)
 
 
 def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
@@ -231,10 +231,8 @@ def run(gm: fx.GraphModule, report, drop_logits: bool = False) -> None:
         except NoMatch as e:
             report.skipped.append((_name(ce), e.args[0]))
             continue
-        site.dropped_logits = drop_logits and site.return_logits and (site.need_dh or
-                                                                      site.need_dw)
-        if site.dropped_logits:
-            site.return_logits = False
+        if drop_logits and site.return_logits and (site.need_dh or site.need_dw):
+            site.dropped_logits, site.return_logits = True, False
         rewrite(gm, site, fake_mode)
         report.matched.append(_weight_name(site.weight))
         if site.dropped_logits:
