@@ -120,7 +120,7 @@ run_tests() {  # run_tests [pytest-only]
     if "$PY" -c "import pytest" 2>/dev/null; then
         say "pytest -m cuda (timeout ${t}s)"
         # SIGINT first: pytest then still prints which tests failed and why. A test stuck
-        # in C code ignores SIGINT (session 7: a GPU kernel that never finished) and its
+        # in C code ignores SIGINT (session 7: a Triton compile that never finished) and its
         # buffered output dies with it: faulthandler dumps every thread's stack to the log
         # after 180 s in one test.
         # shellcheck disable=SC2086
