@@ -446,3 +446,19 @@ def test_drop_logits_same_training_empty_logits(arch):
 def test_drop_logits_without_the_loss_pass_warns():
     with pytest.warns(UserWarning, match="drop_logits needs the loss pass"):
         Options.parse({"drop_logits": True})
+
+
+def test_explain_under_autocast_runs_the_captured_graph():
+    """``lorafuse.explain`` under CPU autocast: it reports the loss site and the model's
+    loss is eager's. (Session 8: explain ran the rewritten graph, whose loss op then saw the
+    ambient autocast, which a compiled graph never does, and failed in its scatter.)"""
+    reset_dynamo()
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", torch.bfloat16):
+        want = model(input_ids=ids, labels=ids).loss
+        report = lorafuse.explain(model, input_ids=ids, labels=ids,
+                                  lorafuse_options={"passes": ["lora", "loss"]})
+        got = torch.compile(model, backend="eager")(input_ids=ids, labels=ids).loss
+    assert report.totals().get("loss") == 1, str(report)
+    torch.testing.assert_close(got, want)
