@@ -265,15 +265,11 @@ def test_nf4_triton_dequantize_bit_exact_on_gpu(quant_type, nested):
             assert got.dtype == dtype and torch.equal(got, want), (n, k, dtype)
 
 
-def _small_llama_run(steps=3, **options):
-    """A 4-layer bf16 Llama (hidden 1024) with PEFT LoRA, compiled by lorafuse with
-    ``options``, trained ``steps`` SGD steps on one batch of 2 × 1024: per step the loss,
-    the peak memory and the memory held between the forward and the backward; the first
-    step's LoRA gradients; the parameters at the end."""
+def _small_llama():
+    """A 4-layer bf16 Llama (hidden 1024) with PEFT LoRA on every linear, and one batch of
+    2 × 1024 token ids; the same weights and ids at every call."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from lorafuse.kernels import offload
 
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096,
@@ -287,6 +283,27 @@ def _small_llama_run(steps=3, **options):
                                                 attn_implementation="sdpa")
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear",
                                             init_lora_weights=False))
+    return model, ids
+
+
+def _small_llama_fp32_grads():
+    """The first step's LoRA gradients of ``_small_llama_run``'s model computed in fp32
+    (the same bf16 weights upcast, eager, no autocast): the reference bf16 runs are
+    measured against."""
+    model, ids = _small_llama()
+    model.float()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _small_llama_run(steps=3, **options):
+    """``_small_llama``'s model compiled by lorafuse with ``options``, trained ``steps``
+    SGD steps on its batch under bf16 autocast: per step the loss, the peak memory and the
+    memory held between the forward and the backward; the first step's LoRA gradients;
+    the parameters at the end."""
+    from lorafuse.kernels import offload
+
+    model, ids = _small_llama()
     compiled = torch.compile(model, backend="lorafuse", options=options)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD(list(trainable.values()), lr=0.1)
@@ -342,18 +359,27 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch):
 
 def test_drop_logits_same_losses_on_gpu():
     """drop_logits with the loss pass on the GPU (the op's CUDA path, bf16 autocast): the
-    same losses and first-step LoRA gradients as the loss pass returning the logits (to
-    the run-to-run noise of the attention backward, as the offload test), and a peak no
-    higher."""
+    same losses as the loss pass returning the logits (to the run-to-run noise of the
+    attention backward, as the offload test), first-step LoRA gradients no farther from
+    the fp32 gradients than that run's, and a peak no higher.
+
+    (Session 8: the two bf16 runs' gradients differed by up to 1.2 % on layer 0's
+    lora_A, with the first losses bitwise equal: two compiled graphs round differently.
+    Each is therefore measured against fp32, not against the other.)"""
     passes = ["lora", "attention", "loss"]
     want = _small_llama_run(passes=passes)
     got = _small_llama_run(passes=passes, drop_logits=True)
+    ref = _small_llama_fp32_grads()
     print(f"losses {want['losses']} vs {got['losses']}; peak {_mib(want['peaks'])} vs "
           f"{_mib(got['peaks'])}")
     for a, b in zip(got["losses"], want["losses"]):
         assert abs(a - b) <= 1e-3 * abs(b), (got["losses"], want["losses"])
-    for name, g in want["grads"].items():
-        assert _rel(got["grads"][name], g) <= 1e-2, name
+    worst = 0.0
+    for name, g in ref.items():
+        err_got, err_want = _rel(got["grads"][name], g), _rel(want["grads"][name], g)
+        worst = max(worst, err_got / err_want)
+        assert err_got <= 1.5 * err_want + 1e-3, (name, err_got, err_want)
+    print(f"largest ratio of the two runs' gradient errors against fp32: {worst:.2f}")
     assert max(got["peaks"]) <= max(want["peaks"]), (got["peaks"], want["peaks"])
 
 
