@@ -56,6 +56,11 @@ class Options:
     # writes them (as Liger and Unsloth do in training; 1 GiB at the 8B shape); graphs
     # without gradients keep them (passes/loss.py); opt-in
     drop_logits: bool = False
+    # gradient checkpointing in the compiler: each repeated layer's forward is recomputed
+    # in the backward from the layer's input, the only tensor of the layer kept
+    # (layer_checkpoint.py); with offload_activations those inputs go to CPU memory
+    # (Unsloth's offloaded checkpointing); opt-in; not with an explicit memory_budget
+    checkpoint_layers: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -79,6 +84,10 @@ class Options:
         if opts.drop_logits and "loss" not in opts.passes:
             warnings.warn("lorafuse: drop_logits needs the loss pass (passes=(..., \"loss\")); "
                           "without it the logits are returned as usual", stacklevel=3)
+        if opts.checkpoint_layers and parse_memory_budget(opts.memory_budget) not in (None, AUTO):
+            raise ValueError(f"lorafuse: checkpoint_layers with memory_budget="
+                             f"{opts.memory_budget!r}: choose one (checkpointing is the memory "
+                             "plan; memory_budget='auto' or None)")
         if opts.recompute_free and parse_memory_budget(opts.memory_budget) not in (None, AUTO):
             warnings.warn("lorafuse: recompute_free is not used with a memory_budget (the "
                           "budget's plan already recomputes cheap ops first)", stacklevel=3)

@@ -36,6 +36,7 @@ from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
                      min_cut_rematerialization_partition, select_decomp_table,
                      statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
+from .layer_checkpoint import tag_layers
 from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
                                     quantize_rows)
 
@@ -118,11 +119,15 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
         self._recompute_free = bool(options.get("recompute_free", False))
         self._offload = bool(options.get("offload_activations", False))
+        self._checkpoint = bool(options.get("checkpoint_layers", False))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
         inputs = _graph_inputs(gm)
         budget, limit = self._budget, None
+        checkpointed = tag_layers(gm, _draws_random) if self._checkpoint else None
+        if checkpointed and checkpointed["layers"]:
+            budget = None  # the layers' recompute is the plan (Options forbids a budget)
         if budget == AUTO:
             budget, limit = None, _auto_budget_bytes(joint_inputs)
         if budget is None:  # min-cut as configured, one call
@@ -151,7 +156,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         offloaded = None
         if self._offload:
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"])
-        self._record(fwd, bwd, inputs, plan, quantized, offloaded)
+        self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
         return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):
@@ -242,15 +247,16 @@ class LorafusePartitioner(CustomPartitionerFn):
                           stacklevel=2)
         return fwd, bwd, plan
 
-    def _record(self, fwd, bwd, inputs, plan=None, quantized=None, offloaded=None):
+    def _record(self, fwd, bwd, inputs, plan=None, quantized=None, offloaded=None,
+                checkpointed=None):
         if self._report is None:
             return
         try:
-            self._record_into(fwd, bwd, inputs, plan, quantized, offloaded)
+            self._record_into(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
         except Exception as e:  # the report must never cost the user their compile
             self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
 
-    def _record_into(self, fwd, bwd, inputs, plan, quantized, offloaded=None):
+    def _record_into(self, fwd, bwd, inputs, plan, quantized, offloaded=None, checkpointed=None):
         saved = [n for n in bwd.graph.nodes
                  if n.op == "placeholder" and not n.name.startswith("tangents")]
         self._report.saved_for_backward = len(saved)
@@ -276,6 +282,9 @@ class LorafusePartitioner(CustomPartitionerFn):
             self._report.quantized_from_bytes = quantized["from_bytes"]
             self._report.quantized_to_bytes = quantized["to_bytes"]
             self._report.quantize_left_alone = quantized["left_alone"]
+        if checkpointed is not None:
+            self._report.checkpointed_layers = checkpointed["layers"]
+            self._report.checkpoint_note = checkpointed.get("note")
         if offloaded is not None:
             self._report.offloaded_tensors = len(offloaded["names"])
             self._report.offloaded_bytes = offloaded["bytes"]
@@ -287,6 +296,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         # (The budget is in the key; a pickled copy never partitions.)
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
                 "_recompute_free": self._recompute_free, "_offload": self._offload,
+                "_checkpoint": self._checkpoint,
                 "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):

@@ -42,6 +42,8 @@ class GraphReport:
     offloaded_bytes: int | None = None  # their bytes
     offload_left_alone: dict | None = None  # saved tensors left on the device: reason -> count
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
+    checkpointed_layers: int | None = None  # layers recomputed in the backward (checkpoint_layers)
+    checkpoint_note: str | None = None  # why checkpoint_layers was not applied, if it was not
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def _per_token(self) -> list:
@@ -93,6 +95,12 @@ class GraphReport:
                              f"{self.budget_solves} min-cut solves)")
             if self.budget_note:
                 lines.append(f"    {self.budget_note}")
+            if self.checkpointed_layers:
+                lines.append(f"    checkpoint_layers: {self.checkpointed_layers} layers recomputed "
+                             f"in the backward from their inputs; {self.recomputed_ops} ops "
+                             "recomputed")
+            if self.checkpoint_note:
+                lines.append(f"    {self.checkpoint_note}")
             if self.recompute_free_bytes:
                 lines.append(f"    recompute_free: {_size(self.recompute_free_bytes)} fewer "
                              "activation bytes kept (cheap ops redone in the backward from "

@@ -7,6 +7,7 @@ here accept both spellings.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -94,9 +95,44 @@ def fake_mode_of(graph: fx.Graph):
     return None
 
 
+# Where a new node comes from: the module path and source line of the node it replaces.
+# The partitioner's layer checkpointing (layer_checkpoint.py) reads nn_module_stack to
+# tell the layers apart, so a fused op must carry its layer's.
+_INHERITED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+_meta_sources: list = []
+
+
+@contextlib.contextmanager
+def inserting_before(graph, node, like=None):
+    """``graph.inserting_before(node)``, and the nodes ``add_node`` makes meanwhile inherit
+    the module path (nn_module_stack) and source of ``like`` (default ``node``)."""
+    _meta_sources.append(like if like is not None else node)
+    try:
+        with graph.inserting_before(node):
+            yield
+    finally:
+        _meta_sources.pop()
+
+
+@contextlib.contextmanager
+def inserting_after(graph, node, like=None):
+    """``graph.inserting_after(node)``, with the meta of ``like`` (default ``node``)."""
+    _meta_sources.append(like if like is not None else node)
+    try:
+        with graph.inserting_after(node):
+            yield
+    finally:
+        _meta_sources.pop()
+
+
 def add_node(graph, op, target, args, fake_mode=None):
-    """Insert ``op(target, args)`` at the graph's insert point with its example value."""
+    """Insert ``op(target, args)`` at the graph's insert point with its example value (and,
+    inside ``inserting_before``/``inserting_after``, the replaced node's module path)."""
     node = graph.create_node(op, target, tuple(args))
+    if _meta_sources:
+        for key in _INHERITED_META:
+            if key in _meta_sources[-1].meta:
+                node.meta[key] = _meta_sources[-1].meta[key]
     if fake_mode is not None:
         fargs = fx.node.map_aggregate(args, lambda a: val(a) if isinstance(a, fx.Node) else a)
         with fake_mode:

@@ -93,6 +93,7 @@ from ._graph import (
     DROPOUT_FUNCS,
     add_node,
     fake_mode_of,
+    inserting_before,
     is_add,
     is_function,
     is_method,
@@ -462,7 +463,7 @@ def _rewrite(gm, b: Base, lora, fake_mode) -> None:
     g = gm.graph
     a = b.args
     anchor = lora.add if lora is not None else b.out
-    with g.inserting_before(anchor):
+    with inserting_before(g, anchor):
         nested = a["absmax_8bit"] is not None
         absmax = a["absmax_8bit"] if nested else a["absmax"]
         absmax2 = a["absmax"] if nested else None

@@ -61,8 +61,19 @@ from torch import fx
 
 from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
 from ..kernels import flash_attention as flash_attention_kernels  # noqa: F401  (registers the op)
-from ._graph import DROPOUT_FUNCS, add_node, fake_mode_of, is_add, is_function, is_method
-from ._graph import is_mul, same_sizes, val
+from ._graph import (
+    DROPOUT_FUNCS,
+    add_node,
+    fake_mode_of,
+    inserting_after,
+    inserting_before,
+    is_add,
+    is_function,
+    is_method,
+    is_mul,
+    same_sizes,
+    val,
+)
 from .attention import NoMatch as NotConstant
 from .attention import _ancestors, _erase_dead, evaluate_constant, repeat_kv_source
 
@@ -377,10 +388,10 @@ def _mask_kind(gm, site, cache: dict) -> tuple:
 def _ranges_of(graph, mask, ranges: dict, fake_mode):
     """(lo, hi, ok) nodes of ``lorafuse::mask_key_ranges(mask)``, one call per mask."""
     if mask not in ranges:
-        with graph.inserting_after(mask):
+        with inserting_after(graph, mask):
             r = add_node(graph, "call_function", torch.ops.lorafuse.mask_key_ranges.default,
                          (mask,), fake_mode)
-        with graph.inserting_after(r):
+        with inserting_after(graph, r):
             ranges[mask] = [add_node(graph, "call_function", operator.getitem, (r, i),
                                      fake_mode) for i in range(3)]
     return ranges[mask]
@@ -392,14 +403,14 @@ def rewrite(gm, site, causal, window, fake_mode, ranges=None) -> None:
     if causal == RUN_TIME:
         lo, hi, ok = _ranges_of(g, site.mask, ranges, fake_mode)
         n_rep = _tensor(site.q).shape[1] // _tensor(site.k).shape[1]
-        with g.inserting_before(site.out):
+        with inserting_before(g, site.out):
             new = add_node(g, "call_function",
                            torch.ops.lorafuse.eager_ranges_or_chain.default,
                            (site.q, site.k, site.v, site.mask, ok, lo, hi, n_rep, site.scale,
                             softcap), fake_mode)
     else:
         args = (site.q, site.k, site.v, None, causal, site.scale, softcap, window)
-        with g.inserting_before(site.out):
+        with inserting_before(g, site.out):
             call = add_node(g, "call_function", torch.ops.lorafuse.flash_attention.default,
                             args, fake_mode)
             new = add_node(g, "call_function", operator.getitem, (call, 0), fake_mode)

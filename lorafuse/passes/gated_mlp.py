@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..kernels import gated_mlp as gated_mlp_kernels  # noqa: F401  (registers the ops)
-from ._graph import add_node, fake_mode_of, is_function, is_mul, same_sizes, val
+from ._graph import (
+    add_node,
+    fake_mode_of,
+    inserting_before,
+    is_function,
+    is_mul,
+    same_sizes,
+    val,
+)
 
 NAME = "gated_mlp"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,7 +95,7 @@ def run(gm: fx.GraphModule, report) -> None:
             if e.args and e.args[0]:
                 report.skipped.append((node.name, e.args[0]))
             continue
-        with graph.inserting_before(node):
+        with inserting_before(graph, node):
             args = (gate, up, act, val(node).dtype)
             y = add_node(graph, "call_function", torch.ops.lorafuse.gated_mlp.default, args,
                          fake_mode)

@@ -31,6 +31,7 @@ from ._graph import (
     DROPOUT_FUNCS,
     add_node,
     fake_mode_of,
+    inserting_before,
     is_add,
     is_function,
     is_method,
@@ -174,7 +175,7 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
     g = gm.graph
     cdt = _compute_dtype(sites[0])
     first = sites[0]  # sites come in graph order: insert before the first add
-    with g.inserting_before(first.add):
+    with inserting_before(g, first.add):
 
         def cast(node):
             node = remap.get(node, node)

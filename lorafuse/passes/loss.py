@@ -48,8 +48,20 @@ import torch.nn.functional as F
 from torch import fx
 
 from ..kernels import loss as loss_kernels  # noqa: F401  (registers the op)
-from ._graph import add_node, fake_mode_of, is_function, is_method, is_mul, linear_args
-from ._graph import only_user, same_sizes, site_name, strip_upcasts, val
+from ._graph import (
+    add_node,
+    fake_mode_of,
+    inserting_before,
+    is_function,
+    is_method,
+    is_mul,
+    linear_args,
+    only_user,
+    same_sizes,
+    site_name,
+    strip_upcasts,
+    val,
+)
 
 NAME = "loss"
 
@@ -200,7 +212,7 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode) -> None:
             return node
         return add_node(g, "call_method", "to", (node, dtype), fake_mode)
 
-    with g.inserting_before(site.ce):
+    with inserting_before(g, site.ce):
         args = (cast(site.hidden, cdt), cast(site.weight, cdt), site.labels, site.softcap,
                 site.ignore_index, site.reduction, site.return_logits, site.need_dh,
                 site.need_dw)

@@ -37,7 +37,14 @@ import torch
 from torch import fx
 
 from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
-from ._graph import add_node, fake_mode_of, same_sizes, val
+from ._graph import (
+    add_node,
+    fake_mode_of,
+    inserting_after,
+    inserting_before,
+    same_sizes,
+    val,
+)
 from ..kernels.attention import is_causal_mask
 from .attention import NoMatch as NotConstant
 from .attention import _ancestors, _erase_dead, evaluate_constant, repeat_kv_source, sdpa_call
@@ -119,19 +126,19 @@ def run(gm: fx.GraphModule, report) -> None:
             report.skipped.append((site, e.args[0]))
             continue
         if mask not in flags:
-            with graph.inserting_after(mask):
+            with inserting_after(graph, mask):
                 flags[mask] = add_node(graph, "call_function",
                                        torch.ops.lorafuse.mask_is_causal.default, (mask,),
                                        fake_mode)
-            with graph.inserting_after(flags[mask]):
+            with inserting_after(graph, flags[mask]):
                 r = add_node(graph, "call_function",
                              torch.ops.lorafuse.mask_key_ranges.default, (mask,), fake_mode)
-            with graph.inserting_after(r):
+            with inserting_after(graph, r):
                 ranges[mask] = [add_node(graph, "call_function", operator.getitem, (r, i),
                                          fake_mode) for i in range(3)]
         lo, hi, ok = ranges[mask]
         before = set(node.all_input_nodes)
-        with graph.inserting_before(node):
+        with inserting_before(graph, node):
             new = add_node(graph, "call_function",
                            torch.ops.lorafuse.sdpa_causal_ranges_or_masked.default,
                            (call["query"], k, v, mask, flags[mask], ok, lo, hi, n_rep,

@@ -42,8 +42,18 @@ import torch
 from torch import fx
 
 from ..kernels import norm as norm_kernels  # noqa: F401  (registers the ops)
-from ._graph import add_node, fake_mode_of, is_add, is_function, is_method, is_mul, same_sizes
-from ._graph import site_name, val
+from ._graph import (
+    add_node,
+    fake_mode_of,
+    inserting_before,
+    is_add,
+    is_function,
+    is_method,
+    is_mul,
+    same_sizes,
+    site_name,
+    val,
+)
 
 NAME = "norm"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -321,7 +331,7 @@ def match_layer_norm(node: fx.Node) -> LayerNormSite:
 
 def rewrite_layer_norm(gm: fx.GraphModule, site: LayerNormSite, fake_mode, remap: dict) -> None:
     g = gm.graph
-    with g.inserting_before(site.out):
+    with inserting_before(g, site.out):
         args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight),
                 remap.get(site.bias, site.bias), site.eps)
         call = add_node(g, "call_function", torch.ops.lorafuse.layer_norm.default, args,
@@ -336,7 +346,7 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
     """Replace one site; ``remap`` maps an already-replaced output to its replacement (a
     norm's input may be another norm's output)."""
     g = gm.graph
-    with g.inserting_before(site.out):
+    with inserting_before(g, site.out):
         args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight), site.eps, site.offset, site.cast_before_weight,
                 _tensor(site.out).dtype)
         call = add_node(g, "call_function", torch.ops.lorafuse.rms_norm.default, args, fake_mode)

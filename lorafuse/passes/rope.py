@@ -38,8 +38,18 @@ import torch
 from torch import fx
 
 from ..kernels import rope as rope_kernels  # noqa: F401  (registers the ops)
-from ._graph import add_node, fake_mode_of, is_add, is_function, is_method, is_mul, same_sizes
-from ._graph import strip_upcasts, val
+from ._graph import (
+    add_node,
+    fake_mode_of,
+    inserting_before,
+    is_add,
+    is_function,
+    is_method,
+    is_mul,
+    same_sizes,
+    strip_upcasts,
+    val,
+)
 
 NAME = "rope"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -234,7 +244,7 @@ def rewrite(gm: fx.GraphModule, q: Rotation, k: Rotation, fake_mode, pos: dict) 
     g = gm.graph
     last = max((q.x, k.x, q.cos, q.sin), key=pos.__getitem__)
     args = (q.x, k.x, q.cos, q.sin, _tensor(q.out).dtype)
-    with g.inserting_before(last.next):
+    with inserting_before(g, last.next, like=last):
         call = add_node(g, "call_function", torch.ops.lorafuse.rope.default, args, fake_mode)
         outs = [add_node(g, "call_function", operator.getitem, (call, i), fake_mode)
                 for i in (0, 1)]

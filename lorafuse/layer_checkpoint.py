@@ -1,0 +1,95 @@
+"""Layer checkpointing inside the compiler: the ``checkpoint_layers`` option.
+
+Gradient checkpointing keeps only each decoder layer's input for the backward and runs the
+layer's forward again there. Hugging Face's own (``gradient_checkpointing_enable``) breaks
+PEFT models' full-graph capture (DESIGN.md); this does the same on the joint graph
+instead, with torch's selective-checkpointing tags, which min-cut honours:
+
+- every forward op of a repeated layer (found by its module path: the outermost module
+  indexed in a ModuleList, ``model.layers.3``, whatever the architecture calls it) is
+  tagged ``MUST_RECOMPUTE`` with that layer's number as its ``ac_graph_id``, except
+  attention, whose output (and log-sum-exp) min-cut keeps, as torchtitan's selective
+  checkpointing does: it is the layer's costliest op to recompute at long sequences, and
+  SDPA's ops carry torch's "random" tag (for their dropout) even at ``dropout_p=0``,
+  which would make torch save and replay RNG states around every recomputed call;
+- min-cut then saves only what crosses from one layer to the next (torch's
+  ``cleanup_recompute_tags`` marks such a tensor ``MUST_SAVE``), plus what the ops
+  outside the layers need (embedding, final norm, loss), and orders the backward so that
+  each layer is recomputed right before its own backward (``reordering_to_mimic_autograd_engine``).
+
+With ``offload_activations`` the saved layer inputs go to CPU memory too: this is then
+what Unsloth calls offloaded gradient checkpointing. The fused ops carry their layer's
+module path (passes/_graph.py ``inserting_before``), so they are recomputed with it.
+
+Left to min-cut's ordinary plan (and reported): graphs with fewer than two layers, and
+graphs whose layers draw random numbers (dropout), whose recompute would need torch's RNG
+functionalization.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+from torch.utils.checkpoint import CheckpointPolicy
+
+# A module path ending in a ModuleList index: "….layers.3" or "….layers[3]".
+_INDEXED = re.compile(r"(\[\d+\]|\.\d+)$")
+# lorafuse's attention ops (kernels/attention.py, kernels/flash_attention.py); aten's all
+# have "attention" in their names
+_LORAFUSE_ATTENTION = ("flash_attention", "sdpa_causal_ranges_or_masked", "eager_ranges_or_chain")
+
+
+def is_attention(node) -> bool:
+    """An attention op (aten's SDPA family or lorafuse's), or a getitem of one."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return is_attention(node.args[0])
+    namespace = getattr(node.target, "namespace", None)
+    name = str(node.target).split(".")[1] if namespace else ""
+    return (namespace == "aten" and "attention" in name) or \
+        (namespace == "lorafuse" and name in _LORAFUSE_ATTENTION)
+
+
+def layer_of(node) -> str | None:
+    """The outermost indexed module on ``node``'s module path (its decoder layer), or None
+    (ops outside the layers: embedding, final norm, lm_head, loss)."""
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if _INDEXED.search(str(path)):
+            return str(path)
+    return None
+
+
+def tag_layers(joint_gm, draws_random) -> dict:
+    """Tag the forward ops of each layer of the joint graph for recompute (see the module
+    docstring). ``draws_random(node)``: whether an op draws random numbers.
+
+    Returns ``{"layers": n, "ops": tagged}``, or ``{"layers": 0, "note": why}`` when
+    nothing was tagged."""
+    graph = joint_gm.graph
+    backward = set()  # everything computed from an incoming gradient
+    for node in graph.nodes:
+        if (node.op == "placeholder" and node.name.startswith("tangents")) or \
+                any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    layer_ids: dict = {}
+    tagged = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node in backward:
+            continue
+        layer = layer_of(node)
+        if layer is not None and not (is_attention(node) and not draws_random(node)):
+            tagged.append((node, layer_ids.setdefault(layer, len(layer_ids))))
+    if len(layer_ids) < 2:
+        return {"layers": 0, "note": f"checkpoint_layers: {len(layer_ids)} layer(s) found in "
+                                     "this graph; nothing to checkpoint"}
+    random = [node.name for node, _ in tagged if draws_random(node)]
+    if random:
+        return {"layers": 0, "note": "checkpoint_layers: not applied, the layers draw random "
+                                     f"numbers ({', '.join(random[:3])}: dropout?) and their "
+                                     "recompute would draw different ones"}
+    for node, layer in tagged:
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        node.meta["ac_graph_id"] = layer
+    return {"layers": len(layer_ids), "ops": len(tagged)}

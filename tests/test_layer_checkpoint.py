@@ -1,0 +1,196 @@
+"""The ``checkpoint_layers`` option (layer_checkpoint.py): each decoder layer's forward
+recomputed in the backward from the layer's input, planned on the joint graph.
+
+Checks: the same losses and LoRA gradients as eager over several SGD steps (fp32, tightly:
+recomputing gives the same values), on architectures whose layers are named differently
+(Llama's ``model.layers.N``, GPT-2's ``transformer.h.N``) and with Gemma2's eager attention
+chain; far fewer activation bytes kept, and what is kept per layer (its input, attention's
+output and log-sum-exp); with offloading; left alone with a note where the layers draw random
+numbers that a recompute would not replay (dropout under Inductor replays its seeds: the
+same masks); refused beside an explicit memory_budget.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorafuse.layer_checkpoint
+import lorafuse.partition
+from lorafuse.backend import Options
+from lorafuse.layer_checkpoint import layer_of
+
+from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model
+
+STEPS, BATCH, SEQ, LR, LAYERS = 3, 2, 16, 0.5, 3
+PASSES = ["lora", "attention", "norm", "rope", "gated_mlp", "loss"]
+
+
+def _batches():
+    out = []
+    for step in range(STEPS):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _saved_spy(monkeypatch):
+    """Record the backward graph's saved activations (name -> example value) of each plan."""
+    plans = []
+    real = lorafuse.partition.LorafusePartitioner._record_into
+
+    def spy(self, fwd, bwd, inputs, *args, **kwargs):
+        plans.append({n.name: n.meta.get("val") for n in bwd.graph.nodes
+                      if n.op == "placeholder" and not n.name.startswith("tangents")
+                      and n.name not in inputs})
+        return real(self, fwd, bwd, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(lorafuse.partition.LorafusePartitioner, "_record_into", spy)
+    return plans
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_same_training_as_eager_fewer_bytes_kept(arch, monkeypatch):
+    base = make_tiny_model(arch, layers=LAYERS, seed=5)
+    plans = _saved_spy(monkeypatch)
+    eager = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR, None)
+    plain = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR, {"passes": PASSES})
+    ckpt = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
+                            {"passes": PASSES, "checkpoint_layers": True})
+    for step in range(STEPS):
+        torch.testing.assert_close(ckpt["losses"][step], eager["losses"][step],
+                                   rtol=1e-5, atol=0)
+        for name, g in eager["grads"][step].items():
+            assert g.norm() > 0, name
+            assert _rel(ckpt["grads"][step][name], g) <= 1e-4, (arch, step, name)
+
+    (graph,) = ckpt["report"].graphs
+    assert graph.checkpointed_layers == LAYERS, graph.format()
+    assert graph.checkpoint_note is None
+    assert f"checkpoint_layers: {LAYERS} layers recomputed" in graph.format()
+    assert graph.activation_bytes < 0.5 * plain["report"].graphs[0].activation_bytes, \
+        (graph.activation_bytes, plain["report"].graphs[0].activation_bytes)
+
+    # What is kept: no activation of the size of an MLP's hidden state (gate, up: all
+    # recomputed), and per layer at most its input plus attention's output and
+    # log-sum-exp, besides what the ops outside the layers keep.
+    saved = plans[-1]
+    hidden = base.config.hidden_size
+    inner = base.config.intermediate_size if arch != "gpt2" else 4 * hidden
+    assert not [n for n, v in saved.items() if v.shape[-1] == inner], saved
+    per_token = sum(v.numel() for v in saved.values()) / (BATCH * SEQ)
+    head_dim = getattr(base.config, "head_dim", None) or hidden // base.config.num_attention_heads
+    heads = base.config.num_attention_heads
+    layer_bound = hidden + heads * head_dim + heads  # input, attention output, lse
+    outside = 6 * hidden + 2 * head_dim  # embedding, final norm, loss, rope cos/sin
+    assert per_token <= LAYERS * layer_bound + outside, (per_token, sorted(saved))
+
+
+@pytest.mark.slow
+def test_with_offloading_same_training(monkeypatch):
+    monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
+    base = make_tiny_model("llama", layers=LAYERS, seed=6)
+    ckpt = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
+                            {"passes": PASSES, "checkpoint_layers": True})
+    both = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
+                            {"passes": PASSES, "checkpoint_layers": True,
+                             "offload_activations": True})
+    (graph,) = both["report"].graphs
+    assert graph.checkpointed_layers == LAYERS and graph.offloaded_tensors, graph.format()
+    for step in range(STEPS):
+        torch.testing.assert_close(both["losses"][step], ckpt["losses"][step], rtol=1e-6, atol=0)
+        for name, g in ckpt["grads"][step].items():
+            assert _rel(both["grads"][step][name], g) <= 1e-5, (step, name)
+
+
+@pytest.mark.slow
+def test_dropout_recomputed_with_the_same_masks():
+    """Inductor draws dropout masks from seeds the graph computes once (inductor_random):
+    the recomputed layers replay the same masks, so checkpointing changes nothing."""
+    base = make_tiny_model("llama", layers=LAYERS, seed=7, attention_dropout=0.3)
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(11)  # the same seeds drawn in both runs
+        runs[on] = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
+                                    {"passes": PASSES, "checkpoint_layers": on})
+    assert runs[True]["report"].graphs[0].checkpointed_layers == LAYERS
+    torch.manual_seed(12)
+    other = lorafuse_sgd_run(copy.deepcopy(base), _batches()[:1], LR, {"passes": PASSES})
+    assert (other["losses"][0] - runs[False]["losses"][0]).abs() > 1e-4, "dropout inactive?"
+    for step in range(STEPS):
+        torch.testing.assert_close(runs[True]["losses"][step], runs[False]["losses"][step],
+                                   rtol=1e-5, atol=0)
+        for name, g in runs[False]["grads"][step].items():
+            assert _rel(runs[True]["grads"][step][name], g) <= 1e-4, (step, name)
+
+
+def _toy_joint_graph():
+    """A joint-graph-shaped module: two "layers" (x * 2, then + 1) and a backward op."""
+    def f(primals_1, tangents_1):
+        a = primals_1 * 2
+        b = a + 1
+        return b, tangents_1 * 2
+
+    gm = torch.fx.symbolic_trace(f)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "tangents" not in str(node.args):
+            layer = "0" if node.name == "mul" else "1"
+            node.meta["nn_module_stack"] = {"m": ("L['self'].model", "M"),
+                                            "l": (f"L['self'].model.layers.{layer}", "Layer")}
+    return gm
+
+
+def test_layers_drawing_random_numbers_left_to_min_cut():
+    gm = _toy_joint_graph()
+    plan = lorafuse.layer_checkpoint.tag_layers(gm, draws_random=lambda n: n.name == "add")
+    assert plan["layers"] == 0 and "draw random numbers (add" in plan["note"], plan
+    assert not any("recompute" in n.meta for n in gm.graph.nodes)
+
+    plan = lorafuse.layer_checkpoint.tag_layers(gm, draws_random=lambda n: False)
+    assert plan == {"layers": 2, "ops": 2}
+    tags = {n.name: n.meta.get("ac_graph_id") for n in gm.graph.nodes}
+    assert tags["mul"] == 0 and tags["add"] == 1 and tags["mul_1"] is None, tags
+
+
+def test_refused_with_an_explicit_memory_budget():
+    with pytest.raises(ValueError, match="checkpoint_layers with memory_budget"):
+        Options.parse({"checkpoint_layers": True, "memory_budget": 0.5})
+    for budget in ("auto", None):
+        assert Options.parse({"checkpoint_layers": True, "memory_budget": budget})
+
+
+def test_fused_ops_carry_their_layers_module_path():
+    """Every op the passes insert inside a layer carries that layer's module path (else it
+    would not be recomputed with its layer); the loss op and the final norm are outside."""
+    from lorafuse.backend import _run_passes
+    from lorafuse.report import GraphReport
+
+    model = make_tiny_model("llama", layers=2, seed=8)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        _run_passes(gm, Options.parse({"passes": PASSES, "strict": True}), GraphReport(0))
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids)
+    torch._dynamo.reset()
+    (gm,) = graphs
+    ours = [n for n in gm.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "namespace", None) == "lorafuse"]
+    where = {n.name: layer_of(n) for n in ours}
+    # outside the layers: the loss op, and the final norm (the last RMSNorm)
+    norms = [n for n in ours if "rms_norm" in str(n.target)]
+    outside = {n.name for n in ours if "linear_cross_entropy" in str(n.target)} | {norms[-1].name}
+    assert {name for name, path in where.items() if path is None} == outside, where
+    in_layers = {name: path for name, path in where.items() if name not in outside}
+    assert {p.rsplit(".", 1)[-1] for p in in_layers.values()} == {"0", "1"}, where
