@@ -11,9 +11,10 @@
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
-#   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:mem (loss pass, recompute_free, fp8
-#          storage, offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6
-#          steps, no fp32 reference. ~6 min.
+#   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
+#          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
+#          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
+#          fp32 reference. ~8 min.
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
@@ -108,6 +109,8 @@ say "$BACKEND_NOTE"
 # the lorafuse configurations of the memory and qcg modes
 MEMORY_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "recompute_free": true,
   "activation_dtype": "fp8", "offload_activations": true, "drop_logits": true}}'
+CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 
 budget_left() {  # seconds left for the next step, minus a reserve for the final printing
@@ -204,7 +207,8 @@ case "$MODE_ONE" in
             --variants eager,inductor,lorafuse ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
-            --variants lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" ;;
+            --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
+            --lorafuse-config "ck=$CHECKPOINT_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
