@@ -57,10 +57,11 @@ class Options:
     # without gradients keep them (passes/loss.py); opt-in
     drop_logits: bool = False
     # gradient checkpointing in the compiler: each repeated layer's forward is recomputed
-    # in the backward from the layer's input, the only tensor of the layer kept
-    # (layer_checkpoint.py); with offload_activations those inputs go to CPU memory
-    # (Unsloth's offloaded checkpointing); opt-in; not with an explicit memory_budget
-    checkpoint_layers: bool = False
+    # in the backward from the layer's input; True keeps attention's output (not
+    # recomputed), "full" recomputes attention too (layer_checkpoint.py); with
+    # offload_activations the kept tensors go to CPU memory (Unsloth's offloaded
+    # checkpointing); opt-in; not with an explicit memory_budget
+    checkpoint_layers: bool | str = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -71,9 +72,11 @@ class Options:
             raise ValueError(f"lorafuse: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         opts = cls(**options)
         not_bool = [f.name for f in fields(cls) if isinstance(f.default, bool)
-                    and not isinstance(getattr(opts, f.name), bool)]
+                    and not isinstance(getattr(opts, f.name), bool)
+                    and not (f.name == "checkpoint_layers" and opts.checkpoint_layers == "full")]
         if not_bool:  # a "false" string would read as True
-            raise ValueError(f"lorafuse: option(s) {not_bool} take True or False, got "
+            raise ValueError(f"lorafuse: option(s) {not_bool} take True or False (checkpoint_"
+                             f"layers also \"full\"), got "
                              f"{[getattr(opts, n) for n in not_bool]}")
         opts.passes = tuple(opts.passes)
         bad = [p for p in opts.passes if p not in PASSES]

@@ -61,9 +61,13 @@ def layer_of(node) -> str | None:
     return None
 
 
-def tag_layers(joint_gm, draws_random) -> dict:
+def tag_layers(joint_gm, draws_random, keep_attention: bool = True) -> dict:
     """Tag the forward ops of each layer of the joint graph for recompute (see the module
     docstring). ``draws_random(node)``: whether an op draws random numbers.
+    ``keep_attention=False`` (``checkpoint_layers="full"``): attention is recomputed too,
+    and only what crosses between layers is kept (half the bytes of a Llama layer's input
+    plus attention's output); torch then saves and replays the RNG state of each SDPA call,
+    whose op carries the random tag even without dropout.
 
     Returns ``{"layers": n, "ops": tagged}``, or ``{"layers": 0, "note": why}`` when
     nothing was tagged."""
@@ -79,7 +83,8 @@ def tag_layers(joint_gm, draws_random) -> dict:
         if node.op != "call_function" or node in backward:
             continue
         layer = layer_of(node)
-        if layer is not None and not (is_attention(node) and not draws_random(node)):
+        if layer is not None and not (keep_attention and is_attention(node)
+                                      and not draws_random(node)):
             tagged.append((node, layer_ids.setdefault(layer, len(layer_ids))))
     if len(layer_ids) < 2:
         return {"layers": 0, "note": f"checkpoint_layers: {len(layer_ids)} layer(s) found in "

@@ -119,13 +119,14 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
         self._recompute_free = bool(options.get("recompute_free", False))
         self._offload = bool(options.get("offload_activations", False))
-        self._checkpoint = bool(options.get("checkpoint_layers", False))
+        self._checkpoint = options.get("checkpoint_layers", False)  # False, True or "full"
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
         inputs = _graph_inputs(gm)
         budget, limit = self._budget, None
-        checkpointed = tag_layers(gm, _draws_random) if self._checkpoint else None
+        checkpointed = (tag_layers(gm, _draws_random, keep_attention=self._checkpoint != "full")
+                        if self._checkpoint else None)
         if checkpointed and checkpointed["layers"]:
             budget = None  # the layers' recompute is the plan (Options forbids a budget)
         if budget == AUTO:

@@ -383,6 +383,27 @@ def test_drop_logits_same_losses_on_gpu():
     assert max(got["peaks"]) <= max(want["peaks"]), (got["peaks"], want["peaks"])
 
 
+@pytest.mark.parametrize("mode", [True, "full"])
+def test_checkpoint_layers_on_gpu(mode):
+    """checkpoint_layers (with offloading) on the GPU, bf16 autocast: the same losses as
+    without it (to the run-to-run noise of the attention backward), first-step LoRA
+    gradients no farther from fp32 than that run's, less memory held between the forward
+    and the backward. "full" also replays SDPA's RNG state in the recompute (torch's
+    functionalized RNG under Inductor), which only this test runs on CUDA."""
+    passes = ["lora", "attention", "loss"]
+    want = _small_llama_run(passes=passes)
+    got = _small_llama_run(passes=passes, checkpoint_layers=mode, offload_activations=True)
+    ref = _small_llama_fp32_grads()
+    print(f"losses {want['losses']} vs {got['losses']}; held {_mib(want['held'])} vs "
+          f"{_mib(got['held'])}; peak {_mib(want['peaks'])} vs {_mib(got['peaks'])}")
+    for a, b in zip(got["losses"], want["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(b), (got["losses"], want["losses"])
+    for name, g in ref.items():
+        err_got, err_want = _rel(got["grads"][name], g), _rel(want["grads"][name], g)
+        assert err_got <= 1.5 * err_want + 1e-3, (name, err_got, err_want)
+    assert max(got["held"]) < max(want["held"]), (got["held"], want["held"])
+
+
 @pytest.mark.parametrize("storage,cos_min", [("int8", 0.9995), ("fp8", 0.995)])
 def test_quantized_storage_on_gpu(storage, cos_min):
     """activation_dtype on the GPU, where Inductor compiles the inlined (de)quantisation
