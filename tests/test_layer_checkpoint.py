@@ -196,3 +196,33 @@ def test_fused_ops_carry_their_layers_module_path():
     assert {name for name, path in where.items() if path is None} == outside, where
     in_layers = {name: path for name, path in where.items() if name not in outside}
     assert {p.rsplit(".", 1)[-1] for p in in_layers.values()} == {"0", "1"}, where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("passes", [["lora", "attention"], ["lora", "attention", "dequant_matmul"]])
+def test_qlora_same_training_as_eager(passes, tmp_path_factory, fresh_inductor_cache):
+    """A bitsandbytes 4-bit (NF4, double quantised, fp32 compute) Llama with LoRA: the 4-bit
+    matmuls are recomputed with their layer, as bitsandbytes' own ops (default passes) or as
+    the fused 4-bit op (dequant_matmul)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+    from conftest import _hf_config
+    from test_dequant_matmul import GEOMETRY, _quantized_model
+
+    torch.manual_seed(0)  # 2 layers; sizes multiples of 64 (test_dequant_matmul says why)
+    cfg = _hf_config("llama", LAYERS, GEOMETRY)
+    path = tmp_path_factory.mktemp("qlora-llama")
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    runs = {}
+    for name, options in (("eager", None), ("ckpt", {"passes": passes,
+                                                     "checkpoint_layers": True})):
+        torch.manual_seed(0)  # the same LoRA A initialisation in both models
+        model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
+        runs[name] = lorafuse_sgd_run(model, _batches(), LR, options)
+    (graph,) = runs["ckpt"]["report"].graphs
+    assert graph.checkpointed_layers == LAYERS, graph.format()
+    for step in range(STEPS):
+        torch.testing.assert_close(runs["ckpt"]["losses"][step], runs["eager"]["losses"][step],
+                                   rtol=1e-5, atol=0)
+        for name, g in runs["eager"]["grads"][step].items():
+            assert _rel(runs["ckpt"]["grads"][step][name], g) <= 1e-4, (step, name)
