@@ -22,8 +22,13 @@ what Unsloth calls offloaded gradient checkpointing. The fused ops carry their l
 module path (passes/_graph.py ``inserting_before``), so they are recomputed with it.
 
 Left to min-cut's ordinary plan (and reported): graphs with fewer than two layers, and
-graphs whose layers draw random numbers (dropout), whose recompute would need torch's RNG
-functionalization.
+layers with an op that draws random numbers when it runs (SDPA with ``dropout_p > 0``),
+whose recompute would draw different ones. Dropout that Inductor lowers draws from seeds
+the graph computes once (``inductor_random``), so its recompute replays the same masks.
+
+``recompute`` and ``ac_graph_id`` are the node-meta keys torch's own checkpoint tracing
+sets and min-cut reads (``cleanup_recompute_tags``): a convention, not a public API, so
+``tests/test_layer_checkpoint.py`` checks the plan on every torch that CI runs.
 """
 
 from __future__ import annotations
