@@ -103,26 +103,24 @@ _meta_sources: list = []
 
 
 @contextlib.contextmanager
+def _inheriting_meta(insert_point, like):
+    _meta_sources.append(like)
+    try:
+        with insert_point:
+            yield
+    finally:
+        _meta_sources.pop()
+
+
 def inserting_before(graph, node, like=None):
     """``graph.inserting_before(node)``, and the nodes ``add_node`` makes meanwhile inherit
     the module path (nn_module_stack) and source of ``like`` (default ``node``)."""
-    _meta_sources.append(like if like is not None else node)
-    try:
-        with graph.inserting_before(node):
-            yield
-    finally:
-        _meta_sources.pop()
+    return _inheriting_meta(graph.inserting_before(node), like if like is not None else node)
 
 
-@contextlib.contextmanager
 def inserting_after(graph, node, like=None):
     """``graph.inserting_after(node)``, with the meta of ``like`` (default ``node``)."""
-    _meta_sources.append(like if like is not None else node)
-    try:
-        with graph.inserting_after(node):
-            yield
-    finally:
-        _meta_sources.pop()
+    return _inheriting_meta(graph.inserting_after(node), like if like is not None else node)
 
 
 def add_node(graph, op, target, args, fake_mode=None):
