@@ -77,15 +77,15 @@ def tag_layers(joint_gm, draws_random, keep_attention: bool = True) -> dict:
     Returns ``{"layers": n, "ops": tagged}``, or ``{"layers": 0, "note": why}`` when
     nothing was tagged."""
     graph = joint_gm.graph
-    backward = set()  # everything computed from an incoming gradient
+    backward = set()  # everything computed from an incoming gradient (nodes are in order)
+    layer_ids: dict = {}
+    tagged = []
     for node in graph.nodes:
         if (node.op == "placeholder" and node.name.startswith("tangents")) or \
                 any(a in backward for a in node.all_input_nodes):
             backward.add(node)
-    layer_ids: dict = {}
-    tagged = []
-    for node in graph.nodes:
-        if node.op != "call_function" or node in backward:
+            continue
+        if node.op != "call_function":
             continue
         layer = layer_of(node)
         if layer is not None and not (keep_attention and is_attention(node)

@@ -10,7 +10,7 @@ The others are asked for with ``passes=(...)``:
 - ``norm``: fused RMSNorm; 2x slower than Inductor's fused kernel at the 8B shape.
 - ``loss``: chunked lm_head + cross-entropy; 0.9 GiB less at the 8B shape, 4 % slower
   (session 2); with the ``drop_logits`` option the logits are not written either (1 GiB
-  more, not measured yet).
+  less again; its GPU test passes, session 8).
 - ``dequant_matmul``: bitsandbytes 4-bit linears + LoRA as one op; on the 8B QLoRA step
   host-bound (252 ms of GPU time in a 314 ms step), so slower than the default passes;
   with Inductor's CUDA graphs as fast as the default passes without them (session 6).
