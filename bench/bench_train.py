@@ -382,6 +382,8 @@ def child_train(args, variant: str, res: dict) -> dict:
                 if on_cuda:
                     res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     torch.cuda.reset_peak_memory_stats()
+                    if args.memory_snapshot:
+                        record_memory_history(True)
             if step > args.warmup and seg_start is None:
                 sync(device)
                 seg_start = time.perf_counter()
@@ -397,6 +399,12 @@ def child_train(args, variant: str, res: dict) -> dict:
                 log(f"{variant}: step {step}/{total} queued")
         sync(device)
         timed_s += time.perf_counter() - seg_start
+        if on_cuda and args.memory_snapshot:
+            path = Path(args.memory_snapshot.replace("{variant}", variant.replace(":", "_")))
+            record_memory_history(False, path)
+            res["memory_snapshot"] = str(path)
+            log(f"{variant}: memory history of the timed steps in {path} "
+                "(bench/memory_peak.py reads it)")
     finally:
         try:
             res["losses"] = torch.stack(losses).float().tolist() if losses else []
@@ -430,8 +438,21 @@ def child_train(args, variant: str, res: dict) -> dict:
     if bad:
         res["nonfinite_steps"] = bad
     log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
-        + (f", peak {res['peak_gib']:.2f} GiB" if on_cuda else ""))
+        + (f", peak {res['peak_gib']:.2f} GiB (warm-up {res['peak_warmup_gib']:.2f}, "
+           f"timed {res['peak_timed_gib']:.2f})" if on_cuda else ""))
     return res
+
+
+def record_memory_history(on: bool, path=None) -> None:
+    """Start (on) or dump to ``path`` and stop recording the CUDA allocator's history, with
+    the Python stack of each allocation. torch.cuda.memory's recording functions are
+    underscored (private, stable since torch 2.1); only this benchmark calls them."""
+    if on:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def kernel_choices() -> dict:
@@ -849,6 +870,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed steps, profile N more steps: GPU time per kernel "
                         "category and the top kernels, per variant (in the JSON and stderr)")
+    p.add_argument("--memory-snapshot", metavar="FILE",
+                   help="record the CUDA allocator's history over the timed steps and dump it "
+                        "to FILE ({variant} is replaced); bench/memory_peak.py reads it")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
     p.add_argument("--_child", help=argparse.SUPPRESS)

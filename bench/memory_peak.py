@@ -1,0 +1,94 @@
+"""What is allocated at the peak of a CUDA memory history (``bench_train.py
+--memory-snapshot FILE``): the live blocks at the moment the allocated bytes were highest,
+grouped by the line that allocated them (the innermost frame in Inductor's generated code,
+lorafuse or the benchmark; else the innermost frame), largest first, with that line's text
+when the file is readable here (run it on the machine that ran the steps to see Inductor's
+generated code).
+
+    python bench/memory_peak.py snapshot.pickle [--top 30]
+
+Bytes are counted as ``torch.cuda.max_memory_allocated`` counts them: a block is live from
+its ``alloc`` to its ``free_completed`` (a block freed under ``record_stream`` stays
+allocated until the other stream's work is done). Blocks allocated before the recording
+started are one constant ("before") and are not itemised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import linecache
+import pickle
+from collections import defaultdict
+
+OURS = ("torchinductor", "lorafuse/", "bench/")
+
+
+def site(frames: list) -> str:
+    """``file:line  text`` of the allocating line that says most about the tensor."""
+    if not frames:
+        return "(no Python frame)"
+    pick = next((f for f in frames if any(k in f["filename"] for k in OURS)), frames[0])
+    text = linecache.getline(pick["filename"], pick["line"]).strip()
+    name = pick["filename"].rsplit("/", 2)
+    return f"{'/'.join(name[-2:])}:{pick['line']} {pick.get('name', '')}  {text[:110]}"
+
+
+def peak(trace: list) -> tuple:
+    """(peak bytes above the start, index of the event at the peak, live blocks there:
+    addr -> event)."""
+    live, level, best, at, at_live = {}, 0, 0, -1, {}
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            level += ev["size"]
+            if level > best:
+                best, at, at_live = level, i, None
+        elif ev["action"] == "free_completed":
+            if ev["addr"] in live:
+                level -= live.pop(ev["addr"])["size"]
+            else:  # allocated before the recording started
+                level -= ev["size"]
+        if at == i and at_live is None:
+            at_live = dict(live)
+    return best, at, at_live or {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("snapshot")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--device", type=int, default=0)
+    args = p.parse_args(argv)
+    with open(args.snapshot, "rb") as f:
+        snap = pickle.load(f)
+    trace = snap["device_traces"][args.device]
+    total_end = sum(b["size"] for seg in snap["segments"] if seg["device"] == args.device
+                    for b in seg["blocks"] if b["state"] == "active_allocated")
+    net = sum(ev["size"] if ev["action"] == "alloc" else -ev["size"]
+              for ev in trace if ev["action"] in ("alloc", "free_completed"))
+    before = total_end - net
+    best, at, live = peak(trace)
+    gib = 2**30
+    print(f"{len(trace)} events; allocated before the recording: {before / gib:.2f} GiB; "
+          f"peak {(before + best) / gib:.2f} GiB at event {at} (+{best / gib:.2f} GiB)")
+    if at >= 0:
+        print(f"the allocation that reached it: {trace[at]['size'] / 2**20:.1f} MiB at "
+              f"{site(trace[at]['frames'])}")
+    groups = defaultdict(lambda: [0, 0])
+    for ev in live.values():
+        g = groups[site(ev["frames"])]
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    print(f"\nlive at the peak, allocated during the recording ({sum(e['size'] for e in live.values()) / gib:.2f} GiB):")
+    print("| MiB | blocks | allocated at |\n|---|---|---|")
+    for where, (nbytes, count) in rows[:args.top]:
+        print(f"| {nbytes / 2**20:,.1f} | {count} | `{where}` |")
+    if len(rows) > args.top:
+        rest = sum(g[0] for _, g in rows[args.top:])
+        print(f"| {rest / 2**20:,.1f} | {sum(g[1] for _, g in rows[args.top:])} | (the rest) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
