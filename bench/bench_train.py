@@ -447,6 +447,8 @@ def record_memory_history(on: bool, path=None) -> None:
     """Start (on) or dump to ``path`` and stop recording the CUDA allocator's history, with
     the Python stack of each allocation. torch.cuda.memory's recording functions are
     underscored (private, stable since torch 2.1); only this benchmark calls them."""
+    import torch
+
     if on:
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
         return
