@@ -366,6 +366,8 @@ def child_train(args, variant: str, res: dict) -> dict:
     # -- the loop. Losses stay on the device (no per-step sync) and are read at the end.
     total = args.warmup + args.steps
     losses, snapshots = [], {}
+    if on_cuda and args.memory_snapshot:
+        record_memory_history(True)
     timed_s, seg_start = 0.0, None
     try:
         for step in range(1, total + 1):
@@ -383,6 +385,7 @@ def child_train(args, variant: str, res: dict) -> dict:
                     res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     torch.cuda.reset_peak_memory_stats()
                     if args.memory_snapshot:
+                        record_memory_history(False, memory_history_path(args, variant, "warmup"))
                         record_memory_history(True)
             if step > args.warmup and seg_start is None:
                 sync(device)
@@ -400,11 +403,9 @@ def child_train(args, variant: str, res: dict) -> dict:
         sync(device)
         timed_s += time.perf_counter() - seg_start
         if on_cuda and args.memory_snapshot:
-            path = Path(args.memory_snapshot.replace("{variant}", variant.replace(":", "_")))
-            record_memory_history(False, path)
-            res["memory_snapshot"] = str(path)
-            log(f"{variant}: memory history of the timed steps in {path} "
-                "(bench/memory_peak.py reads it)")
+            record_memory_history(False, memory_history_path(args, variant, "timed"))
+            log(f"{variant}: memory history of the warm-up and of the timed steps in "
+                f"{memory_history_path(args, variant, '{warmup,timed}')} (bench/memory_peak.py reads it)")
     finally:
         try:
             res["losses"] = torch.stack(losses).float().tolist() if losses else []
@@ -441,6 +442,13 @@ def child_train(args, variant: str, res: dict) -> dict:
         + (f", peak {res['peak_gib']:.2f} GiB (warm-up {res['peak_warmup_gib']:.2f}, "
            f"timed {res['peak_timed_gib']:.2f})" if on_cuda else ""))
     return res
+
+
+def memory_history_path(args, variant: str, phase: str) -> Path:
+    """``--memory-snapshot`` FILE for one variant and phase: ``{variant}`` replaced, the
+    phase before the suffix (``run.pickle`` -> ``run.warmup.pickle``)."""
+    path = Path(args.memory_snapshot.replace("{variant}", variant.replace(":", "_")))
+    return path.with_name(f"{path.stem}.{phase}{path.suffix}")
 
 
 def record_memory_history(on: bool, path=None) -> None:
@@ -873,8 +881,9 @@ def parse_args(argv=None):
                    help="after the timed steps, profile N more steps: GPU time per kernel "
                         "category and the top kernels, per variant (in the JSON and stderr)")
     p.add_argument("--memory-snapshot", metavar="FILE",
-                   help="record the CUDA allocator's history over the timed steps and dump it "
-                        "to FILE ({variant} is replaced); bench/memory_peak.py reads it")
+                   help="record the CUDA allocator's history of the warm-up steps and of the timed "
+                        "steps and dump them to FILE with .warmup/.timed before its suffix "
+                        "({variant} is replaced); bench/memory_peak.py reads them")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
     p.add_argument("--_child", help=argparse.SUPPRESS)

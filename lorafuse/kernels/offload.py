@@ -116,10 +116,19 @@ def limit_inflight(queue: deque, done, nbytes: int, limit: int) -> None:
 
 
 def _copy_back(x: Tensor, device: torch.device):
-    """Start the copy of ``x`` (pinned CPU) to ``device`` on the side stream: (gpu, event)."""
+    """Start the copy of ``x`` (pinned CPU) to ``device`` on the side stream: (gpu, event).
+
+    The GPU copy is allocated on the compute stream, which uses and frees it, so its memory
+    is reused in that stream's order as soon as it is freed. Allocated on the side stream,
+    it would need ``record_stream``, and a block freed so returns to the pool only once the
+    host sees the compute stream's event complete: the host queues the backward layers
+    ahead of the GPU, so up to 12 layers' reloads (1.5 GiB at 8B, 16K tokens) were held at
+    once (session 9's memory history). The side stream first waits for the compute stream,
+    whose queued kernels may still read the memory this block last held."""
     side = _side_stream(device)
+    gpu = torch.empty(x.shape, dtype=x.dtype, device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        gpu = torch.empty(x.shape, dtype=x.dtype, device=device)
         gpu.copy_(x, non_blocking=True)
         done = torch.cuda.Event()
         done.record(side)
@@ -132,9 +141,7 @@ def _reload_cuda(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) ->
         gpu, done = entry[1], entry[2]
     else:  # the first reload of a backward (nothing prefetched it), or a stale entry
         gpu, done = _copy_back(x, device)
-    current = torch.cuda.current_stream(device)
-    current.wait_event(done)
-    gpu.record_stream(current)  # allocated on the side stream, used and freed on this one
+    torch.cuda.current_stream(device).wait_event(done)
     if next_cpu is not None and next_cpu.data_ptr() not in _prefetched:
         ngpu, ndone = _copy_back(next_cpu, device)
         _prefetched[next_cpu.data_ptr()] = (next_cpu, ngpu, ndone)
