@@ -15,19 +15,34 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model
+import lorafuse.kernels.attention as kernel_attention
 from lorafuse.passes.attention import is_causal_mask
 from lorafuse.report import Report
 
 # ----------------------------------------------------------------- the causal-mask test
 
 
+class _MaskByRows:
+    """A mask seen only through its rows, as ``RowsOfMask`` gives them."""
+
+    def __init__(self, t):
+        self.t, self.shape, self.dtype, self.device = t, t.shape, t.dtype, t.device
+
+    def rows(self, r0, r1):
+        return kernel_attention.mask_rows(self.t, r0, r1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 4), lq=st.integers(1, 9), extra=st.integers(0, 3),
        form=st.sampled_from(["bool4", "bool2", "float_inf", "float_min", "bool_b1"]),
-       flip=st.one_of(st.none(), st.tuples(st.integers(0, 8), st.integers(0, 11))))
-def test_is_causal_mask_agrees_with_sdpa(b, h, lq, extra, form, flip):
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 8), st.integers(0, 11))),
+       block=st.sampled_from([1, 13, 2**26]), by_rows=st.booleans())
+def test_is_causal_mask_agrees_with_sdpa(b, h, lq, extra, form, flip, block, by_rows):
     """``is_causal_mask`` says yes exactly when SDPA with the mask equals SDPA with
-    ``is_causal=True`` on random q, k, v (never on a mask that differs anywhere)."""
+    ``is_causal=True`` on random q, k, v (never on a mask that differs anywhere), whether
+    it compares all rows at once or a few at a time (``block`` elements), on a tensor or on
+    a mask that gives its rows on demand (``by_rows``, as the attention pass's large
+    constant masks do)."""
     lkv = lq + extra
     allowed = torch.ones(lq, lkv, dtype=torch.bool).tril()
     if flip is not None:
@@ -45,7 +60,12 @@ def test_is_causal_mask_agrees_with_sdpa(b, h, lq, extra, form, flip):
     q = torch.randn(b, h, lq, 8, dtype=torch.float64)
     k, v = torch.randn(2, b, h, lkv, 8, dtype=torch.float64)
     same = flip is None or bool(allowed.eq(torch.ones(lq, lkv, dtype=torch.bool).tril()).all())
-    assert is_causal_mask(mask, q.shape, k.shape) == same
+    real_block = kernel_attention.ROW_BLOCK_ELEMENTS
+    kernel_attention.ROW_BLOCK_ELEMENTS = block
+    try:
+        assert is_causal_mask(_MaskByRows(mask) if by_rows else mask, q.shape, k.shape) == same
+    finally:
+        kernel_attention.ROW_BLOCK_ELEMENTS = real_block
     if same:  # the claim the rewrite rests on
         m = mask if mask.dtype == torch.bool else mask.double()
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
@@ -175,6 +195,63 @@ def test_tiny_model_trains_like_eager(fresh_dynamo, arch, overrides, want):
     if want:
         assert att.matched == [f"sdpa.{i} ({want})" for i in range(layers)]
         assert counters["lorafuse"]["attention"] == layers
+    else:
+        assert att.matched == [] and {r for _, r in att.skipped} == {"mask is not causal"}
+
+
+@pytest.mark.parametrize("arch,overrides,want", [
+    ("llama", {}, "causal+gqa"),
+    ("mistral", {"sliding_window": 5}, None),
+    ("gemma3", {}, None),
+])
+def test_large_constant_masks_evaluated_by_rows(fresh_dynamo, monkeypatch, arch, overrides,
+                                                want):
+    """A constant mask above ``BY_ROWS_NUMEL`` elements is never built whole (transformers'
+    (B, 1, L, L) mask: 64 GiB at 256K tokens): its rows are evaluated by blocks of
+    ``ROW_BLOCK_ELEMENTS`` (both made tiny here), with the same decision as whole."""
+    import lorafuse.kernels.attention as kernel
+    import lorafuse.passes.attention as attention
+
+    monkeypatch.setattr(attention, "BY_ROWS_NUMEL", 30)  # above B·L = 24, below L² = 144
+    monkeypatch.setattr(kernel, "ROW_BLOCK_ELEMENTS", 30)
+    built, blocks = [], []
+    real_run, real_rows = attention._run, attention.RowsOfMask.rows
+
+    def run(n, args, kwargs):
+        out = real_run(n, args, kwargs)
+        built.append(out.numel() if isinstance(out, torch.Tensor) else 0)
+        return out
+
+    def rows(self, r0, r1):
+        if self.node.name == outermost[-1]:
+            blocks.append((r0, r1))
+        return real_rows(self, r0, r1)
+
+    outermost = []
+    real_by_rows = attention._by_rows
+
+    def by_rows(n, args, kwargs):
+        outermost.append(n.name)
+        return real_by_rows(n, args, kwargs)
+
+    monkeypatch.setattr(attention, "_run", run)
+    monkeypatch.setattr(attention.RowsOfMask, "rows", rows)
+    monkeypatch.setattr(attention, "_by_rows", by_rows)
+    model = make_tiny_model(arch, **overrides)
+    report = Report()
+    compiled = torch.compile(model, backend=_collecting(report))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert_close_fp32(compiled(input_ids=ids).logits, model(input_ids=ids).logits,
+                      what="logits")
+    assert outermost and built and max(built) <= 30, (outermost, max(built, default=0))
+    # blocks of at most 30 // 12 = 2 rows, from row 0; all 12 rows when the mask is causal
+    assert blocks and blocks[0][0] == 0 and all(0 < b - a <= 2 for a, b in blocks), blocks
+    if want:
+        assert sorted({r for a, b in blocks for r in range(a, b)}) == list(range(12)), blocks
+    att = next(p for p in report.graphs[0].passes if p.name == "attention")
+    layers = model.config.num_hidden_layers
+    if want:
+        assert att.matched == [f"sdpa.{i} ({want})" for i in range(layers)]
     else:
         assert att.matched == [] and {r for _, r in att.skipped} == {"mask is not causal"}
 

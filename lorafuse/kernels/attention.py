@@ -49,27 +49,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Elements compared at once by is_causal_mask: a mask is checked by blocks of query rows,
+# so the check never holds more than this (bytes: ×1, bool) beside the mask itself. At 8B
+# and 16K tokens, comparing the whole mask broadcast over the heads took 8 GiB at compile
+# time, 5 GiB above the training step's own peak (session 9's memory history).
+ROW_BLOCK_ELEMENTS = 2**26
+
+
+def mask_rows(mask, r0: int, r1: int):
+    """Query rows ``r0:r1`` (dimension -2) of ``mask``, a tensor or an object with
+    ``shape`` and ``rows(r0, r1)`` (a mask evaluated by blocks of rows: the attention
+    pass's constant masks too large to build whole); a size-1 row dimension broadcasts."""
+    if not isinstance(mask, torch.Tensor):
+        return mask.rows(r0, r1)
+    return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., r0:r1, :]
+
+
 def is_causal_mask(mask, q_shape, k_shape) -> bool:
     """Whether ``mask`` (SDPA's ``attn_mask``: boolean, True = attend, or additive float)
     selects exactly what ``is_causal=True`` does for queries ``q_shape`` and keys
     ``k_shape`` (B, H, L, D): top-left ``tril`` on every batch and head. An additive mask
-    must be 0 where attended and -inf (or the dtype's lowest) elsewhere."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() > 4:
+    must be 0 where attended and -inf (or the dtype's lowest) elsewhere. ``mask`` is a
+    tensor or a mask evaluated by rows (``mask_rows``); it is compared by blocks of query
+    rows in its own shape, never broadcast over the batch and heads."""
+    if not (isinstance(mask, torch.Tensor) or hasattr(mask, "rows")) or len(mask.shape) > 4:
         return False
     lq, lkv = q_shape[-2], k_shape[-2]
-    full = (q_shape[0], q_shape[1], lq, lkv)
+    full = torch.Size((q_shape[0], q_shape[1], lq, lkv))
     try:
-        m = torch.broadcast_to(mask, full[4 - mask.dim():] if mask.dim() else full)
+        if torch.broadcast_shapes(tuple(mask.shape), full) != full:
+            return False
     except RuntimeError:
         return False
-    causal = torch.ones(lq, lkv, dtype=torch.bool, device=m.device).tril().expand_as(m)
-    if m.dtype == torch.bool:
-        return bool(torch.equal(m, causal))
-    if not m.is_floating_point():
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         return False
-    lowest = torch.finfo(m.dtype).min
-    return bool((m.masked_select(causal) == 0).all()) and \
-        bool((m.masked_select(~causal) <= lowest).all())
+    lowest = None if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    lead = 1
+    for size in tuple(mask.shape)[:-2]:
+        lead *= size
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, lead * lkv))
+    cols = torch.arange(lkv, device=mask.device)
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        m = mask_rows(mask, r0, r1)
+        causal = cols <= torch.arange(r0, r1, device=mask.device)[:, None]
+        ok = m == causal if lowest is None else torch.where(causal, m == 0, m <= lowest)
+        if not bool(ok.all()):
+            return False
+    return True
 
 
 def repeat_kv(t: Tensor, n_rep: int) -> Tensor:

@@ -80,9 +80,81 @@ def _static_tensor(node) -> bool:
     return not isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool)
 
 
-def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+# A node of the mask's subgraph with more elements than this is not built whole when the
+# caller takes a mask by rows (``evaluate_constant(..., by_rows=True)``): transformers'
+# causal mask is (B, 1, L, L) booleans, 64 GiB at 256K tokens.
+BY_ROWS_NUMEL = 2**24
+# Ops that act element by element (with broadcasting): rows r0:r1 of their output are the
+# op on rows r0:r1 of their inputs. Only these may produce a node built by rows.
+_ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
+                operator.and_, operator.or_, operator.xor, operator.invert, operator.add,
+                operator.sub, operator.mul, operator.neg, torch.le, torch.lt, torch.ge,
+                torch.gt, torch.eq, torch.ne, torch.logical_and, torch.logical_or,
+                torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.where}
+_ELEMENTWISE_METHODS = {"le", "lt", "ge", "gt", "eq", "ne", "logical_and", "logical_or",
+                        "logical_not", "bitwise_and", "bitwise_or", "to", "bool", "float",
+                        "masked_fill", "__and__", "__or__", "__invert__"}
+
+
+class RowsOfMask:
+    """A node of a constant mask's subgraph too large to build whole: its rows (dimension
+    -2) are computed on demand from its inputs' rows (``rows``), for ``is_causal_mask``."""
+
+    def __init__(self, node: fx.Node, fn, args: tuple, kwargs: dict):
+        v = val(node)
+        self.shape, self.dtype, self.device = v.shape, v.dtype, v.device
+        self.node, self.fn, self.args, self.kwargs = node, fn, args, kwargs
+
+    def _rows_of(self, a, r0: int, r1: int):
+        if isinstance(a, RowsOfMask):
+            return a.rows(r0, r1)
+        if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-2] == self.shape[-2] > 1:
+            return a[..., r0:r1, :]  # right-aligned with this node: dim -2 is its rows
+        return a  # a scalar, a dtype, or a tensor broadcast along the rows
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        args = fx.node.map_aggregate(self.args, lambda a: self._rows_of(a, r0, r1))
+        kwargs = fx.node.map_aggregate(self.kwargs, lambda a: self._rows_of(a, r0, r1))
+        if self.fn == "expand":  # its sizes name the full rows: expand to the block's
+            block = list(self.shape)
+            block[-2] = r1 - r0 if self.shape[-2] > 1 else 1
+            return args[0].expand(block)
+        with unset_fake_temporarily(), torch.no_grad():
+            return self.fn(*args, **kwargs)
+
+
+def _has_rows(*trees) -> bool:
+    found = []
+    fx.node.map_aggregate(trees, lambda a: found.append(a) if isinstance(a, RowsOfMask) else a)
+    return bool(found)
+
+
+def _run(n: fx.Node, args, kwargs):
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    return n.target(*args, **kwargs)
+
+
+def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:
+    """``n`` as a RowsOfMask, or NoMatch if its op does not work row by row."""
+    v = val(n)
+    if not isinstance(v, torch.Tensor) or v.dim() < 2:
+        raise NoMatch(f"mask subgraph too large to evaluate ({n.name})")
+    if n.op == "call_method" and n.target == "expand":
+        return RowsOfMask(n, "expand", args, kwargs)
+    if n.op == "call_method" and n.target in _ELEMENTWISE_METHODS:
+        return RowsOfMask(n, lambda *a, **k: getattr(a[0], n.target)(*a[1:], **k), args,
+                          kwargs)
+    if n.op == "call_function" and n.target in _ELEMENTWISE:
+        return RowsOfMask(n, n.target, args, kwargs)
+    raise NoMatch(f"mask subgraph too large to evaluate whole ({n.name}: {n.target})")
+
+
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node, by_rows: bool = False):
     """The value of ``node`` when its producing subgraph has no inputs and static sizes;
-    raises NoMatch (with the reason) otherwise."""
+    raises NoMatch (with the reason) otherwise. With ``by_rows``, nodes of more than
+    ``BY_ROWS_NUMEL`` elements made by element-wise ops are not built: the value may be a
+    ``RowsOfMask``, whose rows ``is_causal_mask`` reads by blocks."""
     anc = _ancestors(node)
     for n in anc:
         if n.op in ("placeholder", "get_attr"):
@@ -92,14 +164,18 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
             raise NoMatch("mask subgraph is random")
         if not _static_tensor(n):
             raise NoMatch("mask has symbolic sizes")
-    sub = fx.Graph()
     env = {}
-    for n in gm.graph.nodes:  # graph order is a topological order
-        if n in anc:
-            env[n] = sub.node_copy(n, lambda a: env[a])
-    sub.output(env[node])
     with unset_fake_temporarily(), torch.no_grad():
-        return fx.GraphModule(gm, sub)()
+        for n in gm.graph.nodes:  # graph order is a topological order
+            if n not in anc:
+                continue
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            v = val(n)
+            large = isinstance(v, torch.Tensor) and v.numel() > BY_ROWS_NUMEL
+            env[n] = _by_rows(n, args, kwargs) if by_rows and (large or _has_rows(args, kwargs)) \
+                else _run(n, args, kwargs)
+    return env[node]
 
 
 def repeat_kv_source(node):
@@ -145,7 +221,7 @@ def rewrite_call(gm, node, call, masks: dict) -> str:
         key = (mask, str(tuple(q.shape)), str(tuple(k.shape)))
         if key not in masks:
             try:
-                masks[key] = ("ok", is_causal_mask(evaluate_constant(gm, mask),
+                masks[key] = ("ok", is_causal_mask(evaluate_constant(gm, mask, by_rows=True),
                                                    q.shape, k.shape))
             except NoMatch as e:
                 masks[key] = ("no", e.args[0])

@@ -100,7 +100,7 @@ def _constant_and_not_causal(gm, call) -> bool:
     """A mask the compile can evaluate (no inputs, static sizes) that is not causal — a
     sliding window, say: a run-time check would fail at every step, so leave it alone."""
     try:
-        mask = evaluate_constant(gm, call["attn_mask"])
+        mask = evaluate_constant(gm, call["attn_mask"], by_rows=True)
     except NotConstant:
         return False
     return not is_causal_mask(mask, val(call["query"]).shape, val(call["key"]).shape)
