@@ -256,6 +256,54 @@ def test_large_constant_masks_evaluated_by_rows(fresh_dynamo, monkeypatch, arch,
         assert att.matched == [] and {r for _, r in att.skipped} == {"mask is not causal"}
 
 
+@pytest.mark.parametrize("form", ["operator", "method", "tensor_function"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_mask_by_rows_takes_each_form_dynamo_records(monkeypatch, form, window):
+    """``kv <= q`` and ``a == b`` on tensors reach the graph as ``operator.le`` (torch 2.13),
+    as the method ``__le__`` (torch 2.11, seen on the GPU machine: the mask was left whole
+    and the pass gave up), or as ``torch.Tensor.__le__``; all three are evaluated by rows,
+    and a sliding window is still found not causal."""
+    import operator
+
+    from torch import fx
+
+    import lorafuse.passes.attention as attention
+
+    monkeypatch.setattr(attention, "BY_ROWS_NUMEL", 30)
+    L = 12
+
+    def binary(g, name, a, b):
+        if form == "operator":
+            return g.call_function(getattr(operator, name + "_" * (name == "and")), (a, b))
+        if form == "method":
+            return g.call_method(f"__{name}__", (a, b))
+        return g.call_function(getattr(torch.Tensor, f"__{name}__"), (a, b))
+
+    g = fx.Graph()
+    ar = g.call_function(torch.arange, (L,))
+    q = g.call_function(operator.getitem, (ar, (None, None, slice(None), None)))
+    kv = g.call_function(operator.getitem, (ar, (None, None, None, slice(None))))
+    mask = binary(g, "le", kv, q)
+    same = binary(g, "eq", g.call_function(operator.getitem, (ar, (None, None, slice(None), None))),
+                  g.call_function(operator.getitem, (ar, (None, None, slice(None), None))))
+    mask = binary(g, "and", mask, same)
+    if window:
+        near = binary(g, "gt", kv, g.call_function(operator.sub, (q, window)))
+        mask = binary(g, "and", mask, near)
+    out = g.call_method("expand", (mask, 1, -1, L, L))
+    g.output(out)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    env = {}
+    for n in g.nodes:  # example values, as Dynamo records them
+        if n.op != "output":
+            env[n] = attention._run(n, *fx.node.map_arg((n.args, n.kwargs), lambda a: env[a]))
+            n.meta["val"] = env[n]
+    value = attention.evaluate_constant(gm, out, by_rows=True)
+    assert isinstance(value, attention.RowsOfMask)
+    assert torch.equal(value.rows(0, L), env[out])
+    assert is_causal_mask(value, (1, 2, L, 8), (1, 2, L, 8)) == (window is None)
+
+
 # ----------------------------------------------------------------- masks from the inputs
 
 

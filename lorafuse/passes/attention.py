@@ -93,7 +93,22 @@ _ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq,
                 torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.where}
 _ELEMENTWISE_METHODS = {"le", "lt", "ge", "gt", "eq", "ne", "logical_and", "logical_or",
                         "logical_not", "bitwise_and", "bitwise_or", "to", "bool", "float",
-                        "masked_fill", "__and__", "__or__", "__invert__"}
+                        "masked_fill", "__eq__", "__ne__", "__le__", "__lt__", "__ge__",
+                        "__gt__", "__and__", "__or__", "__xor__", "__invert__", "__rand__",
+                        "__ror__", "__add__", "__sub__", "__mul__", "__neg__"}
+
+
+def _elementwise(n: fx.Node) -> bool:
+    """Whether ``n`` is one of the element-wise ops above. Dynamo records ``a == b`` on
+    tensors as ``operator.eq`` (torch 2.13) or as the method ``__eq__`` (torch 2.11)."""
+    if n.op == "call_method":
+        return n.target in _ELEMENTWISE_METHODS
+    if n.op != "call_function":
+        return False
+    if n.target in _ELEMENTWISE:
+        return True
+    name = getattr(n.target, "__name__", None)
+    return name in _ELEMENTWISE_METHODS and getattr(torch.Tensor, name, None) is n.target
 
 
 class RowsOfMask:
@@ -142,11 +157,8 @@ def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:
         raise NoMatch(f"mask subgraph too large to evaluate ({n.name})")
     if n.op == "call_method" and n.target == "expand":
         return RowsOfMask(n, "expand", args, kwargs)
-    if n.op == "call_method" and n.target in _ELEMENTWISE_METHODS:
-        return RowsOfMask(n, lambda *a, **k: getattr(a[0], n.target)(*a[1:], **k), args,
-                          kwargs)
-    if n.op == "call_function" and n.target in _ELEMENTWISE:
-        return RowsOfMask(n, n.target, args, kwargs)
+    if _elementwise(n):
+        return RowsOfMask(n, lambda *a, **k: _run(n, a, k), args, kwargs)
     raise NoMatch(f"mask subgraph too large to evaluate whole ({n.name}: {n.target})")
 
 
