@@ -89,14 +89,14 @@ def is_causal_mask(mask, q_shape, k_shape) -> bool:
         lead *= size
     step = max(1, ROW_BLOCK_ELEMENTS // max(1, lead * lkv))
     cols = torch.arange(lkv, device=mask.device)
-    for r0 in range(0, lq, step):
+    ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0 in range(0, lq, step):  # one host read at the end, not one per block
         r1 = min(lq, r0 + step)
         m = mask_rows(mask, r0, r1)
         causal = cols <= torch.arange(r0, r1, device=mask.device)[:, None]
-        ok = m == causal if lowest is None else torch.where(causal, m == 0, m <= lowest)
-        if not bool(ok.all()):
-            return False
-    return True
+        same = m == causal if lowest is None else torch.where(causal, m == 0, m <= lowest)
+        ok &= same.all()
+    return bool(ok)
 
 
 def repeat_kv(t: Tensor, n_rep: int) -> Tensor:
