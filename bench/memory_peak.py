@@ -8,9 +8,10 @@ generated code).
     python bench/memory_peak.py snapshot.pickle [--top 30]
 
 Bytes are counted as ``torch.cuda.max_memory_allocated`` counts them: a block is live from
-its ``alloc`` to its ``free_completed`` (a block freed under ``record_stream`` stays
-allocated until the other stream's work is done). Blocks allocated before the recording
-started are one constant ("before") and are not itemised.
+its ``alloc`` to its ``free_requested``. A block freed while another stream still uses it
+(``record_stream``) is not reusable until its ``free_completed``: those bytes are not
+allocated any more but still held (reserved), and are shown beside the peak. Blocks
+allocated before the recording started are one constant ("before") and are not itemised.
 """
 
 from __future__ import annotations
@@ -34,23 +35,23 @@ def site(frames: list) -> str:
 
 
 def peak(trace: list) -> tuple:
-    """(peak bytes above the start, index of the event at the peak, live blocks there:
-    addr -> event)."""
-    live, level, best, at, at_live = {}, 0, 0, -1, {}
+    """(peak allocated bytes above the start, index of the event at the peak, blocks
+    allocated there: addr -> event, bytes freed but still held by other streams there)."""
+    live, pending, level, best, at, at_live, at_pending = {}, {}, 0, 0, -1, {}, 0
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
             live[ev["addr"]] = ev
             level += ev["size"]
             if level > best:
-                best, at, at_live = level, i, None
-        elif ev["action"] == "free_completed":
+                best, at = level, i
+                at_live, at_pending = dict(live), sum(e["size"] for e in pending.values())
+        elif ev["action"] == "free_requested":
+            level -= ev["size"]  # also for a block allocated before the recording
             if ev["addr"] in live:
-                level -= live.pop(ev["addr"])["size"]
-            else:  # allocated before the recording started
-                level -= ev["size"]
-        if at == i and at_live is None:
-            at_live = dict(live)
-    return best, at, at_live or {}
+                pending[ev["addr"]] = live.pop(ev["addr"])
+        elif ev["action"] == "free_completed":
+            pending.pop(ev["addr"], None)
+    return best, at, at_live, at_pending
 
 
 def main(argv=None) -> int:
@@ -65,12 +66,13 @@ def main(argv=None) -> int:
     total_end = sum(b["size"] for seg in snap["segments"] if seg["device"] == args.device
                     for b in seg["blocks"] if b["state"] == "active_allocated")
     net = sum(ev["size"] if ev["action"] == "alloc" else -ev["size"]
-              for ev in trace if ev["action"] in ("alloc", "free_completed"))
+              for ev in trace if ev["action"] in ("alloc", "free_requested"))
     before = total_end - net
-    best, at, live = peak(trace)
+    best, at, live, pending = peak(trace)
     gib = 2**30
     print(f"{len(trace)} events; allocated before the recording: {before / gib:.2f} GiB; "
-          f"peak {(before + best) / gib:.2f} GiB at event {at} (+{best / gib:.2f} GiB)")
+          f"peak {(before + best) / gib:.2f} GiB at event {at} (+{best / gib:.2f} GiB); "
+          f"besides, freed but held for other streams then: {pending / gib:.2f} GiB")
     if at >= 0:
         print(f"the allocation that reached it: {trace[at]['size'] / 2**20:.1f} MiB at "
               f"{site(trace[at]['frames'])}")
