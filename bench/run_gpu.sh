@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -17,6 +17,12 @@
 #          fp32 reference. ~8 min.
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
+#   context  8B long context, issue 5's 80 GiB bar (bench_context.py, bench/README.md "Long
+#          context"): continues bench/results/context_8b.json and writes the updated file to
+#          $OUT/context_8b.json (copy it back before the next command). CONTEXT_ARGS picks the
+#          variants, lengths and caps (default: unsloth_gc and lorafuse:ckf at 1 × 16K and
+#          1 × 64K, 1 + 1 steps, then the longest length within 80 GiB). BUDGET_S applies;
+#          CONTEXT_FILE names another results file to continue.
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
@@ -43,8 +49,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|memory|qcg|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -112,6 +118,13 @@ MEMORY_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "recompute_
 CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
+# bench_context's tags: a tag keeps its configuration for as long as its results file lives
+CONTEXT_CONFIGS=(
+  --lorafuse-config 'b0l={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0}}'
+  --lorafuse-config 'b0d={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0,"drop_logits":true}}'
+  --lorafuse-config 'ck={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":true,"offload_activations":true,"drop_logits":true}}'
+  --lorafuse-config 'ckf={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":"full","offload_activations":true,"drop_logits":true}}'
+)
 
 budget_left() {  # seconds left for the next step, minus a reserve for the final printing
     if [ "$BUDGET_S" -gt 0 ]; then echo $(( BUDGET_S - SECONDS - 15 )); else echo 0; fi
@@ -212,6 +225,19 @@ case "$MODE_ONE" in
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
+    context)
+        left=$(budget_left)
+        say "bench_context (budget ${left}s): ${CONTEXT_ARGS:=--variants unsloth_gc,lorafuse:ckf --seqs 1x16384,1x65536 --warmup 1 --steps 1 --caps 80}"
+        # shellcheck disable=SC2086
+        "$PY" bench/bench_context.py --shape 8b --cache "$CACHE" --time-budget "$left" \
+            --resume "${CONTEXT_FILE:-bench/results/context_8b.json}" --json "$OUTDIR/context_8b.json" \
+            --md "$OUTDIR/context_8b.md" --log-dir "$OUTDIR/context_8b_logs" \
+            "${CONTEXT_CONFIGS[@]}" $CONTEXT_ARGS > "$OUTDIR/context_8b.out" 2>&1
+        rc=$?
+        grep -E "^\[context" "$OUTDIR/context_8b.out" | tail -n 20
+        if [ -s "$OUTDIR/context_8b.md" ]; then { echo; cat "$OUTDIR/context_8b.md"; } >> "$SUMMARY"
+        else { echo "- bench_context: no tables (exit $rc)"; tail -n 15 "$OUTDIR/context_8b.out"; } >> "$SUMMARY"; fi
+        echo "- copy $OUTDIR/context_8b.json to ${CONTEXT_FILE:-bench/results/context_8b.json} before the next command" >> "$SUMMARY" ;;
     ops)
         run_op_benches ;;
     full)
