@@ -150,6 +150,15 @@ def _run(n: fx.Node, args, kwargs):
     return n.target(*args, **kwargs)
 
 
+def _leading_new_dims(index) -> bool:
+    """Whether ``x[index]`` only puts size-1 dimensions in front of x (``x[None, None]``,
+    ``x[None, :, :]``): then its rows are x's rows, indexed the same way."""
+    index = index if isinstance(index, tuple) else (index,)
+    rest = [i for i in index if i is not None]
+    return (len(rest) < len(index) and index[:len(index) - len(rest)] == (None,) * (len(index) - len(rest))
+            and all(i is Ellipsis or i == slice(None) for i in rest))
+
+
 def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:
     """``n`` as a RowsOfMask, or NoMatch if its op does not work row by row."""
     v = val(n)
@@ -157,6 +166,8 @@ def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:
         raise NoMatch(f"mask subgraph too large to evaluate ({n.name})")
     if n.op == "call_method" and n.target == "expand":
         return RowsOfMask(n, "expand", args, kwargs)
+    if is_function(n, (operator.getitem,)) and _leading_new_dims(n.args[1]):
+        return RowsOfMask(n, operator.getitem, args, kwargs)
     if _elementwise(n):
         return RowsOfMask(n, lambda *a, **k: _run(n, a, k), args, kwargs)
     raise NoMatch(f"mask subgraph too large to evaluate whole ({n.name}: {n.target})")

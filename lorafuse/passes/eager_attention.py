@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..kernels import attention as attention_kernels  # noqa: F401  (registers the ops)
+from ..kernels import attention as attention_kernels  # registers the ops; the mask's rows
 from ..kernels import flash_attention as flash_attention_kernels  # noqa: F401  (registers the op)
 from ._graph import (
     DROPOUT_FUNCS,
@@ -214,35 +214,60 @@ def _cast_to(node):
     return None
 
 
-def classify_mask(mask: torch.Tensor, scores_shape) -> tuple:
+def _blocks(mask, scores_shape):
+    """``(i, j, a)`` per block of query rows of an additive ``mask`` (a tensor or a mask read
+    by rows): the block's row and column indices and which keys each of its rows attends
+    (``m == 0``) in the first batch and head; raises NoMatch when a value is neither 0 nor
+    the dtype's lowest, or a batch or head differs from the first. A block holds at most
+    ``ROW_BLOCK_ELEMENTS`` booleans per comparison, in the mask's own leading sizes (never
+    broadcast over the batch and heads)."""
+    lead, lkv = tuple(mask.shape)[:-2], scores_shape[-1]
+    lowest = torch.finfo(mask.dtype).min
+    per_row = lkv
+    for size in lead:
+        per_row *= size
+    step = max(1, attention_kernels.ROW_BLOCK_ELEMENTS // max(1, per_row))
+    j = torch.arange(lkv, device=mask.device)[None, :]
+    for r0 in range(0, scores_shape[-2], step):
+        r1 = min(scores_shape[-2], r0 + step)
+        m = torch.broadcast_to(attention_kernels.mask_rows(mask, r0, r1), (*lead, r1 - r0, lkv))
+        visible = m == 0
+        if not bool((visible | (m <= lowest)).all()):
+            raise NoMatch("mask has values other than 0 and the dtype's lowest")
+        flat = visible.reshape(-1, r1 - r0, lkv)
+        if not bool((flat == flat[0]).all()):
+            raise NoMatch("mask differs across batch or heads")
+        yield torch.arange(r0, r1, device=mask.device)[:, None], j, flat[0]
+
+
+def classify_mask(mask, scores_shape) -> tuple:
     """``(causal, window)`` that an additive ``mask`` (broadcast to ``scores_shape``)
-    selects exactly; raises NoMatch with the reason otherwise."""
-    if not mask.is_floating_point():
+    selects exactly; raises NoMatch with the reason otherwise. ``mask`` is a tensor or a
+    mask read by rows (the attention pass's ``RowsOfMask``); it is read a block of query
+    rows at a time (``_blocks``), twice when it is a sliding window."""
+    if not mask.dtype.is_floating_point:
         raise NoMatch("mask is not additive (float)")
     try:
-        m = torch.broadcast_to(mask, tuple(scores_shape))
+        if torch.broadcast_shapes(tuple(mask.shape), tuple(scores_shape)) != \
+                torch.Size(scores_shape):
+            raise RuntimeError
     except RuntimeError:
         raise NoMatch("mask does not broadcast to the scores") from None
-    lowest = torch.finfo(m.dtype).min
-    visible = m == 0
-    if not bool((visible | (m <= lowest)).all()):
-        raise NoMatch("mask has values other than 0 and the dtype's lowest")
-    a = visible[0, 0]
-    if not bool((visible == a).all()):
-        raise NoMatch("mask differs across batch or heads")
-    lq, lkv = a.shape
-    if not bool(a.any(-1).all()):
+    sees_a_key = everything = causal = True
+    widest = 0  # the most keys any query sees
+    for i, j, a in _blocks(mask, scores_shape):
+        sees_a_key = sees_a_key and bool(a.any(-1).all())
+        everything = everything and bool(a.all())
+        causal = causal and torch.equal(a, j <= i)
+        widest = max(widest, int(a.sum(-1).max()))
+    if not sees_a_key:
         raise NoMatch("a query sees no key")
-    if bool(a.all()):
+    if everything:
         return False, None
-    i = torch.arange(lq, device=a.device)[:, None]
-    j = torch.arange(lkv, device=a.device)[None, :]
-    causal = j <= i
-    if torch.equal(a, causal):
+    if causal:
         return True, None
-    w = int(a.sum(-1).max())  # the window: the most keys any query sees
-    if torch.equal(a, causal & (j > i - w)):
-        return True, w
+    if all(torch.equal(a, (j <= i) & (j > i - widest)) for i, j, a in _blocks(mask, scores_shape)):
+        return True, widest
     raise NoMatch("mask is neither causal nor a causal sliding window")
 
 
@@ -368,7 +393,7 @@ def _mask_kind(gm, site, cache: dict) -> tuple:
     key = (site.mask, str(shape))
     if key not in cache:
         try:
-            value = evaluate_constant(gm, site.mask)
+            value = evaluate_constant(gm, site.mask, by_rows=True)
             cache[key] = ("ok", classify_mask(value, shape))
         except NotConstant as e:
             reason = e.args[0]
