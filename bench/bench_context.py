@@ -398,15 +398,45 @@ class Driver:
     def left(self) -> float | None:
         return self.opts.time_budget - (self.clock() - self.t0) if self.opts.time_budget else None
 
-    def estimate(self, variant: str) -> float:
-        walls = [r.get("wall_s") or 0 for r in self.state["runs"] if r["variant"] == variant]
-        # a run cut by the budget needed more than it had: assume another minute
+    def estimate(self, variant: str, tokens: int = 0, n_steps: int = 2) -> float:
+        """Seconds a run of ``variant`` at ``tokens`` (batch × sequence) with ``n_steps``
+        steps is expected to take. From the variant's finished runs: their fixed part (load,
+        compile) plus the steps, whose time per step is ``b·L + c·L²`` fitted through the two
+        runs nearest below (attention grows with the square of the length), or scaled with
+        the square from the one run there is. With no finished run, the longest run so far
+        (any outcome), or a first-run guess. A run cut by the budget needed more than it had:
+        a minute more than that, at least."""
+        runs = [r for r in self.state["runs"] if r["variant"] == variant]
+        walls = [r.get("wall_s") or 0 for r in runs]
         walls += [(r.get("wall_s") or 0) + 60 for r in self.state["interrupted"]
                   if r["variant"] == variant]
         base = variant.split(":")[0]
         kind = ("compiled" if base in COMPILED else
                 "unsloth" if base.startswith("unsloth") else "other")
-        return max(walls) if walls else FIRST_RUN_S[kind]
+        floor = max(walls) if walls else FIRST_RUN_S[kind]
+        timed = sorted((r["batch"] * r["seq"], r) for r in runs
+                       if r.get("outcome") == "ok" and r.get("tok_s") and r.get("wall_s"))
+        if not timed or not tokens:
+            return floor
+        below = [t for t in timed if t[0] <= tokens] or timed[:1]
+
+        def step_s(t, r):
+            return t / r["tok_s"]
+
+        t1, r1 = below[-1]
+        fixed = max(0.0, r1["wall_s"] - (r1["warmup"] + r1["steps"]) * step_s(t1, r1))
+        if len(below) >= 2 and below[-2][0] < t1:
+            t0, r0 = below[-2]
+            # b·t + c·t² through both points; c < 0 (noise) falls back to linear
+            per0, per1 = step_s(t0, r0) / t0, step_s(t1, r1) / t1
+            c = max(0.0, (per1 - per0) / (t1 - t0))
+            step = (per1 - c * t1) * tokens + c * tokens ** 2
+            step = max(step, step_s(t1, r1) * tokens / t1)
+        else:
+            step = step_s(t1, r1) * max(1.0, (tokens / t1) ** 2)
+        interrupted = [(r.get("wall_s") or 0) + 60 for r in self.state["interrupted"]
+                       if r["variant"] == variant and r["batch"] * r["seq"] <= tokens]
+        return max([fixed + n_steps * step] + interrupted)
 
     def run(self, kind, variant, batch, seq, cap_gib=None, for_cap=None) -> str | None:
         """One run if the budget allows; returns its outcome, or None if it did not run (or
@@ -414,7 +444,7 @@ class Driver:
         o = self.opts
         warmup, steps = (o.warmup, o.steps) if kind == "table" else (o.fit_warmup, o.fit_steps)
         what = f"{batch}x{seq}" + (f" for {cap_label(for_cap)}" if for_cap else "")
-        left, need = self.left(), self.estimate(variant)
+        left, need = self.left(), self.estimate(variant, batch * seq, warmup + steps)
         if left is not None and left - RESERVE_S < need:
             self.skipped.append((variant, what, f"needs ~{need:.0f} s, {max(left, 0):.0f} s left"))
             return None

@@ -273,12 +273,38 @@ def test_driver_budget_and_resume_reach_the_same_answer(tmp_path):
 def test_a_run_cut_by_the_budget_is_retried_not_recorded(tmp_path):
     fake = FakeRuns(wall=100)
     d, opts, state = driver(tmp_path, fake, "--time-budget", "100", "--seqs", "2048")
-    d.estimate = lambda variant: 10  # the estimate was wrong: the run needs 100 s
+    d.estimate = lambda *args: 10  # the estimate was wrong: the run needs 100 s
     d.go()
     assert state["runs"] == [] and len(state["interrupted"]) == 1
     assert any("cut by the time budget" in why for *_, why in d.skipped)
     d2, _, _ = driver(tmp_path, FakeRuns(), resume=True)
     assert d2.estimate("eager") > 100  # next time it asks for more than it had
+
+
+def test_estimate_grows_with_the_square_of_the_length(tmp_path):
+    """A long run's time comes from the variant's shorter runs: their fixed part plus steps
+    of b·L + c·L² seconds (session 9's Unsloth runs: 16K at 8,454 tok/s in 94 s, 64K at
+    4,511 tok/s in 96 s, 1 + 1 steps), so a 270K run is neither refused for the quadratic
+    guess of one point nor started on the shortest run's time."""
+    d, _, state = driver(tmp_path, FakeRuns())
+    state["runs"] = [
+        {"variant": "unsloth_gc", "batch": 1, "seq": 16384, "outcome": "ok", "tok_s": 8454.0,
+         "wall_s": 94.1, "warmup": 1, "steps": 1},
+        {"variant": "unsloth_gc", "batch": 1, "seq": 65536, "outcome": "ok", "tok_s": 4511.0,
+         "wall_s": 96.2, "warmup": 1, "steps": 1}]
+    at_64k = d.estimate("unsloth_gc", 65536, 2)
+    assert at_64k == pytest.approx(96.2, rel=1e-6)  # a length it ran: its own time
+    long = d.estimate("unsloth_gc", 270336, 2)
+    step_16k, step_64k = 16384 / 8454, 65536 / 4511
+    c = (step_64k / 65536 - step_16k / 16384) / (65536 - 16384)
+    b = step_64k / 65536 - c * 65536
+    want = 96.2 - 2 * step_64k + 2 * (b * 270336 + c * 270336 ** 2)
+    assert long == pytest.approx(want, rel=1e-6) and 380 < long < 460
+    state["runs"] = state["runs"][:1]  # one point: the whole step scaled with the square
+    assert d.estimate("unsloth_gc", 65536, 2) == pytest.approx(
+        94.1 - 2 * step_16k + 2 * step_16k * 16, rel=1e-6)
+    assert d.estimate("unsloth_gc", 8192, 2) == pytest.approx(94.1, rel=1e-6)  # shorter: no less
+    assert d.estimate("lorafuse:b0", 65536, 2) == bc.FIRST_RUN_S["compiled"]  # no run yet
 
 
 def test_a_failing_run_stops_that_search_only(tmp_path):
