@@ -385,7 +385,8 @@ def child_train(args, variant: str, res: dict) -> dict:
                     res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     torch.cuda.reset_peak_memory_stats()
                     if args.memory_snapshot:
-                        record_memory_history(False, memory_history_path(args, variant, "warmup"))
+                        warm = memory_history_path(args, variant, "warmup")
+                        record_memory_history(False, warm)
                         record_memory_history(True)
             if step > args.warmup and seg_start is None:
                 sync(device)
@@ -404,8 +405,9 @@ def child_train(args, variant: str, res: dict) -> dict:
         timed_s += time.perf_counter() - seg_start
         if on_cuda and args.memory_snapshot:
             record_memory_history(False, memory_history_path(args, variant, "timed"))
-            log(f"{variant}: memory history of the warm-up and of the timed steps in "
-                f"{memory_history_path(args, variant, '{warmup,timed}')} (bench/memory_peak.py reads it)")
+            both = memory_history_path(args, variant, "{warmup,timed}")
+            log(f"{variant}: memory history of the warm-up and of the timed steps in {both} "
+                "(bench/memory_peak.py reads it)")
     finally:
         try:
             res["losses"] = torch.stack(losses).float().tolist() if losses else []

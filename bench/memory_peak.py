@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         g[0] += ev["size"]
         g[1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    print(f"\nlive at the peak, allocated during the recording ({sum(e['size'] for e in live.values()) / gib:.2f} GiB):")
+    during = sum(e["size"] for e in live.values()) / gib
+    print(f"\nlive at the peak, allocated during the recording ({during:.2f} GiB):")
     print("| MiB | blocks | allocated at |\n|---|---|---|")
     for where, (nbytes, count) in rows[:args.top]:
         print(f"| {nbytes / 2**20:,.1f} | {count} | `{where}` |")

@@ -154,9 +154,10 @@ def _leading_new_dims(index) -> bool:
     """Whether ``x[index]`` only puts size-1 dimensions in front of x (``x[None, None]``,
     ``x[None, :, :]``): then its rows are x's rows, indexed the same way."""
     index = index if isinstance(index, tuple) else (index,)
-    rest = [i for i in index if i is not None]
-    return (len(rest) < len(index) and index[:len(index) - len(rest)] == (None,) * (len(index) - len(rest))
-            and all(i is Ellipsis or i == slice(None) for i in rest))
+    new = 0
+    while new < len(index) and index[new] is None:
+        new += 1
+    return new > 0 and all(i is Ellipsis or i == slice(None) for i in index[new:])
 
 
 def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:

@@ -266,7 +266,9 @@ def classify_mask(mask, scores_shape) -> tuple:
         return False, None
     if causal:
         return True, None
-    if all(torch.equal(a, (j <= i) & (j > i - widest)) for i, j, a in _blocks(mask, scores_shape)):
+    window = (torch.equal(a, (j <= i) & (j > i - widest))
+              for i, j, a in _blocks(mask, scores_shape))
+    if all(window):
         return True, widest
     raise NoMatch("mask is neither causal nor a causal sliding window")
 
