@@ -256,6 +256,28 @@ def test_large_constant_masks_evaluated_by_rows(fresh_dynamo, monkeypatch, arch,
         assert att.matched == [] and {r for _, r in att.skipped} == {"mask is not causal"}
 
 
+def test_a_large_mask_left_in_place_is_warned(fresh_dynamo, monkeypatch):
+    """When the pass cannot read a large mask by rows (here: made "large" from 10
+    elements, so the position ids' advanced indexing meets it), the call keeps its mask,
+    the output is still right, and the user is told once: it costs L² bytes and half of
+    attention's speed at every step."""
+    import lorafuse.passes.attention as attention
+    from lorafuse.kernels import _dispatch
+
+    monkeypatch.setattr(attention, "BY_ROWS_NUMEL", 10)
+    monkeypatch.setattr(_dispatch, "warned", set())
+    model = make_tiny_model("llama")
+    report = Report()
+    compiled = torch.compile(model, backend=_collecting(report))
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    with pytest.warns(RuntimeWarning, match="attention keeps an explicit .* mask: mask "
+                                            "subgraph too large to evaluate whole"):
+        got = compiled(input_ids=ids).logits
+    assert_close_fp32(got, model(input_ids=ids).logits, what="logits")
+    att = next(p for p in report.graphs[0].passes if p.name == "attention")
+    assert att.matched == [] and all(r.startswith(attention.TOO_LARGE) for _, r in att.skipped)
+
+
 @pytest.mark.parametrize("form", ["operator", "method", "tensor_function"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_mask_by_rows_takes_each_form_dynamo_records(monkeypatch, form, window):

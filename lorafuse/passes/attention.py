@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from .._torch import unset_fake_temporarily
+from ..kernels._dispatch import warn_once
 from ..kernels.attention import is_causal_mask
 from ._graph import is_function, is_method, same_sizes, val
 
@@ -84,6 +85,7 @@ def _static_tensor(node) -> bool:
 # caller takes a mask by rows (``evaluate_constant(..., by_rows=True)``): transformers'
 # causal mask is (B, 1, L, L) booleans, 64 GiB at 256K tokens.
 BY_ROWS_NUMEL = 2**24
+TOO_LARGE = "mask subgraph too large to evaluate whole"
 # Ops that act element by element (with broadcasting): rows r0:r1 of their output are the
 # op on rows r0:r1 of their inputs. Only these may produce a node built by rows.
 _ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
@@ -164,14 +166,14 @@ def _by_rows(n: fx.Node, args, kwargs) -> RowsOfMask:
     """``n`` as a RowsOfMask, or NoMatch if its op does not work row by row."""
     v = val(n)
     if not isinstance(v, torch.Tensor) or v.dim() < 2:
-        raise NoMatch(f"mask subgraph too large to evaluate ({n.name})")
+        raise NoMatch(f"{TOO_LARGE} ({n.name})")
     if n.op == "call_method" and n.target == "expand":
         return RowsOfMask(n, "expand", args, kwargs)
     if is_function(n, (operator.getitem,)) and _leading_new_dims(n.args[1]):
         return RowsOfMask(n, operator.getitem, args, kwargs)
     if _elementwise(n):
         return RowsOfMask(n, lambda *a, **k: _run(n, a, k), args, kwargs)
-    raise NoMatch(f"mask subgraph too large to evaluate whole ({n.name}: {n.target})")
+    raise NoMatch(f"{TOO_LARGE} ({n.name}: {n.target})")
 
 
 def evaluate_constant(gm: fx.GraphModule, node: fx.Node, by_rows: bool = False):
@@ -249,6 +251,11 @@ def rewrite_call(gm, node, call, masks: dict) -> str:
                                                    q.shape, k.shape))
             except NoMatch as e:
                 masks[key] = ("no", e.args[0])
+                if e.args[0].startswith(TOO_LARGE):
+                    # Users rarely read the report, and this one costs L² bytes and half
+                    # of attention's speed at every step (session 9: 1.8× slower at 16K).
+                    warn_once(f"lorafuse: attention keeps an explicit {tuple(val(mask).shape)} "
+                              f"mask: {e.args[0]}")
         status, detail = masks[key]
         if status == "no":
             raise NoMatch(detail)
