@@ -470,3 +470,36 @@ def test_norm_triton_kernels_real_sizes(N, dtype):
     for name, got, e, r in zip(("y", "dx", "dw"), (y, dx, dw), eager, want):
         assert _rel(got.float(), r) <= _rel(e, r) + slack, (name, _rel(got.float(), r),
                                                             _rel(e, r))
+
+
+def test_long_causal_mask_proven_by_rows_on_gpu(monkeypatch):
+    """At 1 × 8192 tokens transformers' compiled causal mask is 64 Mi booleans, above the
+    attention pass's 2²⁴-element limit: it must be proven causal by blocks of rows (blocks
+    made small here), on the GPU machine's torch too, whose Dynamo records ``==`` as
+    ``__eq__`` (session 9: the pass gave up there and the step ran 1.8 × slower), with the
+    compile never holding half of the mask's bytes, and every SDPA call made causal."""
+    import lorafuse.kernels.attention
+    from conftest import VOCAB, make_tiny_model
+    from lorafuse.backend import lorafuse_backend
+    from lorafuse.report import Report
+
+    monkeypatch.setattr(lorafuse.kernels.attention, "ROW_BLOCK_ELEMENTS", 2**21)
+    length, layers = 8192, 2
+    model = make_tiny_model("llama", layers=layers).cuda()
+    report = Report()
+    compiled = torch.compile(model, backend=lambda gm, ex: lorafuse_backend(
+        gm, ex, options={"passes": ["attention"]}, _collect=report))
+    ids = torch.randint(0, VOCAB, (1, length), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():  # the compile and one forward: what the proof costs
+        got = compiled(input_ids=ids).logits
+        want = model(input_ids=ids).logits
+    torch.cuda.synchronize()
+    att = next(p for p in report.graphs[0].passes if p.name == "attention")
+    assert att.matched == [f"sdpa.{i} (causal+gqa)" for i in range(layers)], att.skipped
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    extra = torch.cuda.max_memory_allocated() - base
+    print(f"peak above the weights: {extra / 2**20:.1f} MiB (the mask: {length**2 / 2**20:.0f})")
+    assert extra < length * length // 2, extra
