@@ -375,7 +375,7 @@ def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, s
                    peak_kind="cuda max_memory_allocated" if on_cuda else "cpu max RSS",
                    peak_gib=res["peak_gib"] if on_cuda else res["peak_rss_gib"])
     for key in ("compile_s", "load_s", "load_gib", "reserved_end_gib", "device_total_gib",
-                "graph_breaks", "peak_warmup_gib", "peak_timed_gib"):
+                "graph_breaks", "peak_warmup_gib", "peak_timed_gib", "lorafuse_counters"):
         if key in res:
             rec[key] = res[key]
     return rec
@@ -572,6 +572,10 @@ def render(opts, state) -> str:
             cells.append(fmt_run(rs[-1]) if rs else "—")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
+    left = left_alone(runs)
+    if left:  # session 9: a mask left in place made a run 1.8 × slower with nothing in the table
+        lines += ["lorafuse runs whose passes left sites alone (the report says why): "
+                  + "; ".join(left), ""]
     flagged = loss_outliers(runs)
     if flagged:
         lines += ["Step-1 loss unlike the other variants' at the same workload (same weights "
@@ -628,6 +632,19 @@ def fit_cell(state, variant, s: Search, opts) -> str:
           and r["seq"] == s.lo and r["outcome"] == "ok"]
     detail = f" ({at[-1]['tok_s']:,.0f} tok/s, {fmt_gib(at[-1]['peak_gib'])} GiB)" if at else ""
     return ("≥ " if s.hi is None else "") + f"{s.lo:,}{detail}"
+
+
+def left_alone(runs) -> list[str]:
+    """``variant batch×seq (attention_skipped 32, …)`` for each lorafuse run with a
+    ``*_skipped`` counter above 0."""
+    out = []
+    for r in runs:
+        skipped = {k: n for k, n in (r.get("lorafuse_counters") or {}).items()
+                   if k.endswith("_skipped") and n}
+        if skipped:
+            out.append(f"{r['variant']} {r['batch']}×{r['seq']} ("
+                       + ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) + ")")
+    return out
 
 
 def loss_outliers(runs) -> list[str]:

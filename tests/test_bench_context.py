@@ -307,6 +307,18 @@ def test_estimate_grows_with_the_square_of_the_length(tmp_path):
     assert d.estimate("lorafuse:b0", 65536, 2) == bc.FIRST_RUN_S["compiled"]  # no run yet
 
 
+def test_sites_left_alone_are_named_under_the_table(tmp_path):
+    """A lorafuse run whose passes left sites alone (session 9: the causal mask, at every
+    layer) is named under the table, with the counters, so a slow cell has its reason."""
+    d, opts, state = driver(tmp_path, FakeRuns(), "--seqs", "2048", "--caps=")
+    d.go()
+    assert "left sites alone" not in bc.render(opts, state)
+    rec = next(r for r in state["runs"] if r["variant"] == "lorafuse:b0")
+    rec["lorafuse_counters"] = {"attention": 0, "attention_skipped": 32, "lora": 224,
+                                "lora_skipped": 0}
+    assert "lorafuse:b0 1×2048 (attention_skipped 32)" in bc.render(opts, state)
+
+
 def test_a_failing_run_stops_that_search_only(tmp_path):
     fake = FakeRuns(broken={("lorafuse:b0", 32768)})
     d, opts, state = driver(tmp_path, fake)
