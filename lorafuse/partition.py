@@ -36,6 +36,7 @@ from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
                      min_cut_rematerialization_partition, select_decomp_table,
                      statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
+from .kernels._dispatch import warn_once
 from .layer_checkpoint import tag_layers
 from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
                                     quantize_rows)
@@ -157,6 +158,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         offloaded = None
         if self._offload:
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"])
+            warn_if_host_short(offloaded["bytes"])
         self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
         return fwd, bwd
 
@@ -841,6 +843,32 @@ def _why_not_offloaded(node, saved, inputs, user_outputs) -> str | None:
     if _dense_order(val) is None:
         return "not dense in any dimension order"
     return None
+
+
+def host_available_bytes() -> int | None:
+    """The host memory the kernel says is available (``MemAvailable`` in /proc/meminfo),
+    or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def warn_if_host_short(offloaded_bytes: int) -> None:
+    """Offloaded activations live in pinned (unswappable) host memory from the forward to
+    the backward. Warn when one call's exceed 90 % of what the host has available: the
+    pinned allocation would fail (the copies then fall back to pageable memory, slowly) or
+    the host run out (at 8B, 8 KiB per token and layer with ``checkpoint_layers="full"``:
+    ≈ 90 GiB at 360K tokens)."""
+    available = host_available_bytes()
+    if available is not None and offloaded_bytes > 0.9 * available:
+        warn_once(f"lorafuse: offload_activations keeps {offloaded_bytes / 2**30:.1f} GiB in "
+                  f"pinned host memory per call; the host has {available / 2**30:.1f} GiB "
+                  "available")
 
 
 def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int) -> dict:

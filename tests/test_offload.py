@@ -12,6 +12,7 @@ memory, prefetch) is tests/test_cuda.py's.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,23 @@ def test_inflight_limit_from_the_environment():
     for bad in ("lots", "0", "-5", "nan", "inf"):
         with pytest.warns(UserWarning, match="not a positive number of MiB"):
             assert offload._inflight_bytes(bad) == 512 * 2**20
+
+
+def test_warns_when_the_host_cannot_hold_the_offloaded_activations(monkeypatch,
+                                                                   fresh_inductor_cache):
+    """The offloaded bytes of a call live in pinned host memory until the backward: more
+    than 90 % of the host's available memory is warned about at compile time, once."""
+    from lorafuse.kernels import _dispatch
+
+    monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
+    monkeypatch.setattr(_dispatch, "warned", set())
+    monkeypatch.setattr(lorafuse.partition, "host_available_bytes", lambda: 2**10)
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            pytest.warns(RuntimeWarning, match=r"keeps .* GiB in pinned host memory per call; "
+                                               r"the host has 0\.0 GiB available"):
+        _train(make_tiny_model("llama", seed=3), offload_activations=True)
+    monkeypatch.setattr(lorafuse.partition, "host_available_bytes", lambda: 2**40)
+    monkeypatch.setattr(_dispatch, "warned", set())
+    with torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train(make_tiny_model("llama", seed=3), offload_activations=True)
