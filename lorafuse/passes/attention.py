@@ -107,8 +107,8 @@ def _elementwise(n: fx.Node) -> bool:
         return n.target in _ELEMENTWISE_METHODS
     if n.op != "call_function":
         return False
-    if n.target in _ELEMENTWISE:
-        return True
+    if n.target in _ELEMENTWISE:  # torch.where(cond) alone gives indices, not a mask
+        return n.target is not torch.where or len(n.args) + len(n.kwargs) == 3
     name = getattr(n.target, "__name__", None)
     return name in _ELEMENTWISE_METHODS and getattr(torch.Tensor, name, None) is n.target
 
