@@ -306,8 +306,10 @@ def test_mask_by_rows_takes_each_form_dynamo_records(monkeypatch, form, window):
     q = g.call_function(operator.getitem, (ar, (None, None, slice(None), None)))
     kv = g.call_function(operator.getitem, (ar, (None, None, None, slice(None))))
     mask = binary(g, "le", kv, q)
-    same = binary(g, "eq", g.call_function(operator.getitem, (ar, (None, None, slice(None), None))),
-                  g.call_function(operator.getitem, (ar, (None, None, slice(None), None))))
+    doc = g.call_function(operator.mul, (ar, 0))  # one document: transformers' packed check
+    doc_q = g.call_function(operator.getitem, (doc, (None, None, slice(None), None)))
+    doc_kv = g.call_function(operator.getitem, (doc, (None, None, None, slice(None))))
+    same = binary(g, "eq", doc_q, doc_kv)
     mask = binary(g, "and", mask, same)
     if window:
         near = binary(g, "gt", kv, g.call_function(operator.sub, (q, window)))
@@ -322,6 +324,8 @@ def test_mask_by_rows_takes_each_form_dynamo_records(monkeypatch, form, window):
             n.meta["val"] = env[n]
     value = attention.evaluate_constant(gm, out, by_rows=True)
     assert isinstance(value, attention.RowsOfMask)
+    lazy = {n.target for n in g.nodes if n.op != "output" and n.meta["val"].numel() > 30}
+    assert len(lazy) >= 3, lazy  # le, eq, and (of the form under test) were all made by rows
     assert torch.equal(value.rows(0, L), env[out])
     assert is_causal_mask(value, (1, 2, L, 8), (1, 2, L, 8)) == (window is None)
 
