@@ -227,6 +227,11 @@ case "$MODE_ONE" in
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     context)
         left=$(budget_left)
+        if [ "$BUDGET_S" -gt 0 ] && [ "$left" -lt 90 ]; then  # 0 would mean "no limit" there
+            say "skipping bench_context: ${left}s left"
+            echo "- bench_context: skipped, ${left}s of the budget left" >> "$SUMMARY"
+            continue
+        fi
         say "bench_context (budget ${left}s): ${CONTEXT_ARGS:=--variants unsloth_gc,lorafuse:ckf --seqs 1x16384,1x65536 --warmup 1 --steps 1 --caps 80}"
         # shellcheck disable=SC2086
         "$PY" bench/bench_context.py --shape 8b --cache "$CACHE" --time-budget "$left" \
