@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -15,6 +15,10 @@
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
 #          fp32 reference. ~8 min.
+#   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
+#          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
+#          parameters at every step 1-20 (the loss at every step at least as close to fp32
+#          as eager bf16's; with fp8 storage, how much farther). ~8 min (estimate).
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   context  8B long context, issue 5's 80 GiB bar (bench_context.py, bench/README.md "Long
@@ -49,8 +53,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|memory|qcg|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -222,6 +226,10 @@ case "$MODE_ONE" in
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" ;;
+    memref)
+        run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
+            --ref-variants eager,lorafuse:ck,lorafuse:mem --variants eager,lorafuse:ck,lorafuse:mem \
+            --lorafuse-config "mem=$MEMORY_CONFIG" --lorafuse-config "ck=$CHECKPOINT_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
