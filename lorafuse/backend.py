@@ -62,6 +62,8 @@ class Options:
     # offload_activations the kept tensors go to CPU memory (Unsloth's offloaded
     # checkpointing); opt-in; not with an explicit memory_budget
     checkpoint_layers: bool | str = False
+    # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
+    tiled_mlp_tokens: int = 8192
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -78,6 +80,10 @@ class Options:
             raise ValueError(f"lorafuse: option(s) {not_bool} take True or False (checkpoint_"
                              f"layers also \"full\"), got "
                              f"{[getattr(opts, n) for n in not_bool]}")
+        if isinstance(opts.tiled_mlp_tokens, bool) or not isinstance(opts.tiled_mlp_tokens, int) \
+                or opts.tiled_mlp_tokens < 1:
+            raise ValueError(f"lorafuse: tiled_mlp_tokens takes a positive int, got "
+                             f"{opts.tiled_mlp_tokens!r}")
         opts.passes = tuple(opts.passes)
         bad = [p for p in opts.passes if p not in PASSES]
         if bad:

@@ -19,17 +19,20 @@ The others are asked for with ``passes=(...)``:
 - ``rope``: q and k rotated by one op, forward and backward; not measured on the GPU yet.
 - ``gated_mlp``: ``act(gate) * up`` as one op, act recomputed in the backward; not measured
   on the GPU yet.
+- ``tiled_mlp`` (after ``lora``): a gated MLP whose projections the lora pass fused, run a
+  chunk of ``tiled_mlp_tokens`` tokens at a time, keeping only its input for the backward;
+  for long context; not measured on the GPU yet.
 - ``eager_attention``: Gemma2's eager attention → flash attention; 7–16 % slower than
   Inductor's fused chain with a softcap at head dim 256 (session 6).
 """
 
 from . import (attention, dequant_matmul, eager_attention, gated_mlp, lora, loss, masked_attention,
-               norm, rope)
+               norm, rope, tiled_mlp)
 
 PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attention.NAME: attention.run,
           masked_attention.NAME: masked_attention.run, dequant_matmul.NAME: dequant_matmul.run,
           rope.NAME: rope.run, gated_mlp.NAME: gated_mlp.run,
-          eager_attention.NAME: eager_attention.run}
+          eager_attention.NAME: eager_attention.run, tiled_mlp.NAME: tiled_mlp.run}
 DEFAULT_PASSES = (lora.NAME, attention.NAME)
 # the backend options a pass reads, passed to its run() as keyword arguments
-PASS_OPTIONS = {loss.NAME: ("drop_logits",)}
+PASS_OPTIONS = {loss.NAME: ("drop_logits",), tiled_mlp.NAME: ("tiled_mlp_tokens",)}
