@@ -128,6 +128,7 @@ CONTEXT_CONFIGS=(
   --lorafuse-config 'b0d={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0,"drop_logits":true}}'
   --lorafuse-config 'ck={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":true,"offload_activations":true,"drop_logits":true}}'
   --lorafuse-config 'ckf={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":"full","offload_activations":true,"drop_logits":true}}'
+  --lorafuse-config 'ckft={"options":{"passes":["lora","tiled_mlp","attention","loss"],"checkpoint_layers":"full","offload_activations":true,"drop_logits":true}}'
 )
 
 budget_left() {  # seconds left for the next step, minus a reserve for the final printing
