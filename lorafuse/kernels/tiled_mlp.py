@@ -26,26 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .gated_mlp import gated_mlp_backward_op, gated_mlp_op
+from .gated_mlp import activation, gated_mlp_backward_op, gated_mlp_op
 from .lora import lora_linear_backward_op, lora_linear_op
 from .lora_group import lora_linear_group_backward_op, lora_linear_group_op
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu,
-               "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
 def tiled_mlp_reference(x, weights, biases, lora_as, lora_bs, scales, act: str) -> Tensor:
     """``down(act(gate(x)) * up(x))`` with each projection ``x Wᵀ + b + s (x Aᵀ) Bᵀ``."""
-    g, u, d = (F.linear(t, w, b) + s * F.linear(F.linear(t, a), bb)
-               if t is not None else None
-               for t, w, b, a, bb, s in ((x, weights[0], biases[0], lora_as[0], lora_bs[0],
-                                          scales[0]),
-                                         (x, weights[1], biases[1], lora_as[1], lora_bs[1],
-                                          scales[1]),
-                                         (None,) * 6))
-    p = ACTIVATIONS[act](g) * u
-    return F.linear(p, weights[2], biases[2]) + scales[2] * F.linear(F.linear(p, lora_as[2]),
-                                                                     lora_bs[2])
+    def proj(t, i):
+        return F.linear(t, weights[i], biases[i]) + \
+            scales[i] * F.linear(F.linear(t, lora_as[i]), lora_bs[i])
+
+    return proj(activation(proj(x, 0), act) * proj(x, 1), 2)
 
 
 def _gate_up(x2, weights, biases, lora_as, lora_bs, scales, act):
