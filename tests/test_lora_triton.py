@@ -53,7 +53,8 @@ def _check_ids():
     ids += [f"lora-{c[0]}-{d}" for c in LORA_CASES for d in DTYPES]
     ids += [f"op-{c[0]}-{d}" for c in LORA_CASES for d in ("float32", "bfloat16")]
     ids += [f"tma-{c[0]}-{d}" for c in TMA_CASES for d in ("float16", "bfloat16")]
-    ids += ["op-fallback-float64", "gemm-random-shapes", "tma-unsupported", "tma-forward-route"]
+    ids += ["op-fallback-float64", "gemm-random-shapes", "tma-unsupported", "tma-forward-route",
+            "gemm-int32-row-blocks"]
     return ids
 
 
@@ -178,6 +179,36 @@ def _worker():
             gemm_case(M, N, K, r, opts, getattr(torch, DTYPES[i % 3]), seed=i)
 
     record("gemm-random-shapes", random_shapes)
+
+    def int32_row_blocks():
+        """Operands past int32 offsets (8B at 262,144 tokens: 262,144 × 14,336 outputs) run
+        as launches over blocks of rows, with the one launch's numbers bit for bit; a
+        weight past them is refused (ValueError: the callers fall back to cuBLAS)."""
+        g = torch.Generator().manual_seed(7)
+        bf = torch.bfloat16
+        M, N, K, r = 45, 24, 20, 4
+        a1, b1 = rnd(g, M, K + 2, dtype=bf)[:, 1:1 + K], rnd(g, N, K, dtype=bf).t()
+        a2, b2, bias = rnd(g, M, r, dtype=bf), rnd(g, N, r, dtype=bf).t(), rnd(g, N, dtype=bf)
+        whole = lt.lowrank_tail_gemm(a1, b1, a2, b2, bias, alpha2=0.5)
+        launches = []
+        real_limit, real_rows = lt._MAX_INDEX, lt._rows_per_launch
+        lt._MAX_INDEX = 600  # b1 reaches 479, out 45 × 24 elements: 25 rows per launch
+        lt._rows_per_launch = lambda *t: launches.append(real_rows(*t)) or launches[-1]
+        try:
+            blocks = lt.lowrank_tail_gemm(a1, b1, a2, b2, bias, alpha2=0.5)
+            assert launches == [25], launches
+            assert torch.equal(blocks, whole)
+            lt._MAX_INDEX = 400  # now b1 itself does not fit
+            try:
+                lt.lowrank_tail_gemm(a1, b1, a2, b2, bias, alpha2=0.5)
+            except ValueError as e:
+                assert "int32" in str(e)
+            else:
+                raise AssertionError("a weight past int32 offsets was not refused")
+        finally:
+            lt._MAX_INDEX, lt._rows_per_launch = real_limit, real_rows
+
+    record("gemm-int32-row-blocks", int32_row_blocks)
 
     def lora_inputs(lead, N, K, r, opts, dtype, seed=0):
         g = torch.Generator().manual_seed(seed)

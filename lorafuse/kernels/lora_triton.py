@@ -170,9 +170,24 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
+def _rows_per_launch(*row_operands: torch.Tensor) -> int:
+    """The most rows of (M, ·) operands one launch can index with int32: a multiple of the
+    largest BLOCK_M where that is possible. Raises ValueError if one row is too long."""
+    rows = []
+    for t in row_operands:
+        within_row = _max_offset(t[:1])
+        if within_row > _MAX_INDEX:
+            raise ValueError("lowrank_tail_gemm: tensor too large for int32 indexing")
+        if t.stride(0) > 0:
+            rows.append((_MAX_INDEX - within_row) // t.stride(0) + 1)
+    step = min(rows) if rows else row_operands[0].shape[0]
+    return step - step % 256 if step >= 256 else step
+
+
 def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
     """``a1 @ b1 + alpha2 · a2 @ b2 (+ bias)`` in one fp32 accumulator, rounded once to
-    a1's dtype. 2-D operands of any strides; K1 may be 0 (then only the tail)."""
+    a1's dtype. 2-D operands of any strides; K1 may be 0 (then only the tail). Operands
+    of more rows than int32 offsets reach run as several launches over blocks of rows."""
     M, K1 = a1.shape
     K2 = a2.shape[1]
     N = b1.shape[1]
@@ -191,9 +206,18 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
         raise ValueError("lowrank_tail_gemm: needs CUDA tensors (or TRITON_INTERPRET=1)")
     if out is None:
         out = torch.empty((M, N), dtype=dtype, device=a1.device)
-    if any(_max_offset(t) > _MAX_INDEX for t in operands + [out]):
+    if any(_max_offset(t) > _MAX_INDEX for t in (b1, b2, bias) if t is not None):
         raise ValueError("lowrank_tail_gemm: tensor too large for int32 indexing")
     if M == 0 or N == 0:
+        return out
+    if any(_max_offset(t) > _MAX_INDEX for t in (a1, a2, out)):
+        # Long sequences (8B, 262,144 tokens × 14,336): a block of rows per launch, each
+        # indexed from its own first row. Every output element sees the same k loop, so
+        # the result is the one launch's, bit for bit.
+        step = _rows_per_launch(a1, a2, out)
+        for r0 in range(0, M, step):
+            rows = slice(r0, r0 + step)
+            lowrank_tail_gemm(a1[rows], b1, a2[rows], b2, bias, alpha2, out=out[rows])
         return out
 
     args = (
