@@ -318,8 +318,38 @@ def run_probe(opts, variant, batch, seq, cap_gib, warmup, steps, timeout, log_pa
         res = {"error": f"killed by signal {-proc.returncode} (host OOM?)"}
     else:
         res = {"error": f"exit code {proc.returncode} without a result (see {log_path})"}
+    if "error" in res and (step1 := step1_from_log(log_path)):
+        res["step1"] = step1  # killed or cut after step 1: what that step showed
     res["wall_s"] = wall
     return res
+
+
+STEP1_LINE = re.compile(r"step 1 \(compile \+ first step\) ([\d.]+) s, loss (\S+?)"
+                        r"(?:, peak ([\d.]+) GiB)?(?:,|$)", re.M)
+
+
+def step1_from_log(log_path) -> dict | None:
+    """bench_train's step-1 line in a run's log ({"s", "loss", "peak_gib"}), or None: a run
+    cut or killed later still shows that one training step ran, and at which peak."""
+    try:
+        found = STEP1_LINE.findall(Path(log_path).read_text(errors="replace"))
+    except OSError:
+        return None
+    if not found:
+        return None
+    seconds, loss, peak = found[-1]
+    out = {"s": float(seconds), "loss": float(loss)}
+    if peak:
+        out["peak_gib"] = float(peak)
+    return out
+
+
+def step1_note(r: dict) -> str:
+    step1 = r.get("step1")
+    if not step1:
+        return ""
+    peak = f", peak {fmt_gib(step1['peak_gib'])} GiB" if "peak_gib" in step1 else ""
+    return f" (step 1 ran: {step1['s']:.0f} s, loss {step1['loss']:.4f}{peak})"
 
 
 def child_probe(spec: dict) -> None:
@@ -375,7 +405,8 @@ def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, s
                    peak_kind="cuda max_memory_allocated" if on_cuda else "cpu max RSS",
                    peak_gib=res["peak_gib"] if on_cuda else res["peak_rss_gib"])
     for key in ("compile_s", "load_s", "load_gib", "reserved_end_gib", "device_total_gib",
-                "graph_breaks", "peak_warmup_gib", "peak_timed_gib", "lorafuse_counters"):
+                "graph_breaks", "peak_warmup_gib", "peak_timed_gib", "lorafuse_counters",
+                "peak_step1_gib", "compile_parts_s", "step1"):
         if key in res:
             rec[key] = res[key]
     return rec
@@ -459,13 +490,15 @@ class Driver:
                          log_path)
         if res.get("timed_out") and timeout < o.variant_timeout:
             self.state["interrupted"].append(rec)  # the budget's fault: not an observation
-            self.skipped.append((variant, what, f"cut by the time budget after {rec['wall_s']} s"))
+            self.skipped.append((variant, what, f"cut by the time budget after {rec['wall_s']} s"
+                                 + step1_note(rec)))
             save(o, self.state)
             return None
         self.state["runs"].append(rec)
         save(o, self.state)
         log(f"  -> {rec['outcome']}" + (f": {rec['tok_s']:,.0f} tok/s, peak {rec['peak_gib']:.2f}"
-                                        f" GiB" if rec["outcome"] == "ok" else f": {rec['error']}")
+                                        f" GiB" if rec["outcome"] == "ok"
+                                        else f": {rec['error']}{step1_note(rec)}")
             + f" ({rec['wall_s']} s)")
         return rec["outcome"]
 
@@ -539,8 +572,9 @@ def fmt_run(r: dict) -> str:
     if r["outcome"] == "ok":
         return f"{r['tok_s']:,.0f} · {fmt_gib(r['peak_gib'])}"
     if r["outcome"] == "oom":
-        return "OOM" + (f" (limit {cap_label(r['cap_gib'])})" if r.get("cap_gib") else "")
-    return "error: " + bt.one_line(r["error"], 80)
+        return "OOM" + (f" (limit {cap_label(r['cap_gib'])})" if r.get("cap_gib") else "") \
+            + step1_note(r)
+    return "error: " + bt.one_line(r["error"], 80) + step1_note(r)
 
 
 def render(opts, state) -> str:
@@ -569,7 +603,10 @@ def render(opts, state) -> str:
         cells = []
         for b, s in workloads:
             rs = workload_runs(state, v, b, s, "table")
-            cells.append(fmt_run(rs[-1]) if rs else "—")
+            cut = [r for r in state["interrupted"] if r.get("step1") and r["kind"] == "table"
+                   and (r["variant"], r["batch"], r["seq"]) == (v, b, s)]
+            cells.append(fmt_run(rs[-1]) if rs else
+                         "cut by the budget" + step1_note(cut[-1]) if cut else "—")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
     left = left_alone(runs)

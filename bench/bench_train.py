@@ -397,8 +397,16 @@ def child_train(args, variant: str, res: dict) -> dict:
                 sync(device)
                 res["compile_s"] = round(time.perf_counter() - t_step, 2)
                 res["losses"] = [losses[0].item()]
+                parts = compile_seconds()
+                if parts:
+                    res["compile_parts_s"] = parts
+                if on_cuda:
+                    res["peak_step1_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                # bench_context reads this line from the log of a run cut after step 1
                 log(f"{variant}: step 1 (compile + first step) {res['compile_s']} s, "
-                    f"loss {res['losses'][0]:.4f}")
+                    f"loss {res['losses'][0]:.4f}"
+                    + (f", peak {res['peak_step1_gib']:.2f} GiB" if on_cuda else "")
+                    + "".join(f", {k} {v} s" for k, v in parts.items()))
             elif step == total or step % max(1, total // 4) == 0:
                 log(f"{variant}: step {step}/{total} queued")
         sync(device)
@@ -465,6 +473,22 @@ def record_memory_history(on: bool, path=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.cuda.memory._dump_snapshot(str(path))
     torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def compile_seconds() -> dict:
+    """Dynamo's compile time so far, forward (tracing, the backend, Inductor) and backward,
+    from its own timers (private, and only read here): how much of step 1 was compiling.
+    Empty when torch does not keep them."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, times = compile_times(repr="csv", aggregate=True)
+        total = dict(zip(names, (float(t) for t in times)))
+    except Exception:
+        return {}
+    parts = {"forward_compile": total.get("_compile.compile_inner"),
+             "backward_compile": total.get("compile_fx.<locals>.bw_compiler")}
+    return {k: round(v, 1) for k, v in parts.items() if v}
 
 
 def kernel_choices() -> dict:

@@ -350,3 +350,34 @@ def test_report_prints_the_file_and_runs_nothing(tmp_path, capsys):
     assert rows.count("| eager") == 2 and "| liger" not in rows  # the file's variants only
     assert "state: incomplete" in out  # the searches at 80 GiB were not run by --report
     assert json.loads((tmp_path / "ctx.json").read_text())["runs"] == state["runs"]
+
+
+def test_a_run_cut_after_step_1_shows_what_that_step_ran(tmp_path):
+    """Session 10: an 8B run at 262,144 tokens finished its first step (7.5 min with the
+    compile) and was cut in the second; the table said "—". Now the log's step-1 line is
+    kept: that one training step ran, and at which peak."""
+    log = tmp_path / "run.log"
+    log.write_text("Loading weights: 100%\r[bench 07:25:34] lorafuse:ckf: loaded in 25.1 s\n"
+                   "[bench 07:33:07] lorafuse:ckf: step 1 (compile + first step) 453.88 s, "
+                   "loss 12.5829, peak 61.42 GiB, forward_compile 96.1 s\n")
+    assert bc.step1_from_log(log) == {"s": 453.88, "loss": 12.5829, "peak_gib": 61.42}
+    log.write_text("[bench] eager: step 1 (compile + first step) 3.5 s, loss 12.5000\n")
+    assert bc.step1_from_log(log) == {"s": 3.5, "loss": 12.5}  # a CPU run: no peak
+    log.write_text("[bench] eager: loaded\n")
+    assert bc.step1_from_log(log) is None
+
+    fake = FakeRuns(wall=100)
+
+    def cut_after_step_1(variant, batch, seq, cap_gib, warmup, steps, timeout, log_path):
+        res = fake(variant, batch, seq, cap_gib, warmup, steps, timeout, log_path)
+        res["step1"] = {"s": 80.0, "loss": 12.58, "peak_gib": 61.42}
+        return res
+
+    d, opts, state = driver(tmp_path, fake, "--time-budget", "100", "--seqs", "2048")
+    d.probe = cut_after_step_1
+    d.estimate = lambda *args: 10  # the estimate was wrong: the run needs 100 s
+    d.go()
+    assert state["runs"] == [] and state["interrupted"][0]["step1"]["peak_gib"] == 61.42
+    assert any("step 1 ran: 80 s, loss 12.5800, peak 61.4 GiB" in why for *_, why in d.skipped)
+    assert "| cut by the budget (step 1 ran: 80 s, loss 12.5800, peak 61.4 GiB) |" in \
+        bc.render(opts, state)
