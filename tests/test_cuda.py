@@ -296,6 +296,30 @@ def _small_llama_fp32_grads():
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_offload_exact_pinned_buffer_round_trip_and_reuse():
+    """A tensor whose pinned copy PyTorch would round up by nearly 2 × (70 MiB → 128 MiB)
+    goes to an exact-size buffer (cudaHostRegister): pinned, the same values there and
+    back, and the same buffer again once the first copy is gone."""
+    from lorafuse.kernels import offload
+
+    x = torch.randn(35 * 2**20, device="cuda", dtype=torch.bfloat16)  # 70 MiB
+    assert offload.wants_exact(x.numel() * 2)
+    before = offload._exact_pool.pinned_bytes
+    cpu = torch.ops.lorafuse.offload.default(x)
+    torch.cuda.synchronize()
+    assert cpu.is_pinned(), "registered memory not seen as pinned: reloads would be synchronous"
+    assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
+    back = torch.ops.lorafuse.reload.default(cpu, x.device, None)
+    torch.cuda.synchronize()
+    assert torch.equal(back, x) and torch.equal(cpu, x.cpu())
+    address = cpu.data_ptr()
+    del cpu
+    again = torch.ops.lorafuse.offload.default(x * 2)
+    torch.cuda.synchronize()
+    assert again.data_ptr() == address and torch.equal(again, (x * 2).cpu())
+    assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
+
+
 def _small_llama_run(steps=3, **options):
     """``_small_llama``'s model compiled by lorafuse with ``options``, trained ``steps``
     SGD steps on its batch under bf16 autocast: per step the loss, the peak memory and the

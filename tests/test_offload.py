@@ -12,6 +12,7 @@ memory, prefetch) is tests/test_cuda.py's.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 
 import lorafuse
 import lorafuse.partition
+from lorafuse.kernels import offload
 
 from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model
 
@@ -205,3 +207,68 @@ def test_warns_when_the_host_cannot_hold_the_offloaded_activations(monkeypatch,
     with torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         _train(make_tiny_model("llama", seed=3), offload_activations=True)
+
+
+class _FakePinning:
+    """Stands for cudaHostRegister / cudaHostUnregister / draining the side stream."""
+
+    def __init__(self):
+        self.pinned, self.unpinned, self.drained = [], [], []
+
+    def pool(self):
+        return offload.ExactPinnedPool(lambda a, n: self.pinned.append((a, n)),
+                                       self.unpinned.append, self.drained.append)
+
+
+def test_exact_pinned_only_where_rounding_would_waste_much(monkeypatch):
+    """Session 10: an 8B layer input at 270,336 tokens is 2.06 GiB, which PyTorch's pinned
+    allocator rounds to 4 GiB (128 GiB for 32 layers); 262,144 tokens, exactly 2 GiB, are
+    left to it, as are small tensors, whose rounding costs little."""
+    layer = 270_336 * 4096 * 2
+    assert offload.rounding_waste(layer) > 0.9 and offload.wants_exact(layer)
+    assert not offload.wants_exact(262_144 * 4096 * 2)  # a power of two
+    assert not offload.wants_exact(33 * 2**20)  # below EXACT_MIN_BYTES
+    assert offload.wants_exact(100 * 2**20) and not offload.wants_exact(120 * 2**20)
+    monkeypatch.setenv(offload.EXACT_ENV, "0")
+    assert not offload.wants_exact(layer)
+
+
+def test_exact_pinned_buffers_are_reused_once_their_storage_dies():
+    fake = _FakePinning()
+    pool = fake.pool()
+    a = pool.empty((3, 5), torch.bfloat16, 0)
+    assert a.shape == (3, 5) and a.dtype == torch.bfloat16 and a.is_contiguous()
+    a.copy_(torch.arange(15.0).view(3, 5))
+    assert torch.equal(a.float(), torch.arange(15.0).view(3, 5))
+    first = a.data_ptr()
+    assert fake.pinned == [(first, 30)] and pool.pinned_bytes == 30
+    view = a[1:]  # a view keeps the buffer: a second request pins another
+    del a
+    gc.collect()
+    b = pool.empty((3, 5), torch.bfloat16, 0)
+    assert b.data_ptr() != first and len(fake.pinned) == 2
+    del view
+    gc.collect()
+    assert pool.free_bytes() == 30
+    c = pool.empty((15,), torch.int16, 0)  # the same bytes: the same buffer, not pinned again
+    assert c.data_ptr() == first and len(fake.pinned) == 2 and pool.free_bytes() == 0
+    d = pool.empty((3, 5), torch.bfloat16, 1)  # another device's stream: its own buffers
+    assert len(fake.pinned) == 3 and not fake.unpinned
+    del b, c, d
+
+
+def test_a_new_size_unpins_free_buffers_after_draining_their_copies():
+    """Changing lengths would otherwise pin a new set of buffers every step."""
+    fake = _FakePinning()
+    pool = fake.pool()
+    held = [pool.empty((n,), torch.float32, 0) for n in (10, 20, 30)]
+    addresses = [t.data_ptr() for t in held]
+    while held:  # freed in this order: 40, 80, then 120 bytes
+        held.pop(0)
+    gc.collect()
+    assert pool.free_bytes() == 240
+    big = pool.empty((25,), torch.float32, 0)  # 100 bytes: frees the two oldest (40 + 80 bytes)
+    assert fake.drained == [0]
+    assert fake.unpinned == addresses[:2]
+    assert pool.free_bytes() == 120 and pool.pinned_bytes == 220
+    del big

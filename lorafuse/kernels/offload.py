@@ -22,8 +22,11 @@ gave the same losses bitwise and about half the memory held after the forward.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 import warnings
+import weakref
 from collections import deque
 from typing import Optional
 
@@ -81,6 +84,124 @@ def _side_stream(device: torch.device):
     return _streams[index]
 
 
+# ------------------------------------------------------------- exact-size pinned buffers
+# PyTorch's pinned-memory cache rounds every allocation up to a power of two. At 8B and
+# 270,336 tokens a layer's offloaded input is 2.06 GiB and pins 4 GiB: 32 layers' 128 GiB do
+# not fit the GPU host's 125 GiB (session 10: 262,144 tokens, exactly 2 GiB, did). Its
+# pinned_max_round_threshold_mb setting is missing from older torch and, where present,
+# could hand out a cached block smaller than the request (pytorch#192722). So an offload
+# that rounding would inflate by more than an eighth pins a buffer of its exact size
+# (anonymous mmap + cudaHostRegister), reused by later steps.
+EXACT_ENV = "LORAFUSE_OFFLOAD_EXACT_PINNED"  # "0": always PyTorch's pinned allocator
+EXACT_MIN_BYTES = 64 * 2**20
+
+
+def rounding_waste(nbytes: int) -> float:
+    """The fraction PyTorch's pinned allocator adds to ``nbytes`` (next power of two)."""
+    return (1 << (nbytes - 1).bit_length()) / nbytes - 1 if nbytes > 0 else 0.0
+
+
+def wants_exact(nbytes: int) -> bool:
+    return (nbytes >= EXACT_MIN_BYTES and rounding_waste(nbytes) > 0.125
+            and os.environ.get(EXACT_ENV, "1").strip() != "0")
+
+
+class ExactPinnedPool:
+    """Host buffers of exact sizes, pinned once and reused. A tensor handed out is a view of
+    a buffer; the buffer returns to the free list when the tensor's storage dies (a
+    finalizer on the memoryview the storage holds), views of it included.
+
+    Reuse is safe without events because every copy into or out of these buffers runs on
+    the one side stream of its device (``_side_stream``): a buffer's next copy out queues
+    behind its last copy back. Buffers are kept per device for that reason. A size not in
+    the free list unpins free buffers (oldest first, after that stream is drained) until as
+    many bytes are freed, so changing lengths do not grow the pool without bound."""
+
+    def __init__(self, pin, unpin, drain):
+        self._pin, self._unpin, self._drain = pin, unpin, drain
+        self._free: dict = {}  # device index -> [(nbytes, mmap)], oldest first
+        self._lock = threading.RLock()  # a finalizer may run inside a locked section
+        self.pinned_bytes = 0
+
+    def empty(self, shape, dtype: torch.dtype, device_index: int) -> Tensor:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        mm = self._take(nbytes, device_index)
+        view = memoryview(mm)[:nbytes]
+        flat = torch.frombuffer(view, dtype=torch.uint8)  # the storage holds `view`
+        weakref.finalize(view, self._give_back, device_index, nbytes, mm)
+        del view
+        return flat.view(dtype).view(shape)
+
+    def _take(self, nbytes: int, dev: int) -> mmap.mmap:
+        with self._lock:
+            free = self._free.setdefault(dev, [])
+            for i, (size, mm) in enumerate(free):
+                if size == nbytes:
+                    return free.pop(i)[1]
+            dropped = 0
+            if free:
+                self._drain(dev)  # their last copies back may still be running
+            while free and dropped < nbytes:
+                size, mm = free.pop(0)
+                self._release(mm, size)
+                dropped += size
+        mm = mmap.mmap(-1, nbytes)
+        try:
+            self._pin(_address(mm), nbytes)
+        except BaseException:
+            mm.close()
+            raise
+        with self._lock:
+            self.pinned_bytes += nbytes
+        return mm
+
+    def _give_back(self, dev: int, nbytes: int, mm: mmap.mmap) -> None:
+        with self._lock:
+            self._free.setdefault(dev, []).append((nbytes, mm))
+
+    def _release(self, mm: mmap.mmap, nbytes: int) -> None:
+        self._unpin(_address(mm))
+        mm.close()
+        self.pinned_bytes -= nbytes
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            return sum(size for free in self._free.values() for size, _ in free)
+
+
+def _address(mm: mmap.mmap) -> int:
+    probe = torch.frombuffer(mm, dtype=torch.uint8, count=1)
+    address = probe.data_ptr()
+    del probe
+    return address
+
+
+def _cuda_pin(address: int, nbytes: int) -> None:
+    # cudaHostRegisterPortable (1): pinned for every context, as cudaHostAlloc's memory is
+    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 1)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {int(err)})")
+
+
+def _cuda_unpin(address: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+_exact_pool = ExactPinnedPool(_cuda_pin, _cuda_unpin,
+                              lambda dev: _side_stream(torch.device("cuda", dev)).synchronize())
+
+
+def _pinned_empty(x: Tensor) -> Tensor:
+    nbytes = x.numel() * x.element_size()
+    if wants_exact(nbytes):
+        try:
+            return _exact_pool.empty(x.shape, x.dtype, x.device.index)
+        except (RuntimeError, OSError, AttributeError) as e:  # pinning refused, no cudart
+            warn_once(f"lorafuse: exact-size pinned buffer unavailable ({e}); using PyTorch's "
+                      "pinned allocator (it rounds up to a power of two)")
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+
+
 def _offload_cuda(x: Tensor) -> Tensor:
     # The side stream reads a copy of x, not x: Inductor's generated code reuses a dead
     # buffer's memory for a later kernel's output without going through the allocator, so
@@ -88,7 +209,7 @@ def _offload_cuda(x: Tensor) -> Tensor:
     # session-6 GPU test saw different losses from the second step on). The device-to-
     # device copy costs ~1 % of the trip over PCIe.
     staged = x.clone(memory_format=torch.contiguous_format)
-    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out = _pinned_empty(x)
     side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))  # the copy is complete
     with torch.cuda.stream(side):
