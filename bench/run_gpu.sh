@@ -45,7 +45,9 @@
 #   QLORA=1        add --qlora (bitsandbytes NF4 base; carry .whl/base.tgz for bitsandbytes)
 #                  variants unsloth / unsloth_gc need .whl/uns.tgz (and base.tgz) carried
 #   SKIP_TESTS=1   skip pytest and the op benchmark
-#   PYTEST_ARGS=.. more pytest arguments for the GPU tests (e.g. "tests/test_cuda.py")
+#   PYTEST_ARGS=.. more pytest arguments for the GPU tests (e.g. "tests/test_cuda.py"), split
+#                  on spaces (no quoting inside)
+#   PYTEST_K=...   pytest's -k expression, passed as one argument (e.g. "offload or long_causal")
 #   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
 #   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
 #   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
@@ -144,9 +146,12 @@ run_tests() {  # run_tests [pytest-only]
         # in C code ignores SIGINT (session 7: a Triton compile that never finished) and its
         # buffered output dies with it: faulthandler dumps every thread's stack to the log
         # after 180 s in one test.
+        # PYTEST_K goes to -k as one argument (session 10: "-k 'a or b'" inside PYTEST_ARGS
+        # split on its spaces, and pytest ran nothing)
+        local select=(); [ -n "${PYTEST_K:-}" ] && select=(-k "$PYTEST_K")
         # shellcheck disable=SC2086
         timeout -s INT -k 30 "$t" "$PY" -m pytest -m cuda -q -rfE --tb=short \
-            -o faulthandler_timeout=180 ${PYTEST_ARGS:-} > "$OUTDIR/pytest_cuda.log" 2>&1
+            -o faulthandler_timeout=180 ${PYTEST_ARGS:-} "${select[@]}" > "$OUTDIR/pytest_cuda.log" 2>&1
         local rc=$?
         grep -E "^(FAILED|ERROR) |passed|failed" "$OUTDIR/pytest_cuda.log" | tail -n 25
         case $rc in
