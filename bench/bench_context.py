@@ -496,7 +496,7 @@ class Driver:
             return None
         self.state["runs"].append(rec)
         save(o, self.state)
-        log(f"  -> {rec['outcome']}" + (f": {rec['tok_s']:,.0f} tok/s, peak {rec['peak_gib']:.2f}"
+        log(f"  -> {rec['outcome']}" + (f": {fmt_tok_s(rec, ' tok/s')}, peak {rec['peak_gib']:.2f}"
                                         f" GiB" if rec["outcome"] == "ok"
                                         else f": {rec['error']}{step1_note(rec)}")
             + f" ({rec['wall_s']} s)")
@@ -568,9 +568,16 @@ def fmt_gib(x: float) -> str:
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}"  # small figures: CPU smoke runs
 
 
+def fmt_tok_s(r: dict, unit: str = "") -> str:
+    """A run's tok/s, or what it ran instead: a fit run with no timed step (--fit-steps 0)."""
+    if r.get("tok_s"):
+        return f"{r['tok_s']:,.0f}{unit}"
+    return f"untimed, {r['warmup']} step" + ("s" if r["warmup"] > 1 else "")
+
+
 def fmt_run(r: dict) -> str:
     if r["outcome"] == "ok":
-        return f"{r['tok_s']:,.0f} · {fmt_gib(r['peak_gib'])}"
+        return f"{fmt_tok_s(r)} · {fmt_gib(r['peak_gib'])}"
     if r["outcome"] == "oom":
         return "OOM" + (f" (limit {cap_label(r['cap_gib'])})" if r.get("cap_gib") else "") \
             + step1_note(r)
@@ -667,7 +674,7 @@ def fit_cell(state, variant, s: Search, opts) -> str:
         return f"none (< {s.hi:,})"
     at = [r for r in state["runs"] if r["variant"] == variant and r["batch"] == 1
           and r["seq"] == s.lo and r["outcome"] == "ok"]
-    detail = f" ({at[-1]['tok_s']:,.0f} tok/s, {fmt_gib(at[-1]['peak_gib'])} GiB)" if at else ""
+    detail = f" ({fmt_tok_s(at[-1], ' tok/s')}, {fmt_gib(at[-1]['peak_gib'])} GiB)" if at else ""
     return ("≥ " if s.hi is None else "") + f"{s.lo:,}{detail}"
 
 
@@ -738,7 +745,9 @@ def parse_args(argv=None):
                    help="untimed steps of a table run (step 1: compile)")
     p.add_argument("--steps", type=int, default=5, help="timed steps of a table run")
     p.add_argument("--fit-warmup", type=int, default=1, help="untimed steps of a search run")
-    p.add_argument("--fit-steps", type=int, default=1, help="timed steps of a search run (≥ 1)")
+    p.add_argument("--fit-steps", type=int, default=1,
+                   help="timed steps of a search run; 0: its untimed steps only, which decide "
+                        "by their peak and give no tok/s (at 256K one step is minutes)")
     p.add_argument("--time-budget", type=float, default=0,
                    help="seconds for this command (0: none); what does not fit is left "
                         "for --resume")
@@ -768,8 +777,9 @@ def parse_args(argv=None):
     unknown = [v for v in opts.variants if v != "liger" and v.split(":")[0] not in bt.VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {VARIANTS} (or lorafuse:TAG)")
-    if opts.fit_steps < 1 or opts.fit_warmup < 1 or opts.steps < 1 or opts.warmup < 1:
-        p.error("warm-up and timed steps must be at least 1 (bench_train needs both)")
+    if opts.fit_steps < 0 or opts.fit_warmup < 1 or opts.steps < 1 or opts.warmup < 1:
+        p.error("warm-up steps must be at least 1, and a table run's timed steps too "
+                "(--fit-steps may be 0)")
     if opts.seq_step < 1 or opts.max_seq < opts.seq_step:
         p.error("--seq-step must be positive and --max-seq at least --seq-step")
     if opts.enforce == "fraction" and opts.device == "cpu":

@@ -410,7 +410,10 @@ def child_train(args, variant: str, res: dict) -> dict:
             elif step == total or step % max(1, total // 4) == 0:
                 log(f"{variant}: step {step}/{total} queued")
         sync(device)
-        timed_s += time.perf_counter() - seg_start
+        if seg_start is not None:
+            timed_s += time.perf_counter() - seg_start
+        if on_cuda and args.steps == 0:  # a one-step fit run (bench_context): its peak only
+            res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if on_cuda and args.memory_snapshot:
             record_memory_history(False, memory_history_path(args, variant, "timed"))
             both = memory_history_path(args, variant, "{warmup,timed}")
@@ -429,10 +432,11 @@ def child_train(args, variant: str, res: dict) -> dict:
         log(f"{variant}: profile of {args.profile} steps\n{res['profile']['text']}")
     tokens = args.steps * args.batch * args.seq
     res["timed_s"] = round(timed_s, 3)
-    res["tok_s"] = tokens / timed_s
+    res["tok_s"] = tokens / timed_s if tokens else None  # None: no timed step (a fit run)
     if on_cuda:
-        res["peak_timed_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        res["peak_gib"] = max(res["peak_warmup_gib"], res["peak_timed_gib"])
+        if args.steps:
+            res["peak_timed_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["peak_gib"] = max(res["peak_warmup_gib"], res.get("peak_timed_gib", 0.0))
     if base in ("inductor", "aot_eager", "lorafuse"):
         from torch._dynamo.utils import counters
 
@@ -448,6 +452,10 @@ def child_train(args, variant: str, res: dict) -> dict:
     bad = [i + 1 for i, x in enumerate(res["losses"]) if not math.isfinite(x)]
     if bad:
         res["nonfinite_steps"] = bad
+    if not args.steps:
+        log(f"{variant}: {args.warmup} untimed step(s)"
+            + (f", peak {res['peak_gib']:.2f} GiB" if on_cuda else ""))
+        return res
     log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
         + (f", peak {res['peak_gib']:.2f} GiB (warm-up {res['peak_warmup_gib']:.2f}, "
            f"timed {res['peak_timed_gib']:.2f})" if on_cuda else ""))
@@ -950,6 +958,10 @@ def main() -> int:
     if args._child:
         child_main(args)
         return 0
+    if args.steps < 1:  # bench_context's one-step fit runs call child_train directly
+        print("bench_train.py: error: --steps must be at least 1 (the tables are tokens/s)",
+              file=sys.stderr)
+        return 2
 
     t_start = time.time()
 

@@ -381,3 +381,27 @@ def test_a_run_cut_after_step_1_shows_what_that_step_ran(tmp_path):
     assert any("step 1 ran: 80 s, loss 12.5800, peak 61.4 GiB" in why for *_, why in d.skipped)
     assert "| cut by the budget (step 1 ran: 80 s, loss 12.5800, peak 61.4 GiB) |" in \
         bc.render(opts, state)
+
+
+def test_one_step_fit_runs_decide_by_their_peak_with_no_tok_s(tmp_path):
+    """--fit-steps 0: a search run is its warm-up step alone (at 256K tokens one step of the
+    8B is minutes); it decides by its peak and the table says it was not timed."""
+    fake = FakeRuns()
+
+    def untimed(variant, batch, seq, cap_gib, warmup, steps, timeout, log_path):
+        res = fake(variant, batch, seq, cap_gib, warmup, steps, timeout, log_path)
+        if steps == 0 and "error" not in res:
+            res["tok_s"] = None
+        return res
+
+    d, opts, state = driver(tmp_path, fake, "--fit-steps", "0", "--seqs", "2048")
+    d.probe = untimed
+    d.go()
+    searches = [r for r in state["runs"] if r["kind"] != "table"]
+    assert searches and all(r["steps"] == 0 for r in searches)
+    for v in FAKE:
+        assert bc.search_for(state, v, 80.0, opts).lo == expected(v, 80)
+    text = bc.render(opts, state)
+    assert "untimed, 1 step" in text and "search runs 1+0" in text
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--steps", "0"])  # a table run is tokens/s: it needs a timed step
