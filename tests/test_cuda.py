@@ -54,6 +54,40 @@ def test_lora_op_real_sizes_bf16(site):
         assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
 
 
+def test_lora_kernels_past_int32_offsets_at_long_context():
+    """Session 10: at 262,144 tokens the gate/up outputs (× 14,336) pass 2³¹ elements, and
+    the Triton kernels fell back to cuBLAS with 15 GiB fp32 temporaries. Now they run over
+    blocks of rows, with no fallback warning; rows on both sides of each block boundary
+    equal an fp32 product of the same rows, rounded once."""
+    import warnings
+
+    from lorafuse.kernels import _dispatch
+    from lorafuse.kernels import lora_triton as lt
+    from lorafuse.kernels.lora import base_plus_lowrank
+
+    M, N, K, r, s = 150_016, 14336, 4096, 16, 2.0  # M × N = 2.15e9 > 2³¹
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    h = torch.randn(M, r, device="cuda", generator=g, dtype=torch.bfloat16)
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    step = lt._rows_per_launch(x, h, torch.empty((M, N), device="meta", dtype=torch.bfloat16))
+    assert step < M
+    _dispatch.warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = base_plus_lowrank(x, W, None, h, B, s)
+        pointer = lt.lowrank_tail_gemm(x, W.t(), h, B.t(), None, alpha2=s)
+    assert not [w for w in seen if "lorafuse" in str(w.message)], [str(w.message) for w in seen]
+    rows = torch.tensor([0, step - 1, step, 2 * step - 1, 2 * step, M - 1], device="cuda")
+    rows = rows[rows < M]
+    exact = (x[rows].float() @ W.float().t() + s * h[rows].float() @ B.float().t()).bfloat16()
+    for name, out in (("forward", y), ("pointer", pointer)):
+        same = (out[rows] == exact).float().mean().item()
+        assert same >= 0.99, (name, same)  # one rounding of an fp32 sum: nearly all equal
+    del y, pointer
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_small_lora_term_is_kept_not_rounded_away(grouped):
     """A LoRA term below half a bf16 ulp of the base output: eager PEFT (and cuBLAS's
