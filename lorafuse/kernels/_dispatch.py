@@ -71,21 +71,24 @@ def pick_fastest(cache: dict, key, candidates: dict, what: str, timer=time_ms) -
     """The name of the fastest of ``candidates`` (name -> zero-argument callable; all must
     compute the same numbers) for ``key``: each is timed once, at the key's first use, and
     the choice is cached in ``cache``. A candidate that raises is left out, warned once;
-    the last candidate is the safe path, and its error propagates. Inside a CUDA graph
-    capture nothing is timed: the last candidate runs and nothing is cached."""
+    only when none works does the last one's error propagate (session 10: the last, the
+    pointer kernel, refused 262K-token operands, so nothing was cached and every call
+    timed the other two again). Inside a CUDA graph capture nothing is timed: the last
+    candidate runs and nothing is cached."""
     name = cache.get(key)
     if name in candidates:
         return name
     names = list(candidates)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return names[-1]
-    times = {}
+    times, error = {}, None
     for n in names:
         try:
             times[n] = timer(candidates[n])
         except Exception as e:
-            if n == names[-1]:
-                raise
+            error = e
             warn_once(f"lorafuse: {what} path {n!r} unavailable ({type(e).__name__}: {e})")
+    if not times:
+        raise error
     cache[key] = min(times, key=times.get)
     return cache[key]
