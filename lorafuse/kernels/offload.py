@@ -147,9 +147,13 @@ class ExactPinnedPool:
                 dropped += size
         mm = mmap.mmap(-1, nbytes)
         try:
+            _touch(mm)
             self._pin(_address(mm), nbytes)
         except BaseException:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # a traceback still holds a view: left to the collector
+                pass
             raise
         with self._lock:
             self.pinned_bytes += nbytes
@@ -167,6 +171,12 @@ class ExactPinnedPool:
     def free_bytes(self) -> int:
         with self._lock:
             return sum(size for free in self._free.values() for size, _ in free)
+
+
+def _touch(mm: mmap.mmap) -> None:
+    """Fault every page in on all cores (torch's fill runs in parallel): the registration
+    would otherwise fault them in one at a time."""
+    torch.frombuffer(mm, dtype=torch.uint8).fill_(0)
 
 
 def _address(mm: mmap.mmap) -> int:
@@ -196,7 +206,7 @@ def _pinned_empty(x: Tensor) -> Tensor:
     if wants_exact(nbytes):
         try:
             return _exact_pool.empty(x.shape, x.dtype, x.device.index)
-        except (RuntimeError, OSError, AttributeError) as e:  # pinning refused, no cudart
+        except Exception as e:  # pinning refused, no cudart binding: PyTorch's allocator
             warn_once(f"lorafuse: exact-size pinned buffer unavailable ({e}); using PyTorch's "
                       "pinned allocator (it rounds up to a power of two)")
     return torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
