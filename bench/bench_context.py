@@ -599,9 +599,15 @@ def render(opts, state) -> str:
     on_cpu = opts.device == "cpu"
     peak = "max RSS of the process (CPU smoke, not a GPU figure)" if on_cpu else \
         "`torch.cuda.max_memory_allocated` (weights included)"
+
+    def steps_of(kind, default):  # what the recorded runs did (--report has no settings)
+        done = sorted({f"{r['warmup']}+{r['steps']}" for r in runs if (r["kind"] == "table")
+                       == (kind == "table")})
+        return " or ".join(done) if done else default
+
     lines += [f"- peak: {peak}; LoRA r=16 on 7 projections, bf16 autocast, AdamW; table runs "
-              f"{opts.warmup}+{opts.steps} steps, search runs {opts.fit_warmup}+{opts.fit_steps}",
-              ""]
+              f"{steps_of('table', f'{opts.warmup}+{opts.steps}')} steps, search runs "
+              f"{steps_of('search', f'{opts.fit_warmup}+{opts.fit_steps}')}", ""]
 
     lines += ["### tok/s · peak GiB per workload (batch × sequence)", "",
               "| variant | " + " | ".join(f"{b}×{s}" for b, s in workloads) + " |",
