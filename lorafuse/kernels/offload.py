@@ -124,7 +124,7 @@ class ExactPinnedPool:
         self.pinned_bytes = 0
 
     def empty(self, shape, dtype: torch.dtype, device_index: int) -> Tensor:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         mm = self._take(nbytes, device_index)
         view = memoryview(mm)[:nbytes]
         flat = torch.frombuffer(view, dtype=torch.uint8)  # the storage holds `view`
