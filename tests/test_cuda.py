@@ -402,18 +402,33 @@ def _assert_trains_as(got, want, ref):
         assert err_got <= 1.5 * err_want + 1e-3, (name, err_got, err_want)
 
 
-def test_offload_activations_same_training_less_peak_memory(monkeypatch):
+@pytest.mark.parametrize("pinned", ["pytorch", "exact"])
+def test_offload_activations_same_training_less_peak_memory(monkeypatch, pinned):
     """offload_activations on the GPU (side stream, pinned memory, prefetch one ahead, a
     small in-flight limit): the same losses and LoRA parameters as without it (to the
     run-to-run noise of the attention backward), less memory held between the forward and
-    the backward, a lower peak, and no prefetch left over after each backward."""
+    the backward, a lower peak, and no prefetch left over after each backward. "exact":
+    every copy that rounding would grow by an eighth goes to the exact-size buffers, which
+    later steps reuse (their finalizers run from the backward)."""
     import lorafuse.partition
     from lorafuse.kernels import offload
 
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 2**16)
     monkeypatch.setattr(offload, "INFLIGHT_BYTES", 2**24)  # this model offloads ~10 × that
+    monkeypatch.setattr(offload, "EXACT_MIN_BYTES", 0 if pinned == "exact" else 2**62)
+    pool, pins, returns = offload._exact_pool, [], []
+    monkeypatch.setattr(pool, "_pin", lambda a, n, pin=pool._pin: pins.append(n) or pin(a, n))
+    monkeypatch.setattr(pool, "_give_back",
+                        lambda *a, back=pool._give_back: returns.append(a[1]) or back(*a))
     want = _small_llama_run()
     got = _small_llama_run(offload_activations=True)
+    if pinned == "exact":
+        print(f"exact-size buffers: {len(pins)} pinned ({sum(pins) / 2**20:.1f} MiB), "
+              f"{len(returns)} returns over 3 steps")
+        # step 1 pins one buffer per offloaded tensor; steps 2 and 3 reuse them all
+        assert pins and sorted(returns) == sorted(pins * 3), (len(pins), len(returns))
+    else:
+        assert not pins
     print(f"losses {want['losses']} vs {got['losses']}; peak {_mib(want['peaks'])} vs "
           f"{_mib(got['peaks'])}; held after the forward {_mib(want['held'])} vs "
           f"{_mib(got['held'])}")
