@@ -406,7 +406,7 @@ def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, s
                    peak_gib=res["peak_gib"] if on_cuda else res["peak_rss_gib"])
     for key in ("compile_s", "load_s", "load_gib", "reserved_end_gib", "device_total_gib",
                 "graph_breaks", "peak_warmup_gib", "peak_timed_gib", "lorafuse_counters",
-                "peak_step1_gib", "compile_parts_s", "step1"):
+                "peak_step1_gib", "compile_parts_s", "step1", "peak_rss_gib"):
         if key in res:
             rec[key] = res[key]
     return rec
