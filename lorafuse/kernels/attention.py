@@ -65,6 +65,15 @@ def mask_rows(mask, r0: int, r1: int):
     return mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., r0:r1, :]
 
 
+def rows_per_block(mask, lkv: int) -> int:
+    """How many query rows of ``mask`` (in its own leading sizes, against ``lkv`` keys) one
+    block of at most ``ROW_BLOCK_ELEMENTS`` elements holds (at least one)."""
+    per_row = lkv
+    for size in tuple(mask.shape)[:-2]:
+        per_row *= size
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, per_row))
+
+
 def is_causal_mask(mask, q_shape, k_shape) -> bool:
     """Whether ``mask`` (SDPA's ``attn_mask``: boolean, True = attend, or additive float)
     selects exactly what ``is_causal=True`` does for queries ``q_shape`` and keys
@@ -84,10 +93,7 @@ def is_causal_mask(mask, q_shape, k_shape) -> bool:
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         return False
     lowest = None if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-    lead = 1
-    for size in tuple(mask.shape)[:-2]:
-        lead *= size
-    step = max(1, ROW_BLOCK_ELEMENTS // max(1, lead * lkv))
+    step = rows_per_block(mask, lkv)
     cols = torch.arange(lkv, device=mask.device)
     ok = torch.ones((), dtype=torch.bool, device=mask.device)
     for r0 in range(0, lq, step):  # one host read at the end, not one per block

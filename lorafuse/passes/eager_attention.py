@@ -223,10 +223,7 @@ def _blocks(mask, scores_shape):
     broadcast over the batch and heads)."""
     lead, lkv = tuple(mask.shape)[:-2], scores_shape[-1]
     lowest = torch.finfo(mask.dtype).min
-    per_row = lkv
-    for size in lead:
-        per_row *= size
-    step = max(1, attention_kernels.ROW_BLOCK_ELEMENTS // max(1, per_row))
+    step = attention_kernels.rows_per_block(mask, lkv)
     j = torch.arange(lkv, device=mask.device)[None, :]
     for r0 in range(0, scores_shape[-2], step):
         r1 = min(scores_shape[-2], r0 + step)
