@@ -183,7 +183,8 @@ def search_state(outcomes, points, cap: float, step: int, max_seq: int, recent=(
     top = hi if hi is not None else max_seq + step  # no run above max_seq
     if top - lo <= step:
         if hi is None:
-            notes.append(f"fits at the longest tried (--max-seq {max_seq:,})")
+            notes.append(f"fits at {lo:,}, the longest tried" if lo > max_seq else
+                         f"fits at the longest tried (--max-seq {max_seq:,})")
         return Search(lo, hi, None, "; ".join(notes))
     streak = 0  # how many of this search's last runs landed on the same side
     while streak < len(recent) and recent[-1 - streak] == recent[-1]:

@@ -101,6 +101,9 @@ def test_nothing_fits_and_everything_fits():
     s, tried = search(lambda n: True, max_seq=65536)
     assert s.lo == 65536 and s.hi is None and "max-seq" in s.note
     assert tried[-1] == 65536
+    # a table run past --max-seq that fits is the answer, named as such
+    s = bc.search_state([(16384, "fit"), (270336, "fit")], [], 80, STEP, 262144)
+    assert s.lo == 270336 and s.next is None and s.note == "fits at 270,336, the longest tried"
 
 
 def test_a_failed_run_inside_the_interval_stops_the_search():
