@@ -378,6 +378,9 @@ def child_probe(spec: dict) -> None:
         bt.child_train(args, variant, res)
         if torch.cuda.is_available() and args.device.startswith("cuda"):
             res["reserved_end_gib"] = torch.cuda.memory_reserved() / 2**30
+            # the allocator's segments, not only the live tensors: what an 80 GiB card must
+            # hold unless the cache is released (session 11: 84 GiB reserved at 62 allocated)
+            res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
             res["device_total_gib"] = torch.cuda.get_device_properties(
                 torch.cuda.current_device()).total_memory / 2**30
     except BaseException as exc:  # reported in one line by the parent, never raised
@@ -407,7 +410,8 @@ def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, s
                    peak_gib=res["peak_gib"] if on_cuda else res["peak_rss_gib"])
     for key in ("compile_s", "load_s", "load_gib", "reserved_end_gib", "device_total_gib",
                 "graph_breaks", "peak_warmup_gib", "peak_timed_gib", "lorafuse_counters",
-                "peak_step1_gib", "compile_parts_s", "step1", "peak_rss_gib"):
+                "peak_step1_gib", "compile_parts_s", "step1", "peak_rss_gib",
+                "peak_reserved_gib"):
         if key in res:
             rec[key] = res[key]
     return rec

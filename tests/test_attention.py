@@ -368,7 +368,7 @@ def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
     got = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(qs, ks, vs, mask, flag, ok, lo, hi,
-                                                          n_rep, None, flash)
+                                                          n_rep, None, flash)[0]
     got_grads = torch.autograd.grad(got, (qs, ks, vs), dout)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     want = F.scaled_dot_product_attention(qr, repeat_kv(kr, n_rep), repeat_kv(vr, n_rep),

@@ -246,7 +246,7 @@ def test_causal_or_masked_attention_8b_shape_bf16(padded, flash):
     lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
     assert bool(ok)  # causal rows, and padded rows the eye keeps non-empty, are ranges
     ours = lambda q_, k_, v_: torch.ops.lorafuse.sdpa_causal_ranges_or_masked(  # noqa: E731
-        q_, k_, v_, mask, flag, ok, lo, hi, 4, None, flash)
+        q_, k_, v_, mask, flag, ok, lo, hi, 4, None, flash)[0]
     ref = run(traced, torch.float32)
     for name, got, eager, want in zip(("out", "dq", "dk", "dv"), run(ours, torch.bfloat16),
                                       run(traced, torch.bfloat16), ref):

@@ -372,7 +372,7 @@ def test_sdpa_branching_op(kind, branch, form):
     for flash in (True, False):
         qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
         got = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(qs, ks, vs, mask, flag, ok, lo, hi,
-                                                              n_rep, None, flash)
+                                                              n_rep, None, flash)[0]
         got_grads = torch.autograd.grad(got, (qs, ks, vs), dout)
         assert got.transpose(1, 2).is_contiguous()
         torch.testing.assert_close(got, want, equal_nan=True)
@@ -405,7 +405,7 @@ def test_sdpa_branching_op_bf16_no_worse_than_masked_sdpa(kind):
     ref = run_attention(sdpa, inputs, torch.float64)
     base = run_attention(sdpa, inputs, torch.bfloat16)
     got = run_attention(lambda q, k, v: torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
-        q, k, v, mask, flag, ok, lo, hi, n_rep, None, True), inputs, torch.bfloat16)
+        q, k, v, mask, flag, ok, lo, hi, n_rep, None, True)[0], inputs, torch.bfloat16)
     rows = mask[:, 0].any(-1)[:, None, :, None]  # SDPA's fully masked rows: compare the rest
     for name, a, e, r in zip(NAMES, got, base, ref):
         if name == "out":
@@ -441,7 +441,7 @@ def test_eager_branching_op(kind, dtype):
     ref = run_attention(lambda q, k, v: eager64(q, k, v, add64, scale, cap), inputs,
                         torch.float64)
     got = run_attention(lambda q, k, v: eager_ranges_or_chain_op(
-        q, k, v, add, ok, lo, hi, n_rep, scale, cap), inputs, dtype)
+        q, k, v, add, ok, lo, hi, n_rep, scale, cap)[0], inputs, dtype)
     if dtype == torch.float64:  # left padding: the chain (HF's softmax in fp32) itself
         if kind == "left":
             ref = run_attention(lambda q, k, v: hf_eager(q, k, v, add64, scale, cap), inputs,
@@ -601,3 +601,40 @@ def test_eager_attention_pass_gemma2_with_mask(kind, branch, monkeypatch):
 
 if __name__ == "__main__":
     _worker()
+
+
+@pytest.mark.parametrize("op", ["sdpa", "eager"])
+def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
+    """On the flash branch both branching ops return (out, lse) and their backward runs the
+    flash backward from those: the flash forward runs once per step, not again in the
+    backward; the gradients still match the masked reference (fp64)."""
+    from lorafuse.kernels import attention as ka
+
+    calls = []
+    real = ka.flash_with_bounds
+    monkeypatch.setattr(ka, "flash_with_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    b, length, n_rep, d = 2, 12, 2, 8
+    mask = padded_masks(b, length, "right")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, 2 * n_rep, length, d, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, b, 2, length, d, dtype=torch.float64, generator=g)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    assert bool(ok)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    if op == "sdpa":
+        flag = torch.ops.lorafuse.mask_is_causal(mask)
+        out, lse = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+            qs, ks, vs, mask, flag, ok, lo, hi, n_rep, None, True)
+    else:
+        out, lse = ka.eager_ranges_or_chain_op(qs, ks, vs, additive(mask, torch.float64, MIN32),
+                                               ok, lo, hi, n_rep, d ** -0.5, None)
+    assert calls == [1] and lse.shape == q.shape[:3] and torch.isfinite(lse).all()
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert calls == [1], "the backward ran the flash forward again"
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(qr, ka.repeat_kv(kr, n_rep), ka.repeat_kv(vr, n_rep),
+                                          attn_mask=mask)
+    torch.testing.assert_close(out, want)
+    for a, w in zip(grads, torch.autograd.grad(want, (qr, kr, vr), dout)):
+        torch.testing.assert_close(a, w)

@@ -34,10 +34,12 @@ padding and packed documents (``position_ids`` restarting at 0) are ranges. None
 range branches is measured on the GPU yet (the range check is a few passes over the mask
 per step; the flash kernels' key-bounds path is tested under the Triton interpreter only).
 
-The backward recomputes the forward (the same branch) and differentiates it: it keeps q,
-k, v and the mask — not the output and its log-sum-exp as SDPA's own backward does — at
-the price of one more attention forward (≈ 0.19 ms per layer at the 8B shape). Dropout is
-not supported (the recompute would draw another mask): the pass leaves such calls alone.
+Both ops return ``(out, lse)``. The backward of the flash branch runs the flash backward
+from the saved output and log-sum-exp, as SDPA's own backward does (the output is kept
+anyway: it is the o_proj input the LoRA op saves). The SDPA and chain branches recompute
+their forward and differentiate it (their lse is zeros): one more attention forward in the
+backward (≈ 0.19 ms per layer at the 8B shape). Dropout is not supported (the recompute
+would draw another mask): the passes leave such calls alone.
 """
 
 from __future__ import annotations
@@ -234,12 +236,17 @@ def flash_with_bounds(q, k, v, lo, hi, scale, softcap=None):
                                               klo, khi)
 
 
-def flash_with_bounds_backward(dout, q, k, v, lo, hi, scale, softcap=None):
-    """(dq, dk, dv) of ``flash_with_bounds``, recomputing its forward (out and lse)."""
-    out, lse = flash_with_bounds(q, k, v, lo, hi, scale, softcap)
+def flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale, softcap=None):
+    """(dq, dk, dv) of ``flash_with_bounds`` from its saved ``out`` and ``lse``."""
     klo, khi = _bounds(lo, hi, q.shape[0])
     return torch.ops.lorafuse.flash_attention_backward(dout, q, k, v, out, lse, None, False,
                                                        scale, softcap, None, klo, khi)
+
+
+def _no_lse(q: Tensor) -> Tensor:
+    """The lse output of a branch that does not make one (its backward recomputes): zeros,
+    so that every call returns the same values (opcheck compares them)."""
+    return q.new_zeros(q.shape[:3], dtype=torch.float32)
 
 
 def _vjp(fn, dout, q, k, v):
@@ -254,32 +261,34 @@ def _vjp(fn, dout, q, k, v):
 def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                     use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor,
                                     key_hi: Tensor, n_rep: int, scale: Optional[float],
-                                    flash: bool) -> Tensor:
+                                    flash: bool) -> tuple[Tensor, Tensor]:
     """SDPA of q on K/V (``n_rep`` query heads per K/V head) under ``mask``, three ways,
     chosen by the CPU bools: causal SDPA on the unrepeated K/V if ``use_causal``; else, if
     ``flash`` and ``ranges_ok``, ``lorafuse::flash_attention`` with the mask's key ranges;
-    else the traced masked SDPA on repeated K/V. Out in the flash op's layout."""
+    else the traced masked SDPA on repeated K/V. Returns (out in the flash op's layout, lse):
+    the flash branch's log-sum-exp, which its backward uses instead of recomputing the
+    forward; the SDPA branches' backward recomputes, and their lse is zeros."""
     if not bool(use_causal) and flash and bool(ranges_ok):
-        out = flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale))[0]
-    else:
-        out = attention_reference(q, k, v, mask, bool(use_causal), n_rep, scale)
-    return _in_flash_layout(out, q, v)
+        return flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale))
+    out = attention_reference(q, k, v, mask, bool(use_causal), n_rep, scale)
+    return _in_flash_layout(out, q, v), _no_lse(q)
 
 
 @sdpa_causal_ranges_or_masked_op.register_fake
 def _(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
-    return _flash_out_like(q, v)
+    return _flash_out_like(q, v), _no_lse(q)
 
 
 @torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked_backward", mutates_args=())
 def sdpa_causal_ranges_or_masked_backward_op(
-        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, use_causal: Tensor,
-        ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int, scale: Optional[float],
-        flash: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the branch the forward took, recomputing its forward."""
+        dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor,
+        use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
+        scale: Optional[float], flash: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
+    and lse, the SDPA branches' by recomputing their forward."""
     causal = bool(use_causal)
     if not causal and flash and bool(ranges_ok):
-        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, key_lo, key_hi,
+        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
                                                 _flash_scale(q, scale))
     else:
         dq, dk, dv = _vjp(lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal,
@@ -288,21 +297,24 @@ def sdpa_causal_ranges_or_masked_backward_op(
 
 
 @sdpa_causal_ranges_or_masked_backward_op.register_fake
-def _(dout, q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
+def _(dout, q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale,
+      flash):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 def _ranges_setup_context(ctx, inputs, output):
     q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash = inputs
+    out, lse = output
     ctx.n_rep, ctx.scale, ctx.flash = n_rep, scale, flash
-    ctx.save_for_backward(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi)
+    ctx.save_for_backward(q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse)
 
 
-def _ranges_backward(ctx, dout):
-    q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi = ctx.saved_tensors
+def _ranges_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi = ctx.saved_tensors
     dq, dk, dv = sdpa_causal_ranges_or_masked_backward_op(
-        dout, q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, ctx.n_rep, ctx.scale,
-        ctx.flash)
+        dout, q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi, ctx.n_rep,
+        ctx.scale, ctx.flash)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -324,31 +336,33 @@ def eager_chain(q, k, v, mask, n_rep: int, scale: float, softcap: Optional[float
 @torch.library.custom_op("lorafuse::eager_ranges_or_chain", mutates_args=())
 def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                              ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
-                             scale: float, softcap: Optional[float]) -> Tensor:
+                             scale: float, softcap: Optional[float]
+                             ) -> tuple[Tensor, Tensor]:
     """An eager attention chain with an additive ``mask`` from the inputs: the flash op with
     the softcap and the mask's key ranges where ``ranges_ok`` (a CPU bool), else the chain's
-    own math (``eager_chain``). Out in the flash op's layout."""
+    own math (``eager_chain``). Returns (out in the flash op's layout, lse), as
+    ``sdpa_causal_ranges_or_masked`` does (lse zeros on the chain's branch)."""
     if bool(ranges_ok):
-        out = flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap)[0]
-    else:
-        out = eager_chain(q, k, v, mask, n_rep, scale, softcap)
-    return _in_flash_layout(out, q, v)
+        return flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap)
+    return _in_flash_layout(eager_chain(q, k, v, mask, n_rep, scale, softcap), q, v), _no_lse(q)
 
 
 @eager_ranges_or_chain_op.register_fake
 def _(q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
-    return _flash_out_like(q, v)
+    return _flash_out_like(q, v), _no_lse(q)
 
 
 @torch.library.custom_op("lorafuse::eager_ranges_or_chain_backward", mutates_args=())
 def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                                      mask: Tensor, ranges_ok: Tensor, key_lo: Tensor,
-                                      key_hi: Tensor, n_rep: int, scale: float,
-                                      softcap: Optional[float]
+                                      out: Tensor, lse: Tensor, mask: Tensor,
+                                      ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor,
+                                      n_rep: int, scale: float, softcap: Optional[float]
                                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the branch the forward took, recomputing its forward."""
+    """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
+    and lse, the chain's by recomputing it."""
     if bool(ranges_ok):
-        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, key_lo, key_hi, scale, softcap)
+        dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
+                                                scale, softcap)
     else:
         dq, dk, dv = _vjp(lambda q_, k_, v_: eager_chain(q_, k_, v_, mask, n_rep, scale,
                                                          softcap), dout, q, k, v)
@@ -356,20 +370,22 @@ def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Ten
 
 
 @eager_ranges_or_chain_backward_op.register_fake
-def _(dout, q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
+def _(dout, q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _eager_setup_context(ctx, inputs, output):
     q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap = inputs
+    out, lse = output
     ctx.args = (n_rep, scale, softcap)
-    ctx.save_for_backward(q, k, v, mask, ranges_ok, key_lo, key_hi)
+    ctx.save_for_backward(q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse)
 
 
-def _eager_backward(ctx, dout):
-    q, k, v, mask, ranges_ok, key_lo, key_hi = ctx.saved_tensors
-    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, mask, ranges_ok, key_lo,
-                                                   key_hi, *ctx.args)
+def _eager_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi = ctx.saved_tensors
+    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, out, lse, mask, ranges_ok,
+                                                   key_lo, key_hi, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 

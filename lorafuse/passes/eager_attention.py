@@ -36,14 +36,15 @@ A mask built from an ``attention_mask`` or ``position_ids`` input (what HF Train
 carry) cannot be classified at compile time; such a site is decided at run time instead::
 
     lo, hi, ranges_ok = lorafuse::mask_key_ranges(mask)    # once per mask, a CPU bool
-    out = lorafuse::eager_ranges_or_chain(q, k0, v0, mask, ranges_ok, lo, hi, n, scale, c)
+    out = lorafuse::eager_ranges_or_chain(q, k0, v0, mask, ranges_ok, lo, hi, n, scale, c)[0]
 
 which is the flash op with softcap and per-query key bounds [lo, hi] (the causal, padding,
 document and window structure all come from the ranges) where every query sees one
 contiguous, non-empty range of keys, and the chain's own math (transformers'
 ``eager_attention_forward``, on repeated K/V) otherwise — e.g. left padding, whose padded
 queries see no key. The mask must be additive, (B or 1, 1, Lq, Lkv) against the scores.
-Not measured on the GPU (the range check's cost, the recomputed forward in the backward).
+Not measured on the GPU (the range check's cost; on the chain's branch the recomputed
+forward in the backward).
 
 Anything else unproven is left alone with the reason in the report.
 
@@ -428,10 +429,11 @@ def rewrite(gm, site, causal, window, fake_mode, ranges=None) -> None:
         lo, hi, ok = _ranges_of(g, site.mask, ranges, fake_mode)
         n_rep = _tensor(site.q).shape[1] // _tensor(site.k).shape[1]
         with inserting_before(g, site.out):
-            new = add_node(g, "call_function",
-                           torch.ops.lorafuse.eager_ranges_or_chain.default,
-                           (site.q, site.k, site.v, site.mask, ok, lo, hi, n_rep, site.scale,
-                            softcap), fake_mode)
+            both = add_node(g, "call_function",
+                            torch.ops.lorafuse.eager_ranges_or_chain.default,
+                            (site.q, site.k, site.v, site.mask, ok, lo, hi, n_rep, site.scale,
+                             softcap), fake_mode)
+            new = add_node(g, "call_function", operator.getitem, (both, 0), fake_mode)
     else:
         args = (site.q, site.k, site.v, None, causal, site.scale, softcap, window)
         with inserting_before(g, site.out):

@@ -11,7 +11,7 @@ HF Trainer batch carries, padded or not::
     use_causal = lorafuse::mask_is_causal(mask)          # once per mask, a CPU bool
     lo, hi, ranges_ok = lorafuse::mask_key_ranges(mask)  # once per mask, a CPU bool
     out = lorafuse::sdpa_causal_ranges_or_masked(q, k, v, mask, use_causal, ranges_ok,
-                                                 lo, hi, n_rep, scale, flash)
+                                                 lo, hi, n_rep, scale, flash)[0]
 
 An unpadded batch gets ``is_causal=True, enable_gqa=True``. A batch whose mask shows each
 query one contiguous, non-empty range of keys — right padding, packed documents
@@ -25,8 +25,9 @@ dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, L
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
-Not a default pass: its cost (two host reads per mask per step; a recomputed attention
-forward in the backward) and the flash branch's speed have not been measured on the GPU yet.
+Not a default pass: its cost (two host reads per mask per step; on the causal and masked
+branches a recomputed attention forward in the backward) and the flash branch's speed have
+not been measured on the GPU yet.
 """
 
 from __future__ import annotations
@@ -139,11 +140,12 @@ def run(gm: fx.GraphModule, report) -> None:
         lo, hi, ok = ranges[mask]
         before = set(node.all_input_nodes)
         with inserting_before(graph, node):
-            new = add_node(graph, "call_function",
-                           torch.ops.lorafuse.sdpa_causal_ranges_or_masked.default,
-                           (call["query"], k, v, mask, flags[mask], ok, lo, hi, n_rep,
-                            call.get("scale"), _flash_fits(call)),
-                           fake_mode)
+            both = add_node(graph, "call_function",
+                            torch.ops.lorafuse.sdpa_causal_ranges_or_masked.default,
+                            (call["query"], k, v, mask, flags[mask], ok, lo, hi, n_rep,
+                             call.get("scale"), _flash_fits(call)),
+                            fake_mode)
+            new = add_node(graph, "call_function", operator.getitem, (both, 0), fake_mode)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         for n in before - set(new.all_input_nodes):
