@@ -111,13 +111,26 @@ def model_dir(args) -> Path:
     return Path(args.cache) / args.shape
 
 
-def make_batches(args, vocab_size: int):
-    """N_BATCHES fixed batches of random ids, the same in every process (CPU generator)."""
+def make_batches(args, vocab_size: int) -> list[dict]:
+    """N_BATCHES fixed batches of random ids, the same in every process (CPU generator), as
+    the model's keyword arguments: ``input_ids`` and ``labels`` (the ids; the model shifts
+    them), with ``--attention-mask`` an all-ones ``attention_mask`` (as a Trainer's collator
+    passes), and with ``--pad-right N`` rows 2.. of each batch right-padded by 1..N tokens
+    (mask 0, label -100 there; row 1 unpadded), as a padding collator makes them."""
     import torch
 
     g = torch.Generator().manual_seed(args.seed + 1)
-    return [torch.randint(0, vocab_size, (args.batch, args.seq), generator=g)
-            for _ in range(N_BATCHES)]
+    batches = []
+    for i in range(N_BATCHES):
+        ids = torch.randint(0, vocab_size, (args.batch, args.seq), generator=g)
+        batch = {"input_ids": ids, "labels": ids}
+        if args.attention_mask or args.pad_right:
+            mask = torch.ones_like(ids)
+            for row in range(1, args.batch if args.pad_right else 1):
+                mask[row, args.seq - 1 - (i * 7 + row * 13) % args.pad_right:] = 0
+            batch.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        batches.append(batch)
+    return batches
 
 
 def lora_config():
@@ -341,7 +354,8 @@ def child_train(args, variant: str, res: dict) -> dict:
     except Exception:
         opt = torch.optim.AdamW(lora_params.values(), lr=1e-4)
         res["fused_adamw"] = False
-    batches = [b.to(device) for b in make_batches(args, model.config.vocab_size)]
+    batches = [{k: t.to(device) for k, t in b.items()}
+               for b in make_batches(args, model.config.vocab_size)]
     on_cuda = device.type == "cuda"
     if on_cuda:
         sync(device)
@@ -350,13 +364,11 @@ def child_train(args, variant: str, res: dict) -> dict:
     log(f"{variant}: loaded in {res['load_s']} s, {res['trainable_params']:,} LoRA params"
         + (f", {res['load_gib']:.2f} GiB allocated" if on_cuda else ""))
 
-    def train_step(ids):
+    def train_step(batch):
         if cudagraphs:  # a new step: the graphs' previous outputs may be overwritten now
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
-            # --attention-mask: an all-ones mask, as a Trainer's collator passes
-            mask = {"attention_mask": torch.ones_like(ids)} if args.attention_mask else {}
-            loss = step_model(input_ids=ids, labels=ids, **mask).loss
+            loss = step_model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -645,10 +657,10 @@ def child_ref(args, variants) -> dict:
             if unexpected:
                 raise RuntimeError(f"snapshot of {variant} has tensors the fp32 model lacks, "
                                    f"e.g. {unexpected[0]}")
-            ids = batches[(step - 1) % N_BATCHES].to(device)
+            batch = {k: t.to(device) for k, t in batches[(step - 1) % N_BATCHES].items()}
             with torch.no_grad():
-                per_step[step] = model(input_ids=ids, labels=ids).loss.item()
-            del ids
+                per_step[step] = model(**batch).loss.item()
+            del batch
         out[variant] = per_step
         log(f"ref: {variant} at steps {sorted(per_step)} done")
     return out
@@ -785,7 +797,10 @@ def render(args, meta, results, ref) -> str:
     lines.append(f"- batch {args.batch} x {args.seq} = {args.batch * args.seq} tokens/step; "
                  f"{args.warmup} warm-up + {args.steps} timed steps; autocast "
                  f"{'off' if args.no_autocast else 'bf16'}; LoRA r=16 alpha=16 on 7 projections; "
-                 f"{meta['gflop_per_token']:.3g} GFLOP/token")
+                 f"{meta['gflop_per_token']:.3g} GFLOP/token"
+                 + (f"; attention_mask with rows 2.. right-padded by 1..{args.pad_right} tokens "
+                    "(counted in tok/s)" if args.pad_right else
+                    "; an all-ones attention_mask" if args.attention_mask else ""))
     lines.append("")
 
     # loss at every step
@@ -895,6 +910,9 @@ def parse_args(argv=None):
                    help="base weights in bitsandbytes NF4 (double quant, bf16 compute)")
     p.add_argument("--attention-mask", action="store_true",
                    help="pass an all-ones attention_mask with every batch (as HF Trainer does)")
+    p.add_argument("--pad-right", type=int, default=0, metavar="N",
+                   help="an attention_mask that right-pads rows 2.. of each batch by 1..N tokens "
+                        "(labels -100 there), as a padding collator does; needs --batch >= 2")
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (CPU smoke)")
     p.add_argument("--lorafuse-options", default="",
                    help="JSON dict passed as torch.compile(options=...) to the lorafuse variant")
@@ -939,6 +957,9 @@ def parse_args(argv=None):
     args.seq = args.seq or shape["seq"]
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (step 1 includes the compile and is not timed)")
+    if args.pad_right and not (args.batch >= 2 and 0 < args.pad_right < args.seq):
+        p.error(f"--pad-right {args.pad_right} needs --batch >= 2 (row 1 stays unpadded) and "
+                f"1 <= N < --seq ({args.seq})")
     if args.ref is None:
         args.ref = args.shape != "8b"
     total = args.warmup + args.steps

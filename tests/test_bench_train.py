@@ -1,0 +1,49 @@
+"""bench/bench_train.py without a GPU or a model: the batches it trains on (the same in
+every process, and with --pad-right padded the way a padding collator pads)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_train as bt  # noqa: E402
+
+
+def batches(*argv):
+    return bt.make_batches(bt.parse_args(["--shape", "tiny", *argv]), vocab_size=97)
+
+
+def test_plain_batches_are_ids_as_labels_and_repeat_across_processes():
+    a, b = batches(), batches()
+    assert len(a) == bt.N_BATCHES and set(a[0]) == {"input_ids", "labels"}
+    for x, y in zip(a, b):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and x["labels"] is x["input_ids"]
+    ones = batches("--attention-mask")
+    assert all(bool(x["attention_mask"].eq(1).all()) for x in ones)
+    assert all(torch.equal(x["labels"], x["input_ids"]) for x in ones)
+
+
+def test_pad_right_pads_rows_after_the_first_by_1_to_n_tokens():
+    n = 5
+    got = batches("--batch", "3", "--seq", "16", "--pad-right", str(n))
+    lengths = set()
+    for x in got:
+        mask, labels, ids = x["attention_mask"], x["labels"], x["input_ids"]
+        assert bool(mask[0].eq(1).all())  # row 1 unpadded
+        for row in range(1, 3):
+            pad = int(mask[row].eq(0).sum())
+            assert 1 <= pad <= n and bool(mask[row, -pad:].eq(0).all())  # a right tail
+            lengths.add(pad)
+        assert torch.equal(labels, ids.masked_fill(mask == 0, -100))
+    assert len(lengths) > 1  # the padding varies between rows and batches
+
+
+@pytest.mark.parametrize("argv", [["--batch", "1", "--pad-right", "4"],
+                                  ["--seq", "8", "--pad-right", "8"]])
+def test_pad_right_refuses_what_it_cannot_pad(argv):
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--shape", "tiny", *argv])
