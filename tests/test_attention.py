@@ -278,6 +278,44 @@ def test_a_large_mask_left_in_place_is_warned(fresh_dynamo, monkeypatch):
     assert att.matched == [] and all(r.startswith(attention.TOO_LARGE) for _, r in att.skipped)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_length_change_warns_once_unless_masked_attention_takes_over(fresh_dynamo,
+                                                                       monkeypatch, masked):
+    """After one batch of another length Dynamo recompiles with symbolic sizes, and that graph
+    then runs every later batch, the first length included: the mask cannot be proven
+    causal any more, and the user is told once (not when masked_attention, which checks at
+    run time, takes those sites). The outputs stay right either way."""
+    import warnings
+
+    from lorafuse.backend import lorafuse_backend
+    from lorafuse.kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "warned", set())
+    passes = ("attention", "masked_attention") if masked else ("attention",)
+    model = make_tiny_model("llama", layers=1)
+    report = Report()
+    compiled = torch.compile(model, backend=lambda gm, ex: lorafuse_backend(
+        gm, ex, options={"passes": passes}, _collect=report))
+    g = torch.Generator().manual_seed(6)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for length in (12, 17, 12):
+            ids = torch.randint(0, VOCAB, (1, length), generator=g)
+            with torch.no_grad():
+                assert_close_fp32(compiled(input_ids=ids).logits, model(input_ids=ids).logits,
+                                  what=f"length {length}")
+    symbolic = [w for w in seen if "its sizes are symbolic" in str(w.message)]
+    assert len(report.graphs) == 2  # the second length recompiled, the third reused it
+    second = {p.name: p for p in report.graphs[1].passes}
+    assert second["attention"].matched == []
+    if masked:
+        assert symbolic == [] and second["masked_attention"].matched == ["sdpa.0"]
+    else:
+        assert [r for _, r in second["attention"].skipped] == ["mask has symbolic sizes"]
+        assert len(symbolic) == 1 and issubclass(symbolic[0].category, RuntimeWarning)
+        assert "masked_attention" in str(symbolic[0].message)
+
+
 @pytest.mark.parametrize("form", ["operator", "method", "tensor_function"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_mask_by_rows_takes_each_form_dynamo_records(monkeypatch, form, window):

@@ -35,4 +35,5 @@ PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attenti
           eager_attention.NAME: eager_attention.run, tiled_mlp.NAME: tiled_mlp.run}
 DEFAULT_PASSES = (lora.NAME, attention.NAME)
 # the backend options a pass reads, passed to its run() as keyword arguments
-PASS_OPTIONS = {loss.NAME: ("drop_logits",), tiled_mlp.NAME: ("tiled_mlp_tokens",)}
+PASS_OPTIONS = {loss.NAME: ("drop_logits",), tiled_mlp.NAME: ("tiled_mlp_tokens",),
+                attention.NAME: ("passes",)}

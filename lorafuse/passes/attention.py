@@ -86,6 +86,7 @@ def _static_tensor(node) -> bool:
 # causal mask is (B, 1, L, L) booleans, 64 GiB at 256K tokens.
 BY_ROWS_NUMEL = 2**24
 TOO_LARGE = "mask subgraph too large to evaluate whole"
+SYMBOLIC = "mask has symbolic sizes"
 # Ops that act element by element (with broadcasting): rows r0:r1 of their output are the
 # op on rows r0:r1 of their inputs. Only these may produce a node built by rows.
 _ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
@@ -189,7 +190,7 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, by_rows: bool = False):
         if any(r in str(n.target).lower() for r in _RANDOM):
             raise NoMatch("mask subgraph is random")
         if not _static_tensor(n):
-            raise NoMatch("mask has symbolic sizes")
+            raise NoMatch(SYMBOLIC)
     env = {}
     with unset_fake_temporarily(), torch.no_grad():
         for n in gm.graph.nodes:  # graph order is a topological order
@@ -233,8 +234,10 @@ def repeat_kv_source(node):
     return k0, n
 
 
-def rewrite_call(gm, node, call, masks: dict) -> str:
-    """Rewrite one SDPA call in place; returns what was done, raises NoMatch(reason)."""
+def rewrite_call(gm, node, call, masks: dict, warn_symbolic: bool = True) -> str:
+    """Rewrite one SDPA call in place; returns what was done, raises NoMatch(reason).
+    ``warn_symbolic``: warn (once) when a mask is left because its sizes are symbolic (not
+    when the masked_attention pass runs next and takes such masks)."""
     q, k, v = val(call["query"]), val(call["key"]), val(call["value"])
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         raise NoMatch("not 4-D (batch, heads, length, dim) attention")
@@ -256,6 +259,18 @@ def rewrite_call(gm, node, call, masks: dict) -> str:
                     # of attention's speed at every step (session 9: 1.8× slower at 16K).
                     warn_once(f"lorafuse: attention keeps an explicit {tuple(val(mask).shape)} "
                               f"mask: {e.args[0]}")
+                elif e.args[0] == SYMBOLIC and warn_symbolic:
+                    # The same cost, and easy to hit without knowing: once one batch has
+                    # another length or batch size (an epoch's last batch), Dynamo recompiles
+                    # with symbolic sizes and that graph then serves every later batch, the
+                    # original shape included (checked on torch 2.13).
+                    warn_once("lorafuse: attention keeps an explicit mask: its sizes are "
+                              "symbolic (Dynamo recompiled for another sequence length or "
+                              "batch size, and that graph now runs every batch), so it cannot "
+                              "be proven causal at compile time; that costs L² bytes and up to "
+                              "half of attention's speed at every step. Keep every batch the "
+                              "same shape, compile with dynamic=False, or add the "
+                              "\"masked_attention\" pass, which checks the mask at run time")
         status, detail = masks[key]
         if status == "no":
             raise NoMatch(detail)
@@ -282,7 +297,8 @@ def _erase_dead(graph: fx.Graph, candidates) -> None:
             graph.erase_node(n)
 
 
-def run(gm: fx.GraphModule, report) -> None:
+def run(gm: fx.GraphModule, report, passes=("attention",)) -> None:
+    """``passes``: the backend's pass list (whether masked_attention follows)."""
     graph = gm.graph
     masks, dropped = {}, set()
     for i, node in enumerate(n for n in graph.nodes if sdpa_call(n) is not None):
@@ -290,7 +306,7 @@ def run(gm: fx.GraphModule, report) -> None:
         before = set(node.all_input_nodes)
         site = f"sdpa.{i}"
         try:
-            what = rewrite_call(gm, node, call, masks)
+            what = rewrite_call(gm, node, call, masks, "masked_attention" not in passes)
         except NoMatch as e:
             if e.args and e.args[0]:
                 report.skipped.append((site, e.args[0]))
