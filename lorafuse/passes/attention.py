@@ -74,6 +74,20 @@ def _ancestors(node: fx.Node) -> set:
     return seen
 
 
+def _size_only(p: fx.Node, anc: set) -> bool:
+    """Whether the mask's subgraph ``anc`` reads only symbolic sizes from placeholder ``p``:
+    ``p`` is a SymInt, or a tensor of symbolic sizes whose users there only ask its sizes."""
+    v = val(p)
+    if isinstance(v, torch.SymInt):
+        return True
+    if not isinstance(v, torch.Tensor) or _static_tensor(p):
+        return False
+    return all(u not in anc or (u.op == "call_method" and u.target in ("size", "dim"))
+               or (u.op == "call_function" and u.target is getattr and u.args[1] == "shape")
+               or (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int)
+               for u in p.users)
+
+
 def _static_tensor(node) -> bool:
     v = val(node)
     if isinstance(v, torch.Tensor):
@@ -87,6 +101,8 @@ def _static_tensor(node) -> bool:
 BY_ROWS_NUMEL = 2**24
 TOO_LARGE = "mask subgraph too large to evaluate whole"
 SYMBOLIC = "mask has symbolic sizes"
+INPUTS = ("mask depends on inputs (padding or packed sequences; the opt-in masked_attention "
+          "pass checks it at run time)")
 # Ops that act element by element (with broadcasting): rows r0:r1 of their output are the
 # op on rows r0:r1 of their inputs. Only these may produce a node built by rows.
 _ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
@@ -183,14 +199,15 @@ def evaluate_constant(gm: fx.GraphModule, node: fx.Node, by_rows: bool = False):
     ``BY_ROWS_NUMEL`` elements made by element-wise ops are not built: the value may be a
     ``RowsOfMask``, whose rows ``is_causal_mask`` reads by blocks."""
     anc = _ancestors(node)
-    for n in anc:
-        if n.op in ("placeholder", "get_attr"):
-            raise NoMatch("mask depends on inputs (padding or packed sequences; the opt-in "
-                          "masked_attention pass checks it at run time)")
-        if any(r in str(n.target).lower() for r in _RANDOM):
-            raise NoMatch("mask subgraph is random")
-        if not _static_tensor(n):
-            raise NoMatch(SYMBOLIC)
+    # The reasons in this order, whatever the set's order: a mask that reads an input's
+    # values is one (the Trainer's attention_mask) even where its sizes are symbolic too.
+    if any(n.op == "get_attr" or (n.op == "placeholder" and not _size_only(n, anc))
+           for n in anc):
+        raise NoMatch(INPUTS)
+    if any(any(r in str(n.target).lower() for r in _RANDOM) for n in anc):
+        raise NoMatch("mask subgraph is random")
+    if any(n.op == "placeholder" or not _static_tensor(n) for n in anc):
+        raise NoMatch(SYMBOLIC)
     env = {}
     with unset_fake_temporarily(), torch.no_grad():
         for n in gm.graph.nodes:  # graph order is a topological order
