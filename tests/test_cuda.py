@@ -574,7 +574,9 @@ def test_long_causal_mask_proven_by_rows_on_gpu(monkeypatch):
 
     monkeypatch.setattr(lorafuse.kernels.attention, "ROW_BLOCK_ELEMENTS", 2**21)
     length, layers = 8192, 2
-    model = make_tiny_model("llama", layers=layers).cuda()
+    # bf16: SDPA's flash backend takes GQA without an L² buffer; in fp32, eager and the
+    # rewrite alike fall to the math backend (2.6 GiB here), which would hide the proof.
+    model = make_tiny_model("llama", layers=layers).cuda().to(torch.bfloat16)
     report = Report()
     compiled = torch.compile(model, backend=lambda gm, ex: lorafuse_backend(
         gm, ex, options={"passes": ["attention"]}, _collect=report))
@@ -584,12 +586,12 @@ def test_long_causal_mask_proven_by_rows_on_gpu(monkeypatch):
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():  # the compile and one forward: what the proof costs
         got = compiled(input_ids=ids).logits
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base  # before the eager run's own peak
         want = model(input_ids=ids).logits
-    torch.cuda.synchronize()
     att = next(p for p in report.graphs[0].passes if p.name == "attention")
     assert att.matched == [f"sdpa.{i} (causal+gqa)" for i in range(layers)], att.skipped
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    extra = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     print(f"peak above the weights: {extra / 2**20:.1f} MiB (the mask: {length**2 / 2**20:.0f})")
     assert extra < length * length // 2, extra
 
