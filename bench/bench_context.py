@@ -285,6 +285,27 @@ def train_argv(opts, variant: str, batch: int, seq: int, warmup: int, steps: int
     return argv
 
 
+EXIT_WAIT_S = 120
+
+
+def wait_for_result(proc, out_path: Path, timeout: float, poll_s: float = 1.0) -> bool:
+    """Wait until the child exits or has written its whole result (one line ending in a
+    newline), at most ``timeout`` seconds; False on timeout. Session 12: a child with 66 GiB
+    of pinned host memory printed its result 27 s before the device's time limit and was
+    still tearing down when the limit killed the whole run, result file unread."""
+    end = time.time() + timeout
+    while True:
+        try:
+            proc.wait(timeout=poll_s)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+        if out_path.read_text().endswith("\n"):
+            return True
+        if time.time() >= end:
+            return False
+
+
 def run_probe(opts, variant, batch, seq, cap_gib, warmup, steps, timeout, log_path) -> dict:
     """One run in its own process (this script with --_probe); its output goes to log_path.
     Returns the child's result, or {"error": ...} when it wrote none (crash, kill, timeout)."""
@@ -298,17 +319,16 @@ def run_probe(opts, variant, batch, seq, cap_gib, warmup, steps, timeout, log_pa
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
-        try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = not wait_for_result(proc, Path(out_path), timeout)
+        wall = round(time.time() - t0, 1)  # to the result: not the child's teardown
         try:  # the child's process group: it, and any compile workers it left
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        proc.wait()
-    wall = round(time.time() - t0, 1)
+        try:  # a child that pinned tens of GiB can take many seconds to go; its result is in
+            proc.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log(f"  (the child has not exited {EXIT_WAIT_S} s after its kill; going on)")
     text = Path(out_path).read_text().strip()
     os.unlink(out_path)
     if text:
@@ -387,7 +407,12 @@ def child_probe(spec: dict) -> None:
         bt.log(f"{variant} failed:\n{traceback.format_exc()}")
         res.update(error=bt.describe_error(exc), traceback=traceback.format_exc()[-3000:])
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
-    Path(spec["out"]).write_text(json.dumps(res) + "\n")
+    tmp = Path(spec["out"] + ".part")  # the parent reads the file once it ends in a newline
+    tmp.write_text(json.dumps(res) + "\n")
+    tmp.replace(spec["out"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: freeing tens of GiB of pinned memory takes long
 
 
 def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, steps, log_path):

@@ -408,3 +408,32 @@ def test_one_step_fit_runs_decide_by_their_peak_with_no_tok_s(tmp_path):
     assert "untimed, 1 step" in text and "search runs 1+0" in text
     with pytest.raises(SystemExit):
         bc.parse_args(["--steps", "0"])  # a table run is tokens/s: it needs a timed step
+
+
+def test_the_parent_takes_a_result_without_waiting_for_the_childs_exit(tmp_path):
+    """A child that has written its result but is slow to exit (pinned memory being freed)
+    is not waited for: the result counts, not as a timeout. A child that writes nothing
+    within the timeout is a timeout."""
+    import subprocess
+    import time
+
+    out = tmp_path / "res.json"
+    out.write_text("")
+    slow = ("import pathlib, sys, time; pathlib.Path(sys.argv[1]).write_text('{\"tok_s\": 1}\\n');"
+            " time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", slow, str(out)])
+    t0 = time.time()
+    try:
+        assert bc.wait_for_result(proc, out, timeout=20, poll_s=0.1)
+        assert time.time() - t0 < 10
+        assert json.loads(out.read_text()) == {"tok_s": 1}
+    finally:
+        proc.kill()
+        proc.wait()
+    out.write_text("")
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not bc.wait_for_result(silent, out, timeout=0.5, poll_s=0.1)
+    finally:
+        silent.kill()
+        silent.wait()
