@@ -25,9 +25,10 @@ dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, L
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
-Not a default pass: its cost (two host reads per mask per step; on the causal and masked
-branches a recomputed attention forward in the backward) and the flash branch's speed have
-not been measured on the GPU yet.
+Not a default pass: on the 8B shape (H200, bench/RESULTS.md session 12) it is 1.05 × the
+default passes on unpadded batches, but its flash branch on right-padded ones is slower than
+the masked SDPA call the default passes keep. Its costs: two host reads per mask per step,
+and on the causal and masked branches a recomputed attention forward in the backward.
 """
 
 from __future__ import annotations
