@@ -214,13 +214,17 @@ def test_llama_1b_shape_20_steps_against_fp32():
 
 @pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_causal_or_masked_attention_8b_shape_bf16(padded, flash):
+def test_causal_or_masked_attention_8b_shape_bf16(padded, flash, monkeypatch):
     """The masked_attention op at the 8B attention shape in bf16: forward and gradients no
     farther from an fp32 computation than the traced masked SDPA call in bf16 is. Padded
-    with ``flash``: the key-range branch (Triton flash attention with per-query bounds)."""
+    with ``flash``: the key-range branch (Triton flash attention with per-query bounds),
+    taken whether or not it is the faster here."""
     import torch.nn.functional as F
 
+    from lorafuse.kernels import attention as ka
     from lorafuse.kernels.attention import repeat_kv
+
+    monkeypatch.setattr(ka, "_ranges_take_flash", lambda *a, **kw: True)
 
     b, hq, hkv, length, d = 2, 32, 8, 2048, 128
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -253,6 +257,49 @@ def test_causal_or_masked_attention_8b_shape_bf16(padded, flash):
         assert torch.isfinite(got).all(), name
         assert _rel(got, want) <= 1.25 * _rel(eager, want) + 1e-3, (name, _rel(got, want),
                                                                    _rel(eager, want))
+
+
+def test_ranges_path_timed_at_the_8b_shape(monkeypatch):
+    """At the 8B attention shape, right-padded (session 12's --pad-right 256 batch), the
+    masked_attention op times its flash and masked paths once and takes the faster: prints
+    both times and the choice (for bench/RESULTS.md); the op's output is the masked call's
+    to bf16 rounding whichever it took."""
+    import torch.nn.functional as F
+
+    from lorafuse.kernels import _dispatch
+    from lorafuse.kernels import attention as ka
+
+    monkeypatch.setattr(ka, "RANGES_PATHS", {})
+    times = {}
+
+    def timer(fn):
+        times[fn.__name__] = _dispatch.time_ms(fn)
+        return times[fn.__name__]
+
+    monkeypatch.setattr(_dispatch, "time_ms", timer)
+    b, hq, hkv, length, d = 2, 32, 8, 2048, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(b, hq, length, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, length, d, device="cuda", generator=g, dtype=torch.bfloat16)
+            for _ in range(2))
+    keep = torch.ones(b, length, dtype=torch.bool, device="cuda")
+    keep[1, length - 200:] = False  # right padding in row 1
+    mask = (torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None]
+            & keep[:, None, :])[:, None]
+    flag = torch.ops.lorafuse.mask_is_causal(mask)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    assert bool(ok) and not bool(flag)
+    out, _, took = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(q, k, v, mask, flag, ok, lo,
+                                                                   hi, 4, None, True)
+    assert set(times) == {"flash", "masked"}, times
+    assert bool(took) == (times["flash"] < times["masked"])
+    print(f"ranges batch at 8B: flash {times['flash']:.3f} ms, masked SDPA "
+          f"{times['masked']:.3f} ms (forward + backward) -> {'flash' if bool(took) else 'masked'}")
+    want = F.scaled_dot_product_attention(q, ka.repeat_kv(k, 4), ka.repeat_kv(v, 4),
+                                          attn_mask=mask)
+    rows = keep[:, None, :, None]  # padded queries: compare the real rows
+    torch.testing.assert_close(out.masked_fill(~rows, 0), want.masked_fill(~rows, 0),
+                               rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("site", list(SITES_8B))

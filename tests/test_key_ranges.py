@@ -605,7 +605,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("op", ["sdpa", "eager"])
 def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
-    """On the flash branch both branching ops return (out, lse) and their backward runs the
+    """On the flash branch both branching ops return (out, lse, took_flash) and their backward runs the
     flash backward from those: the flash forward runs once per step, not again in the
     backward; the gradients still match the masked reference (fp64)."""
     from lorafuse.kernels import attention as ka
@@ -624,11 +624,12 @@ def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     if op == "sdpa":
         flag = torch.ops.lorafuse.mask_is_causal(mask)
-        out, lse = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+        out, lse, took = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
             qs, ks, vs, mask, flag, ok, lo, hi, n_rep, None, True)
     else:
-        out, lse = ka.eager_ranges_or_chain_op(qs, ks, vs, additive(mask, torch.float64, MIN32),
-                                               ok, lo, hi, n_rep, d ** -0.5, None)
+        out, lse, took = ka.eager_ranges_or_chain_op(
+            qs, ks, vs, additive(mask, torch.float64, MIN32), ok, lo, hi, n_rep, d ** -0.5, None)
+    assert bool(took) and took.device.type == "cpu"
     assert calls == [1] and lse.shape == q.shape[:3] and torch.isfinite(lse).all()
     grads = torch.autograd.grad(out, (qs, ks, vs), dout)
     assert calls == [1], "the backward ran the flash forward again"
@@ -638,3 +639,81 @@ def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
     torch.testing.assert_close(out, want)
     for a, w in zip(grads, torch.autograd.grad(want, (qr, kr, vr), dout)):
         torch.testing.assert_close(a, w)
+
+
+def _ranges_case(op):
+    """A right-padded fp64 case (ranges) for either branching op: (call, inputs, dout, want)
+    with ``call(q, k, v)`` the op and ``want`` the masked reference's output."""
+    from lorafuse.kernels import attention as ka
+
+    b, length, n_rep, d = 2, 12, 2, 8
+    mask = padded_masks(b, length, "right")
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(b, 2 * n_rep, length, d, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, b, 2, length, d, dtype=torch.float64, generator=g)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    assert bool(ok)
+    if op == "sdpa":
+        flag = torch.ops.lorafuse.mask_is_causal(mask)
+        call = lambda q_, k_, v_: torch.ops.lorafuse.sdpa_causal_ranges_or_masked(  # noqa: E731
+            q_, k_, v_, mask, flag, ok, lo, hi, n_rep, None, True)
+    else:
+        add = additive(mask, torch.float64, MIN32)
+        call = lambda q_, k_, v_: ka.eager_ranges_or_chain_op(  # noqa: E731
+            q_, k_, v_, add, ok, lo, hi, n_rep, d ** -0.5, None)
+    want = F.scaled_dot_product_attention(q, ka.repeat_kv(k, n_rep), ka.repeat_kv(v, n_rep),
+                                          attn_mask=mask)
+    return call, (q, k, v), dout, want, (lo, hi, n_rep, mask)
+
+
+@pytest.mark.parametrize("op", ["sdpa", "eager"])
+def test_ranges_batch_takes_the_other_path_when_flash_is_slower(op, monkeypatch):
+    """Where the flash kernel loses for the shape (on CUDA, timed; here forced), a ranges
+    batch takes the op's other path, forward and backward: no flash call, took_flash False,
+    the masked reference's output and gradients (fp64)."""
+    from lorafuse.kernels import attention as ka
+
+    calls = []
+    for name in ("flash_with_bounds", "flash_with_bounds_backward"):
+        monkeypatch.setattr(ka, name, lambda *a, _n=name, **kw: calls.append(_n))
+    monkeypatch.setattr(ka, "_ranges_take_flash", lambda *a, **kw: False)
+    call, (q, k, v), dout, _, _ = _ranges_case(op)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, took = call(qs, ks, vs)
+    assert not bool(took) and not lse.any()
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert calls == []
+    monkeypatch.undo()
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    out_f, _, took_f = call(qf, kf, vf)  # the flash branch: the same numbers
+    assert bool(took_f)
+    # (the eager chain's softmax runs in fp32, as transformers' does: fp32-tight there)
+    tol = {} if op == "sdpa" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, out_f, **tol)
+    for a, w in zip(grads, torch.autograd.grad(out_f, (qf, kf, vf), dout)):
+        torch.testing.assert_close(a, w, **tol)
+
+
+@pytest.mark.parametrize("flash_ms, want", [(2.0, False), (0.5, True)])
+def test_faster_is_flash_times_both_paths_once_per_shape(flash_ms, want, monkeypatch):
+    """The choice times each path forward and backward (both run here, on fp64 CPU tensors)
+    at a shape's first use, keeps the faster, and does not time that shape again."""
+    from lorafuse.kernels import attention as ka
+
+    monkeypatch.setattr(ka, "RANGES_PATHS", {})
+    ran = []
+
+    def timer(fn):
+        fn()
+        ran.append(fn.__name__)
+        return flash_ms if fn.__name__ == "flash" else 1.0
+
+    _, (q, k, v), _, _, (lo, hi, n_rep, mask) = _ranges_case("sdpa")
+    other = lambda q_, k_, v_: ka.attention_reference(q_, k_, v_, mask, False, n_rep,  # noqa: E731
+                                                       None)
+    args = ("masked attention", q, k, v, lo, hi, 8 ** -0.5, None, other)
+    assert ka.faster_is_flash(*args, timer=timer) is want
+    assert sorted(ran) == ["flash", "masked"]
+    assert ka.faster_is_flash(*args, timer=timer) is want and len(ran) == 2
+    assert ka._ranges_take_flash(*args)  # off CUDA: always the flash kernel (tests run it)

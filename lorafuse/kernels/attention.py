@@ -20,21 +20,24 @@ The ops (``passes/masked_attention.py`` and ``passes/eager_attention.py`` insert
   n_rep, scale, flash)``: the attention of q against K/V with ``n_rep`` query heads per
   K/V head, three ways, chosen by the CPU bools (no sync): ``is_causal=True`` with
   ``enable_gqa`` on the unrepeated K/V where ``use_causal`` holds; else, where ``flash``
-  and ``ranges_ok``, ``lorafuse::flash_attention`` with key bounds lo..hi (unrepeated K/V,
-  K/V blocks outside a query block's ranges skipped); else exactly the traced masked call
-  on repeated K/V. Inserted by ``masked_attention``.
+  and ``ranges_ok`` and it is the faster for the shape, ``lorafuse::flash_attention`` with
+  key bounds lo..hi (unrepeated K/V, K/V blocks outside a query block's ranges skipped);
+  else exactly the traced masked call on repeated K/V. Inserted by ``masked_attention``.
 - ``lorafuse::eager_ranges_or_chain(q, k, v, mask, ranges_ok, lo, hi, n_rep, scale,
   softcap)``: an eager chain (Gemma2: softcap) whose mask comes from the inputs: the flash
-  op with softcap and key bounds where ``ranges_ok``, else the chain's own math
-  (``eager_chain``). Inserted by ``eager_attention``.
+  op with softcap and key bounds where ``ranges_ok`` and it is the faster for the shape,
+  else the chain's own math (``eager_chain``). Inserted by ``eager_attention``.
 
 Under transformers 5.x a left-padded batch's padded queries see no key at all (their rows
 are empty): ``ok`` is False and such batches take the masked / chain branch. Right
-padding and packed documents (``position_ids`` restarting at 0) are ranges. None of the
-range branches is measured on the GPU yet (the range check is a few passes over the mask
-per step; the flash kernels' key-bounds path is tested under the Triton interpreter only).
+padding and packed documents (``position_ids`` restarting at 0) are ranges. On CUDA the
+flash kernel takes a ranges batch only where it is faster than the other path, forward and
+backward, timed at a shape's first ranges batch (``RANGES_PATHS``): on the 8B shape the
+flash branch ran 9 % slower than the causal one (bench/RESULTS.md, session 12), and the
+masked SDPA call it replaces does no more work on a padded batch than on an unpadded one.
 
-Both ops return ``(out, lse)``. The backward of the flash branch runs the flash backward
+Both ops return ``(out, lse, took_flash)``, the last a CPU bool that tells the backward
+which path the forward took. The backward of the flash branch runs the flash backward
 from the saved output and log-sum-exp, as SDPA's own backward does (the output is kept
 anyway: it is the o_proj input the LoRA op saves). The SDPA and chain branches recompute
 their forward and differentiate it (their lse is zeros): one more attention forward in the
@@ -243,6 +246,46 @@ def flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale, softcap=N
                                                        scale, softcap, None, klo, khi)
 
 
+# (op, q/k/v shapes, dtype, softcap) -> "flash" or "other": the faster path for a ranges
+# batch of that shape on CUDA, timed at its first use (forward and backward of each).
+RANGES_PATHS: dict = {}
+
+
+def _ranges_take_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other) -> bool:
+    """Whether the flash kernel with key bounds takes this ranges batch: off CUDA always
+    (the CPU tests run it, under the Triton interpreter or on its reference), on CUDA where
+    it is faster than ``other(q, k, v) -> out`` (the op's other path, whose backward
+    recomputes it) for the shape. The first batch of a shape decides for the later ones:
+    how much padding it has changes the flash kernel's time, not the other path's."""
+    return True if not q.is_cuda else faster_is_flash(what, q, k, v, lo, hi, scale, softcap,
+                                                      other)
+
+
+def faster_is_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other,
+                    timer=None) -> bool:
+    """``_ranges_take_flash``'s timing (cached in ``RANGES_PATHS``): each path forward and
+    backward, with a random output gradient; ``timer`` for tests (default: CUDA events)."""
+    from ._dispatch import pick_fastest, time_ms
+
+    key = (what, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, softcap)
+    dout = torch.randn_like(_flash_out_like(q, v))
+
+    def flash():
+        out, lse = flash_with_bounds(q, k, v, lo, hi, scale, softcap)
+        flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale, softcap)
+
+    def masked():  # last: the one taken inside a CUDA graph capture, right for any mask
+        other(q, k, v)
+        _vjp(other, dout, q, k, v)
+
+    return pick_fastest(RANGES_PATHS, key, {"flash": flash, "other": masked},
+                        f"{what} (ranges batch)", timer=timer or time_ms) == "flash"
+
+
+def _took(flash: bool) -> Tensor:
+    return torch.tensor(flash)  # on the CPU: the backward reads it without a sync
+
+
 def _no_lse(q: Tensor) -> Tensor:
     """The lse output of a branch that does not make one (its backward recomputes): zeros,
     so that every call returns the same values (opcheck compares them)."""
@@ -261,60 +304,67 @@ def _vjp(fn, dout, q, k, v):
 def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                     use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor,
                                     key_hi: Tensor, n_rep: int, scale: Optional[float],
-                                    flash: bool) -> tuple[Tensor, Tensor]:
+                                    flash: bool) -> tuple[Tensor, Tensor, Tensor]:
     """SDPA of q on K/V (``n_rep`` query heads per K/V head) under ``mask``, three ways,
     chosen by the CPU bools: causal SDPA on the unrepeated K/V if ``use_causal``; else, if
-    ``flash`` and ``ranges_ok``, ``lorafuse::flash_attention`` with the mask's key ranges;
-    else the traced masked SDPA on repeated K/V. Returns (out in the flash op's layout, lse):
-    the flash branch's log-sum-exp, which its backward uses instead of recomputing the
-    forward; the SDPA branches' backward recomputes, and their lse is zeros."""
-    if not bool(use_causal) and flash and bool(ranges_ok):
-        return flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale))
-    out = attention_reference(q, k, v, mask, bool(use_causal), n_rep, scale)
-    return _in_flash_layout(out, q, v), _no_lse(q)
+    ``flash`` and ``ranges_ok`` and the flash kernel is the faster for the shape,
+    ``lorafuse::flash_attention`` with the mask's key ranges; else the traced masked SDPA on
+    repeated K/V. Returns (out in the flash op's layout, lse, took_flash): the flash
+    branch's log-sum-exp, which its backward uses instead of recomputing the forward; the
+    SDPA branches' backward recomputes, and their lse is zeros."""
+    causal = bool(use_causal)
+
+    def masked(q_, k_, v_):
+        return attention_reference(q_, k_, v_, mask, False, n_rep, scale)
+
+    if not causal and flash and bool(ranges_ok) and _ranges_take_flash(
+            "masked attention", q, k, v, key_lo, key_hi, _flash_scale(q, scale), None, masked):
+        return (*flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale)),
+                _took(True))
+    out = attention_reference(q, k, v, mask, causal, n_rep, scale)
+    return _in_flash_layout(out, q, v), _no_lse(q), _took(False)
 
 
 @sdpa_causal_ranges_or_masked_op.register_fake
 def _(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
-    return _flash_out_like(q, v), _no_lse(q)
+    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.bool, device="cpu")
 
 
 @torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked_backward", mutates_args=())
 def sdpa_causal_ranges_or_masked_backward_op(
         dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor,
-        use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
-        scale: Optional[float], flash: bool) -> tuple[Tensor, Tensor, Tensor]:
+        use_causal: Tensor, took_flash: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
+        scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
     and lse, the SDPA branches' by recomputing their forward."""
-    causal = bool(use_causal)
-    if not causal and flash and bool(ranges_ok):
+    if bool(took_flash):
         dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
                                                 _flash_scale(q, scale))
     else:
+        causal = bool(use_causal)
         dq, dk, dv = _vjp(lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal,
                                                                  n_rep, scale), dout, q, k, v)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @sdpa_causal_ranges_or_masked_backward_op.register_fake
-def _(dout, q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale,
-      flash):
+def _(dout, q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi, n_rep, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 def _ranges_setup_context(ctx, inputs, output):
     q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash = inputs
-    out, lse = output
-    ctx.n_rep, ctx.scale, ctx.flash = n_rep, scale, flash
-    ctx.save_for_backward(q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi)
-    ctx.mark_non_differentiable(lse)
+    out, lse, took_flash = output
+    ctx.n_rep, ctx.scale = n_rep, scale
+    ctx.save_for_backward(q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse, took_flash)
 
 
-def _ranges_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi = ctx.saved_tensors
+def _ranges_backward(ctx, dout, _dlse, _dtook):
+    q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi = ctx.saved_tensors
     dq, dk, dv = sdpa_causal_ranges_or_masked_backward_op(
-        dout, q, k, v, out, lse, mask, use_causal, ranges_ok, key_lo, key_hi, ctx.n_rep,
-        ctx.scale, ctx.flash)
+        dout, q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi, ctx.n_rep,
+        ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -337,30 +387,35 @@ def eager_chain(q, k, v, mask, n_rep: int, scale: float, softcap: Optional[float
 def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                              ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
                              scale: float, softcap: Optional[float]
-                             ) -> tuple[Tensor, Tensor]:
+                             ) -> tuple[Tensor, Tensor, Tensor]:
     """An eager attention chain with an additive ``mask`` from the inputs: the flash op with
-    the softcap and the mask's key ranges where ``ranges_ok`` (a CPU bool), else the chain's
-    own math (``eager_chain``). Returns (out in the flash op's layout, lse), as
-    ``sdpa_causal_ranges_or_masked`` does (lse zeros on the chain's branch)."""
-    if bool(ranges_ok):
-        return flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap)
-    return _in_flash_layout(eager_chain(q, k, v, mask, n_rep, scale, softcap), q, v), _no_lse(q)
+    the softcap and the mask's key ranges where ``ranges_ok`` (a CPU bool) and it is the
+    faster for the shape, else the chain's own math (``eager_chain``). Returns (out in the
+    flash op's layout, lse, took_flash), as ``sdpa_causal_ranges_or_masked`` does (lse
+    zeros on the chain's branch)."""
+    def chain(q_, k_, v_):
+        return eager_chain(q_, k_, v_, mask, n_rep, scale, softcap)
+
+    if bool(ranges_ok) and _ranges_take_flash("eager attention", q, k, v, key_lo, key_hi,
+                                              scale, softcap, chain):
+        return (*flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap), _took(True))
+    return _in_flash_layout(chain(q, k, v), q, v), _no_lse(q), _took(False)
 
 
 @eager_ranges_or_chain_op.register_fake
 def _(q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
-    return _flash_out_like(q, v), _no_lse(q)
+    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.bool, device="cpu")
 
 
 @torch.library.custom_op("lorafuse::eager_ranges_or_chain_backward", mutates_args=())
 def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                       out: Tensor, lse: Tensor, mask: Tensor,
-                                      ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor,
+                                      took_flash: Tensor, key_lo: Tensor, key_hi: Tensor,
                                       n_rep: int, scale: float, softcap: Optional[float]
                                       ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
     and lse, the chain's by recomputing it."""
-    if bool(ranges_ok):
+    if bool(took_flash):
         dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
                                                 scale, softcap)
     else:
@@ -370,21 +425,21 @@ def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Ten
 
 
 @eager_ranges_or_chain_backward_op.register_fake
-def _(dout, q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
+def _(dout, q, k, v, out, lse, mask, took_flash, key_lo, key_hi, n_rep, scale, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _eager_setup_context(ctx, inputs, output):
     q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap = inputs
-    out, lse = output
+    out, lse, took_flash = output
     ctx.args = (n_rep, scale, softcap)
-    ctx.save_for_backward(q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask, took_flash, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse, took_flash)
 
 
-def _eager_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, ranges_ok, key_lo, key_hi = ctx.saved_tensors
-    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, out, lse, mask, ranges_ok,
+def _eager_backward(ctx, dout, _dlse, _dtook):
+    q, k, v, out, lse, mask, took_flash, key_lo, key_hi = ctx.saved_tensors
+    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, out, lse, mask, took_flash,
                                                    key_lo, key_hi, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -40,7 +40,8 @@ carry) cannot be classified at compile time; such a site is decided at run time 
 
 which is the flash op with softcap and per-query key bounds [lo, hi] (the causal, padding,
 document and window structure all come from the ranges) where every query sees one
-contiguous, non-empty range of keys, and the chain's own math (transformers'
+contiguous, non-empty range of keys and, on CUDA, the flash op is the faster for the
+shape (both timed at its first such batch), and the chain's own math (transformers'
 ``eager_attention_forward``, on repeated K/V) otherwise — e.g. left padding, whose padded
 queries see no key. The mask must be additive, (B or 1, 1, Lq, Lkv) against the scores.
 Not measured on the GPU (the range check's cost; on the chain's branch the recomputed
