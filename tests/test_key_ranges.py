@@ -599,56 +599,16 @@ def test_eager_attention_pass_gemma2_with_mask(kind, branch, monkeypatch):
     assert all(t == [branch] for t in taken), taken
 
 
-if __name__ == "__main__":
-    _worker()
 
-
-@pytest.mark.parametrize("op", ["sdpa", "eager"])
-def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
-    """On the flash branch both branching ops return (out, lse, took_flash) and their backward runs the
-    flash backward from those: the flash forward runs once per step, not again in the
-    backward; the gradients still match the masked reference (fp64)."""
+def _ranges_case(op):
+    """A right-padded fp64 case (ranges) for either branching op: ``call(q, k, v)`` the op,
+    the inputs, an output gradient, ``reference(q, k, v)`` the masked SDPA call it stands
+    for, and (lo, hi, n_rep, mask)."""
     from lorafuse.kernels import attention as ka
 
-    calls = []
-    real = ka.flash_with_bounds
-    monkeypatch.setattr(ka, "flash_with_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
     b, length, n_rep, d = 2, 12, 2, 8
     mask = padded_masks(b, length, "right")
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(b, 2 * n_rep, length, d, dtype=torch.float64, generator=g)
-    k, v = torch.randn(2, b, 2, length, d, dtype=torch.float64, generator=g)
-    dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
-    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
-    assert bool(ok)
-    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    if op == "sdpa":
-        flag = torch.ops.lorafuse.mask_is_causal(mask)
-        out, lse, took = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
-            qs, ks, vs, mask, flag, ok, lo, hi, n_rep, None, True)
-    else:
-        out, lse, took = ka.eager_ranges_or_chain_op(
-            qs, ks, vs, additive(mask, torch.float64, MIN32), ok, lo, hi, n_rep, d ** -0.5, None)
-    assert bool(took) and took.device.type == "cpu"
-    assert calls == [1] and lse.shape == q.shape[:3] and torch.isfinite(lse).all()
-    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
-    assert calls == [1], "the backward ran the flash forward again"
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    want = F.scaled_dot_product_attention(qr, ka.repeat_kv(kr, n_rep), ka.repeat_kv(vr, n_rep),
-                                          attn_mask=mask)
-    torch.testing.assert_close(out, want)
-    for a, w in zip(grads, torch.autograd.grad(want, (qr, kr, vr), dout)):
-        torch.testing.assert_close(a, w)
-
-
-def _ranges_case(op):
-    """A right-padded fp64 case (ranges) for either branching op: (call, inputs, dout, want)
-    with ``call(q, k, v)`` the op and ``want`` the masked reference's output."""
-    from lorafuse.kernels import attention as ka
-
-    b, length, n_rep, d = 2, 12, 2, 8
-    mask = padded_masks(b, length, "right")
-    g = torch.Generator().manual_seed(4)
     q = torch.randn(b, 2 * n_rep, length, d, dtype=torch.float64, generator=g)
     k, v = torch.randn(2, b, 2, length, d, dtype=torch.float64, generator=g)
     dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
@@ -662,9 +622,36 @@ def _ranges_case(op):
         add = additive(mask, torch.float64, MIN32)
         call = lambda q_, k_, v_: ka.eager_ranges_or_chain_op(  # noqa: E731
             q_, k_, v_, add, ok, lo, hi, n_rep, d ** -0.5, None)
-    want = F.scaled_dot_product_attention(q, ka.repeat_kv(k, n_rep), ka.repeat_kv(v, n_rep),
-                                          attn_mask=mask)
-    return call, (q, k, v), dout, want, (lo, hi, n_rep, mask)
+
+    def reference(q_, k_, v_):
+        return F.scaled_dot_product_attention(q_, ka.repeat_kv(k_, n_rep),
+                                              ka.repeat_kv(v_, n_rep), attn_mask=mask)
+
+    return call, (q, k, v), dout, reference, (lo, hi, n_rep, mask)
+
+
+@pytest.mark.parametrize("op", ["sdpa", "eager"])
+def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
+    """On the flash branch both branching ops return (out, lse, took_flash) and their
+    backward runs the flash backward from those: the flash forward runs once per step, not
+    again in the backward; the gradients still match the masked reference (fp64)."""
+    from lorafuse.kernels import attention as ka
+
+    calls = []
+    real = ka.flash_with_bounds
+    monkeypatch.setattr(ka, "flash_with_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
+    call, (q, k, v), dout, reference, _ = _ranges_case(op)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, took = call(qs, ks, vs)
+    assert bool(took) and took.device.type == "cpu"
+    assert calls == [1] and lse.shape == q.shape[:3] and torch.isfinite(lse).all()
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert calls == [1], "the backward ran the flash forward again"
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    want = reference(qr, kr, vr)
+    torch.testing.assert_close(out, want)
+    for a, w in zip(grads, torch.autograd.grad(want, (qr, kr, vr), dout)):
+        torch.testing.assert_close(a, w)
 
 
 @pytest.mark.parametrize("op", ["sdpa", "eager"])
@@ -717,3 +704,7 @@ def test_faster_is_flash_times_both_paths_once_per_shape(flash_ms, want, monkeyp
     assert sorted(ran) == ["flash", "masked"]
     assert ka.faster_is_flash(*args, timer=timer) is want and len(ran) == 2
     assert ka._ranges_take_flash(*args)  # off CUDA: always the flash kernel (tests run it)
+
+
+if __name__ == "__main__":
+    _worker()
