@@ -32,9 +32,10 @@ Under transformers 5.x a left-padded batch's padded queries see no key at all (t
 are empty): ``ok`` is False and such batches take the masked / chain branch. Right
 padding and packed documents (``position_ids`` restarting at 0) are ranges. On CUDA the
 flash kernel takes a ranges batch only where it is faster than the other path, forward and
-backward, timed at a shape's first ranges batch (``RANGES_PATHS``): on the 8B shape the
-flash branch ran 9 % slower than the causal one (bench/RESULTS.md, session 12), and the
-masked SDPA call it replaces does no more work on a padded batch than on an unpadded one.
+backward, timed at a shape's first ranges batch (``RANGES_PATHS``): on the 8B shape a right-padded
+batch on the flash branch trained 9 % slower than an unpadded one on the causal branch
+(bench/RESULTS.md, session 12), and the masked SDPA call does no more work on a padded
+batch than on an unpadded one. Which path the timing picks there is not measured yet.
 
 Both ops return ``(out, lse, took_flash)``, the last a CPU bool that tells the backward
 which path the forward took. The backward of the flash branch runs the flash backward
