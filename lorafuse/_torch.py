@@ -44,3 +44,73 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
         if hasattr(a, "_dynamo_source"):
             b._dynamo_source = a._dynamo_source
     return new
+
+
+# --- aten's fused attention kernels, called directly ----------------------------------------
+# Public SDPA returns no log-sum-exp, so a custom op that calls it must recompute its forward
+# in the backward (the masked_attention op's causal and masked branches did). Calling the
+# kernel public SDPA would pick, through its aten op, keeps the lse for the backward: at the
+# 8B attention shape on the H200 the masked call's forward + backward went from 2.21 ms
+# (recomputed) to 1.65 ms (bench/probe_sdpa_lse.py, bench/RESULTS.md session 13). The ops'
+# schemas are checked on 2.11 and 2.13; positional arguments throughout.
+from torch.nn.attention import SDPBackend  # noqa: E402
+
+_CUDNN, _FLASH = SDPBackend.CUDNN_ATTENTION.value, SDPBackend.FLASH_ATTENTION.value
+
+
+def fused_sdpa_kernel(q, k, v, mask, causal: bool, scale, enable_gqa: bool):
+    """The kernel public SDPA would run for these inputs, as if they required grad (the op
+    that asks is differentiated): ``"cudnn"`` or ``"flash"`` (CUDA's, or the CPU one) when
+    it is one of those, else None (efficient or math, or float64: the caller keeps public
+    SDPA)."""
+    if q.dtype == torch.float64:  # the CPU kernel's lse is then float64, not float32
+        return None
+    grad = [t.detach().requires_grad_() for t in (q, k, v)]
+    choice = torch._fused_sdp_choice(*grad, mask, 0.0, causal, scale=scale,
+                                     enable_gqa=enable_gqa)
+    return {_CUDNN: "cudnn", _FLASH: "flash"}.get(choice)
+
+
+def _additive(mask, dtype, kernel: str):
+    """A boolean mask as the additive one public SDPA makes of it for ``kernel`` (cuDNN's
+    masked value is -65504, not -inf: aten's convert_boolean_attn_mask_cudnn)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    masked = -65504.0 if kernel == "cudnn" else float("-inf")
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, masked)
+
+
+def fused_sdpa_forward(kernel: str, q, k, v, mask, causal: bool, scale):
+    """``(out, lse)`` of ``kernel`` (from ``fused_sdpa_kernel``, asked with these inputs):
+    out as the kernel lays it out, lse float32 (B, H, Lq)."""
+    a = torch.ops.aten
+    bias = _additive(mask, q.dtype, kernel)
+    if kernel == "cudnn":
+        r = a._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
+                                                  scale=scale)
+        return r[0], r[1].view(q.shape[:3])  # cuDNN's lse is (B, H, Lq, 1)
+    if q.is_cuda:  # flash takes no mask (the choice says flash only without one)
+        r = a._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return r[0], r[1]
+    out, lse = a._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                             attn_mask=bias, scale=scale)
+    return out, lse.contiguous()  # the CPU kernel's lse is laid out (B, Lq, H)
+
+
+def fused_sdpa_backward(kernel: str, dout, q, k, v, out, lse, mask, causal: bool, scale):
+    """(dq, dk, dv) of ``fused_sdpa_forward``'s call, from its saved out and lse. Without
+    dropout the kernels read no RNG state: an empty seed and offset stand in."""
+    a = torch.ops.aten
+    bias = _additive(mask, q.dtype, kernel)
+    if kernel == "cudnn":
+        rng = torch.empty((), dtype=torch.long, device=q.device)
+        return a._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), rng, rng, bias, None, None, q.shape[2],
+            k.shape[2], 0.0, causal, scale=scale)
+    if q.is_cuda:
+        rng = torch.empty((), dtype=torch.long, device=q.device)
+        return a._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, rng,
+            rng, scale=scale)
+    return a._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)

@@ -385,37 +385,58 @@ def _padded_mask(b, length, pads, side="left"):
 @given(b=st.integers(1, 3), kv_heads=st.integers(1, 2), n_rep=st.sampled_from([1, 2, 3]),
        length=st.integers(1, 9), pads=st.lists(st.integers(0, 3), min_size=3, max_size=3),
        side=st.sampled_from(["left", "right"]), additive=st.booleans())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("flash", [False, True])
 def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side, additive,
-                                          flash):
+                                          flash, dtype):
     """The op equals the traced call (masked SDPA on repeated K/V), forward and every
     gradient, whichever branch the mask picks (with ``flash``, right-padded masks take the
-    key-range branch); the branch is causal iff nothing is padded."""
+    key-range branch); the branch is causal iff nothing is padded. In float32 the SDPA
+    branches run aten's fused kernel (the CPU's flash: public SDPA's pick) and keep its lse,
+    each row's log-sum-exp of its visible scaled scores; in float64 they run public SDPA
+    (that kernel's lse would be float64) and recompute in the backward."""
+    from lorafuse.kernels import attention as ka
     from lorafuse.kernels.attention import repeat_kv
 
     pads = [min(p, length - 1) for p in pads[:b]]
     mask = _padded_mask(b, length, pads, side)
     if additive:
-        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
     g = torch.Generator().manual_seed(length * 7 + b)
     q = torch.randn(b, kv_heads * n_rep, length, 8, dtype=torch.float64, generator=g)
     k, v = torch.randn(2, b, kv_heads, length, 8, dtype=torch.float64, generator=g)
     dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     flag = torch.ops.lorafuse.mask_is_causal(mask)
     assert flag.device.type == "cpu" and bool(flag) == (sum(pads) == 0)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
-    got = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(qs, ks, vs, mask, flag, ok, lo, hi,
-                                                          n_rep, None, flash)[0]
+    got, lse, path = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+        qs, ks, vs, mask, flag, ok, lo, hi, n_rep, None, flash)
     got_grads = torch.autograd.grad(got, (qs, ks, vs), dout)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     want = F.scaled_dot_product_attention(qr, repeat_kv(kr, n_rep), repeat_kv(vr, n_rep),
                                           attn_mask=mask)
     want_grads = torch.autograd.grad(want, (qr, kr, vr), dout)
     # Rows that attend to nothing (a fully padded query row) are NaN in both; compare the rest.
-    torch.testing.assert_close(got, want, equal_nan=True)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, equal_nan=True, **tol)
     for a, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, w, equal_nan=True)
+        torch.testing.assert_close(a, w, equal_nan=True, **tol)
+    code = int(path)
+    if code == ka.FLASH_BOUNDS:
+        return
+    assert (code >= ka.FUSED) == (dtype == torch.float32), code
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    visible = visible & torch.ones(length, length, dtype=torch.bool).tril() if bool(flag) \
+        else visible
+    scores = (q.double() @ repeat_kv(k, n_rep).double().transpose(-1, -2)) * 8 ** -0.5
+    want_lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    rows = visible.any(-1).expand_as(want_lse)
+    if code >= ka.FUSED:
+        torch.testing.assert_close(lse.double()[rows], want_lse[rows], rtol=1e-5, atol=1e-5)
+    else:
+        assert not lse.any()
 
 
 def test_causal_or_masked_opcheck():
@@ -434,17 +455,19 @@ def test_causal_or_masked_opcheck():
 def test_masked_attention_pass_padded_and_unpadded_batches(fresh_dynamo, monkeypatch):
     """Tiny Llama trained with an attention_mask on every batch (as a Trainer does),
     unpadded and padded batches through one compiled graph: losses and LoRA gradients as
-    eager at every step, and the causal branch taken exactly for the unpadded batches."""
+    eager at every step, the causal branch taken exactly for the unpadded batches, and
+    neither branch's forward run again in the backward."""
     import lorafuse.kernels.attention as kernels
 
     branches = []
-    real = kernels.attention_reference
+    real = kernels.sdpa_forward
 
-    def spy(q, k, v, mask, use_causal, n_rep, scale):
-        branches.append(use_causal)
-        return real(q, k, v, mask, use_causal, n_rep, scale)
+    def spy(q, k, v, mask, causal, n_rep, scale):
+        out = real(q, k, v, mask, causal, n_rep, scale)
+        branches.append((causal, out[2] >= kernels.FUSED))
+        return out
 
-    monkeypatch.setattr(kernels, "attention_reference", spy)
+    monkeypatch.setattr(kernels, "sdpa_forward", spy)
     model = make_tiny_model("llama")
     eager = copy.deepcopy(model)
     report = Report()
@@ -469,8 +492,9 @@ def test_masked_attention_pass_padded_and_unpadded_batches(fresh_dynamo, monkeyp
                                                  for n, p in lora_params(m).items()}
             opts[m].step()
             opts[m].zero_grad(set_to_none=True)
-        # forward (one per layer) and the backward's recompute (one per layer)
-        assert branches == [pad == 0] * (2 * layers), (step, branches)
+        # the forward only (one per layer), through the fused kernel (the CPU's flash):
+        # the backward uses its kept lse, no recompute
+        assert branches == [(pad == 0, True)] * layers, (step, branches)
         torch.testing.assert_close(losses[model], losses[eager], rtol=1e-5, atol=1e-6)
         for n in grads[eager]:
             assert_close_fp32(grads[model][n], grads[eager][n], rtol=1e-4, what=n)

@@ -513,7 +513,7 @@ def train_beside_eager(arch, kind, passes, monkeypatch):
     from lorafuse.kernels import attention as ka
 
     branches = []
-    for name in ("flash_with_bounds", "attention_reference", "eager_chain"):
+    for name in ("flash_with_bounds", "sdpa_forward", "eager_chain"):
         real = getattr(ka, name)
         monkeypatch.setattr(ka, name, (lambda real, name: lambda *a, **k: (
             branches.append(name), real(*a, **k))[1])(real, name))
@@ -552,7 +552,7 @@ def assert_same_training(got, want, what):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,branch", [("left", "attention_reference"),
+@pytest.mark.parametrize("kind,branch", [("left", "sdpa_forward"),
                                          ("right", "flash_with_bounds"),
                                          ("packed", "flash_with_bounds")])
 def test_masked_attention_pass_llama(kind, branch, monkeypatch):
@@ -697,8 +697,10 @@ def test_faster_is_flash_times_both_paths_once_per_shape(flash_ms, want, monkeyp
         return flash_ms if fn.__name__ == "flash" else 1.0
 
     _, (q, k, v), _, _, (lo, hi, n_rep, mask) = _ranges_case("sdpa")
-    other = lambda q_, k_, v_: ka.attention_reference(q_, k_, v_, mask, False, n_rep,  # noqa: E731
-                                                       None)
+    def other(dout):  # the masked branch forward and backward, as the op times it
+        out, lse, code = ka.sdpa_forward(q, k, v, mask, False, n_rep, None)
+        ka.sdpa_backward(code, dout, q, k, v, out, lse, mask, False, n_rep, None)
+
     args = ("masked attention", q, k, v, lo, hi, 8 ** -0.5, None, other)
     assert ka.faster_is_flash(*args, timer=timer) is want
     assert sorted(ran) == ["flash", "masked"]

@@ -35,15 +35,19 @@ flash kernel takes a ranges batch only where it is faster than the other path, f
 backward, timed at a shape's first ranges batch (``RANGES_PATHS``): on the 8B shape a right-padded
 batch on the flash branch trained 9 % slower than an unpadded one on the causal branch
 (bench/RESULTS.md, session 12), and the masked SDPA call does no more work on a padded
-batch than on an unpadded one. Which path the timing picks there is not measured yet.
+batch than on an unpadded one.
 
-Both ops return ``(out, lse, took_flash)``, the last a CPU bool that tells the backward
-which path the forward took. The backward of the flash branch runs the flash backward
-from the saved output and log-sum-exp, as SDPA's own backward does (the output is kept
-anyway: it is the o_proj input the LoRA op saves). The SDPA and chain branches recompute
-their forward and differentiate it (their lse is zeros): one more attention forward in the
-backward (≈ 0.19 ms per layer at the 8B shape). Dropout is not supported (the recompute
-would draw another mask): the passes leave such calls alone.
+Both ops return ``(out, lse, path)``: the log-sum-exp their backward uses instead of
+recomputing the forward, and how the forward ran, a CPU tensor the backward reads without a
+sync (``took_flash``, a bool, for the eager op; ``RECOMPUTED`` / ``FLASH_BOUNDS`` /
+``FUSED + i``, an int8, for the SDPA op). The flash branch's backward runs the flash
+backward from the saved output and lse, as SDPA's own backward does (the output is kept
+anyway: it is the o_proj input the LoRA op saves). The SDPA op's causal and masked branches
+call the kernel public SDPA would pick through its aten op (``_torch.fused_sdpa_forward``:
+cuDNN on the H200, flash on the CPU) so that they keep its lse too; where public SDPA
+would take another kernel (efficient, math), or in float64, they call public SDPA and their
+backward recomputes its forward (lse zeros), as the eager chain's does. Dropout is not
+supported (a recompute would draw another mask): the passes leave such calls alone.
 """
 
 from __future__ import annotations
@@ -255,9 +259,9 @@ RANGES_PATHS: dict = {}
 def _ranges_take_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other) -> bool:
     """Whether the flash kernel with key bounds takes this ranges batch: off CUDA always
     (the CPU tests run it, under the Triton interpreter or on its reference), on CUDA where
-    it is faster than ``other(q, k, v) -> out`` (the op's other path, whose backward
-    recomputes it) for the shape. The first batch of a shape decides for the later ones:
-    how much padding it has changes the flash kernel's time, not the other path's."""
+    it is faster than ``other(dout)`` (the op's other path, forward and backward) for the
+    shape. The first batch of a shape decides for the later ones: how much padding it has
+    changes the flash kernel's time, not the other path's."""
     return True if not q.is_cuda else faster_is_flash(what, q, k, v, lo, hi, scale, softcap,
                                                       other)
 
@@ -280,8 +284,7 @@ def faster_is_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other,
         flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale, softcap)
 
     def masked():  # last: the one taken inside a CUDA graph capture, right for any mask
-        other(q, k, v)
-        _vjp(other, dout, q, k, v)
+        other(dout)
 
     return pick_fastest(RANGES_PATHS, key, {"flash": flash, "other": masked},
                         f"{what} (ranges batch)", timer=timer or time_ms) == "flash"
@@ -305,6 +308,56 @@ def _vjp(fn, dout, q, k, v):
     return vjp(dout)
 
 
+# How ``sdpa_causal_ranges_or_masked`` ran its forward: a CPU int8 its backward follows.
+# RECOMPUTED: public SDPA, differentiated by running it again in the backward; FLASH_BOUNDS:
+# lorafuse's flash kernel with key bounds; FUSED + i: aten's kernel FUSED_KERNELS[i // 2]
+# (the one public SDPA picks) with its lse kept, on K/V repeated to the query heads if i odd.
+RECOMPUTED, FLASH_BOUNDS, FUSED = 0, 1, 2
+FUSED_KERNELS = ("cudnn", "flash")
+
+
+def _path(code: int) -> Tensor:
+    return torch.tensor(code, dtype=torch.int8)  # on the CPU: read without a sync
+
+
+def sdpa_forward(q, k, v, mask, causal: bool, n_rep: int, scale):
+    """The op's SDPA branches, ``(out, lse, path)``: the causal call on the unrepeated K/V,
+    or the masked call; each through aten's fused kernel with its lse where public SDPA
+    would pick cuDNN or flash (unrepeated K/V where the kernel takes them), else public SDPA
+    itself (lse zeros, recomputed in the backward)."""
+    from .._torch import fused_sdpa_forward, fused_sdpa_kernel
+
+    m = None if causal else mask
+    tries = [(False, k, v)]
+    if n_rep > 1:
+        tries.append((True, repeat_kv(k, n_rep), repeat_kv(v, n_rep)))
+    for repeated, k_, v_ in tries:
+        kernel = fused_sdpa_kernel(q, k_, v_, m, causal, scale, n_rep > 1 and not repeated)
+        if kernel in FUSED_KERNELS:
+            out, lse = fused_sdpa_forward(kernel, q, k_, v_, m, causal, scale)
+            code = FUSED + 2 * FUSED_KERNELS.index(kernel) + int(repeated)
+            return out, lse, code
+    return attention_reference(q, k, v, mask, causal, n_rep, scale), _no_lse(q), RECOMPUTED
+
+
+def sdpa_backward(code: int, dout, q, k, v, out, lse, mask, causal: bool, n_rep: int, scale):
+    """(dq, dk, dv) of ``sdpa_forward``'s call, which returned ``code``."""
+    if code == RECOMPUTED:
+        return _vjp(lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal, n_rep,
+                                                           scale), dout, q, k, v)
+    from .._torch import fused_sdpa_backward
+
+    kernel, repeated = FUSED_KERNELS[(code - FUSED) // 2], (code - FUSED) % 2 == 1
+    k_, v_ = (repeat_kv(k, n_rep), repeat_kv(v, n_rep)) if repeated else (k, v)
+    dq, dk, dv = fused_sdpa_backward(kernel, dout, q, k_, v_, out, lse,
+                                     None if causal else mask, causal, scale)
+    if repeated:  # repeat_kv's backward: sum each K/V head's copies
+        b, h, length, d = k.shape
+        dk = dk.view(b, h, n_rep, length, d).sum(2)
+        dv = dv.view(b, h, n_rep, length, v.shape[-1]).sum(2)
+    return dq, dk, dv
+
+
 @torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked", mutates_args=())
 def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                     use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor,
@@ -313,62 +366,64 @@ def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tenso
     """SDPA of q on K/V (``n_rep`` query heads per K/V head) under ``mask``, three ways,
     chosen by the CPU bools: causal SDPA on the unrepeated K/V if ``use_causal``; else, if
     ``flash`` and ``ranges_ok`` and the flash kernel is the faster for the shape,
-    ``lorafuse::flash_attention`` with the mask's key ranges; else the traced masked SDPA on
-    repeated K/V. Returns (out in the flash op's layout, lse, took_flash): the flash
-    branch's log-sum-exp, which its backward uses instead of recomputing the forward; the
-    SDPA branches' backward recomputes, and their lse is zeros."""
+    ``lorafuse::flash_attention`` with the mask's key ranges; else the traced masked SDPA.
+    Returns (out in the flash op's layout, lse, path): the log-sum-exp the backward uses
+    instead of recomputing the forward (zeros where the branch ran public SDPA, which does
+    not return it: that backward recomputes), and how the forward ran (``RECOMPUTED``,
+    ``FLASH_BOUNDS``, ``FUSED + i``), a CPU int8."""
     causal = bool(use_causal)
 
-    def masked(q_, k_, v_):
-        return attention_reference(q_, k_, v_, mask, False, n_rep, scale)
+    def masked(dout):  # the masked branch, forward and backward, for the timing
+        out, lse, code = sdpa_forward(q, k, v, mask, False, n_rep, scale)
+        sdpa_backward(code, dout, q, k, v, out, lse, mask, False, n_rep, scale)
 
     if not causal and flash and bool(ranges_ok) and _ranges_take_flash(
             "masked attention", q, k, v, key_lo, key_hi, _flash_scale(q, scale), None, masked):
         return (*flash_with_bounds(q, k, v, key_lo, key_hi, _flash_scale(q, scale)),
-                _took(True))
-    out = attention_reference(q, k, v, mask, causal, n_rep, scale)
-    return _in_flash_layout(out, q, v), _no_lse(q), _took(False)
+                _path(FLASH_BOUNDS))
+    out, lse, code = sdpa_forward(q, k, v, mask, causal, n_rep, scale)
+    return _in_flash_layout(out, q, v), lse, _path(code)
 
 
 @sdpa_causal_ranges_or_masked_op.register_fake
 def _(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash):
-    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.bool, device="cpu")
+    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.int8, device="cpu")
 
 
 @torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked_backward", mutates_args=())
 def sdpa_causal_ranges_or_masked_backward_op(
         dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor,
-        use_causal: Tensor, took_flash: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
+        use_causal: Tensor, path: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
         scale: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
-    and lse, the SDPA branches' by recomputing their forward."""
-    if bool(took_flash):
+    """(dq, dk, dv) of the path the forward took: the flash and fused paths' from their
+    saved out and lse, public SDPA's by recomputing its forward."""
+    code = int(path)
+    if code == FLASH_BOUNDS:
         dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
                                                 _flash_scale(q, scale))
     else:
-        causal = bool(use_causal)
-        dq, dk, dv = _vjp(lambda q_, k_, v_: attention_reference(q_, k_, v_, mask, causal,
-                                                                 n_rep, scale), dout, q, k, v)
+        dq, dk, dv = sdpa_backward(code, dout, q, k, v, out, lse, mask, bool(use_causal),
+                                   n_rep, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @sdpa_causal_ranges_or_masked_backward_op.register_fake
-def _(dout, q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi, n_rep, scale):
+def _(dout, q, k, v, out, lse, mask, use_causal, path, key_lo, key_hi, n_rep, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 def _ranges_setup_context(ctx, inputs, output):
     q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash = inputs
-    out, lse, took_flash = output
+    out, lse, path = output
     ctx.n_rep, ctx.scale = n_rep, scale
-    ctx.save_for_backward(q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi)
-    ctx.mark_non_differentiable(lse, took_flash)
+    ctx.save_for_backward(q, k, v, out, lse, mask, use_causal, path, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse, path)
 
 
-def _ranges_backward(ctx, dout, _dlse, _dtook):
-    q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi = ctx.saved_tensors
+def _ranges_backward(ctx, dout, _dlse, _dpath):
+    q, k, v, out, lse, mask, use_causal, path, key_lo, key_hi = ctx.saved_tensors
     dq, dk, dv = sdpa_causal_ranges_or_masked_backward_op(
-        dout, q, k, v, out, lse, mask, use_causal, took_flash, key_lo, key_hi, ctx.n_rep,
+        dout, q, k, v, out, lse, mask, use_causal, path, key_lo, key_hi, ctx.n_rep,
         ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -401,8 +456,12 @@ def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     def chain(q_, k_, v_):
         return eager_chain(q_, k_, v_, mask, n_rep, scale, softcap)
 
+    def chain_fwd_bwd(dout):  # the chain branch for the timing: forward, then recomputed
+        chain(q, k, v)
+        _vjp(chain, dout, q, k, v)
+
     if bool(ranges_ok) and _ranges_take_flash("eager attention", q, k, v, key_lo, key_hi,
-                                              scale, softcap, chain):
+                                              scale, softcap, chain_fwd_bwd):
         return (*flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap), _took(True))
     return _in_flash_layout(chain(q, k, v), q, v), _no_lse(q), _took(False)
 
