@@ -13,10 +13,14 @@ called directly with the lse kept.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from bench_attention import timed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_attention import timed  # noqa: E402
 
 B, HQ, HKV, S, D = 2, 32, 8, 2048, 128
 
@@ -79,7 +83,28 @@ def main():
             scale=scale)
         return out, dq, dk, dv
 
+    def cudnn_gqa():  # the masked call on the unrepeated K/V: cuDNN's own GQA
+        b4 = bias.expand(B, HQ, S, S)
+        r = a._scaled_dot_product_cudnn_attention(q, k, v, b4, True, 0.0, False, False,
+                                                  scale=scale)
+        out, lse = r[0], r[1]
+        dq, dk, dv = a._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse, r[6], r[7], b4, r[2], r[3], r[4], r[5], 0.0, False,
+            scale=scale)
+        return out, dq, dk, dv
+
+    from lorafuse.kernels import attention as ka
+
+    lo, hi, _ = torch.ops.lorafuse.mask_key_ranges(mask)
+
+    def flash_bounds():  # lorafuse's Triton flash attention with the mask's key ranges
+        out, lse = ka.flash_with_bounds(q, k, v, lo, hi, scale)
+        dq, dk, dv = ka.flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale)
+        return out, dq, dk, dv
+
     print("torch", torch.__version__, torch.cuda.get_device_name())
+    print("public SDPA's choice, masked on unrepeated K/V with enable_gqa:",
+          torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=None, enable_gqa=True))
     for is_causal in (True, False):
         choice = torch._fused_sdp_choice(q, k if is_causal else kr, v if is_causal else vr,
                                          None if is_causal else mask, 0.0, is_causal,
@@ -91,7 +116,9 @@ def main():
             ("masked", "public SDPA", lambda: public(False), None),
             ("masked", "op's recompute", lambda: recompute(False), None),
             ("masked", "aten efficient + lse", efficient, False),
-            ("masked", "aten cudnn + lse", cudnn, False)]
+            ("masked", "aten cudnn + lse", cudnn, False),
+            ("masked", "aten cudnn on unrepeated K/V (GQA) + lse", cudnn_gqa, False),
+            ("masked", "lorafuse flash with key bounds", flash_bounds, False)]
     refs = {True: public(True), False: public(False)}
     print("| branch | call | fwd+bwd ms | max abs err out, dq, dk, dv vs public |")
     print("|---|---|---|---|")
@@ -107,8 +134,8 @@ def main():
             ref = refs[which]
             got = list(res)
             if not which:  # repeated K/V: fold the gradients back to the K/V heads
-                got[2] = got[2].view(B, HKV, n, S, D).sum(2)
-                got[3] = got[3].view(B, HKV, n, S, D).sum(2)
+                got[2:4] = (t.view(B, HKV, n, S, D).sum(2) if t.shape[1] == HQ else t
+                            for t in got[2:4])
                 ref = list(ref)
                 ref[2], ref[3] = (t.view(B, HKV, n, S, D).sum(2) for t in ref[2:4])
             err = ", ".join(f"{(x.float() - y.float()).abs().max().item():.2e}"
