@@ -439,9 +439,14 @@ def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side
         assert not lse.any()
 
 
-def test_causal_or_masked_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "transformers"])
+def test_causal_or_masked_opcheck(layout):
+    """The op's fake and real outputs and gradients agree, layouts included: with q, k, v
+    as transformers hands them (views of (B, L, H, D)) the gradients keep that layout."""
     mask = _padded_mask(2, 5, [0, 2])
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    if layout == "transformers":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     for m in (mask, _padded_mask(2, 5, [0, 0])):
         flag = torch.ops.lorafuse.mask_is_causal(m)
         lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(m)

@@ -404,12 +404,20 @@ def sdpa_causal_ranges_or_masked_backward_op(
     else:
         dq, dk, dv = sdpa_backward(code, dout, q, k, v, out, lse, mask, bool(use_causal),
                                    n_rep, scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+def _like(grad: Tensor, t: Tensor) -> Tensor:
+    """``grad`` laid out as ``torch.empty_like(t)`` (the fake's promise): cuDNN's gradients
+    already are, as q, k, v come from transformers (views of (B, L, H, D)); making them
+    contiguous cost three copies a layer, ≈ 6 ms a step at 8B (session 13's profile)."""
+    want = torch.empty_like(t)
+    return grad if grad.stride() == want.stride() else want.copy_(grad)
 
 
 @sdpa_causal_ranges_or_masked_backward_op.register_fake
 def _(dout, q, k, v, out, lse, mask, use_causal, path, key_lo, key_hi, n_rep, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _ranges_setup_context(ctx, inputs, output):
