@@ -25,10 +25,10 @@ dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, L
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
-Not a default pass: on the 8B shape (H200, bench/RESULTS.md session 12) it is 1.05 × the
-default passes on unpadded batches, but its flash branch on right-padded ones is slower than
-the masked SDPA call the default passes keep. Its costs: two host reads per mask per step,
-and on the causal and masked branches a recomputed attention forward in the backward.
+Not a default pass: on the 8B shape (H200, bench/RESULTS.md session 13) it is 1.10 × the
+default passes on unpadded batches, but 0.96–0.98 × on right-padded ones, where its masked
+branch runs the same cuDNN kernel as the default passes' masked SDPA call and adds two host
+reads per step and the custom op's per-call overhead.
 """
 
 from __future__ import annotations
