@@ -65,6 +65,8 @@ def fused_sdpa_kernel(q, k, v, mask, causal: bool, scale, enable_gqa: bool):
     SDPA)."""
     if q.dtype == torch.float64:  # the CPU kernel's lse is then float64, not float32
         return None
+    if q.is_cuda and (q.shape[-1] % 8 or v.shape[-1] % 8):
+        return None  # public SDPA pads such head dims for CUDA's flash before calling it
     grad = [t.detach().requires_grad_() for t in (q, k, v)]
     choice = torch._fused_sdp_choice(*grad, mask, 0.0, causal, scale=scale,
                                      enable_gqa=enable_gqa)

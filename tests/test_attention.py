@@ -439,6 +439,39 @@ def test_causal_or_masked_op_matches_sdpa(b, kv_heads, n_rep, length, pads, side
         assert not lse.any()
 
 
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_a_failing_aten_kernel_falls_back_to_public_sdpa(fails, monkeypatch):
+    """Where aten's fused kernel refuses (a private op: its constraints may move between
+    torch versions) the op warns once and runs public SDPA, recomputed in the backward:
+    the same output and gradients, never a failed step."""
+    from lorafuse import _torch
+    from lorafuse.kernels import _dispatch
+    from lorafuse.kernels import attention as ka
+
+    def refuse(*a, **kw):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(_torch, f"fused_sdpa_{fails}", refuse)
+    monkeypatch.setattr(_dispatch, "warned", set())
+    mask = _padded_mask(2, 7, [0, 3])
+    g = torch.Generator().manual_seed(5)
+    q, dout = torch.randn(2, 2, 4, 7, 8, generator=g)
+    k, v = torch.randn(2, 2, 2, 7, 8, generator=g)
+    flag = torch.ops.lorafuse.mask_is_causal(mask)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    with pytest.warns(RuntimeWarning, match="aten's flash attention"):
+        out, lse, path = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+            *ins, mask, flag, ok, lo, hi, 2, None, False)
+        grads = torch.autograd.grad(out, ins, dout)
+    assert (int(path) == ka.RECOMPUTED) == (fails == "forward")
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = ka.attention_reference(*refs, mask, False, 2, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    for a, w in zip(grads, torch.autograd.grad(want, refs, dout)):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transformers"])
 def test_causal_or_masked_opcheck(layout):
     """The op's fake and real outputs and gradients agree, layouts included: with q, k, v

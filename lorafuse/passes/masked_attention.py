@@ -21,7 +21,8 @@ reads K/V once per head group and skips the K/V blocks outside each query block'
 Anything else — notably left padding, whose padded queries see no key under transformers
 5.x's masks — gets exactly the traced masked call. ``flash`` is False (that branch never
 taken) where the head dim exceeds 256 or V's head dim differs from q's. Left alone: attention
-dropout (the op's backward recomputes the forward), masks not shaped (…, Lq, Lkv), K/V
+dropout (where the op falls back to public SDPA its backward recomputes the forward, which
+would draw another dropout mask), masks not shaped (…, Lq, Lkv), K/V
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
