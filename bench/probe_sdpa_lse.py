@@ -73,25 +73,17 @@ def main():
             False, scale=scale)
         return out, dq, dk, dv
 
-    def cudnn():
-        b4 = bias.expand(B, HQ, S, S)
-        r = a._scaled_dot_product_cudnn_attention(q, kr, vr, b4, True, 0.0, False, False,
-                                                  scale=scale)
-        out, lse = r[0], r[1]
-        dq, dk, dv = a._scaled_dot_product_cudnn_attention_backward(
-            dout, q, kr, vr, out, lse, r[6], r[7], b4, r[2], r[3], r[4], r[5], 0.0, False,
-            scale=scale)
-        return out, dq, dk, dv
+    def cudnn(k_, v_):  # on repeated K/V, or the unrepeated ones (cuDNN's own GQA)
+        def run():
+            b4 = bias.expand(B, HQ, S, S)
+            r = a._scaled_dot_product_cudnn_attention(q, k_, v_, b4, True, 0.0, False, False,
+                                                      scale=scale)
+            dq, dk, dv = a._scaled_dot_product_cudnn_attention_backward(
+                dout, q, k_, v_, r[0], r[1], r[6], r[7], b4, r[2], r[3], r[4], r[5], 0.0,
+                False, scale=scale)
+            return r[0], dq, dk, dv
 
-    def cudnn_gqa():  # the masked call on the unrepeated K/V: cuDNN's own GQA
-        b4 = bias.expand(B, HQ, S, S)
-        r = a._scaled_dot_product_cudnn_attention(q, k, v, b4, True, 0.0, False, False,
-                                                  scale=scale)
-        out, lse = r[0], r[1]
-        dq, dk, dv = a._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse, r[6], r[7], b4, r[2], r[3], r[4], r[5], 0.0, False,
-            scale=scale)
-        return out, dq, dk, dv
+        return run
 
     from lorafuse.kernels import attention as ka
 
@@ -116,8 +108,8 @@ def main():
             ("masked", "public SDPA", lambda: public(False), None),
             ("masked", "op's recompute", lambda: recompute(False), None),
             ("masked", "aten efficient + lse", efficient, False),
-            ("masked", "aten cudnn + lse", cudnn, False),
-            ("masked", "aten cudnn on unrepeated K/V (GQA) + lse", cudnn_gqa, False),
+            ("masked", "aten cudnn + lse", cudnn(kr, vr), False),
+            ("masked", "aten cudnn on unrepeated K/V (GQA) + lse", cudnn(k, v), False),
             ("masked", "lorafuse flash with key bounds", flash_bounds, False)]
     refs = {True: public(True), False: public(False)}
     print("| branch | call | fwd+bwd ms | max abs err out, dq, dk, dv vs public |")
