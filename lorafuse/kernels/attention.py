@@ -321,16 +321,18 @@ def _path(code: int) -> Tensor:
 
 
 def sdpa_forward(q, k, v, mask, causal: bool, n_rep: int, scale):
-    """The op's SDPA branches, ``(out, lse, path)``: the causal call on the unrepeated K/V,
-    or the masked call; each through aten's fused kernel with its lse where public SDPA
-    would pick cuDNN or flash (unrepeated K/V where the kernel takes them), else public SDPA
-    itself (lse zeros, recomputed in the backward)."""
+    """The op's SDPA branches, ``(out, lse, path)``: the causal call on the unrepeated K/V
+    (``enable_gqa``, as the attention pass makes it; repeated if the kernel takes no GQA),
+    or the masked call on K/V repeated as the traced call has them (the same sums in the
+    backward: session 13's CPU suite saw a fp32 training trajectory drift 2.5e-3 with the
+    CPU kernel's own GQA); each through aten's fused kernel with its lse where public SDPA
+    would pick cuDNN or flash, else public SDPA itself (lse zeros, recomputed in the
+    backward)."""
     from .._torch import fused_sdpa_forward, fused_sdpa_kernel
-
     from ._dispatch import warn_once
 
     m = None if causal else mask
-    tries = [(False, k, v)]
+    tries = [(False, k, v)] if causal or n_rep == 1 else []
     if n_rep > 1:
         tries.append((True, repeat_kv(k, n_rep), repeat_kv(v, n_rep)))
     for repeated, k_, v_ in tries:
