@@ -259,15 +259,23 @@ def test_causal_or_masked_attention_8b_shape_bf16(padded, flash, monkeypatch):
                                                                    _rel(eager, want))
 
 
-@pytest.mark.parametrize("branch", ["causal", "left-padded"])
-def test_sdpa_branches_keep_the_kernels_lse_at_the_8b_shape(branch, monkeypatch):
+@pytest.mark.parametrize("branch,backend", [("causal", None), ("left-padded", None),
+                                            ("causal", "FLASH_ATTENTION"),
+                                            ("left-padded", "EFFICIENT_ATTENTION")])
+def test_sdpa_branches_keep_the_kernels_lse_at_the_8b_shape(branch, backend, monkeypatch):
     """The masked_attention op's causal and masked branches at the 8B attention shape, in
     the layout transformers hands them (q, k, v transposed views of (B, L, H, D)): they run
     the kernel public SDPA picks through its aten op, keep its lse, and the backward does
     not run the forward again; out equals public SDPA's (the same kernel and mask), the
     gradients within bf16 rounding of public SDPA's. Left padding leaves its padded queries
-    no key at all (transformers 5.x): those rows too must match, and be finite."""
+    no key at all (transformers 5.x): those rows too must match, and be finite. ``backend``
+    restricts SDPA (``sdpa_kernel``, references included) as a user may: flash (the H200
+    picks cuDNN, other GPUs flash) keeps its lse too; efficient is not called directly
+    (public SDPA, recomputed in the backward)."""
+    import contextlib
+
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lorafuse import _torch
     from lorafuse.kernels import attention as ka
@@ -290,18 +298,26 @@ def test_sdpa_branches_keep_the_kernels_lse_at_the_8b_shape(branch, monkeypatch)
     real = _torch.fused_sdpa_forward
     monkeypatch.setattr(_torch, "fused_sdpa_forward",
                         lambda *a, **kw: forwards.append(a[0]) or real(*a, **kw))
-    ins = [t.detach().requires_grad_() for t in (q, k, v)]
-    out, lse, path = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
-        *ins, mask, flag, ok, lo, hi, hq // hkv, None, True)
-    grads = torch.autograd.grad(out, ins, dout)
-    print(f"{branch}: path {int(path)} (kernels {forwards}), lse mean {lse.mean().item():.3f}")
-    assert int(path) >= ka.FUSED and len(forwards) == 1, (int(path), forwards)
-    assert torch.isfinite(lse).all() and lse.abs().sum() > 0
-    refs = [t.detach().requires_grad_() for t in (q, k, v)]
-    want = (F.scaled_dot_product_attention(*refs, is_causal=True, enable_gqa=True)
-            if branch == "causal" else F.scaled_dot_product_attention(
-                refs[0], ka.repeat_kv(refs[1], 4), ka.repeat_kv(refs[2], 4), attn_mask=mask))
-    want_grads = torch.autograd.grad(want, refs, dout)
+    restrict = sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext()
+    with restrict:
+        ins = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse, path = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+            *ins, mask, flag, ok, lo, hi, hq // hkv, None, True)
+        grads = torch.autograd.grad(out, ins, dout)
+        refs = [t.detach().requires_grad_() for t in (q, k, v)]
+        want = (F.scaled_dot_product_attention(*refs, is_causal=True, enable_gqa=True)
+                if branch == "causal" else F.scaled_dot_product_attention(
+                    refs[0], ka.repeat_kv(refs[1], 4), ka.repeat_kv(refs[2], 4),
+                    attn_mask=mask))
+        want_grads = torch.autograd.grad(want, refs, dout)
+    print(f"{branch} ({backend or 'default'}): path {int(path)} (kernels {forwards}), lse "
+          f"mean {lse.mean().item():.3f}")
+    if backend == "EFFICIENT_ATTENTION":
+        assert int(path) == ka.RECOMPUTED and not forwards and not lse.any()
+    else:
+        assert int(path) >= ka.FUSED and len(forwards) == 1, (int(path), forwards)
+        assert backend is None or forwards == ["flash"], forwards
+        assert torch.isfinite(lse).all() and lse.abs().sum() > 0
     assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
     torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
     for name, got, w in zip(("dq", "dk", "dv"), grads, want_grads):
