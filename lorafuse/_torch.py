@@ -103,6 +103,8 @@ def fused_sdpa_backward(kernel: str, dout, q, k, v, out, lse, mask, causal: bool
     """(dq, dk, dv) of ``fused_sdpa_forward``'s call, from its saved out and lse. Without
     dropout the kernels read no RNG state: an empty seed and offset stand in."""
     a = torch.ops.aten
+    # made again rather than saved: one elementwise kernel, where saving would keep a
+    # (B, 1, L, L) additive mask alive per layer until the backward
     bias = _additive(mask, q.dtype, kernel)
     if kernel == "cudnn":
         rng = torch.empty((), dtype=torch.long, device=q.device)
