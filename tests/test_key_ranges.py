@@ -632,7 +632,7 @@ def _ranges_case(op):
 
 @pytest.mark.parametrize("op", ["sdpa", "eager"])
 def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
-    """On the flash branch both branching ops return (out, lse, took_flash) and their
+    """On the flash branch both branching ops return (out, lse, path) and their
     backward runs the flash backward from those: the flash forward runs once per step, not
     again in the backward; the gradients still match the masked reference (fp64)."""
     from lorafuse.kernels import attention as ka
@@ -642,8 +642,8 @@ def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
     monkeypatch.setattr(ka, "flash_with_bounds", lambda *a, **k: calls.append(1) or real(*a, **k))
     call, (q, k, v), dout, reference, _ = _ranges_case(op)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse, took = call(qs, ks, vs)
-    assert bool(took) and took.device.type == "cpu"
+    out, lse, path = call(qs, ks, vs)
+    assert int(path) == ka.FLASH_BOUNDS and path.device.type == "cpu"
     assert calls == [1] and lse.shape == q.shape[:3] and torch.isfinite(lse).all()
     grads = torch.autograd.grad(out, (qs, ks, vs), dout)
     assert calls == [1], "the backward ran the flash forward again"
@@ -657,7 +657,7 @@ def test_flash_branch_backward_uses_the_saved_forward(op, monkeypatch):
 @pytest.mark.parametrize("op", ["sdpa", "eager"])
 def test_ranges_batch_takes_the_other_path_when_flash_is_slower(op, monkeypatch):
     """Where the flash kernel loses for the shape (on CUDA, timed; here forced), a ranges
-    batch takes the op's other path, forward and backward: no flash call, took_flash False,
+    batch takes the op's other path, forward and backward: no flash call, path RECOMPUTED,
     the masked reference's output and gradients (fp64)."""
     from lorafuse.kernels import attention as ka
 
@@ -667,14 +667,14 @@ def test_ranges_batch_takes_the_other_path_when_flash_is_slower(op, monkeypatch)
     monkeypatch.setattr(ka, "_ranges_take_flash", lambda *a, **kw: False)
     call, (q, k, v), dout, _, _ = _ranges_case(op)
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse, took = call(qs, ks, vs)
-    assert not bool(took) and not lse.any()
+    out, lse, path = call(qs, ks, vs)
+    assert int(path) == ka.RECOMPUTED and not lse.any()  # fp64: both ops recompute
     grads = torch.autograd.grad(out, (qs, ks, vs), dout)
     assert calls == []
     monkeypatch.undo()
     qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-    out_f, _, took_f = call(qf, kf, vf)  # the flash branch: the same numbers
-    assert bool(took_f)
+    out_f, _, path_f = call(qf, kf, vf)  # the flash branch: the same numbers
+    assert int(path_f) == ka.FLASH_BOUNDS
     # (the eager chain's softmax runs in fp32, as transformers' does: fp32-tight there)
     tol = {} if op == "sdpa" else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, out_f, **tol)

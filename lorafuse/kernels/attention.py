@@ -39,8 +39,7 @@ batch than on an unpadded one.
 
 Both ops return ``(out, lse, path)``: the log-sum-exp their backward uses instead of
 recomputing the forward, and how the forward ran, a CPU tensor the backward reads without a
-sync (``took_flash``, a bool, for the eager op; ``RECOMPUTED`` / ``FLASH_BOUNDS`` /
-``FUSED + i``, an int8, for the SDPA op). The flash branch's backward runs the flash
+sync (an int8: ``RECOMPUTED``, ``FLASH_BOUNDS`` or, for the SDPA op, ``FUSED + i``). The flash branch's backward runs the flash
 backward from the saved output and lse, as SDPA's own backward does (the output is kept
 anyway: it is the o_proj input the LoRA op saves). The SDPA op's causal and masked branches
 call the kernel public SDPA would pick through its aten op (``_torch.fused_sdpa_forward``:
@@ -290,10 +289,6 @@ def faster_is_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other,
                         f"{what} (ranges batch)", timer=timer or time_ms) == "flash"
 
 
-def _took(flash: bool) -> Tensor:
-    return torch.tensor(flash)  # on the CPU: the backward reads it without a sync
-
-
 def _no_lse(q: Tensor) -> Tensor:
     """The lse output of a branch that does not make one (its backward recomputes): zeros,
     so that every call returns the same values (opcheck compares them)."""
@@ -308,10 +303,11 @@ def _vjp(fn, dout, q, k, v):
     return vjp(dout)
 
 
-# How ``sdpa_causal_ranges_or_masked`` ran its forward: a CPU int8 its backward follows.
-# RECOMPUTED: public SDPA, differentiated by running it again in the backward; FLASH_BOUNDS:
-# lorafuse's flash kernel with key bounds; FUSED + i: aten's kernel FUSED_KERNELS[i // 2]
-# (the one public SDPA picks) with its lse kept, on K/V repeated to the query heads if i odd.
+# How a branching op ran its forward: a CPU int8 its backward follows. RECOMPUTED: public
+# SDPA (or the eager chain), differentiated by running it again in the backward;
+# FLASH_BOUNDS: lorafuse's flash kernel with key bounds; FUSED + i (the SDPA op only):
+# aten's kernel FUSED_KERNELS[i // 2] (the one public SDPA picks) with its lse kept, on K/V
+# repeated to the query heads if i odd.
 RECOMPUTED, FLASH_BOUNDS, FUSED = 0, 1, 2
 FUSED_KERNELS = ("cudnn", "flash")
 
@@ -479,7 +475,7 @@ def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     """An eager attention chain with an additive ``mask`` from the inputs: the flash op with
     the softcap and the mask's key ranges where ``ranges_ok`` (a CPU bool) and it is the
     faster for the shape, else the chain's own math (``eager_chain``). Returns (out in the
-    flash op's layout, lse, took_flash), as ``sdpa_causal_ranges_or_masked`` does (lse
+    flash op's layout, lse, path), as ``sdpa_causal_ranges_or_masked`` does (lse
     zeros on the chain's branch)."""
     def chain(q_, k_, v_):
         return eager_chain(q_, k_, v_, mask, n_rep, scale, softcap)
@@ -490,24 +486,25 @@ def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
 
     if bool(ranges_ok) and _ranges_take_flash("eager attention", q, k, v, key_lo, key_hi,
                                               scale, softcap, chain_fwd_bwd):
-        return (*flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap), _took(True))
-    return _in_flash_layout(chain(q, k, v), q, v), _no_lse(q), _took(False)
+        return (*flash_with_bounds(q, k, v, key_lo, key_hi, scale, softcap),
+                _path(FLASH_BOUNDS))
+    return _in_flash_layout(chain(q, k, v), q, v), _no_lse(q), _path(RECOMPUTED)
 
 
 @eager_ranges_or_chain_op.register_fake
 def _(q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
-    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.bool, device="cpu")
+    return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.int8, device="cpu")
 
 
 @torch.library.custom_op("lorafuse::eager_ranges_or_chain_backward", mutates_args=())
 def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                       out: Tensor, lse: Tensor, mask: Tensor,
-                                      took_flash: Tensor, key_lo: Tensor, key_hi: Tensor,
+                                      path: Tensor, key_lo: Tensor, key_hi: Tensor,
                                       n_rep: int, scale: float, softcap: Optional[float]
                                       ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the branch the forward took: the flash branch's from its saved out
     and lse, the chain's by recomputing it."""
-    if bool(took_flash):
+    if int(path) == FLASH_BOUNDS:
         dq, dk, dv = flash_with_bounds_backward(dout, q, k, v, out, lse, key_lo, key_hi,
                                                 scale, softcap)
     else:
@@ -517,21 +514,21 @@ def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Ten
 
 
 @eager_ranges_or_chain_backward_op.register_fake
-def _(dout, q, k, v, out, lse, mask, took_flash, key_lo, key_hi, n_rep, scale, softcap):
+def _(dout, q, k, v, out, lse, mask, path, key_lo, key_hi, n_rep, scale, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _eager_setup_context(ctx, inputs, output):
     q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap = inputs
-    out, lse, took_flash = output
+    out, lse, path = output
     ctx.args = (n_rep, scale, softcap)
-    ctx.save_for_backward(q, k, v, out, lse, mask, took_flash, key_lo, key_hi)
-    ctx.mark_non_differentiable(lse, took_flash)
+    ctx.save_for_backward(q, k, v, out, lse, mask, path, key_lo, key_hi)
+    ctx.mark_non_differentiable(lse, path)
 
 
-def _eager_backward(ctx, dout, _dlse, _dtook):
-    q, k, v, out, lse, mask, took_flash, key_lo, key_hi = ctx.saved_tensors
-    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, out, lse, mask, took_flash,
+def _eager_backward(ctx, dout, _dlse, _dpath):
+    q, k, v, out, lse, mask, path, key_lo, key_hi = ctx.saved_tensors
+    dq, dk, dv = eager_ranges_or_chain_backward_op(dout, q, k, v, out, lse, mask, path,
                                                    key_lo, key_hi, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None
 
