@@ -472,6 +472,31 @@ def test_a_failing_aten_kernel_falls_back_to_public_sdpa(fails, monkeypatch):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+       t_order=st.permutations(range(4)), ref_order=st.permutations(range(4)))
+def test_laid_out_like_takes_the_reference_memory_order(sizes, t_order, ref_order):
+    """``_torch.laid_out_like`` (the cuDNN backward's out and dout, made to follow q's
+    layout): the same values, dense, in the reference's stride order (aten's rule, ties in
+    dimension order), and ``t`` itself, not a copy, where it already is laid out so."""
+    from lorafuse._torch import laid_out_like
+
+    def laid(order):  # a (sizes) tensor whose memory runs through dims in ``order``
+        base = torch.randn([sizes[d] for d in order], dtype=torch.float64)
+        return base.permute([order.index(d) for d in range(4)])
+
+    t, ref = laid(t_order), laid(ref_order)
+    got = laid_out_like(t, ref)
+    assert torch.equal(got, t)
+    order = sorted(range(4), key=ref.stride)
+    step = 1
+    for d in order:
+        assert got.stride(d) == step
+        step *= sizes[d]
+    again = laid_out_like(got, ref)
+    assert again.data_ptr() == got.data_ptr()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transformers"])
 def test_causal_or_masked_opcheck(layout):
     """The op's fake and real outputs and gradients agree, layouts included: with q, k, v

@@ -324,6 +324,62 @@ def test_sdpa_branches_keep_the_kernels_lse_at_the_8b_shape(branch, backend, mon
         assert _rel(got, w) < 1e-2, (name, _rel(got, w))
 
 
+def test_cudnn_backward_right_whatever_layouts_came_before():
+    """torch caches cuDNN's attention backward graph per q, k, v and bias but bakes out's and
+    dout's strides into it (bench/probe_cudnn_layouts.py): session 14's GPU run of the
+    masked branch on q laid out (B, H, L, D) got a dq 3.7 × the reference's norm away after
+    another call had built the graph. In one process, for q and dout in both layouts, public
+    SDPA first (its dout in its out's layout, as autograd hands it) and then the op's masked
+    branch: both must match an fp32 computation as closely as public SDPA in a fresh graph
+    does."""
+    import torch.nn.functional as F
+
+    from lorafuse.kernels import attention as ka
+
+    b, hq, hkv, length, d = 2, 32, 8, 1024, 128
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q0, dout0 = (torch.randn(b, hq, length, d, device="cuda", generator=g) for _ in range(2))
+    k0, v0 = (torch.randn(b, hkv, length, d, device="cuda", generator=g) for _ in range(2))
+    keep = torch.ones(b, length, dtype=torch.bool, device="cuda")
+    keep[1, :150] = False
+    mask = ((torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None]
+             & keep[:, None]) | torch.eye(length, dtype=torch.bool, device="cuda"))[:, None]
+    flag = torch.ops.lorafuse.mask_is_causal(mask)
+    lo, hi, ok = torch.ops.lorafuse.mask_key_ranges(mask)
+
+    def traced(q_, k_, v_):
+        return F.scaled_dot_product_attention(q_, ka.repeat_kv(k_, 4), ka.repeat_kv(v_, 4),
+                                              attn_mask=mask)
+
+    def ours(q_, k_, v_):
+        return torch.ops.lorafuse.sdpa_causal_ranges_or_masked(
+            q_, k_, v_, mask, flag, ok, lo, hi, 4, None, False)[0]
+
+    def grads(fn, ins, dout_layout=None):
+        ins = [t.detach().requires_grad_() for t in ins]
+        out = fn(*ins)
+        dout = dout0.to(out.dtype)
+        dout = laid(dout, dout_layout) if dout_layout else torch.empty_like(out).copy_(dout)
+        return [out.float(), *torch.autograd.grad(out, ins, dout)]
+
+    def laid(t, layout):
+        return t.contiguous() if layout == "bhld" else \
+            t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    want = grads(traced, (q0, k0, v0))
+    for q_layout in ("bhld", "blhd"):
+        ins = [laid(t.to(torch.bfloat16), q_layout) for t in (q0, k0, v0)]
+        for dout_layout in ("bhld", "blhd"):
+            public = grads(traced, ins)
+            got = grads(ours, ins, dout_layout)
+            errs = [(_rel(x, w), _rel(p, w)) for x, p, w in zip(got, public, want)]
+            print(f"q {q_layout}, dout {dout_layout}: " + ", ".join(
+                f"{n} {e:.2e} (public {p:.2e})" for n, (e, p) in zip(("out", "dq", "dk", "dv"),
+                                                                     errs)))
+            for name, (e, p) in zip(("out", "dq", "dk", "dv"), errs):
+                assert e <= 1.25 * p + 1e-3 and p < 2e-2, (q_layout, dout_layout, name, e, p)
+
+
 def test_ranges_path_timed_at_the_8b_shape(monkeypatch):
     """At the 8B attention shape, right-padded (session 12's --pad-right 256 batch), the
     masked_attention op times its flash and masked paths once and takes the faster: prints
