@@ -22,7 +22,8 @@ The ops (``passes/masked_attention.py`` and ``passes/eager_attention.py`` insert
   ``enable_gqa`` on the unrepeated K/V where ``use_causal`` holds; else, where ``flash``
   and ``ranges_ok`` and it is the faster for the shape, ``lorafuse::flash_attention`` with
   key bounds lo..hi (unrepeated K/V, K/V blocks outside a query block's ranges skipped);
-  else exactly the traced masked call on repeated K/V. Inserted by ``masked_attention``.
+  else the traced masked call's mask (on the unrepeated K/V on CUDA, on repeated K/V on the
+  CPU, as traced). Inserted by ``masked_attention``.
 - ``lorafuse::eager_ranges_or_chain(q, k, v, mask, ranges_ok, lo, hi, n_rep, scale,
   softcap)``: an eager chain (Gemma2: softcap) whose mask comes from the inputs: the flash
   op with softcap and key bounds where ``ranges_ok`` and it is the faster for the shape,
@@ -319,16 +320,17 @@ def _path(code: int) -> Tensor:
 def sdpa_forward(q, k, v, mask, causal: bool, n_rep: int, scale):
     """The op's SDPA branches, ``(out, lse, path)``: the causal call on the unrepeated K/V
     (``enable_gqa``, as the attention pass makes it; repeated if the kernel takes no GQA),
-    or the masked call on K/V repeated as the traced call has them (the same sums in the
-    backward: session 13's CPU suite saw a fp32 training trajectory drift 2.5e-3 with the
-    CPU kernel's own GQA); each through aten's fused kernel with its lse where public SDPA
-    would pick cuDNN or flash, else public SDPA itself (lse zeros, recomputed in the
-    backward)."""
+    or the masked call, on the unrepeated K/V too on CUDA (cuDNN's GQA: no repeat copies,
+    four a layer forward and backward), on the CPU on K/V repeated as the traced call has
+    them (the same sums in the backward: session 13's CPU suite saw a fp32 training
+    trajectory drift 2.5e-3 with the CPU kernel's own GQA); each through aten's fused
+    kernel with its lse where public SDPA would pick cuDNN or flash, else public SDPA itself
+    (lse zeros, recomputed in the backward)."""
     from .._torch import fused_sdpa_forward, fused_sdpa_kernel
     from ._dispatch import warn_once
 
     m = None if causal else mask
-    tries = [(False, k, v)] if causal or n_rep == 1 else []
+    tries = [(False, k, v)] if causal or n_rep == 1 or q.is_cuda else []
     if n_rep > 1:
         tries.append((True, repeat_kv(k, n_rep), repeat_kv(v, n_rep)))
     for repeated, k_, v_ in tries:
