@@ -68,8 +68,11 @@ def fused_sdpa_kernel(q, k, v, mask, causal: bool, scale, enable_gqa: bool):
     if q.is_cuda and (q.shape[-1] % 8 or v.shape[-1] % 8):
         return None  # public SDPA pads such head dims for CUDA's flash before calling it
     grad = [t.detach().requires_grad_() for t in (q, k, v)]
-    choice = torch._fused_sdp_choice(*grad, mask, 0.0, causal, scale=scale,
-                                     enable_gqa=enable_gqa)
+    try:
+        choice = torch._fused_sdp_choice(*grad, mask, 0.0, causal, scale=scale,
+                                         enable_gqa=enable_gqa)
+    except RuntimeError:  # no kernel allowed takes these inputs (e.g. only efficient
+        return None       # enabled, which refuses enable_gqa): the caller tries others
     return {_CUDNN: "cudnn", _FLASH: "flash"}.get(choice)
 
 

@@ -472,6 +472,23 @@ def test_a_failing_aten_kernel_falls_back_to_public_sdpa(fails, monkeypatch):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_kernel_choice_is_none_where_no_kernel_is_allowed():
+    """Under a user's ``sdpa_kernel`` restriction that no kernel meets (efficient attention
+    alone refuses ``enable_gqa``: session 14's GPU run), asking which kernel public SDPA
+    would pick raises in torch; ``fused_sdpa_kernel`` answers None instead, so the op tries
+    the repeated K/V and then public SDPA rather than failing the step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lorafuse._torch import fused_sdpa_kernel
+
+    q, k = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8)
+    assert fused_sdpa_kernel(q, k, k, None, True, None, True) == "flash"
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        with pytest.raises(RuntimeError):  # what torch does, unwrapped
+            torch._fused_sdp_choice(q, k, k, None, 0.0, True, scale=None, enable_gqa=True)
+        assert fused_sdpa_kernel(q, k, k, None, True, None, True) is None
+
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(1, 4), min_size=4, max_size=4),
        t_order=st.permutations(range(4)), ref_order=st.permutations(range(4)))
