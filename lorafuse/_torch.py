@@ -82,7 +82,8 @@ def _additive(mask, dtype, kernel: str):
     if mask is None or mask.dtype != torch.bool:
         return mask
     masked = -65504.0 if kernel == "cudnn" else float("-inf")
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, masked)
+    # two kernels (fill, then zero where visible), not three: once a layer, forward and backward
+    return torch.full(mask.shape, masked, dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
 
 
 def fused_sdpa_forward(kernel: str, q, k, v, mask, causal: bool, scale):

@@ -330,10 +330,11 @@ def sdpa_forward(q, k, v, mask, causal: bool, n_rep: int, scale):
     from ._dispatch import warn_once
 
     m = None if causal else mask
-    tries = [(False, k, v)] if causal or n_rep == 1 or q.is_cuda else []
+    tries = [False] if causal or n_rep == 1 or q.is_cuda else []
     if n_rep > 1:
-        tries.append((True, repeat_kv(k, n_rep), repeat_kv(v, n_rep)))
-    for repeated, k_, v_ in tries:
+        tries.append(True)
+    for repeated in tries:  # K/V repeated only when tried: two copies a layer otherwise
+        k_, v_ = (repeat_kv(k, n_rep), repeat_kv(v, n_rep)) if repeated else (k, v)
         kernel = fused_sdpa_kernel(q, k_, v_, m, causal, scale, n_rep > 1 and not repeated)
         if kernel in FUSED_KERNELS:
             try:
