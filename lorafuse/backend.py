@@ -134,12 +134,16 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     """The backend behind ``torch.compile(model, backend="lorafuse", options={...})``.
     ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
     opts = Options.parse(options)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(opts.inductor)
+    if "passes" not in (options or {}) and patches.get("triton.cudagraphs"):
+        # masked_attention's mask checks return CPU bools, and Inductor runs a graph that
+        # holds CPU tensors without CUDA graphs: by default, CUDA graphs win
+        opts.passes = tuple(p for p in opts.passes if p != "masked_attention")
     report = GraphReport(next(_graph_ids))
     pristine = copy_graph(gm.graph)
     _run_passes(gm, opts, report, pristine)
 
-    patches = dict(list_mode_options(mode)) if mode else {}
-    patches.update(opts.inductor)
     patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
     try:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)

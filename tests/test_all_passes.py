@@ -109,7 +109,7 @@ def expected(arch: str, masked: bool) -> dict:
             "norm": s["norm"], "rope": s["rope"], "gated_mlp": s["gated_mlp"], "loss": s["loss"]}
 
 
-DEPENDS_ON_INPUTS = ("mask depends on inputs (padding or packed sequences; the opt-in "
+DEPENDS_ON_INPUTS = ("mask depends on inputs (padding or packed sequences; the "
                      "masked_attention pass checks it at run time)")
 NOT_CAUSAL = "mask is not causal"
 CONSTANT_NOT_CAUSAL = "mask is constant and not causal (a run-time check would always fail)"

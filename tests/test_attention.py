@@ -602,8 +602,8 @@ def test_symbolic_sizes_left_alone_without_failing(fresh_dynamo):
     assert att and all(p.error is None and not p.matched for p in att)
     assert {r for p in att for _, r in p.skipped} <= {
         "mask has symbolic sizes",
-        "mask depends on inputs (padding or packed sequences; the opt-in masked_attention "
-        "pass checks it at run time)"}
+        "mask depends on inputs (padding or packed sequences; the masked_attention pass "
+        "checks it at run time)"}
 
 
 def test_masked_attention_leaves_constant_non_causal_masks_alone(fresh_dynamo):

@@ -524,8 +524,8 @@ def test_after_the_attention_pass():
                           steps=1)
     reset_dynamo()
     assert {r.name: (len(r.matched), len(r.skipped)) for r in reports} == {
-        "lora": (7 * LAYERS, 0), "attention": (LAYERS, 0), "rope": (LAYERS, 0),
-        "gated_mlp": (LAYERS, 0)}
+        "lora": (7 * LAYERS, 0), "attention": (LAYERS, 0), "masked_attention": (0, 0),
+        "rope": (LAYERS, 0), "gated_mlp": (LAYERS, 0)}
     assert_runs_match(record)
 
 

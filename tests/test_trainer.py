@@ -11,7 +11,7 @@ What the runs cover:
   steps, a checkpoint at step 2, and a second compiled model resumed from that checkpoint
   whose step 3 (loss, and weights after it) must be the uninterrupted run's.
 - ``SFTTrainer``: ``packing=True`` (padding-free: one row of documents whose position_ids
-  restart at 0, no ``attention_mask``) with the opt-in ``masked_attention`` pass, gradient
+  restart at 0, no ``attention_mask``) with the ``masked_attention`` pass (a default), gradient
   accumulation; and the packed row's per-token log-probabilities against each document run
   alone, so documents provably do not attend to each other.
 CPU compiles cost seconds each, so each run is made once (``run_once``) and the tests
@@ -217,7 +217,7 @@ def _sft_runs(tmp) -> dict:
     _, want = _sft_train(tiny_model(), tmp / "eager")
     counters.clear()
     model = tiny_model()
-    model.compile(backend="lorafuse", options={"passes": ("lora", "attention", "masked_attention")})
+    model.compile(backend="lorafuse")  # the default passes, masked_attention among them
     trainer, got = _sft_train(model, tmp / "compiled")
     return dict(eager=want, compiled=got, lorafuse=dict(counters["lorafuse"]), model=model,
                 packed=next(iter(trainer.get_train_dataloader())))

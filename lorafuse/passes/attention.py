@@ -101,8 +101,8 @@ def _static_tensor(node) -> bool:
 BY_ROWS_NUMEL = 2**24
 TOO_LARGE = "mask subgraph too large to evaluate whole"
 SYMBOLIC = "mask has symbolic sizes"
-INPUTS = ("mask depends on inputs (padding or packed sequences; the opt-in masked_attention "
-          "pass checks it at run time)")
+INPUTS = ("mask depends on inputs (padding or packed sequences; the masked_attention pass "
+          "checks it at run time)")
 # Ops that act element by element (with broadcasting): rows r0:r1 of their output are the
 # op on rows r0:r1 of their inputs. Only these may produce a node built by rows.
 _ELEMENTWISE = {operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,

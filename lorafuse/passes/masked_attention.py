@@ -26,10 +26,13 @@ would draw another dropout mask), masks not shaped (…, Lq, Lkv), K/V
 repeated in a form the pass does not recognise, and masks the compile can evaluate that
 are not causal (a sliding window shorter than the sequence).
 
-Not a default pass: on the 8B shape (H200, bench/RESULTS.md session 13) it is 1.10 × the
-default passes on unpadded batches, but 0.96–0.98 × on right-padded ones, where its masked
-branch runs the same cuDNN kernel as the default passes' masked SDPA call and adds two host
-reads per step and the custom op's per-call overhead.
+A default pass since session 14: on the 8B shape (H200, bench/RESULTS.md) it is 1.13 × the
+passes without it on unpadded batches with an attention_mask (the causal kernel instead of
+the masked one) and 1.00 × on right-padded ones (the same cuDNN kernel as the traced
+masked call; session 13's 2-4 % loss there was mostly two repeat copies a layer, since
+removed). Other GPUs are not
+measured: where public SDPA would run neither cuDNN nor flash for the masked call (the
+efficient kernel, e.g.), the masked branch recomputes its forward in the backward.
 """
 
 from __future__ import annotations
