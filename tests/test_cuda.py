@@ -328,10 +328,11 @@ def test_cudnn_backward_right_whatever_layouts_came_before():
     """torch caches cuDNN's attention backward graph per q, k, v and bias but bakes out's and
     dout's strides into it (bench/probe_cudnn_layouts.py): session 14's GPU run of the
     masked branch on q laid out (B, H, L, D) got a dq 3.7 × the reference's norm away after
-    another call had built the graph. In one process, for q and dout in both layouts, public
-    SDPA first (its dout in its out's layout, as autograd hands it) and then the op's masked
-    branch: both must match an fp32 computation as closely as public SDPA in a fresh graph
-    does."""
+    another call had built the graph. In one process, for q in both layouts, the op's masked
+    branch with dout in one layout and then the other (the same q, k, v and bias: one cached
+    graph, whose strides the second call must not replay wrongly), each beside public SDPA
+    (dout in its out's layout): the op's output and gradients as close to an fp32
+    computation as public SDPA's."""
     import torch.nn.functional as F
 
     from lorafuse.kernels import attention as ka
