@@ -152,20 +152,25 @@ def test_default_backend_rewrites_every_site(fresh_dynamo, spy_compile_fx):
     assert spy_compile_fx.seen == [Tiny.SITES]  # one graph, both sites as lorafuse ops
 
 
-@pytest.mark.parametrize("inductor,passes,ran", [
-    ({}, None, lorafuse.passes.DEFAULT_PASSES),
-    ({"triton.cudagraphs": True}, None,
-     tuple(p for p in lorafuse.passes.DEFAULT_PASSES if p != "masked_attention")),
-    ({"triton.cudagraphs": True}, ("lora", "masked_attention"), ("lora", "masked_attention")),
+_WITHOUT_MASKED = tuple(p for p in lorafuse.passes.DEFAULT_PASSES if p != "masked_attention")
+
+
+@pytest.mark.parametrize("mode,inductor,passes,ran", [
+    (None, {}, None, lorafuse.passes.DEFAULT_PASSES),
+    (None, {"triton.cudagraphs": True}, None, _WITHOUT_MASKED),
+    ("reduce-overhead", {}, None, _WITHOUT_MASKED),
+    (None, {"triton.cudagraphs": True}, ("lora", "masked_attention"),
+     ("lora", "masked_attention")),
 ])
-def test_cuda_graphs_drop_masked_attention_from_the_defaults(fresh_dynamo, inductor, passes,
-                                                             ran):
+def test_cuda_graphs_drop_masked_attention_from_the_defaults(fresh_dynamo, mode, inductor,
+                                                             passes, ran):
     """masked_attention is a default pass, but its mask checks return CPU bools and Inductor
     runs a graph holding CPU tensors without CUDA graphs: where the user asks for CUDA
-    graphs and names no passes, the defaults run without it; passes the user names run."""
+    graphs (an Inductor option, or torch.compile's mode) and names no passes, the defaults
+    run without it; passes the user names run."""
     report = Report()
     options = {"inductor": inductor, **({"passes": passes} if passes else {})}
-    compiled = torch.compile(Tiny(), backend=functools.partial(
+    compiled = torch.compile(Tiny(), mode=mode, backend=functools.partial(
         backend_module.lorafuse_backend, options=options, _collect=report))
     compiled(torch.randn(3, 12))
     assert tuple(p.name for p in report.graphs[0].passes) == ran
