@@ -513,7 +513,8 @@ def compile_seconds() -> dict:
 
 def kernel_choices() -> dict:
     """The paths lorafuse's timed-once dispatch chose per shape key (LoRA forward / backward,
-    4-bit dequantisation, a ranges batch's attention): runs of the same code that differ in speed may differ here."""
+    4-bit dequantisation, a ranges batch's attention): runs of the same code that differ in
+    speed may differ here."""
     out = {}
     for mod, attr in (("lorafuse.kernels.lora", "_choice"),
                       ("lorafuse.kernels.nf4", "_dequant_choice"),

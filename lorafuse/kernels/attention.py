@@ -40,14 +40,15 @@ batch than on an unpadded one.
 
 Both ops return ``(out, lse, path)``: the log-sum-exp their backward uses instead of
 recomputing the forward, and how the forward ran, a CPU tensor the backward reads without a
-sync (an int8: ``RECOMPUTED``, ``FLASH_BOUNDS`` or, for the SDPA op, ``FUSED + i``). The flash branch's backward runs the flash
-backward from the saved output and lse, as SDPA's own backward does (the output is kept
-anyway: it is the o_proj input the LoRA op saves). The SDPA op's causal and masked branches
-call the kernel public SDPA would pick through its aten op (``_torch.fused_sdpa_forward``:
-cuDNN on the H200, flash on the CPU) so that they keep its lse too; where public SDPA
-would take another kernel (efficient, math), or in float64, they call public SDPA and their
-backward recomputes its forward (lse zeros), as the eager chain's does. Dropout is not
-supported (a recompute would draw another mask): the passes leave such calls alone.
+sync (an int8: ``RECOMPUTED``, ``FLASH_BOUNDS`` or, for the SDPA op, ``FUSED + i``). The
+flash branch's backward runs the flash backward from the saved output and lse, as SDPA's
+own backward does (the output is kept anyway: it is the o_proj input the LoRA op saves).
+The SDPA op's causal and masked branches call the kernel public SDPA would pick through its
+aten op (``_torch.fused_sdpa_forward``: cuDNN on the H200, flash on the CPU) so that they
+keep its lse too; where public SDPA would take another kernel (efficient, math), or in
+float64, they call public SDPA and their backward recomputes its forward (lse zeros), as
+the eager chain's does. Dropout is not supported (a recompute would draw another mask): the
+passes leave such calls alone.
 """
 
 from __future__ import annotations
