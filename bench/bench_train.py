@@ -115,8 +115,9 @@ def make_batches(args, vocab_size: int) -> list[dict]:
     """N_BATCHES fixed batches of random ids, the same in every process (CPU generator), as
     the model's keyword arguments: ``input_ids`` and ``labels`` (the ids; the model shifts
     them), with ``--attention-mask`` an all-ones ``attention_mask`` (as a Trainer's collator
-    passes), and with ``--pad-right N`` rows 2.. of each batch right-padded by 1..N tokens
-    (mask 0, label -100 there; row 1 unpadded), as a padding collator makes them."""
+    passes), and with ``--pad-right N`` (``--pad-left N``) rows 2.. of each batch padded by
+    1..N tokens at their end (start) (mask 0, label -100 there; row 1 unpadded), as a padding
+    collator makes them."""
     import torch
 
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -124,10 +125,15 @@ def make_batches(args, vocab_size: int) -> list[dict]:
     for i in range(N_BATCHES):
         ids = torch.randint(0, vocab_size, (args.batch, args.seq), generator=g)
         batch = {"input_ids": ids, "labels": ids}
-        if args.attention_mask or args.pad_right:
+        pad = args.pad_right or args.pad_left
+        if args.attention_mask or pad:
             mask = torch.ones_like(ids)
-            for row in range(1, args.batch if args.pad_right else 1):
-                mask[row, args.seq - 1 - (i * 7 + row * 13) % args.pad_right:] = 0
+            for row in range(1, args.batch if pad else 1):
+                n = 1 + (i * 7 + row * 13) % pad
+                if args.pad_right:
+                    mask[row, args.seq - n:] = 0
+                else:
+                    mask[row, :n] = 0
             batch.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         batches.append(batch)
     return batches
@@ -800,8 +806,9 @@ def render(args, meta, results, ref) -> str:
                  f"{args.warmup} warm-up + {args.steps} timed steps; autocast "
                  f"{'off' if args.no_autocast else 'bf16'}; LoRA r=16 alpha=16 on 7 projections; "
                  f"{meta['gflop_per_token']:.3g} GFLOP/token"
-                 + (f"; attention_mask with rows 2.. right-padded by 1..{args.pad_right} tokens "
-                    "(counted in tok/s)" if args.pad_right else
+                 + (f"; attention_mask with rows 2.. {'right' if args.pad_right else 'left'}-"
+                    f"padded by 1..{args.pad_right or args.pad_left} tokens (counted in tok/s)"
+                    if args.pad_right or args.pad_left else
                     "; an all-ones attention_mask" if args.attention_mask else ""))
     lines.append("")
 
@@ -915,6 +922,8 @@ def parse_args(argv=None):
     p.add_argument("--pad-right", type=int, default=0, metavar="N",
                    help="an attention_mask that right-pads rows 2.. of each batch by 1..N tokens "
                         "(labels -100 there), as a padding collator does; needs --batch >= 2")
+    p.add_argument("--pad-left", type=int, default=0, metavar="N",
+                   help="the same padding at the start of the rows (padding_side='left')")
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (CPU smoke)")
     p.add_argument("--lorafuse-options", default="",
                    help="JSON dict passed as torch.compile(options=...) to the lorafuse variant")
@@ -959,9 +968,12 @@ def parse_args(argv=None):
     args.seq = args.seq or shape["seq"]
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (step 1 includes the compile and is not timed)")
-    if args.pad_right and not (args.batch >= 2 and 0 < args.pad_right < args.seq):
-        p.error(f"--pad-right {args.pad_right} needs --batch >= 2 (row 1 stays unpadded) and "
-                f"1 <= N < --seq ({args.seq})")
+    if args.pad_right and args.pad_left:
+        p.error("--pad-right and --pad-left exclude each other")
+    for side, n in (("right", args.pad_right), ("left", args.pad_left)):
+        if n and not (args.batch >= 2 and 0 < n < args.seq):
+            p.error(f"--pad-{side} {n} needs --batch >= 2 (row 1 stays unpadded) and "
+                    f"1 <= N < --seq ({args.seq})")
     if args.ref is None:
         args.ref = args.shape != "8b"
     total = args.warmup + args.steps

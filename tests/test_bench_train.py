@@ -1,5 +1,5 @@
 """bench/bench_train.py without a GPU or a model: the batches it trains on (the same in
-every process, and with --pad-right padded the way a padding collator pads)."""
+every process, and with --pad-right or --pad-left padded the way a padding collator pads)."""
 
 from __future__ import annotations
 
@@ -27,23 +27,27 @@ def test_plain_batches_are_ids_as_labels_and_repeat_across_processes():
     assert all(torch.equal(x["labels"], x["input_ids"]) for x in ones)
 
 
-def test_pad_right_pads_rows_after_the_first_by_1_to_n_tokens():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_pads_rows_after_the_first_by_1_to_n_tokens_on_its_side(side):
     n = 5
-    got = batches("--batch", "3", "--seq", "16", "--pad-right", str(n))
+    got = batches("--batch", "3", "--seq", "16", f"--pad-{side}", str(n))
     lengths = set()
     for x in got:
         mask, labels, ids = x["attention_mask"], x["labels"], x["input_ids"]
         assert bool(mask[0].eq(1).all())  # row 1 unpadded
         for row in range(1, 3):
             pad = int(mask[row].eq(0).sum())
-            assert 1 <= pad <= n and bool(mask[row, -pad:].eq(0).all())  # a right tail
+            where = mask[row, -pad:] if side == "right" else mask[row, :pad]
+            assert 1 <= pad <= n and bool(where.eq(0).all())  # one run at that side
             lengths.add(pad)
         assert torch.equal(labels, ids.masked_fill(mask == 0, -100))
     assert len(lengths) > 1  # the padding varies between rows and batches
 
 
 @pytest.mark.parametrize("argv", [["--batch", "1", "--pad-right", "4"],
-                                  ["--seq", "8", "--pad-right", "8"]])
-def test_pad_right_refuses_what_it_cannot_pad(argv):
+                                  ["--seq", "8", "--pad-right", "8"],
+                                  ["--seq", "8", "--pad-left", "8"],
+                                  ["--pad-right", "2", "--pad-left", "2"]])
+def test_pad_refuses_what_it_cannot_pad(argv):
     with pytest.raises(SystemExit):
         bt.parse_args(["--shape", "tiny", *argv])
