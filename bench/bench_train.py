@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -323,7 +324,8 @@ def child_train(args, variant: str, res: dict) -> dict:
     device = training_device(args)
     res.update(losses=[], snapshot_steps=[])
     snap_file = snapshot_path(args, variant)
-    snap_file.unlink(missing_ok=True)  # never let the ref read an older run's snapshot
+    if args._round == 1:  # never let the ref read an older run's snapshot (later rounds
+        snap_file.unlink(missing_ok=True)  # keep round 1's: they write none)
 
     # -- load, wrap, compile
     t0 = time.time()
@@ -389,7 +391,7 @@ def child_train(args, variant: str, res: dict) -> dict:
     timed_s, seg_start = 0.0, None
     try:
         for step in range(1, total + 1):
-            if step in args.ref_steps and variant in args.ref_variants:
+            if step in args.ref_steps and variant in args.ref_variants and args._round == 1:
                 # off the clock: a copy of the LoRA parameters
                 sync(device)
                 if seg_start is not None:
@@ -864,6 +866,9 @@ def render(args, meta, results, ref) -> str:
     if notes:
         lines += notes + [""]
 
+    if args.rounds > 1:
+        lines += rounds_table(args, results) + [""]
+
     # summary, last
     base_e = ok.get("eager", {}).get("tok_s")
     base_i = ok.get("inductor", {}).get("tok_s")
@@ -892,6 +897,31 @@ def render(args, meta, results, ref) -> str:
             f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('ref_max_abs_delta'), '.5f')} |")
     return "\n".join(lines) + "\n"
+
+
+def rounds_table(args, results) -> list[str]:
+    """``--rounds``: each variant's tok/s in every round, their median, their spread
+    ((max − min) / median), and the median as a multiple of the first variant's."""
+    rounds = range(1, args.rounds + 1)
+    tok = {(r.get("base", r["variant"]), r.get("round", 1)): r.get("tok_s")
+           for r in results if "error" not in r}
+    medians = {}
+    for v in args.variants:
+        got = [tok[(v, k)] for k in rounds if tok.get((v, k))]
+        medians[v] = statistics.median(got) if got else None
+    first = medians.get(args.variants[0])
+    lines = ["### rounds (tok/s; each cell a fresh process, rounds interleaved)", "",
+             "| variant | " + " | ".join(f"round {k}" for k in rounds)
+             + f" | median | spread % | × {args.variants[0]} |",
+             "|---|" + "---|" * (len(rounds) + 3)]
+    for v in args.variants:
+        got = [tok[(v, k)] for k in rounds if tok.get((v, k))]
+        med = medians[v]
+        spread = 100 * (max(got) - min(got)) / med if len(got) > 1 else None
+        lines.append(f"| {v} | " + " | ".join(fmt(tok.get((v, k))) for k in rounds)
+                     + f" | {fmt(med)} | {fmt(spread, '.1f')} | "
+                     f"{fmt(med / first if med and first else None, '.3f')} |")
+    return lines
 
 
 def parse_args(argv=None):
@@ -949,6 +979,13 @@ def parse_args(argv=None):
                         "({variant} is replaced); bench/memory_peak.py reads them")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the variant list N times, interleaved, each variant a fresh "
+                        "process every time; a table gives each variant's tok/s per round, "
+                        "median and spread (session 15: one configuration measured 3.3 %% "
+                        "apart in two processes). The fp32 reference and the loss tables "
+                        "use round 1")
+    p.add_argument("--_round", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -966,6 +1003,8 @@ def parse_args(argv=None):
     shape = SHAPES[args.shape]
     args.batch = args.batch or shape["batch"]
     args.seq = args.seq or shape["seq"]
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (step 1 includes the compile and is not timed)")
     if args.pad_right and args.pad_left:
@@ -1061,17 +1100,21 @@ def main() -> int:
 
     for variant in args.variants:  # no stale LoRA snapshots from an earlier run
         snapshot_path(args, variant).unlink(missing_ok=True)
-    for variant in args.variants:
-        left = remaining()
-        if left is not None and left < 60:
-            results.append({"variant": variant, "error": f"skipped: time budget ({left:.0f} s left)"})
-            continue
-        timeout = min(args.variant_timeout, left - 20) if left is not None else args.variant_timeout
-        log(f"=== {variant} (timeout {timeout:.0f} s)")
-        r = run_child(args, variant, timeout)
-        r.setdefault("variant", variant)
-        results.append(r)
-        finish({})  # partial results survive a kill of this process
+    for rnd in range(1, args.rounds + 1):  # rounds interleaved: A B A B, not A A B B
+        for variant in args.variants:
+            name = variant if rnd == 1 else f"{variant}#{rnd}"
+            left = remaining()
+            if left is not None and left < 60:
+                results.append({"variant": name, "base": variant, "round": rnd,
+                                "error": f"skipped: time budget ({left:.0f} s left)"})
+                continue
+            timeout = min(args.variant_timeout, left - 20) if left is not None \
+                else args.variant_timeout
+            log(f"=== {name} (timeout {timeout:.0f} s)")
+            r = run_child(args, variant, timeout, extra=["--_round", str(rnd)])
+            r.update(variant=name, base=variant, round=rnd)
+            results.append(r)
+            finish({})  # partial results survive a kill of this process
 
     ref = {}
     with_snaps = [r["variant"] for r in results if r.get("snapshot_steps") and "error" not in r]

@@ -51,3 +51,43 @@ def test_pad_pads_rows_after_the_first_by_1_to_n_tokens_on_its_side(side):
 def test_pad_refuses_what_it_cannot_pad(argv):
     with pytest.raises(SystemExit):
         bt.parse_args(["--shape", "tiny", *argv])
+
+
+def test_rounds_interleave_fresh_processes_and_keep_round_one_for_the_reference(
+        monkeypatch, tmp_path, capsys):
+    """--rounds 3: the variant list runs three times, A B A B A B, each a child told its
+    round (later rounds write no snapshot); the reference gets round 1's variants only; the
+    rounds table gives each variant's median and spread."""
+    calls = []
+    tok = {("eager", 1): 100.0, ("lorafuse", 1): 150.0, ("eager", 2): 110.0,
+           ("lorafuse", 2): 140.0, ("eager", 3): 90.0, ("lorafuse", 3): 160.0}
+
+    def fake_child(args, role, timeout, extra=()):
+        calls.append((role, list(extra)))
+        if role == "build":
+            return {"env": {}}
+        if role == "ref":
+            return {"ref": {v: {1: 8.0} for v in extra[1].split(",")}}
+        rnd = int(extra[extra.index("--_round") + 1])
+        return {"tok_s": tok[(role, rnd)], "losses": [8.1, 8.0],
+                "snapshot_steps": [1] if rnd == 1 else []}
+
+    monkeypatch.setattr(bt, "run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--shape", "tiny", "--device", "cpu",
+                                      "--variants", "eager,lorafuse", "--rounds", "3",
+                                      "--warmup", "1", "--steps", "1", "--ref-steps", "1",
+                                      "--cache", str(tmp_path)])
+    assert bt.main() == 0
+    roles = [(r, e) for r, e in calls if r not in ("build", "ref")]
+    assert [r for r, _ in roles] == ["eager", "lorafuse"] * 3
+    assert [e for _, e in roles] == [["--_round", str(k)] for k in (1, 1, 2, 2, 3, 3)]
+    assert calls[-1] == ("ref", ["--variants", "eager,lorafuse"])
+    out = capsys.readouterr().out
+    assert "| eager | 100 | 110 | 90 | 100 | 20.0 | 1.000 |" in out
+    assert "| lorafuse | 150 | 140 | 160 | 150 | 13.3 | 1.500 |" in out
+    assert "| lorafuse#3 | 160 |" in out
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--shape", "tiny", "--rounds", "0"])
