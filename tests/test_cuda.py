@@ -811,10 +811,9 @@ def test_tiled_mlp_on_gpu():
     print(f"losses {want['losses']} vs {got['losses']}; peak {_mib(want['peaks'])} vs "
           f"{_mib(got['peaks'])}")
     _assert_trains_as(got, want, ref)
-    # After the first step. In the first, the op's first backward autotunes the LoRA GEMM
-    # at the chunk's M (new autotune keys), and triton.testing.do_bench allocates its
-    # 256 MiB L2-flush buffer there, near the step's high-water mark (session 15: 496 MiB
-    # against 354 without the pass; 325 against 354 from step 2). Without the pass those
-    # keys are tuned in the forward, under less held memory.
+    # Compared from the second step. The first autotunes the Triton kernels at the chunk's
+    # shapes (new keys), and triton.testing.do_bench allocates a 256 MiB L2-flush buffer
+    # for each tuning (session 15: step 1 peaked at 496 MiB against 348 without the pass,
+    # later steps at 325 against 354); step 1 may exceed the other run by that buffer.
     assert max(got["peaks"][1:]) < max(want["peaks"][1:]), (got["peaks"], want["peaks"])
     assert got["peaks"][0] <= max(want["peaks"]) + 2**28, (got["peaks"], want["peaks"])
