@@ -905,19 +905,16 @@ def rounds_table(args, results) -> list[str]:
     rounds = range(1, args.rounds + 1)
     tok = {(r.get("base", r["variant"]), r.get("round", 1)): r.get("tok_s")
            for r in results if "error" not in r}
-    medians = {}
-    for v in args.variants:
-        got = [tok[(v, k)] for k in rounds if tok.get((v, k))]
-        medians[v] = statistics.median(got) if got else None
-    first = medians.get(args.variants[0])
+    got = {v: [tok[(v, k)] for k in rounds if tok.get((v, k))] for v in args.variants}
+    medians = {v: statistics.median(t) if t else None for v, t in got.items()}
+    first = medians[args.variants[0]]
     lines = ["### rounds (tok/s; each cell a fresh process, rounds interleaved)", "",
              "| variant | " + " | ".join(f"round {k}" for k in rounds)
              + f" | median | spread % | × {args.variants[0]} |",
              "|---|" + "---|" * (len(rounds) + 3)]
     for v in args.variants:
-        got = [tok[(v, k)] for k in rounds if tok.get((v, k))]
         med = medians[v]
-        spread = 100 * (max(got) - min(got)) / med if len(got) > 1 else None
+        spread = 100 * (max(got[v]) - min(got[v])) / med if len(got[v]) > 1 else None
         lines.append(f"| {v} | " + " | ".join(fmt(tok.get((v, k))) for k in rounds)
                      + f" | {fmt(med)} | {fmt(spread, '.1f')} | "
                      f"{fmt(med / first if med and first else None, '.3f')} |")
