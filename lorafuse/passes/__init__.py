@@ -7,7 +7,8 @@ backend options it reads); it rewrites the sites it can prove and records the re
 ``DEFAULT_PASSES`` are those measured faster than Inductor on the GPU (bench/RESULTS.md):
 ``lora``, ``attention``, and ``masked_attention`` (masks from the inputs, checked at run
 time: at the 8B shape 1.13 × without it on unpadded batches with an attention_mask, 1.00 ×
-on right-padded ones, session 14). The others are asked for with ``passes=(...)``:
+on right-padded ones, 0.99 × on left-padded ones; sessions 14-15). The others are asked for
+with ``passes=(...)``:
 
 - ``norm``: fused RMSNorm; 2x slower than Inductor's fused kernel at the 8B shape.
 - ``loss``: chunked lm_head + cross-entropy; 0.9 GiB less at the 8B shape, 4 % slower

@@ -28,9 +28,9 @@ are not causal (a sliding window shorter than the sequence).
 
 A default pass since session 14: on the 8B shape (H200, bench/RESULTS.md) it is 1.13 × the
 passes without it on unpadded batches with an attention_mask (the causal kernel instead of
-the masked one) and 1.00 × on right-padded ones (the same cuDNN kernel as the traced
-masked call; session 13's 2-4 % loss there was mostly two repeat copies a layer, since
-removed). Other GPUs are not
+the masked one), 1.00 × on right-padded ones and 0.99 × on left-padded ones (session 15:
+equal GPU time, the same cuDNN kernel as the traced masked call; session 13's 2-4 % loss
+on padded batches was mostly two repeat copies a layer, since removed). Other GPUs are not
 measured: where public SDPA would run neither cuDNN nor flash for the masked call (the
 efficient kernel, e.g.), the masked branch recomputes its forward in the backward.
 """
