@@ -1,0 +1,142 @@
+"""How often the LoRA op's per-shape path choice picks the slower path, and what that costs
+an 8B step (H200, bf16). Session 16: two processes of the same 8B run chose differently
+for two shapes, and each time the slower path (bench/RESULTS.md, session 16).
+
+    python bench/probe_choice.py [--procs 4] [--m 4096] [--r 16]
+
+Each of --procs fresh processes (fresh Triton autotuning, empty choice cache), for every
+LoRA GEMM shape of the Llama-3.1-8B step:
+  pick     the choice the library makes at a shape's first call (lora._choice), as in
+           step 1 of a training run
+  quick    a candidate timer: 3 interleaved rounds × 5 calls (the candidates alternating)
+  truth    every candidate timed long and interleaved (ROUNDS rounds × CALLS calls, the
+           candidates alternating each round), median ms per call
+The parent prints, per shape: the picks across processes, the truth per candidate (median
+over processes, with the range), and the ms a step that wrong picks cost (sites per step ×
+(truth of the pick − truth of the best), averaged over processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# (kind, N, K, LoRA sites a step use it: 32 layers × projections of that shape). q, k, v
+# and gate, up run through the group op, whose forward calls the single-site forward per
+# member and whose backward has no choice; o and down are single-site ops.
+SHAPES = [("fwd", 4096, 4096, 64), ("fwd", 1024, 4096, 64), ("fwd", 14336, 4096, 64),
+          ("fwd", 4096, 14336, 32), ("bwd", 4096, 4096, 32), ("bwd", 4096, 14336, 32)]
+ROUNDS, CALLS = 7, 10
+
+
+def interleaved_ms(fns: dict, rounds: int = ROUNDS, calls: int = CALLS) -> dict:
+    """Median ms per call of each candidate over ``rounds`` rounds of ``calls`` back-to-back
+    calls, the candidates taking turns within each round."""
+    for f in fns.values():
+        f()
+    samples = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                f()
+            end.record()
+            end.synchronize()
+            samples[n].append(start.elapsed_time(end) / calls)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def child(m: int, r: int) -> None:
+    from lorafuse.kernels import lora
+    from lorafuse.kernels import lora_triton as lt
+
+    torch.manual_seed(0)
+    dt, s, out = torch.bfloat16, 2.0, []
+    for kind, N, K, sites in SHAPES:
+        x = torch.randn(m, K, device="cuda", dtype=dt)
+        w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
+        a = torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5
+        b = torch.randn(N, r, device="cuda", dtype=dt) * 1e-2
+        h = x @ a.t()
+        before = set(lora._choice)
+        if kind == "fwd":
+            lora._tail_gemm_forward(x, w, None, h, b, s)
+            fns = {"tma": lambda: lt.tail_gemm_nt_tma(x, w, h, b, None, alpha2=s),
+                   "cublas": lambda: lora._base_plus_lowrank_fp32(x, w, None, h, b, s),
+                   "pointer": lambda: lt.lowrank_tail_gemm(x, w.t(), h, b.t(), None, alpha2=s)}
+        else:
+            dy = torch.randn(m, N, device="cuda", dtype=dt)
+            args = (dy, x, w, a, b, h, s)
+            lora._backward_impl(*args)
+            fns = {"triton": lambda: lt.triton_lora_backward(*args),
+                   "cublas": lambda: lora._lora_linear_backward_cublas(*args)}
+        new = [k for k in lora._choice if k not in before]
+        pick = lora._choice[new[0]] if new else "?"
+        quick = interleaved_ms(fns, rounds=3, calls=5)
+        truth = interleaved_ms(fns)
+        out.append({"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
+                    "quick": min(quick, key=quick.get), "truth": truth})
+        del x, w, a, b, h
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--procs", type=int, default=4)
+    p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--child", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        return child(args.m, args.r)
+    runs = []
+    for i in range(args.procs):
+        res = subprocess.run([sys.executable, __file__, "--child", "--m", str(args.m),
+                              "--r", str(args.r)], capture_output=True, text=True)
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            print(f"process {i + 1} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+            continue
+        runs.append(json.loads(line[0][7:]))
+        print(f"process {i + 1}: " + ", ".join(
+            f"{d['kind']} {d['N']}x{d['K']} -> {d['pick']}" for d in runs[-1]), flush=True)
+    if not runs:
+        sys.exit(1)
+    print(f"\nM = {args.m}, r = {args.r}, {len(runs)} processes; truth: median ms per call "
+          f"({ROUNDS} interleaved rounds × {CALLS} calls), median over processes [range]\n")
+    print("| shape | sites/step | picks | quick picks | truth per candidate | best "
+          "| wrong-pick cost ms/step (picks; quick) |")
+    print("|---|---|---|---|---|---|---|")
+    total = qtotal = 0.0
+    for j, (kind, N, K, sites) in enumerate(SHAPES):
+        rows = [run[j] for run in runs]
+        cands = list(rows[0]["truth"])
+        med = {c: statistics.median(r_["truth"][c] for r_ in rows) for c in cands}
+        rng = {c: (min(r_["truth"][c] for r_ in rows), max(r_["truth"][c] for r_ in rows))
+               for c in cands}
+        best = min(med, key=med.get)
+        # each process's own truth: its pick against its own best
+        cost, qcost = (statistics.mean(
+            sites * (r_["truth"].get(r_[k], min(r_["truth"].values()))
+                     - min(r_["truth"].values())) for r_ in rows) for k in ("pick", "quick"))
+        total += cost
+        qtotal += qcost
+        truth = ", ".join(f"{c} {med[c]:.3f} [{rng[c][0]:.3f}–{rng[c][1]:.3f}]" for c in cands)
+        print(f"| {kind} {N}×{K} | {sites} | {', '.join(r_['pick'] for r_ in rows)} "
+              f"| {', '.join(r_['quick'] for r_ in rows)} | {truth} | {best} "
+              f"| {cost:.2f}; {qcost:.2f} |")
+    print(f"\nwrong picks cost {total:.2f} ms a step on average (quick timer: {qtotal:.2f}), "
+          "against each process's own best")
+
+
+if __name__ == "__main__":
+    main()
