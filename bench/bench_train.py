@@ -389,6 +389,7 @@ def child_train(args, variant: str, res: dict) -> dict:
     if on_cuda and args.memory_snapshot:
         record_memory_history(True)
     timed_s, seg_start = 0.0, None
+    timed_window = [None, None]  # wall-clock seconds of the timed steps (for the clock log)
     try:
         for step in range(1, total + 1):
             if step in args.ref_steps and variant in args.ref_variants and args._round == 1:
@@ -411,6 +412,7 @@ def child_train(args, variant: str, res: dict) -> dict:
             if step > args.warmup and seg_start is None:
                 sync(device)
                 seg_start = time.perf_counter()
+                timed_window[0] = timed_window[0] or time.time()
             t_step = time.perf_counter()
             losses.append(train_step(batches[(step - 1) % N_BATCHES]))
             if step == 1:
@@ -430,6 +432,7 @@ def child_train(args, variant: str, res: dict) -> dict:
             elif step == total or step % max(1, total // 4) == 0:
                 log(f"{variant}: step {step}/{total} queued")
         sync(device)
+        timed_window[1] = time.time()
         if seg_start is not None:
             timed_s += time.perf_counter() - seg_start
         if on_cuda and args.steps == 0:  # a one-step fit run (bench_context): its peak only
@@ -479,7 +482,43 @@ def child_train(args, variant: str, res: dict) -> dict:
     log(f"{variant}: {res['tok_s']:,.0f} tok/s over {args.steps} steps"
         + (f", peak {res['peak_gib']:.2f} GiB (warm-up {res['peak_warmup_gib']:.2f}, "
            f"timed {res['peak_timed_gib']:.2f})" if on_cuda else ""))
+    clocks = os.environ.get("BENCH_GPU_CLOCKS")  # run_gpu.sh's nvidia-smi log
+    if clocks and timed_window[0]:
+        res["clocks"] = clock_summary(clocks, *timed_window)
+        if res["clocks"]:
+            c = res["clocks"]
+            log(f"{variant}: timed steps' GPU: SM clock median {c['sm_mhz']:.0f} MHz "
+                f"(min {c['sm_mhz_min']:.0f}), power median {c['power_w']:.0f} W, "
+                f"power cap active in {c['power_capped']} of {c['samples']} samples")
     return res
+
+
+def clock_summary(path: str, t0: float, t1: float):
+    """The SM clock and power the GPU ran at between wall-clock times t0 and t1, from an
+    ``nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active
+    --format=csv,noheader,nounits -lms N`` log (run_gpu.sh writes one). A GPU held at its
+    power limit lowers its clock: kernels then take longer at the same work (reason bit
+    0x4, the software power cap). None when no sample falls inside the window."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        f = [x.strip() for x in line.split(",")]
+        try:
+            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            sm, watts, reasons = float(f[1]), float(f[2]), int(f[3], 16)
+        except (ValueError, IndexError):
+            continue  # a header, a partial last line, "[N/A]"
+        if t0 <= t <= t1:
+            rows.append((sm, watts, reasons))
+    if not rows:
+        return None
+    sms, watts = [r[0] for r in rows], [r[1] for r in rows]
+    return {"samples": len(rows), "sm_mhz": statistics.median(sms), "sm_mhz_min": min(sms),
+            "sm_mhz_max": max(sms), "power_w": statistics.median(watts),
+            "power_w_max": max(watts), "power_capped": sum(1 for r in rows if r[2] & 0x4)}
 
 
 def memory_history_path(args, variant: str, phase: str) -> Path:

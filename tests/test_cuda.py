@@ -6,6 +6,7 @@ must be at least as close to it as eager bf16 is (DESIGN.md, "What correct means
 
 import copy
 import os
+import statistics
 
 import pytest
 import torch
@@ -392,11 +393,11 @@ def test_ranges_path_timed_at_the_8b_shape(monkeypatch):
     from lorafuse.kernels import attention as ka
 
     monkeypatch.setattr(ka, "RANGES_PATHS", {})
-    times, time_ms = {}, _dispatch.time_ms  # the real timer, before the patch
+    rounds, time_ms = {}, _dispatch.time_ms  # the real timer, before the patch
 
     def timer(fn):
-        times[fn.__name__] = time_ms(fn)
-        return times[fn.__name__]
+        rounds.setdefault(fn.__name__, []).append(time_ms(fn))
+        return rounds[fn.__name__][-1]
 
     monkeypatch.setattr(_dispatch, "time_ms", timer)
     b, hq, hkv, length, d = 2, 32, 8, 2048, 128
@@ -413,7 +414,8 @@ def test_ranges_path_timed_at_the_8b_shape(monkeypatch):
     assert bool(ok) and not bool(flag)
     out, _, path = torch.ops.lorafuse.sdpa_causal_ranges_or_masked(q, k, v, mask, flag, ok, lo,
                                                                    hi, 4, None, True)
-    assert set(times) == {"flash", "masked"}, times
+    assert set(rounds) == {"flash", "masked"}, rounds
+    times = {n: statistics.median(t) for n, t in rounds.items()}  # what pick_fastest compares
     took = int(path) == ka.FLASH_BOUNDS
     assert took == (times["flash"] < times["masked"])
     print(f"ranges batch at 8B: flash {times['flash']:.3f} ms, masked SDPA "

@@ -321,9 +321,11 @@ def _stub_dispatch(monkeypatch, times, triton_raises=False):
         calls.append("cublas")
         return "C"
 
-    def time_ms(fn, args):
+    def time_ms(fn):
         calls.append("time")
-        return times[fn is triton_fn]
+        n = len(calls)
+        fn()
+        return times[calls[n] == "triton"]
 
     monkeypatch.setattr(lora, "_triton_backward", lambda: triton_fn)
     monkeypatch.setattr(lora, "_time_ms", time_ms)
@@ -333,9 +335,10 @@ def _stub_dispatch(monkeypatch, times, triton_raises=False):
 
 def test_pick_fastest_times_once_skips_failures_raises_only_if_none_works(fresh_dispatch):
     """The shared per-shape choice (the LoRA forward's kernels, the 4-bit dequantisation):
-    every candidate is timed once, the fastest is cached; a candidate that raises is left
-    out with one warning, the last one too (then the others' choice is cached, not timed
-    again at every call); only when none works does the error propagate."""
+    every working candidate is timed in ROUNDS interleaved rounds, the fastest median is
+    cached; a candidate that raises is left out with one warning, the last one too (then
+    the others' choice is cached, not timed again at every call); only when none works
+    does the error propagate."""
     timed = []
 
     def timer(fn):
@@ -349,9 +352,11 @@ def test_pick_fastest_times_once_skips_failures_raises_only_if_none_works(fresh_
     cands = {"a": lambda: 3.0, "bad": boom, "b": lambda: 2.0}
     with pytest.warns(RuntimeWarning, match="'bad' unavailable"):
         assert _dispatch.pick_fastest(cache, "k", cands, "test", timer=timer) == "b"
-    assert cache == {"k": "b"} and len(timed) == 3
+    rounds = _dispatch.ROUNDS
+    assert cache == {"k": "b"} and len(timed) == 2 * rounds
+    assert timed[:4] == [cands["a"], cands["b"]] * 2  # interleaved: a b a b ...
     assert _dispatch.pick_fastest(cache, "k", cands, "test", timer=timer) == "b"
-    assert len(timed) == 3  # cached: nothing timed again
+    assert len(timed) == 2 * rounds  # cached: nothing timed again
     cache = {}
     with pytest.warns(RuntimeWarning, match="'last' unavailable"):
         assert _dispatch.pick_fastest(cache, "k", {"a": lambda: 1.0, "last": boom}, "test",
@@ -361,12 +366,27 @@ def test_pick_fastest_times_once_skips_failures_raises_only_if_none_works(fresh_
         _dispatch.pick_fastest({}, "k", {"bad": boom, "last": boom}, "test", timer=timer)
 
 
+def test_race_takes_each_candidates_median_over_interleaved_rounds():
+    """One slow round (a clock dip, other work on the GPU) does not decide the race: each
+    candidate's median over the rounds does, and the candidates take turns."""
+    rounds = {"a": iter([5.0, 1.0, 1.2]), "b": iter([1.1, 1.1, 1.1])}
+    order = []
+
+    def timer(fn):
+        order.append(fn())
+        return next(rounds[order[-1]])
+
+    times = _dispatch.race_ms({"a": lambda: "a", "b": lambda: "b"}, timer, rounds=3)
+    assert order == ["a", "b"] * 3
+    assert times == {"a": 1.2, "b": 1.1}
+
+
 @pytest.mark.parametrize("triton_faster", [True, False])
 def test_dispatch_measures_once_and_caches(fresh_dispatch, triton_faster):
     run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0 if triton_faster else 3.0, False: 2.0})
     want = "T" if triton_faster else "C"
     assert run() == want
-    assert calls.count("time") == 2
+    assert calls.count("time") == 2 * _dispatch.ROUNDS  # interleaved rounds
     calls.clear()
     assert [run() for _ in range(3)] == [want] * 3
     assert "time" not in calls  # no more measuring (and no syncs) after the first call
@@ -404,7 +424,7 @@ def test_cpu_triton_request_without_interpreter_uses_reference(fresh_dispatch):
 
 def test_dispatch_auto_falls_back_when_triton_fails(fresh_dispatch):
     run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0, False: 2.0}, triton_raises=True)
-    fresh_dispatch.setattr(lora, "_time_ms", lambda fn, args: fn(*args) and 1.0)
+    fresh_dispatch.setattr(lora, "_time_ms", lambda fn: fn() and 1.0)
     with pytest.warns(RuntimeWarning, match="using cuBLAS"):
         assert run() == "C"
     assert run() == "C" and calls == ["triton", "cublas", "cublas"]

@@ -67,28 +67,49 @@ def time_ms(fn, args=(), iters: int = 5) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def pick_fastest(cache: dict, key, candidates: dict, what: str, timer=time_ms) -> str:
+# Timing rounds per choice. Session 16 (bench/probe_choice.py, H200, the 8B LoRA shapes,
+# 4 fresh processes): timing each candidate fully and then the next, the picks cost 0.53
+# ms a step over each process's fastest paths; three interleaved rounds, 0.11 ms.
+ROUNDS = 3
+
+
+def race_ms(fns: dict, timer=time_ms, rounds: int = ROUNDS) -> dict:
+    """Each candidate's median ``timer(fn)`` over ``rounds`` rounds in which the candidates
+    take turns (A B A B ...): a change of clocks or of other work on the GPU during the
+    timing then touches every candidate, not only the ones timed after it. Errors
+    propagate."""
+    times = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            times[n].append(timer(fn))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def pick_fastest(cache: dict, key, candidates: dict, what: str, timer=None) -> str:
     """The name of the fastest of ``candidates`` (name -> zero-argument callable; all must
-    compute the same numbers) for ``key``: each is timed once, at the key's first use, and
-    the choice is cached in ``cache``. A candidate that raises is left out, warned once;
-    only when none works does the last one's error propagate (session 10: the last, the
-    pointer kernel, refused 262K-token operands, so nothing was cached and every call
-    timed the other two again). Inside a CUDA graph capture nothing is timed: the last
-    candidate runs and nothing is cached."""
+    compute the same numbers) for ``key``: each runs once, then all are timed in
+    interleaved rounds (``race_ms``) at the key's first use, and the choice is cached in
+    ``cache``. A candidate that raises is left out, warned once; only when none works does
+    the last one's error propagate (session 10: the last, the pointer kernel, refused
+    262K-token operands, so nothing was cached and every call timed the other two again).
+    Inside a CUDA graph capture nothing is timed: the last candidate runs and nothing is
+    cached. ``timer`` defaults to ``time_ms`` (looked up at the call: tests replace it)."""
     name = cache.get(key)
     if name in candidates:
         return name
     names = list(candidates)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return names[-1]
-    times, error = {}, None
-    for n in names:
+    working, error = {}, None
+    for n in names:  # one run each first (JIT, autotuning); what raises is left out
         try:
-            times[n] = timer(candidates[n])
+            candidates[n]()
+            working[n] = candidates[n]
         except Exception as e:
             error = e
             warn_once(f"lorafuse: {what} path {n!r} unavailable ({type(e).__name__}: {e})")
-    if not times:
+    if not working:
         raise error
+    times = race_ms(working, timer or time_ms)
     cache[key] = min(times, key=times.get)
     return cache[key]

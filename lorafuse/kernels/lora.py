@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import pick_fastest, requested_impl, warn_once
+from ._dispatch import pick_fastest, race_ms, requested_impl, warn_once
 from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
 
 # --------------------------------------------------------------------------- reference
@@ -118,8 +118,9 @@ def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None):
 # --------------------------------------------------------------------------- dispatch
 #
 # CPU: the fp32 reference. CUDA forward: the Triton kernel (see base_plus_lowrank). CUDA
-# backward: cuBLAS or the Triton kernel, chosen per shape key by timing both once at first
-# use; the choice is cached, so later calls cost a dict lookup and never sync.
+# backward: cuBLAS or the Triton kernel, chosen per shape key by timing both at first use
+# (interleaved rounds, _dispatch.race_ms); the choice is cached, so later calls cost a
+# dict lookup and never sync.
 # LORAFUSE_LORA_IMPL=cublas|triton|auto (default auto) overrides (cublas: the forward
 # then writes fp32 from cuBLAS); =triton with TRITON_INTERPRET=1 runs the Triton path on
 # CPU (tests). A Triton failure (triton missing, unsupported dtype or size) falls back to
@@ -158,10 +159,7 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
         return cublas_fn(*args)  # no timing inside a graph capture; decide at a later call
     try:  # only the Triton side: a cuBLAS error is a real error and propagates
         triton_fn = _triton_backward()
-        if measure:
-            t_triton = _time_ms(triton_fn, args)
-        else:
-            out = triton_fn(*args)
+        out = triton_fn(*args)  # a first call compiles and autotunes: failures show here
     except Exception as e:  # never crash training over the optional kernel
         _choice[ckey] = "cublas"
         warn_once(f"lorafuse: Triton LoRA kernel unavailable ({type(e).__name__}: {e}); "
@@ -170,8 +168,10 @@ def _dispatch(kind: str, key: tuple, cublas_fn, args):
     if not measure:
         _choice[ckey] = "triton"
         return out
-    choice = _choice[ckey] = "triton" if t_triton < _time_ms(cublas_fn, args) else "cublas"
-    return (triton_fn if choice == "triton" else cublas_fn)(*args)
+    times = race_ms({"triton": lambda: triton_fn(*args), "cublas": lambda: cublas_fn(*args)},
+                    timer=_time_ms)
+    choice = _choice[ckey] = min(times, key=times.get)
+    return out if choice == "triton" else cublas_fn(*args)
 
 
 def _triton_on_cpu() -> bool:
@@ -236,7 +236,7 @@ def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
     key = ("fwd", _bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
            bias is not None)
     return candidates[pick_fastest(_choice, key, candidates, "LoRA forward GEMM",
-                                   timer=lambda fn: _time_ms(fn, ()))]()
+                                   timer=_time_ms)]()
 
 
 def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
