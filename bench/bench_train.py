@@ -489,16 +489,19 @@ def child_train(args, variant: str, res: dict) -> dict:
             c = res["clocks"]
             log(f"{variant}: timed steps' GPU: SM clock median {c['sm_mhz']:.0f} MHz "
                 f"(min {c['sm_mhz_min']:.0f}), power median {c['power_w']:.0f} W, "
-                f"power cap active in {c['power_capped']} of {c['samples']} samples")
+                f"power cap active in {c['power_capped']} of {c['samples']} samples, "
+                f"{c['temp_c']:.0f} °C")
     return res
 
 
 def clock_summary(path: str, t0: float, t1: float):
-    """The SM clock and power the GPU ran at between wall-clock times t0 and t1, from an
-    ``nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active
-    --format=csv,noheader,nounits -lms N`` log (run_gpu.sh writes one). A GPU held at its
+    """The SM clock, power and temperature of the GPU between wall-clock times t0 and t1,
+    from an ``nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,
+    clocks_throttle_reasons.active,temperature.gpu --format=csv,noheader,nounits -lms N``
+    log (run_gpu.sh writes one; the temperature column may be absent). A GPU held at its
     power limit lowers its clock: kernels then take longer at the same work (reason bit
-    0x4, the software power cap). None when no sample falls inside the window."""
+    0x4, the software power cap; session 16: every 8B step). None when no sample falls
+    inside the window."""
     rows = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -509,16 +512,18 @@ def clock_summary(path: str, t0: float, t1: float):
         try:
             t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
             sm, watts, reasons = float(f[1]), float(f[2]), int(f[3], 16)
+            temp = float(f[4]) if len(f) > 4 else math.nan
         except (ValueError, IndexError):
             continue  # a header, a partial last line, "[N/A]"
         if t0 <= t <= t1:
-            rows.append((sm, watts, reasons))
+            rows.append((sm, watts, reasons, temp))
     if not rows:
         return None
     sms, watts = [r[0] for r in rows], [r[1] for r in rows]
     return {"samples": len(rows), "sm_mhz": statistics.median(sms), "sm_mhz_min": min(sms),
             "sm_mhz_max": max(sms), "power_w": statistics.median(watts),
-            "power_w_max": max(watts), "power_capped": sum(1 for r in rows if r[2] & 0x4)}
+            "power_w_max": max(watts), "power_capped": sum(1 for r in rows if r[2] & 0x4),
+            "temp_c": statistics.median(r[3] for r in rows)}
 
 
 def memory_history_path(args, variant: str, phase: str) -> Path:

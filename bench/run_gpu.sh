@@ -53,8 +53,8 @@
 #   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
 #   BENCH_COMMIT=  the commit to print (wins over git: a copied tree can carry a stale .git)
 #
-# With nvidia-smi present, $OUT/gpu_clocks.csv logs the SM clock, power and clock-limit
-# reasons every 200 ms, and bench_train prints each variant's median over its timed steps.
+# With nvidia-smi present, $OUT/gpu_clocks.csv logs the SM clock, power, clock-limit
+# reasons and temperature every 200 ms, and bench_train prints each variant's median over its timed steps.
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
@@ -81,7 +81,7 @@ say "mode $MODE, output in $OUTDIR, budget ${BUDGET_S}s"
 nvidia-smi -L 2>/dev/null || say "nvidia-smi not available"
 # SM clock and power every 200 ms for the whole call (read only: nothing is set), so
 # bench_train can say what clock its timed steps ran at (a power-capped GPU clocks down).
-CLOCK_FIELDS=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active
+CLOCK_FIELDS=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active,temperature.gpu
 if nvidia-smi --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits >/dev/null 2>&1; then
     nvidia-smi --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits -lms 200 \
         > "$OUTDIR/gpu_clocks.csv" 2>/dev/null &

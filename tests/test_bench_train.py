@@ -100,16 +100,18 @@ def test_clock_summary_reads_the_timed_window_of_an_nvidia_smi_log(tmp_path):
     import datetime
 
     t0 = 1_800_000_000.0
-    rows = [(-1.0, 1980, 90.0, "0x1"), (0.2, 1980, 500.0, "0x0"), (0.4, 1755, 699.5, "0x4"),
-            (0.6, 1710, 700.1, "0x0000000000000004"), (9.0, 1980, 80.0, "0x1")]
-    text = ["timestamp, clocks.current.sm [MHz], power.draw [W], reasons", "x, [N/A], 1, 0x0"]
-    for dt, sm, w, r in rows:
+    rows = [(-1.0, 1980, 90.0, "0x1", 30), (0.2, 1980, 500.0, "0x0", 41),
+            (0.4, 1755, 699.5, "0x4", 44), (0.6, 1710, 700.1, "0x0000000000000004", 47),
+            (9.0, 1980, 80.0, "0x1", 35)]
+    text = ["timestamp, clocks.current.sm [MHz], power.draw [W], reasons, temperature",
+            "x, [N/A], 1, 0x0, 1"]
+    for dt, sm, w, r, temp in rows:
         stamp = datetime.datetime.fromtimestamp(t0 + dt).strftime("%Y/%m/%d %H:%M:%S.%f")
-        text.append(f"{stamp[:-3]}, {sm}, {w}, {r}")
+        text.append(f"{stamp[:-3]}, {sm}, {w}, {r}, {temp}")
     log = tmp_path / "gpu_clocks.csv"
     log.write_text("\n".join(text) + "\n")
     got = bt.clock_summary(str(log), t0, t0 + 1.0)
     assert got == {"samples": 3, "sm_mhz": 1755.0, "sm_mhz_min": 1710.0, "sm_mhz_max": 1980.0,
-                   "power_w": 699.5, "power_w_max": 700.1, "power_capped": 2}
+                   "power_w": 699.5, "power_w_max": 700.1, "power_capped": 2, "temp_c": 44.0}
     assert bt.clock_summary(str(log), t0 + 2, t0 + 3) is None
     assert bt.clock_summary(str(tmp_path / "missing.csv"), t0, t0 + 1) is None
