@@ -490,7 +490,7 @@ def child_train(args, variant: str, res: dict) -> dict:
             log(f"{variant}: timed steps' GPU: SM clock median {c['sm_mhz']:.0f} MHz "
                 f"(min {c['sm_mhz_min']:.0f}), power median {c['power_w']:.0f} W, "
                 f"power cap active in {c['power_capped']} of {c['samples']} samples, "
-                f"{c['temp_c']:.0f} °C")
+                f"{fmt(c['temp_c'], '.0f')} °C")
     return res
 
 
@@ -520,10 +520,11 @@ def clock_summary(path: str, t0: float, t1: float):
     if not rows:
         return None
     sms, watts = [r[0] for r in rows], [r[1] for r in rows]
+    temps = [r[3] for r in rows if not math.isnan(r[3])]
     return {"samples": len(rows), "sm_mhz": statistics.median(sms), "sm_mhz_min": min(sms),
             "sm_mhz_max": max(sms), "power_w": statistics.median(watts),
             "power_w_max": max(watts), "power_capped": sum(1 for r in rows if r[2] & 0x4),
-            "temp_c": statistics.median(r[3] for r in rows)}
+            "temp_c": statistics.median(temps) if temps else None}
 
 
 def memory_history_path(args, variant: str, phase: str) -> Path:
@@ -913,6 +914,7 @@ def render(args, meta, results, ref) -> str:
     if args.rounds > 1:
         lines += rounds_table(args, results) + [""]
 
+    lines += clocks_table(results)
     # summary, last
     base_e = ok.get("eager", {}).get("tok_s")
     base_i = ok.get("inductor", {}).get("tok_s")
@@ -941,6 +943,24 @@ def render(args, meta, results, ref) -> str:
             f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('ref_max_abs_delta'), '.5f')} |")
     return "\n".join(lines) + "\n"
+
+
+def clocks_table(results) -> list[str]:
+    """The GPU's clock, power and temperature over each variant's timed steps (run_gpu.sh's
+    nvidia-smi log), and tok/s per MHz: at a power cap the clock a process gets moves its
+    tok/s (bench/README.md, "Clocks and power"). Empty when no variant has them."""
+    rows = [r for r in results if r.get("clocks") and r.get("tok_s")]
+    if not rows:
+        return []
+    lines = ["### GPU over the timed steps (nvidia-smi, every 200 ms)", "",
+             "| variant | SM clock median (min) MHz | power median W | power-capped samples "
+             "| °C | tok/s per MHz |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["clocks"]
+        lines.append(f"| {r['variant']} | {c['sm_mhz']:,.0f} ({c['sm_mhz_min']:,.0f}) | "
+                     f"{c['power_w']:.0f} | {c['power_capped']} of {c['samples']} | "
+                     f"{fmt(c.get('temp_c'), '.0f')} | {r['tok_s'] / c['sm_mhz']:.2f} |")
+    return lines + [""]
 
 
 def rounds_table(args, results) -> list[str]:
