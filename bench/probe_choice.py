@@ -2,7 +2,7 @@
 an 8B step (H200, bf16). Session 16: two processes of the same 8B run chose differently
 for two shapes, and each time the slower path (bench/RESULTS.md, session 16).
 
-    python bench/probe_choice.py [--procs 4] [--m 4096] [--r 16]
+    python bench/probe_choice.py [--procs 4] [--m 4096] [--r 16] [--hot 150]
 
 Each of --procs fresh processes (fresh Triton autotuning, empty choice cache), for every
 LoRA GEMM shape of the Llama-3.1-8B step:
@@ -11,6 +11,9 @@ LoRA GEMM shape of the Llama-3.1-8B step:
   quick    a candidate timer: 3 interleaved rounds × 5 calls (the candidates alternating)
   truth    every candidate timed long and interleaved (ROUNDS rounds × CALLS calls, the
            candidates alternating each round), median ms per call
+  hot      (--hot MS) the truth again with MS of heating GEMMs queued before every burst,
+           so that the candidates run at the power cap as in a training step, where the
+           library's choice was timed at a cold GPU's full clock: do the rankings agree?
 The parent prints, per shape: the picks across processes, the truth per candidate (median
 over processes, with the range), and the ms a step that wrong picks cost (sites per step ×
 (truth of the pick − truth of the best), averaged over processes).
@@ -37,14 +40,17 @@ SHAPES = [("fwd", 4096, 4096, 64), ("fwd", 1024, 4096, 64), ("fwd", 14336, 4096,
 ROUNDS, CALLS = 7, 10
 
 
-def interleaved_ms(fns: dict, rounds: int = ROUNDS, calls: int = CALLS) -> dict:
+def interleaved_ms(fns: dict, rounds: int = ROUNDS, calls: int = CALLS, heater=None) -> dict:
     """Median ms per call of each candidate over ``rounds`` rounds of ``calls`` back-to-back
-    calls, the candidates taking turns within each round."""
+    calls, the candidates taking turns within each round; ``heater()`` (if given) queues
+    work before every burst, so the bursts run on a GPU that is already at its power cap."""
     for f in fns.values():
         f()
     samples = {n: [] for n in fns}
     for _ in range(rounds):
         for n, f in fns.items():
+            if heater is not None:
+                heater()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(calls):
@@ -55,12 +61,43 @@ def interleaved_ms(fns: dict, rounds: int = ROUNDS, calls: int = CALLS) -> dict:
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-def child(m: int, r: int) -> None:
+def make_heater(ms: float):
+    """A callable that queues about ``ms`` of back-to-back 8192³ bf16 GEMMs (no sync): the
+    GPU reaches its power cap and stays there, as in a training step (session 16: every 8B
+    step ran at the cap, SM clock ≈ 1,550-1,725 MHz against 1,980 idle)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        torch.mm(a, a, out=out)
+    end.record()
+    end.synchronize()
+    n = max(1, round(ms / (start.elapsed_time(end) / 10)))
+
+    def heat():
+        for _ in range(n):
+            torch.mm(a, a, out=out)
+    return heat
+
+
+def sm_clock_now() -> float | None:
+    """The SM clock in MHz as nvidia-smi reads it now (None without nvidia-smi)."""
+    try:
+        got = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,"
+                              "nounits", "-i", str(torch.cuda.current_device())],
+                             capture_output=True, text=True, timeout=20)
+        return float(got.stdout.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def child(m: int, r: int, hot_ms: float) -> None:
     from lorafuse.kernels import lora
     from lorafuse.kernels import lora_triton as lt
 
     torch.manual_seed(0)
-    dt, s, out = torch.bfloat16, 2.0, []
+    dt, s, out, heater = torch.bfloat16, 2.0, [], None
     for kind, N, K, sites in SHAPES:
         x = torch.randn(m, K, device="cuda", dtype=dt)
         w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
@@ -83,8 +120,17 @@ def child(m: int, r: int) -> None:
         pick = lora._choice[new[0]] if new else "?"
         quick = interleaved_ms(fns, rounds=3, calls=5)
         truth = interleaved_ms(fns)
-        out.append({"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
-                    "quick": min(quick, key=quick.get), "truth": truth})
+        row = {"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
+               "quick": min(quick, key=quick.get), "truth": truth}
+        if hot_ms:
+            heater = heater or make_heater(hot_ms)
+            heater()
+            heater()
+            row["hot"] = interleaved_ms(fns, rounds=5, calls=4 * CALLS, heater=heater)
+            heater()  # the clock under load, read while these GEMMs run
+            row["hot_mhz"] = sm_clock_now()
+            torch.cuda.synchronize()
+        out.append(row)
         del x, w, a, b, h
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -94,14 +140,18 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--hot", type=float, default=0.0, metavar="MS",
+                   help="also time every candidate at the power cap: MS of heating GEMMs "
+                        "queued before each burst (e.g. 150), and the clock read there")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
     if args.child:
-        return child(args.m, args.r)
+        return child(args.m, args.r, args.hot)
     runs = []
     for i in range(args.procs):
         res = subprocess.run([sys.executable, __file__, "--child", "--m", str(args.m),
-                              "--r", str(args.r)], capture_output=True, text=True)
+                              "--r", str(args.r), "--hot", str(args.hot)],
+                             capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
             print(f"process {i + 1} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
@@ -136,6 +186,20 @@ def main() -> None:
               f"| {cost:.2f}; {qcost:.2f} |")
     print(f"\nwrong picks cost {total:.2f} ms a step on average (quick timer: {qtotal:.2f}), "
           "against each process's own best")
+    if args.hot:
+        print(f"\nAt the power cap ({args.hot:g} ms of GEMMs queued before each of 5 rounds × "
+              f"{4 * CALLS} calls): median ms per call over processes; the SM clock read "
+              "under load\n")
+        print("| shape | hot truth per candidate | best hot | best cold | SM MHz |")
+        print("|---|---|---|---|---|")
+        for j, (kind, N, K, _) in enumerate(SHAPES):
+            rows = [run[j] for run in runs]
+            hot = {c: statistics.median(r_["hot"][c] for r_ in rows) for c in rows[0]["hot"]}
+            cold = {c: statistics.median(r_["truth"][c] for r_ in rows) for c in hot}
+            mhz = [r_["hot_mhz"] for r_ in rows if r_.get("hot_mhz")]
+            print(f"| {kind} {N}×{K} | " + ", ".join(f"{c} {t:.3f}" for c, t in hot.items())
+                  + f" | {min(hot, key=hot.get)} | {min(cold, key=cold.get)} | "
+                  + (f"{statistics.median(mhz):.0f}" if mhz else "—") + " |")
 
 
 if __name__ == "__main__":
