@@ -58,7 +58,7 @@ def _rel(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,mode", [("llama", True), ("gpt2", True), ("gemma2", True),
                                        ("llama", "full")])
-def test_same_training_as_eager_fewer_bytes_kept(arch, mode, monkeypatch, fresh_inductor_cache):
+def test_same_training_as_eager_fewer_bytes_kept(arch, mode, monkeypatch, no_autograd_cache):
     base = make_tiny_model(arch, layers=LAYERS, seed=5)
     plans = _saved_spy(monkeypatch)
     eager = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR, None)
@@ -96,7 +96,7 @@ def test_same_training_as_eager_fewer_bytes_kept(arch, mode, monkeypatch, fresh_
 
 
 @pytest.mark.slow
-def test_with_offloading_same_training(monkeypatch, fresh_inductor_cache):
+def test_with_offloading_same_training(monkeypatch, no_autograd_cache):
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
     base = make_tiny_model("llama", layers=LAYERS, seed=6)
     ckpt = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
@@ -113,7 +113,7 @@ def test_with_offloading_same_training(monkeypatch, fresh_inductor_cache):
 
 
 @pytest.mark.slow
-def test_dropout_recomputed_with_the_same_masks(fresh_inductor_cache):
+def test_dropout_recomputed_with_the_same_masks(no_autograd_cache):
     """Inductor draws dropout masks from seeds the graph computes once (inductor_random):
     the recomputed layers replay the same masks, so checkpointing changes nothing."""
     base = make_tiny_model("llama", layers=LAYERS, seed=7, attention_dropout=0.3)
@@ -200,7 +200,7 @@ def test_fused_ops_carry_their_layers_module_path():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("passes", [["lora", "attention"], ["lora", "attention", "dequant_matmul"]])
-def test_qlora_same_training_as_eager(passes, tmp_path_factory, fresh_inductor_cache):
+def test_qlora_same_training_as_eager(passes, tmp_path_factory, no_autograd_cache):
     """A bitsandbytes 4-bit (NF4, double quantised, fp32 compute) Llama with LoRA: the 4-bit
     matmuls are recomputed with their layer, as bitsandbytes' own ops (default passes) or as
     the fused 4-bit op (dequant_matmul)."""

@@ -190,7 +190,7 @@ def test_inflight_limit_from_the_environment():
 
 
 def test_warns_when_the_host_cannot_hold_the_offloaded_activations(monkeypatch,
-                                                                   fresh_inductor_cache):
+                                                                   no_autograd_cache):
     """The offloaded bytes of a call live in pinned host memory until the backward: more
     than 90 % of the host's available memory is warned about at compile time, once."""
     from lorafuse.kernels import _dispatch

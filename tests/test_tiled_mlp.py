@@ -95,7 +95,7 @@ LAYERS, CHUNK = 2, 7  # chunks of 7 of the 32 tokens: the last one partial
 @pytest.mark.parametrize("arch,extra", [("llama", {}), ("gemma2", {}),
                                         ("llama", {"checkpoint_layers": True})])
 def test_models_train_as_eager_keeping_no_intermediate(arch, extra, monkeypatch,
-                                                       fresh_inductor_cache):
+                                                       no_autograd_cache):
     base = make_tiny_model(arch, layers=LAYERS, seed=5)
     plans = _saved_spy(monkeypatch)
     eager = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR, None)
@@ -123,7 +123,7 @@ def _mlp_sized(saved) -> list:
             and v.numel() >= BATCH * SEQ * INTERMEDIATE]
 
 
-def test_left_alone_at_most_one_chunk_of_tokens(fresh_inductor_cache):
+def test_left_alone_at_most_one_chunk_of_tokens(no_autograd_cache):
     base = make_tiny_model("llama", layers=LAYERS, seed=5)
     got = lorafuse_sgd_run(copy.deepcopy(base), _batches()[:1], LR,
                            {"passes": ["lora", "tiled_mlp"]})  # 32 tokens, chunks of 8192
