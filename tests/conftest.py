@@ -4,7 +4,11 @@ The Inductor cache directory is set here, at import time, before anything import
 torch or compiles: Inductor keys its on-disk caches on the graph, so a warm cache
 from an earlier run would let a compile skip lorafuse's partitioner hook entirely.
 Every session gets a fresh directory (removed at the end); within a session,
-compiles share it, so identical kernels are built once.
+compiles share it, so identical kernels are built once. Under pytest-xdist the
+controller makes the directory (its conftest is imported before the workers start)
+and the workers inherit it: the kernels and graphs of the shared tiny geometry are
+compiled once per run, not once per worker. Tests that need the partitioner to run
+turn the AOTAutograd cache off (``no_autograd_cache``), whichever worker compiled first.
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ import tempfile
 import traceback
 from pathlib import Path
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="lorafuse-test-inductor-")
+_SESSION_CACHE = "LORAFUSE_TEST_INDUCTOR_CACHE"  # the controller's directory, for its workers
+if os.environ.get("PYTEST_XDIST_WORKER") and os.path.isdir(os.environ.get(_SESSION_CACHE, "")):
+    _CACHE_DIR = os.environ[_SESSION_CACHE]  # the controller removes it at its exit
+else:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="lorafuse-test-inductor-")
+    os.environ[_SESSION_CACHE] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE_DIR
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE_DIR, "triton")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -53,6 +62,10 @@ MORE_ARCHS = ("qwen3", "phi3", "gemma3")  # built by make_tiny_model too; used b
 # the other finished it; with the long ones first the last files handed out are short.
 SLOW_FILES_FIRST = ("test_models.py", "test_layer_checkpoint.py", "test_readme.py",
                     "test_attention.py", "test_memory_budget.py", "test_quant_storage.py")
+
+
+def pytest_report_header(config):
+    return f"lorafuse tests: Inductor cache {_CACHE_DIR}"
 
 
 def pytest_collection_modifyitems(config, items):
