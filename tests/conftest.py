@@ -33,9 +33,23 @@ else:
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE_DIR
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE_DIR, "triton")
 
+# pytest-xdist workers share the cores: each gets its share of OpenMP threads (and so do
+# the subprocesses its tests start), unless OMP_NUM_THREADS says otherwise. With two
+# workers of two threads each on two cores, OpenMP threads spin against the other
+# worker's (measured: two test files side by side 15 % slower; bench_elementwise.py saw
+# Inductor's CPU kernels 100x slower on a shared machine).
+_WORKER_THREADS = None
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _WORKER_THREADS = max(1, (_cores or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+    os.environ["OMP_NUM_THREADS"] = str(_WORKER_THREADS)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+if _WORKER_THREADS is not None:
+    torch.set_num_threads(_WORKER_THREADS)  # in case torch was imported before this file
 
 # CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples every run, so a red CI
 # is a regression, not a new random draw; local runs keep exploring fresh examples.
@@ -56,12 +70,25 @@ ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gpt2")
 MORE_ARCHS = ("qwen3", "phi3", "gemma3")  # built by make_tiny_model too; used by fewer tests
 
 
-# The longest files first (CI's per-file times, session 11, seconds: 332, 176, 167, 161,
-# 143, 141; every other file under 95). `-n 2 --dist loadfile` hands whole files to the
-# two workers in collection order, so a long file collected last left one worker idle while
-# the other finished it; with the long ones first the last files handed out are short.
-SLOW_FILES_FIRST = ("test_models.py", "test_layer_checkpoint.py", "test_readme.py",
-                    "test_attention.py", "test_memory_budget.py", "test_quant_storage.py")
+# The longest files first. `-n 2 --dist loadfile` hands whole files to the two workers in
+# collection order (pytest_configure turns off xdist's reordering by test count, which
+# put 2-test files such as test_readme.py last), so a long file collected last left one
+# worker idle while the other finished it; with the long ones first the last files handed
+# out are short. Per-file seconds, CI-style run of session 16: 363, 188, 180, 180, 166, 164,
+# 108, then 81 down to 29; the files not listed take under 20 s each.
+SLOW_FILES_FIRST = ("test_models.py", "test_attention.py", "test_readme.py",
+                    "test_quant_storage.py", "test_layer_checkpoint.py", "test_memory_budget.py",
+                    "test_loss.py", "test_key_ranges.py", "test_norm.py", "test_flash_attention.py",
+                    "test_tiled_mlp.py", "test_all_passes.py", "test_dequant_matmul.py",
+                    "test_cli.py", "test_rope.py", "test_workflow.py", "test_trainer.py",
+                    "test_demo.py", "test_backend.py", "test_offload.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist (3.x) hands out `--dist loadfile`'s files by their number of tests unless
+    # told otherwise: keep the collection order (pytest_collection_modifyitems below)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_report_header(config):
