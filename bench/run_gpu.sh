@@ -54,7 +54,8 @@
 #   BENCH_COMMIT=  the commit to print (wins over git: a copied tree can carry a stale .git)
 #
 # With nvidia-smi present, $OUT/gpu_clocks.csv logs the SM clock, power, clock-limit
-# reasons and temperature every 200 ms, and bench_train prints each variant's median over its timed steps.
+# reasons and temperature of the (first visible) GPU every 200 ms, and bench_train prints
+# each variant's medians over its timed steps.
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
@@ -82,8 +83,10 @@ nvidia-smi -L 2>/dev/null || say "nvidia-smi not available"
 # SM clock and power every 200 ms for the whole call (read only: nothing is set), so
 # bench_train can say what clock its timed steps ran at (a power-capped GPU clocks down).
 CLOCK_FIELDS=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active,temperature.gpu
-if nvidia-smi --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits >/dev/null 2>&1; then
-    nvidia-smi --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits -lms 200 \
+CLOCK_GPU=${CUDA_VISIBLE_DEVICES:-0}; CLOCK_GPU=${CLOCK_GPU%%,*}  # one GPU: the first visible
+if nvidia-smi -i "$CLOCK_GPU" --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits \
+        >/dev/null 2>&1; then
+    nvidia-smi -i "$CLOCK_GPU" --query-gpu=$CLOCK_FIELDS --format=csv,noheader,nounits -lms 200 \
         > "$OUTDIR/gpu_clocks.csv" 2>/dev/null &
     CLOCK_PID=$!
     trap 'kill $CLOCK_PID 2>/dev/null' EXIT
