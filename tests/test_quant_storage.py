@@ -4,7 +4,7 @@
   trip stays within the bound of ``kernels/quant_storage.py`` for any shape and magnitude
   (hypothesis), zero rows come back zero and rows with inf/NaN come back all NaN; the same
   as compiled by Inductor (what runs in the partitioned graphs), on a few shapes.
-- A tiny PEFT Llama (fp32, CPU; batch 4 x 128 so its activations pass the 64 KiB
+- A tiny PEFT Llama (one layer; fp32, CPU; batch 4 x 128 so its activations pass the 64 KiB
   threshold) compiled with ``activation_dtype``: the activation bytes the backward keeps
   (read from the partitioned backward graph's inputs) shrink by the expected factor; the
   first loss is bitwise the unquantized one (the forward is unchanged); the LoRA
@@ -13,11 +13,13 @@
 - Without the option the partitioned graphs hold no int8/fp8 tensor and the report no
   quantization fields.
 
-Measured on CPU (torch 2.13, seed 3), against the unquantized compiled run at step 1:
-int8 LoRA gradients cos >= 0.99992 and relative norm error <= 0.013 (worst of 28 tensors),
-fp8 cos >= 0.9988 and <= 0.052; 14 activations quantized, activation bytes kept 0.54x
-(quantized ones 0.27x). Losses over 5 SGD steps vs eager: relative difference <= 3e-6
-(int8), <= 5e-5 (fp8). CPU time: about 55 s.
+Measured on CPU (torch 2.13, seed 3, one layer), against the unquantized compiled run at
+step 1: int8 LoRA gradients cos >= 0.99990 and relative norm error <= 0.015 (worst of 14
+tensors), fp8 cos >= 0.9985 and <= 0.058; 7 activations quantized, activation bytes kept
+0.59x (quantized ones 0.27x). Losses over 5 SGD steps vs eager: relative difference
+<= 1.6e-5 (int8), <= 2.1e-5 (fp8). (Two layers: 0.99992 / 0.013, 0.9988 / 0.052, 14
+quantized, 0.54x, 3e-6 / 5e-5; each compile of the module's six runs took ~30 % longer.)
+CPU time: about 70 s.
 """
 
 from __future__ import annotations
@@ -123,11 +125,11 @@ def test_compiled_round_trip_within_bound(shape, dtype, storage):
 
 # --------------------------------------------------------------------------- the model
 
-STEPS, BATCH, SEQ, LR = 5, 4, 128, 0.5
+STEPS, BATCH, SEQ, LR, LAYERS = 5, 4, 128, 0.5, 1
 # Bounds, with margin over what was measured on CPU (docstring).
 GRAD_COS = {"int8": 0.9995, "fp8": 0.995}
 GRAD_REL = {"int8": 0.04, "fp8": 0.12}
-LOSS_RTOL = 1e-4  # int8, per step, vs eager (measured <= 3e-6)
+LOSS_RTOL = 1e-4  # int8, per step, vs eager (measured <= 1.6e-5)
 
 
 def _batch(step):
@@ -152,7 +154,7 @@ RUNS = {  # name: (options, steps)
 
 @pytest.fixture(scope="module")
 def runs():
-    base = make_tiny_model("llama", seed=3)
+    base = make_tiny_model("llama", layers=LAYERS, seed=3)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return {name: _train(copy.deepcopy(base), opts, steps)
                 for name, (opts, steps) in RUNS.items()}
@@ -171,7 +173,7 @@ def test_activation_bytes_shrink(runs, name):
     """Quantized tensors are fp32 rows of >= 32 elements: (n + 4) / 4n <= 0.28 of their
     bytes; the activations kept in all shrink by what they saved."""
     plain, got = _graph(runs["plain"]), _graph(runs[name])
-    assert got.quantized_tensors >= 8, got.format()  # 4 per layer at least (x of the MLP, ...)
+    assert got.quantized_tensors >= 4 * LAYERS, got.format()  # 4 a layer at least (MLP input, ...)
     assert got.quantized_to_bytes <= 0.29 * got.quantized_from_bytes
     saved = got.quantized_from_bytes - got.quantized_to_bytes
     assert got.activation_bytes == plain.activation_bytes - saved
@@ -189,7 +191,7 @@ def test_first_loss_is_unchanged(runs):
 @pytest.mark.parametrize("name", ["int8", "fp8", "int8+budget"])
 def test_lora_grads_close_to_unquantized(runs, name):
     want, got = runs["plain"]["grads"][0], runs[name]["grads"][0]
-    assert len(want) == 28
+    assert len(want) == 14 * LAYERS  # A and B of 7 sites a layer
     storage = name.split("+")[0]
     for n, g in want.items():
         cos = torch.nn.functional.cosine_similarity(got[n].flatten(), g.flatten(), dim=0)
