@@ -10,7 +10,11 @@ LoRA GEMM shape of the Llama-3.1-8B step:
            step 1 of a training run
   quick    a candidate timer: 3 interleaved rounds × 5 calls (the candidates alternating)
   truth    every candidate timed long and interleaved (ROUNDS rounds × CALLS calls, the
-           candidates alternating each round), median ms per call
+           candidates alternating each round), median ms per call of device time: a GPU
+           spin is queued before each burst, so the calls are queued before the GPU
+           reaches them, as in a training step whose GPU runs behind the host
+  idle     the same on an idle GPU (no spin): where a candidate's launches take longer
+           than its kernels, this times the host (session 17: the k/v forward)
   hot      (--hot MS) the truth again with MS of heating GEMMs queued before every burst,
            so that the candidates run at the power cap as in a training step, where the
            library's choice was timed at a cold GPU's full clock: do the rankings agree?
@@ -31,6 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorafuse._torch import gpu_spin  # noqa: E402
+from lorafuse.kernels._dispatch import CYCLES_PER_MS  # noqa: E402
 
 # (kind, N, K, LoRA sites a step use it: 32 layers × projections of that shape). q, k, v
 # and gate, up run through the group op, whose forward calls the single-site forward per
@@ -119,9 +126,10 @@ def child(m: int, r: int, hot_ms: float) -> None:
         new = [k for k in lora._choice if k not in before]
         pick = lora._choice[new[0]] if new else "?"
         quick = interleaved_ms(fns, rounds=3, calls=5)
-        truth = interleaved_ms(fns)
+        truth = interleaved_ms(fns, heater=lambda: gpu_spin(20 * CYCLES_PER_MS))
+        idle = interleaved_ms(fns)
         row = {"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
-               "quick": min(quick, key=quick.get), "truth": truth}
+               "quick": min(quick, key=quick.get), "truth": truth, "idle": idle}
         if hot_ms:
             heater = heater or make_heater(hot_ms)
             heater()
@@ -190,15 +198,18 @@ def main() -> None:
         print(f"\nAt the power cap ({args.hot:g} ms of GEMMs queued before each of 5 rounds × "
               f"{4 * CALLS} calls): median ms per call over processes; the SM clock read "
               "under load\n")
-        print("| shape | hot truth per candidate | best hot | best cold | SM MHz |")
-        print("|---|---|---|---|---|")
+        print("| shape | hot truth per candidate | best hot | best cold (device) "
+              "| idle GPU per candidate | SM MHz |")
+        print("|---|---|---|---|---|---|")
         for j, (kind, N, K, _) in enumerate(SHAPES):
             rows = [run[j] for run in runs]
             hot = {c: statistics.median(r_["hot"][c] for r_ in rows) for c in rows[0]["hot"]}
             cold = {c: statistics.median(r_["truth"][c] for r_ in rows) for c in hot}
+            idle = {c: statistics.median(r_["idle"][c] for r_ in rows) for c in hot}
             mhz = [r_["hot_mhz"] for r_ in rows if r_.get("hot_mhz")]
             print(f"| {kind} {N}×{K} | " + ", ".join(f"{c} {t:.3f}" for c, t in hot.items())
                   + f" | {min(hot, key=hot.get)} | {min(cold, key=cold.get)} | "
+                  + ", ".join(f"{c} {t:.3f}" for c, t in idle.items()) + " | "
                   + (f"{statistics.median(mhz):.0f}" if mhz else "—") + " |")
 
 

@@ -33,6 +33,14 @@ except ImportError:  # present in 2.13 (and 2.3); should it move, keep lorafuse 
         return v.numel() * v.element_size()
 
 
+def gpu_spin(cycles: int) -> None:
+    """Queue a kernel that keeps the current CUDA stream busy for ``cycles`` clock cycles
+    (``torch.cuda._sleep``: the only way to hold a stream without memory or a sync). The
+    per-shape timer queues one before its timed calls, so that they are all queued before
+    the GPU reaches them and the CUDA events measure device time, not the host's launches."""
+    torch.cuda._sleep(cycles)
+
+
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A copy of a Dynamo graph to restore from. ``deepcopy`` keeps ``meta`` but drops the
     ``_dynamo_source`` attribute Dynamo sets on placeholders (outside ``meta``), which

@@ -382,6 +382,33 @@ def test_cudnn_backward_right_whatever_layouts_came_before():
                 assert e <= 1.25 * p + 1e-3 and p < 2e-2, (q_layout, dout_layout, name, e, p)
 
 
+def test_timer_measures_kernels_not_launches():
+    """A path of many tiny kernels is launch-bound on an idle GPU: its host time per call is
+    several times its kernels' time (100 launches a call: 5 timed calls stay well inside
+    the GPU's queue of pending launches). time_ms (a GPU spin queued first) reports the kernels'
+    time, well under the host's."""
+    import time
+
+    from lorafuse.kernels import _dispatch
+
+    x = torch.zeros(8, device="cuda")
+
+    def many_tiny():
+        for _ in range(100):
+            x.add_(1.0)
+
+    many_tiny()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        many_tiny()
+    host_ms = (time.perf_counter() - t0) * 1e3 / 5  # issuing 100 launches
+    torch.cuda.synchronize()
+    device_ms = _dispatch.time_ms(many_tiny)
+    print(f"100 tiny kernels: host {host_ms:.3f} ms a call, time_ms {device_ms:.3f} ms")
+    assert device_ms < 0.7 * host_ms, (device_ms, host_ms)
+
+
 def test_ranges_path_timed_at_the_8b_shape(monkeypatch):
     """At the 8B attention shape, right-padded (session 12's --pad-right 256 batch), the
     masked_attention op times its flash and masked paths once and takes the faster: prints

@@ -381,6 +381,45 @@ def test_race_takes_each_candidates_median_over_interleaved_rounds():
     assert times == {"a": 1.2, "b": 1.1}
 
 
+def test_timer_queues_a_gpu_spin_before_the_timed_calls(monkeypatch):
+    """time_ms measures device time: after the warm-up call and a second call timed on the
+    host, it queues a GPU spin and only then records the events around each timed call, so
+    the calls are queued before the GPU reaches them (on an idle GPU a launch-heavy path was
+    timed by its launches: session 17)."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self):
+            log.append("event")
+            self.t = len(log)
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(_dispatch, "gpu_spin", lambda cycles: log.append(("spin", cycles)))
+    ms = _dispatch.time_ms(lambda: log.append("call"), iters=3)
+    assert log == ["call", "call", ("spin", _dispatch.spin_cycles(0.0, 3)),
+                   *["event", "call", "event"] * 3, "sync"]
+    assert ms == 2.0  # each timed pair brackets exactly one call
+
+
+def test_spin_outlasts_the_hosts_launches():
+    """The spin covers twice the host time of the timed calls (a launch-heavy path needs a
+    longer one), within its floor and ceiling."""
+    per_ms = _dispatch.CYCLES_PER_MS
+    lo, hi = _dispatch.SPIN_MS
+    assert _dispatch.spin_cycles(0.001, 5) == int(lo * per_ms)
+    assert _dispatch.spin_cycles(1.5, 5) == int(15.0 * per_ms)  # 5 calls of 1.5 ms, twice
+    assert _dispatch.spin_cycles(1000.0, 5) == int(hi * per_ms)
+
+
 @pytest.mark.parametrize("triton_faster", [True, False])
 def test_dispatch_measures_once_and_caches(fresh_dispatch, triton_faster):
     run, calls = _stub_dispatch(fresh_dispatch, {True: 1.0 if triton_faster else 3.0, False: 2.0})

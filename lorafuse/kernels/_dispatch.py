@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 import warnings
 
 import torch
+
+from .._torch import gpu_spin
 
 warned: set = set()  # messages already given (tests clear it)
 
@@ -53,10 +56,29 @@ def triton_or_reference(x, env: str, what: str, triton_fn, reference_fn):
     return reference_fn()
 
 
+# The timed calls are queued behind a GPU spin long enough for the host to queue them all,
+# so each pair of events brackets the call's kernels alone, as in a training step whose GPU
+# runs behind the host. Session 17 (bench/probe_choice.py, H200): timed on an idle GPU, the
+# k/v forward's Triton path measured 0.134 ms a call against cuBLAS's 0.103, because its
+# launches, not its kernels, set the time; with the GPU kept busy, 0.062 against 0.093.
+SPIN_MS = (2.0, 100.0)  # at least, at most
+CYCLES_PER_MS = 2_000_000  # the H200's 1,980 MHz: at a lower clock the spin only lasts longer
+
+
+def spin_cycles(launch_ms: float, iters: int) -> int:
+    """GPU cycles to spin before ``iters`` timed calls whose launches take ``launch_ms`` each
+    on the host: twice the time the host needs to queue them, within ``SPIN_MS``."""
+    return int(min(SPIN_MS[1], max(SPIN_MS[0], 2 * iters * launch_ms)) * CYCLES_PER_MS)
+
+
 def time_ms(fn, args=(), iters: int = 5) -> float:
     """Median of a few CUDA-event timings of ``fn(*args)``, after one warm-up call (JIT,
-    autotuning)."""
+    autotuning): device time, the calls queued behind a GPU spin (``spin_cycles``) sized by
+    a second untimed call's host time."""
     fn(*args)
+    t0 = time.perf_counter()
+    fn(*args)
+    gpu_spin(spin_cycles((time.perf_counter() - t0) * 1e3, iters))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(iters)]
     for start, end in events:
