@@ -16,8 +16,9 @@ LoRA GEMM shape of the Llama-3.1-8B step:
   idle     the same on an idle GPU (no spin): where a candidate's launches take longer
            than its kernels, this times the host (session 17: the k/v forward)
   hot      (--hot MS) the truth again with MS of heating GEMMs queued before every burst,
-           so that the candidates run at the power cap as in a training step, where the
-           library's choice was timed at a cold GPU's full clock: do the rankings agree?
+           so that the candidates run at the power cap as in a training step (the library
+           times its choices that way since session 17, 20 ms of GEMMs: two rankings at a
+           cold GPU's full clock differed from the cap's); the picks' cost at the cap
 The parent prints, per shape: the picks across processes, the truth per candidate (median
 over processes, with the range), and the ms a step that wrong picks cost (sites per step ×
 (truth of the pick − truth of the best), averaged over processes).
@@ -37,7 +38,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorafuse._torch import gpu_spin  # noqa: E402
-from lorafuse.kernels._dispatch import CYCLES_PER_MS  # noqa: E402
 
 # (kind, N, K, LoRA sites a step use it: 32 layers × projections of that shape). q, k, v
 # and gate, up run through the group op, whose forward calls the single-site forward per
@@ -126,7 +126,7 @@ def child(m: int, r: int, hot_ms: float) -> None:
         new = [k for k in lora._choice if k not in before]
         pick = lora._choice[new[0]] if new else "?"
         quick = interleaved_ms(fns, rounds=3, calls=5)
-        truth = interleaved_ms(fns, heater=lambda: gpu_spin(20 * CYCLES_PER_MS))
+        truth = interleaved_ms(fns, heater=lambda: gpu_spin(40_000_000))  # ≈ 20 ms
         idle = interleaved_ms(fns)
         row = {"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
                "quick": min(quick, key=quick.get), "truth": truth, "idle": idle}
@@ -195,6 +195,11 @@ def main() -> None:
     print(f"\nwrong picks cost {total:.2f} ms a step on average (quick timer: {qtotal:.2f}), "
           "against each process's own best")
     if args.hot:
+        hot_cost = statistics.mean(sum(
+            sites * (r_["hot"][r_["pick"]] - min(r_["hot"].values()))
+            for r_, (_, _, _, sites) in zip(run, SHAPES) if r_["pick"] in r_["hot"]) for run in runs)
+        print(f"\nthe picks cost {hot_cost:.2f} ms a step at the power cap (hot truth, "
+              "each process against its own best)")
         print(f"\nAt the power cap ({args.hot:g} ms of GEMMs queued before each of 5 rounds × "
               f"{4 * CALLS} calls): median ms per call over processes; the SM clock read "
               "under load\n")

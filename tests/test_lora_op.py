@@ -381,11 +381,12 @@ def test_race_takes_each_candidates_median_over_interleaved_rounds():
     assert times == {"a": 1.2, "b": 1.1}
 
 
-def test_timer_queues_a_gpu_spin_before_the_timed_calls(monkeypatch):
-    """time_ms measures device time: after the warm-up call and a second call timed on the
-    host, it queues a GPU spin and only then records the events around each timed call, so
-    the calls are queued before the GPU reaches them (on an idle GPU a launch-heavy path was
-    timed by its launches: session 17)."""
+def test_timer_heats_the_gpu_before_the_timed_calls(monkeypatch):
+    """time_ms measures device time at the power cap: after the warm-up call and a second
+    call timed on the host, it queues heating GEMMs and only then records the events around
+    each timed call, so the calls are queued before the GPU reaches them and run at the cap
+    (session 17: on an idle GPU a launch-heavy path was timed by its launches, and two
+    rankings at full clock differed from the cap's)."""
     log = []
 
     class Event:
@@ -403,21 +404,19 @@ def test_timer_queues_a_gpu_spin_before_the_timed_calls(monkeypatch):
             return float(end.t - self.t)
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(_dispatch, "gpu_spin", lambda cycles: log.append(("spin", cycles)))
+    monkeypatch.setattr(_dispatch, "heat_gpu", lambda ms: log.append(("heat", ms)))
     ms = _dispatch.time_ms(lambda: log.append("call"), iters=3)
-    assert log == ["call", "call", ("spin", _dispatch.spin_cycles(0.0, 3)),
+    assert log == ["call", "call", ("heat", _dispatch.HEAT_MS),
                    *["event", "call", "event"] * 3, "sync"]
     assert ms == 2.0  # each timed pair brackets exactly one call
 
 
-def test_spin_outlasts_the_hosts_launches():
-    """The spin covers twice the host time of the timed calls (a launch-heavy path needs a
-    longer one), within its floor and ceiling."""
-    per_ms = _dispatch.CYCLES_PER_MS
-    lo, hi = _dispatch.SPIN_MS
-    assert _dispatch.spin_cycles(0.001, 5) == int(lo * per_ms)
-    assert _dispatch.spin_cycles(1.5, 5) == int(15.0 * per_ms)  # 5 calls of 1.5 ms, twice
-    assert _dispatch.spin_cycles(1000.0, 5) == int(hi * per_ms)
+def test_heat_outlasts_the_hosts_launches():
+    """The GPU stays busy for twice the host time of the timed calls where that is longer
+    than HEAT_MS (a launch-heavy path), never longer than HEAT_MAX_MS."""
+    assert _dispatch.heat_ms(0.001, 5) == _dispatch.HEAT_MS
+    assert _dispatch.heat_ms(3.0, 5) == 30.0  # 5 calls of 3 ms, twice
+    assert _dispatch.heat_ms(1000.0, 5) == _dispatch.HEAT_MAX_MS
 
 
 @pytest.mark.parametrize("triton_faster", [True, False])

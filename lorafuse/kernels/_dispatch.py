@@ -56,29 +56,60 @@ def triton_or_reference(x, env: str, what: str, triton_fn, reference_fn):
     return reference_fn()
 
 
-# The timed calls are queued behind a GPU spin long enough for the host to queue them all,
-# so each pair of events brackets the call's kernels alone, as in a training step whose GPU
-# runs behind the host. Session 17 (bench/probe_choice.py, H200): timed on an idle GPU, the
-# k/v forward's Triton path measured 0.134 ms a call against cuBLAS's 0.103, because its
-# launches, not its kernels, set the time; with the GPU kept busy, 0.062 against 0.093.
-SPIN_MS = (2.0, 100.0)  # at least, at most
-CYCLES_PER_MS = 2_000_000  # the H200's 1,980 MHz: at a lower clock the spin only lasts longer
+# Before its timed calls the timer queues GEMMs of its own (``heat_gpu``), for two reasons:
+# - the host queues every timed call before the GPU reaches them, so each pair of events
+#   brackets the call's kernels alone, as in a training step whose GPU runs behind the host.
+#   Timed on an idle GPU, the k/v forward's Triton path measured 0.134 ms a call against
+#   cuBLAS's 0.103 because its launches set the time; behind queued work, 0.062 against 0.093.
+# - the calls run at the power cap, as the step's do (session 16: every 8B step at ≈ 690 W,
+#   SM clock ≈ 1,500 MHz). At a cold GPU's full clock two rankings differed from the cap's:
+#   q/o forward, pointer 1.5 % ahead of TMA cold, 9 % behind at the cap; down's forward,
+#   cuBLAS 2 % behind cold, 8 % at the cap. 20 ms of queued GEMMs gave the rankings of 150.
+# Session 17, bench/probe_choice.py on the H200 (bench/RESULTS.md).
+HEAT_MS = 20.0
+HEAT_MAX_MS = 100.0
+_HEAT_N = 4096  # 3 × 32 MiB of fp16 operands, freed after queueing (the stream reuses them)
+_gemm_ms: dict = {}  # device index -> ms of one heating GEMM, measured once
 
 
-def spin_cycles(launch_ms: float, iters: int) -> int:
-    """GPU cycles to spin before ``iters`` timed calls whose launches take ``launch_ms`` each
-    on the host: twice the time the host needs to queue them, within ``SPIN_MS``."""
-    return int(min(SPIN_MS[1], max(SPIN_MS[0], 2 * iters * launch_ms)) * CYCLES_PER_MS)
+def heat_ms(launch_ms: float, iters: int) -> float:
+    """How long to keep the GPU busy before ``iters`` timed calls whose launches take
+    ``launch_ms`` each on the host: ``HEAT_MS``, or twice the host's queueing time if
+    longer, at most ``HEAT_MAX_MS``."""
+    return min(HEAT_MAX_MS, max(HEAT_MS, 2 * iters * launch_ms))
+
+
+def heat_gpu(ms: float) -> None:
+    """Queue about ``ms`` of back-to-back GEMMs on the current stream (no sync after the
+    first call's calibration). Out of memory, a GPU spin holds the stream instead."""
+    try:
+        a = torch.randn(_HEAT_N, _HEAT_N, device="cuda", dtype=torch.float16)
+        b, out = torch.randn_like(a), torch.empty_like(a)
+    except torch.OutOfMemoryError:
+        gpu_spin(int(ms * 2_000_000))  # ≈ 2 GHz: at a lower clock it only lasts longer
+        return
+    dev = torch.cuda.current_device()
+    if dev not in _gemm_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.mm(a, b, out=out)
+        start.record()
+        for _ in range(10):
+            torch.mm(a, b, out=out)
+        end.record()
+        end.synchronize()
+        _gemm_ms[dev] = max(start.elapsed_time(end) / 10, 1e-3)
+    for _ in range(max(1, round(ms / _gemm_ms[dev]))):
+        torch.mm(a, b, out=out)
 
 
 def time_ms(fn, args=(), iters: int = 5) -> float:
     """Median of a few CUDA-event timings of ``fn(*args)``, after one warm-up call (JIT,
-    autotuning): device time, the calls queued behind a GPU spin (``spin_cycles``) sized by
-    a second untimed call's host time."""
+    autotuning): device time at the power cap, the calls queued behind ``heat_gpu`` for
+    ``heat_ms`` of a second untimed call's host time."""
     fn(*args)
     t0 = time.perf_counter()
     fn(*args)
-    gpu_spin(spin_cycles((time.perf_counter() - t0) * 1e3, iters))
+    heat_gpu(heat_ms((time.perf_counter() - t0) * 1e3, iters))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(iters)]
     for start, end in events:
