@@ -99,9 +99,14 @@ def sm_clock_now() -> float | None:
         return None
 
 
-def child(m: int, r: int, hot_ms: float) -> None:
-    from lorafuse.kernels import lora
+def child(m: int, r: int, hot_ms: float, picks_only: bool, heat: str) -> None:
+    from lorafuse.kernels import _dispatch, lora
     from lorafuse.kernels import lora_triton as lt
+
+    if heat:  # the library's heater and rounds, to compare settings: N,dtype,rounds
+        n, dtype, rounds = heat.split(",")
+        _dispatch._HEAT_N, _dispatch._HEAT_DTYPE = int(n), getattr(torch, dtype)
+        _dispatch.ROUNDS = int(rounds)
 
     torch.manual_seed(0)
     dt, s, out, heater = torch.bfloat16, 2.0, [], None
@@ -125,6 +130,9 @@ def child(m: int, r: int, hot_ms: float) -> None:
                    "cublas": lambda: lora._lora_linear_backward_cublas(*args)}
         new = [k for k in lora._choice if k not in before]
         pick = lora._choice[new[0]] if new else "?"
+        if picks_only:
+            out.append({"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick})
+            continue
         quick = interleaved_ms(fns, rounds=3, calls=5)
         truth = interleaved_ms(fns, heater=lambda: gpu_spin(40_000_000))  # ≈ 20 ms
         idle = interleaved_ms(fns)
@@ -151,14 +159,20 @@ def main() -> None:
     p.add_argument("--hot", type=float, default=0.0, metavar="MS",
                    help="also time every candidate at the power cap: MS of heating GEMMs "
                         "queued before each burst (e.g. 150), and the clock read there")
+    p.add_argument("--picks-only", action="store_true",
+                   help="only the library's picks per process (no truth timings)")
+    p.add_argument("--heat", default="", metavar="N,DTYPE,ROUNDS",
+                   help="the library's heating GEMM size and dtype and its timing rounds "
+                        "(e.g. 8192,bfloat16,5; default: the library's)")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
     if args.child:
-        return child(args.m, args.r, args.hot)
+        return child(args.m, args.r, args.hot, args.picks_only, args.heat)
     runs = []
     for i in range(args.procs):
         res = subprocess.run([sys.executable, __file__, "--child", "--m", str(args.m),
-                              "--r", str(args.r), "--hot", str(args.hot)],
+                              "--r", str(args.r), "--hot", str(args.hot), "--heat", args.heat]
+                             + (["--picks-only"] if args.picks_only else []),
                              capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
@@ -169,6 +183,8 @@ def main() -> None:
             f"{d['kind']} {d['N']}x{d['K']} -> {d['pick']}" for d in runs[-1]), flush=True)
     if not runs:
         sys.exit(1)
+    if args.picks_only:
+        return
     print(f"\nM = {args.m}, r = {args.r}, {len(runs)} processes; truth: median ms per call "
           f"({ROUNDS} interleaved rounds × {CALLS} calls), median over processes [range]\n")
     print("| shape | sites/step | picks | quick picks | truth per candidate | best "

@@ -68,7 +68,7 @@ def triton_or_reference(x, env: str, what: str, triton_fn, reference_fn):
 # Session 17, bench/probe_choice.py on the H200 (bench/RESULTS.md).
 HEAT_MS = 20.0
 HEAT_MAX_MS = 100.0
-_HEAT_N = 4096  # 3 × 32 MiB of fp16 operands, freed after queueing (the stream reuses them)
+_HEAT_N, _HEAT_DTYPE = 4096, torch.float16  # 3 × 32 MiB, freed at once (the stream reuses them)
 _gemm_ms: dict = {}  # device index -> ms of one heating GEMM, measured once
 
 
@@ -83,7 +83,7 @@ def heat_gpu(ms: float) -> None:
     """Queue about ``ms`` of back-to-back GEMMs on the current stream (no sync after the
     first call's calibration). Out of memory, a GPU spin holds the stream instead."""
     try:
-        a = torch.randn(_HEAT_N, _HEAT_N, device="cuda", dtype=torch.float16)
+        a = torch.randn(_HEAT_N, _HEAT_N, device="cuda", dtype=_HEAT_DTYPE)
         b, out = torch.randn_like(a), torch.empty_like(a)
     except torch.OutOfMemoryError:
         gpu_spin(int(ms * 2_000_000))  # ≈ 2 GHz: at a lower clock it only lasts longer
