@@ -404,9 +404,11 @@ def test_timer_measures_kernels_not_launches():
         many_tiny()
     host_ms = (time.perf_counter() - t0) * 1e3 / 5  # issuing 100 launches
     torch.cuda.synchronize()
+    rng = torch.cuda.get_rng_state()
     device_ms = _dispatch.time_ms(many_tiny)
     print(f"100 tiny kernels: host {host_ms:.3f} ms a call, time_ms {device_ms:.3f} ms")
     assert device_ms < 0.7 * host_ms, (device_ms, host_ms)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)  # dropout's generator untouched
 
 
 def test_ranges_path_timed_at_the_8b_shape(monkeypatch):

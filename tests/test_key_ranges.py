@@ -686,7 +686,8 @@ def test_ranges_batch_takes_the_other_path_when_flash_is_slower(op, monkeypatch)
 def test_faster_is_flash_times_both_paths_once_per_shape(flash_ms, want, monkeypatch):
     """The choice times each path forward and backward (both run here, on fp64 CPU tensors)
     at a shape's first use, in interleaved rounds, keeps the faster, and does not time
-    that shape again."""
+    that shape again, nor a shape whose batch and lengths fall in the same power-of-two
+    buckets (lengths that vary from batch to batch are timed per bucket)."""
     from lorafuse.kernels._dispatch import ROUNDS
     from lorafuse.kernels import attention as ka
 
@@ -707,6 +708,9 @@ def test_faster_is_flash_times_both_paths_once_per_shape(flash_ms, want, monkeyp
     assert ka.faster_is_flash(*args, timer=timer) is want
     assert ran == ["flash", "masked"] * ROUNDS
     assert ka.faster_is_flash(*args, timer=timer) is want and len(ran) == 2 * ROUNDS
+    shorter = [t[:, :, :-3] for t in (q, k, v)]  # length 12 -> 9: the same bucket (16)
+    assert ka.faster_is_flash(args[0], *shorter, *args[4:], timer=timer) is want
+    assert len(ran) == 2 * ROUNDS and len(ka.RANGES_PATHS) == 1
     assert ka._ranges_take_flash(*args)  # off CUDA: always the flash kernel (tests run it)
 
 

@@ -411,6 +411,26 @@ def test_timer_heats_the_gpu_before_the_timed_calls(monkeypatch):
     assert ms == 2.0  # each timed pair brackets exactly one call
 
 
+def test_heat_leaves_the_default_rng_alone(monkeypatch):
+    """The heating GEMMs' operands come from a generator of their own: a choice timed inside
+    a training step must not move the default generator that dropout draws from. On CPU,
+    with the CUDA device redirected to the CPU and an 8 × 8 heater."""
+    real_randn, real_generator = torch.randn, torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(torch, "randn", lambda *a, device=None, **k: real_randn(*a, **k))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_HEAT_N", 8)
+    monkeypatch.setattr(_dispatch, "_HEAT_DTYPE", torch.float32)
+    monkeypatch.setattr(_dispatch, "_gemm_ms", {0: 1.0})
+    mms = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: mms.append(1) or real_mm(*a, **k))
+    state = torch.random.get_rng_state()
+    _dispatch.heat_gpu(5.0)
+    assert len(mms) == 5  # 5 ms of 1-ms GEMMs
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_heat_outlasts_the_hosts_launches():
     """The GPU stays busy for twice the host time of the timed calls where that is longer
     than HEAT_MS (a launch-heavy path), never longer than HEAT_MAX_MS."""

@@ -82,9 +82,13 @@ def heat_ms(launch_ms: float, iters: int) -> float:
 def heat_gpu(ms: float) -> None:
     """Queue about ``ms`` of back-to-back GEMMs on the current stream (no sync after the
     first call's calibration). Out of memory, a GPU spin holds the stream instead."""
+    # random operands (constant ones draw less power), from a generator of its own: dropout
+    # draws from the default one, and a choice timed at step 1 must not move its masks
+    gen = torch.Generator(device="cuda").manual_seed(0)
     try:
-        a = torch.randn(_HEAT_N, _HEAT_N, device="cuda", dtype=_HEAT_DTYPE)
-        b, out = torch.randn_like(a), torch.empty_like(a)
+        a, b = (torch.randn(_HEAT_N, _HEAT_N, device="cuda", dtype=_HEAT_DTYPE, generator=gen)
+                for _ in range(2))
+        out = torch.empty_like(a)
     except torch.OutOfMemoryError:
         gpu_spin(int(ms * 2_000_000))  # ≈ 2 GHz: at a lower clock it only lasts longer
         return
@@ -136,6 +140,13 @@ def race_ms(fns: dict, timer=time_ms, rounds: int = ROUNDS) -> dict:
         for n, fn in fns.items():
             times[n].append(timer(fn))
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def bucket(m: int) -> int:
+    """Next power of two: choices are made per bucket of a size that varies from batch to
+    batch (tokens, sequence length), not per value, so a run with varying lengths times a
+    few buckets, not every length."""
+    return 1 << max(0, m - 1).bit_length()
 
 
 def pick_fastest(cache: dict, key, candidates: dict, what: str, timer=None) -> str:

@@ -252,8 +252,9 @@ def flash_with_bounds_backward(dout, q, k, v, out, lse, lo, hi, scale, softcap=N
                                                        scale, softcap, None, klo, khi)
 
 
-# (op, q/k/v shapes, dtype, softcap) -> "flash" or "other": the faster path for a ranges
-# batch of that shape on CUDA, timed at its first use (forward and backward of each).
+# (op, q/k/v shapes with batch and length bucketed, dtype, softcap) -> "flash" or "other":
+# the faster path for a ranges batch of such shapes on CUDA, timed at the first use of the
+# key (forward and backward of each).
 RANGES_PATHS: dict = {}
 
 
@@ -271,9 +272,12 @@ def faster_is_flash(what: str, q, k, v, lo, hi, scale: float, softcap, other,
                     timer=None) -> bool:
     """``_ranges_take_flash``'s timing (cached in ``RANGES_PATHS``): each path forward and
     backward; ``timer`` for tests (default: CUDA events)."""
-    from ._dispatch import pick_fastest, time_ms
+    from ._dispatch import bucket, pick_fastest, time_ms
 
-    key = (what, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, softcap)
+    # batch and lengths per power-of-two bucket: with lengths that vary from batch to batch,
+    # a few timings, not one per length (each is ≈ 0.1 s of forwards, backwards and heating)
+    key = (what, *((bucket(t.shape[0]), t.shape[1], bucket(t.shape[2]), t.shape[3])
+                   for t in (q, k, v)), q.dtype, softcap)
     if key in RANGES_PATHS:  # every later step: no allocation, no timing
         return RANGES_PATHS[key] == "flash"
     # ones, not randn: the times do not depend on the values, and drawing would move the

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import pick_fastest, race_ms, requested_impl, warn_once
+from ._dispatch import bucket, pick_fastest, race_ms, requested_impl, warn_once
 from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
 
 # --------------------------------------------------------------------------- reference
@@ -135,11 +135,6 @@ def _requested_impl() -> str:
     return requested_impl(IMPL_ENV, _IMPLS)
 
 
-def _bucket(m: int) -> int:
-    """Next power of two: choices are made per bucket of M, not per sequence length."""
-    return 1 << max(0, m - 1).bit_length()
-
-
 def _triton_backward():
     from . import lora_triton  # ImportError when triton is absent: caught by the caller
 
@@ -234,7 +229,7 @@ def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
         return candidates.get(mode, candidates["pointer"])()
     if not x2.is_cuda:
         return candidates["pointer"]()  # the interpreter (tests): nothing to time
-    key = ("fwd", _bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
+    key = ("fwd", bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
            bias is not None)
     return candidates[pick_fastest(_choice, key, candidates, "LoRA forward GEMM",
                                    timer=_time_ms)]()
@@ -258,7 +253,7 @@ def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale):
     if weight is None:  # no base GEMM: nothing for the Triton kernel to fuse
         return _lora_linear_backward_cublas(*args)
     M = dy.numel() // dy.shape[-1] if dy.shape[-1] else 0
-    key = (_bucket(M), weight.shape[0], weight.shape[1], lora_a.shape[0], dy.dtype,
+    key = (bucket(M), weight.shape[0], weight.shape[1], lora_a.shape[0], dy.dtype,
            weight.stride(-1) != 1)
     return _dispatch("bwd", key, _lora_linear_backward_cublas, args)
 

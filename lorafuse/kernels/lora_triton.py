@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _bucket, _lora_ab_cublas
+from ._dispatch import bucket
+from .lora import _lora_ab_cublas
 
 # Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
 # shapes on an H200 (M = 4096 tokens, N and K in the thousands); the small ones short
@@ -222,7 +223,7 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
 
     args = (
         a1, b1, a2, b2, bias if bias is not None else out, out,
-        M, N, K1, K2, _bucket(M),
+        M, N, K1, K2, bucket(M),
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
         out.stride(0), out.stride(1),
@@ -373,7 +374,7 @@ def tail_gemm_nt_tma(x2, weight, h, lora_b, bias=None, alpha2=1.0):
     block_k2 = min(64, max(16, triton.next_power_of_2(K2)))
     dummy = [16, 16]  # replaced per config by _tma_block_shapes
     descs = [TensorDescriptor.from_tensor(t, list(dummy)) for t in (x2, weight, h, lora_b, out)]
-    args = (*descs, bias if bias is not None else out, M, N, K1, K2, _bucket(M), float(alpha2))
+    args = (*descs, bias if bias is not None else out, M, N, K1, K2, bucket(M), float(alpha2))
     meta = dict(HAS_BIAS=bias is not None, BLOCK_K2=block_k2,
                 INTERPRET_BF16=_INTERPRETED and x2.dtype == torch.bfloat16)
     if _INTERPRETED:
