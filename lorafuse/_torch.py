@@ -36,8 +36,9 @@ except ImportError:  # present in 2.13 (and 2.3); should it move, keep lorafuse 
 def gpu_spin(cycles: int) -> None:
     """Queue a kernel that keeps the current CUDA stream busy for ``cycles`` clock cycles
     (``torch.cuda._sleep``: the only way to hold a stream without memory or a sync). The
-    per-shape timer queues one before its timed calls, so that they are all queued before
-    the GPU reaches them and the CUDA events measure device time, not the host's launches."""
+    per-shape timer's stand-in for its heating GEMMs when their operands do not fit: the
+    timed calls are still all queued before the GPU reaches them, so the CUDA events time
+    kernels, not the host's launches (not at the power cap, though)."""
     torch.cuda._sleep(cycles)
 
 
