@@ -431,6 +431,21 @@ def test_heat_leaves_the_default_rng_alone(monkeypatch):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_heat_out_of_memory_spins_instead(monkeypatch):
+    """Where the heater's operands do not fit (long context near the memory limit), a GPU
+    spin holds the stream for about as long, and nothing raises."""
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    real_generator = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(torch, "randn", oom)
+    spins = []
+    monkeypatch.setattr(_dispatch, "gpu_spin", spins.append)
+    _dispatch.heat_gpu(20.0)
+    assert spins == [40_000_000]  # 20 ms at 2 GHz
+
+
 def test_heat_outlasts_the_hosts_launches():
     """The GPU stays busy for twice the host time of the timed calls where that is longer
     than HEAT_MS (a launch-heavy path), never longer than HEAT_MAX_MS."""
