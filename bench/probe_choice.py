@@ -8,7 +8,8 @@ Each of --procs fresh processes (fresh Triton autotuning, empty choice cache), f
 LoRA GEMM shape of the Llama-3.1-8B step:
   pick     the choice the library makes at a shape's first call (lora._choice), as in
            step 1 of a training run
-  quick    a candidate timer: 3 interleaved rounds × 5 calls (the candidates alternating)
+  quick    3 interleaved rounds × 5 calls on an idle GPU (the candidates alternating): the
+           library's timer of session 16, before it heated the GPU first
   truth    every candidate timed long and interleaved (ROUNDS rounds × CALLS calls, the
            candidates alternating each round), median ms per call of device time: a GPU
            spin is queued before each burst, so the calls are queued before the GPU
