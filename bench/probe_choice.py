@@ -16,7 +16,8 @@ LoRA GEMM shape of the Llama-3.1-8B step:
            reaches them, as in a training step whose GPU runs behind the host
   idle     the same on an idle GPU (no spin): where a candidate's launches take longer
            than its kernels, this times the host (session 17: the k/v forward)
-  hot      (--hot MS) the truth again with MS of heating GEMMs queued before every burst,
+  hot      (--hot MS) the truth again with MS of the library's heating GEMMs
+           (``_dispatch.heat_gpu``; session 17's logs used 8192³ bf16 ones) before every burst,
            so that the candidates run at the power cap as in a training step (the library
            times its choices that way since session 17, 20 ms of GEMMs: two rankings at a
            cold GPU's full clock differed from the cap's); the picks' cost at the cap
@@ -69,26 +70,6 @@ def interleaved_ms(fns: dict, rounds: int = ROUNDS, calls: int = CALLS, heater=N
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-def make_heater(ms: float):
-    """A callable that queues about ``ms`` of back-to-back 8192³ bf16 GEMMs (no sync): the
-    GPU reaches its power cap and stays there, as in a training step (session 16: every 8B
-    step ran at the cap, SM clock ≈ 1,550-1,725 MHz against 1,980 idle)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        torch.mm(a, a, out=out)
-    end.record()
-    end.synchronize()
-    n = max(1, round(ms / (start.elapsed_time(end) / 10)))
-
-    def heat():
-        for _ in range(n):
-            torch.mm(a, a, out=out)
-    return heat
-
-
 def sm_clock_now() -> float | None:
     """The SM clock in MHz as nvidia-smi reads it now (None without nvidia-smi)."""
     try:
@@ -110,7 +91,8 @@ def child(m: int, r: int, hot_ms: float, picks_only: bool, heat: str) -> None:
         _dispatch.ROUNDS = int(rounds)
 
     torch.manual_seed(0)
-    dt, s, out, heater = torch.bfloat16, 2.0, [], None
+    dt, s, out = torch.bfloat16, 2.0, []
+    heater = lambda: _dispatch.heat_gpu(hot_ms)  # noqa: E731  the library's heating GEMMs
     for kind, N, K, sites in SHAPES:
         x = torch.randn(m, K, device="cuda", dtype=dt)
         w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
@@ -140,7 +122,6 @@ def child(m: int, r: int, hot_ms: float, picks_only: bool, heat: str) -> None:
         row = {"kind": kind, "N": N, "K": K, "sites": sites, "pick": pick,
                "quick": min(quick, key=quick.get), "truth": truth, "idle": idle}
         if hot_ms:
-            heater = heater or make_heater(hot_ms)
             heater()
             heater()
             row["hot"] = interleaved_ms(fns, rounds=5, calls=4 * CALLS, heater=heater)
