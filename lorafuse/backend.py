@@ -44,8 +44,9 @@ class Options:
     activation_dtype: str | None = None
     # recompute in the backward what cheap ops rebuild from tensors it keeps anyway (an
     # MLP's act(gate) * up, each RMSNorm's output): fewer saved bytes, memory-bound
-    # recompute; opt-in until measured on the GPU (partition.recompute_free); not used
-    # with an explicit memory_budget, whose plan already recomputes cheap ops first
+    # recompute (partition.recompute_free); opt-in: at the 8B shape 5.5 GiB less peak for
+    # 1.9 % fewer tok/s (bench/RESULTS.md, session 18); not used with an explicit
+    # memory_budget, whose plan already recomputes cheap ops first
     recompute_free: bool = False
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched one ahead in the backward
