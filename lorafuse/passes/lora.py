@@ -13,6 +13,14 @@ rewriter cannot bind one placeholder to ``x`` twice, see DESIGN.md). Every
 intermediate must be used only inside the site. The compute dtype is the one the
 base product has in the graph (bf16 under autocast): all operands are cast to it,
 as autocast would, and the op's output is cast to the add's dtype if they differ.
+
+Norm fold: when a group's input is an RMSNorm's output (passes/norm.py's match: a Llama
+layer's q/k/v and gate/up), in the compute dtype, with every base weight frozen, the
+op also gets the norm's input, its rstd, weight and offset, and its backward computes the
+adapters' dA from those (kernels/lora_group.py) instead of keeping the norm's output:
+16 KiB per token and layer less kept at hidden 4096 in bf16. The ``norm`` pass, if it runs
+later, takes such a norm back (it drops the fold: its own op keeps the norm's input and
+rstd); LORAFUSE_NORM_FOLD=0 turns the fold off (to measure without it).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import fx
 from ..kernels._dispatch import warn_once
 from ..kernels import lora as lora_kernels  # noqa: F401  (registers the ops)
 from ..kernels import lora_group as lora_group_kernels  # noqa: F401
+from . import norm as norm_pass
 from ._graph import (
     DROPOUT_FUNCS,
     add_node,
@@ -48,6 +57,7 @@ NAME = "lora"
 # Fuse sites sharing one input into one op (x read once, one dx buffer). LORAFUSE_LORA_GROUP=0
 # turns it off, to measure each alone.
 GROUP_SHARED_INPUTS = os.environ.get("LORAFUSE_LORA_GROUP", "1") != "0"
+NORM_FOLD_ENV = "LORAFUSE_NORM_FOLD"  # 0: groups keep the norm's output (module docstring)
 
 
 @dataclass
@@ -169,6 +179,51 @@ def _compute_dtype(site: Site) -> torch.dtype:
     return val(site.base_out).dtype
 
 
+def _norm_feeding(x: fx.Node):
+    """The RMSNorm (a passes/norm.py Site, and its rsqrt node) whose output is ``x``, or
+    None. The rsqrt is at most a few nodes above the output."""
+    frontier, seen = [x], set()
+    for _ in range(6):
+        nxt = []
+        for node in frontier:
+            for a in node.all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if is_function(a, (torch.rsqrt,)) or is_method(a, ("rsqrt",)):
+                    try:
+                        site = norm_pass.match(a)
+                    except norm_pass.NoMatch:
+                        continue
+                    if site.out is x:
+                        return site, a
+                nxt.append(a)
+        frontier = nxt
+    return None
+
+
+def _norm_fold_args(sites: list, cdt) -> tuple:
+    """The group op's norm-fold arguments ``(norm_x, rstd, weight, offset)``, or ``()``
+    when its input is not a foldable RMSNorm's output (module docstring)."""
+    x = sites[0].x
+    if os.environ.get(NORM_FOLD_ENV, "1") == "0" or val(x).dtype != cdt:
+        return ()
+    if any(getattr(val(s.weight), "requires_grad", True) for s in sites):
+        return ()  # dW would need the norm's output: keep it
+    found = _norm_feeding(x)
+    if found is None:
+        return ()
+    site, rs = found
+    tx, tr = val(site.x), val(rs)
+    if tx.dtype != cdt or not same_sizes(tx.shape, val(x).shape) or tr.dtype != torch.float32 \
+            or not same_sizes(tr.shape, (*tx.shape[:-1], 1)):
+        return ()
+    if site.weight is not None and val(site.weight).dtype not in (torch.float16, torch.bfloat16,
+                                                                   torch.float32):
+        return ()
+    return (site.x, rs, site.weight, float(site.offset))
+
+
 def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
     """Replace one site, or several sharing one input, by one fused op. ``remap`` maps
     an already-rewritten add to its replacement (a site's input may be one)."""
@@ -204,6 +259,7 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
         else:
             args = (x, [cast(weight(s)) for s in sites], [cast(s.bias) for s in sites],
                     [cast(s.lora_a) for s in sites], [b for b, _ in bs], [sc for _, sc in bs])
+            args += _norm_fold_args(sites, cdt)
             call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default, args,
                             fake_mode)
         outs = []

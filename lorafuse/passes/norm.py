@@ -17,7 +17,9 @@ The match anchors on the ``rsqrt`` and walks out both ways. It needs every inter
 of the activation chain (h when it is a cast, h², v, v + eps, r, n, the casts and
 products after it) to be used only inside the match; x, weight and the output may be
 used anywhere. Weight-side nodes (``weight.float()``, ``1 + ...``) are left in place if
-something else uses them. Anything else is left alone with a reason.
+something else uses them. Anything else is left alone with a reason. A grouped LoRA op
+that reads the rstd for its norm fold (passes/lora.py) does not stop the match: the
+rewrite drops that fold, and the op keeps the norm's output again.
 
 LayerNorm: Dynamo leaves ``nn.LayerNorm`` (GPT-2's ln_1, ln_2, ln_f) as one
 ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` call (``torch.layer_norm`` too);
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..kernels import lora_group as lora_group_kernels  # noqa: F401  (registers the ops)
 from ..kernels import norm as norm_kernels  # noqa: F401  (registers the ops)
 from ._graph import (
     add_node,
@@ -61,6 +64,7 @@ _POW_FUNCS = (torch.pow, operator.pow)
 _RSQRT_FUNCS = (torch.rsqrt,)
 _MEAN_FUNCS = (torch.mean,)
 _LAYER_NORM_FUNCS = (torch.nn.functional.layer_norm, torch.layer_norm)
+_LORA_GROUP = torch.ops.lorafuse.lora_linear_group.default
 
 
 @dataclass
@@ -154,8 +158,15 @@ def _mean_last(node):
     return src
 
 
+def _fold_reads_rstd(user, node) -> bool:
+    """``user`` is a grouped LoRA op that reads ``node`` as its norm fold's rstd
+    (passes/lora.py): such a norm is still this pass's, and ``rewrite`` drops the fold."""
+    return user.op == "call_function" and user.target is _LORA_GROUP and len(user.args) > 7 \
+        and user.args[7] is node
+
+
 def _users_within(node, allowed) -> bool:
-    return all(u in allowed for u in node.users)
+    return all(u in allowed or _fold_reads_rstd(u, node) for u in node.users)
 
 
 def _weight_of(node, N, device):
@@ -192,7 +203,8 @@ def match(rs: fx.Node) -> Site:
             raise NoMatch("eps is a symbolic graph input, not a constant (dynamic=True)")
         raise NoMatch(None)
     # From here on it looks like an RMSNorm: failures carry a reason.
-    mul_r = _only_user(rs)
+    users = [u for u in rs.users if not _fold_reads_rstd(u, rs)]
+    mul_r = users[0] if len(users) == 1 else None
     ab = _binary(mul_r, is_mul) if mul_r is not None else None
     if ab is None or set(ab) != {h, rs} or len(set(ab)) != 2:
         raise NoMatch("rsqrt(mean(h²) + eps) is not only multiplied by h")
@@ -346,6 +358,10 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
     """Replace one site; ``remap`` maps an already-replaced output to its replacement (a
     norm's input may be another norm's output)."""
     g = gm.graph
+    for node in site.chain:  # the norm fold's grouped ops read the op's numbers now
+        for u in list(node.users):
+            if _fold_reads_rstd(u, node):
+                u.args = u.args[:6]
     with inserting_before(g, site.out):
         args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight), site.eps, site.offset, site.cast_before_weight,
                 _tensor(site.out).dtype)

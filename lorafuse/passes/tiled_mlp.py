@@ -70,7 +70,7 @@ def match(down: fx.Node, chunk: int):
             and g_src.args[0] is u_src.args[0] and is_function(g_src.args[0], (_GROUP,))):
         raise NoMatch(None)  # gate and up are not one grouped LoRA op's outputs
     group = g_src.args[0]
-    x, weights, biases, lora_as, lora_bs, scales = group.args
+    x, weights, biases, lora_as, lora_bs, scales = group.args[:6]  # not the norm fold's
     if len(weights) != 2 or {g_src.args[1], u_src.args[1]} != {0, 1}:
         raise NoMatch("the grouped op is not exactly gate and up")
     if not all(isinstance(s, (int, float)) for s in (*scales, s_d)):
