@@ -67,7 +67,8 @@ def norm_fold_weight(norm_weight, norm_offset, K, like):
     """``w + offset`` in fp32 (ones when the norm has no weight)."""
     if norm_weight is None:
         return torch.full((K,), 1.0 + norm_offset, dtype=torch.float32, device=like.device)
-    return norm_weight.float() + norm_offset
+    w = norm_weight.float()
+    return w + norm_offset if norm_offset else w
 
 
 def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
@@ -111,14 +112,15 @@ def _folded_dA(g, x0, rstd, wf):
     as two halves (its rounding and the rest: [hi | lo], one GEMM of 2R rows that reads x0
     once), so it adds no rounding of its own; the unfolded dA's rounding of the norm's
     output is gone, and nothing else is rounded before the end."""
-    gr = g.float() * rstd.reshape(-1, 1).float()
+    gr = torch.mul(g, rstd.reshape(-1, 1).float())  # fp32 (or fp64) by type promotion
     if g.dtype in (torch.float32, torch.float64):
         return (gr.to(g.dtype).t() @ x0).mul_(wf.to(g.dtype))
-    hi = gr.to(g.dtype)
-    lo = (gr - hi.float()).to(g.dtype)
     R = g.shape[1]
-    p = _mm_fp32(torch.cat([hi, lo], dim=1).t(), x0)
-    return (p[:R] + p[R:]).mul_(wf).to(g.dtype)
+    both = torch.empty(g.shape[0], 2 * R, dtype=g.dtype, device=g.device)
+    both[:, :R].copy_(gr)  # hi: gr rounded
+    both[:, R:].copy_(gr.sub_(both[:, :R]))  # lo: the exact rest, rounded
+    p = _mm_fp32(both.t(), x0)
+    return p[:R].add_(p[R:]).mul_(wf).to(g.dtype)
 
 
 def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
