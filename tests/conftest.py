@@ -75,10 +75,11 @@ MORE_ARCHS = ("qwen3", "phi3", "gemma3")  # built by make_tiny_model too; used b
 # put 2-test files such as test_readme.py last), so a long file collected last left one
 # worker idle while the other finished it; with the long ones first the last files handed
 # out are short. Per-file seconds, CI-style run of 2026-11-30: 339, 190, 175, 161, 127, 103,
-# 90, then 68 down to 17; the files not listed take under 10 s each.
+# 90, then 68 down to 17; the files not listed take under 10 s each. test_norm_fold.py
+# (session 18) ≈ 90 s alone.
 SLOW_FILES_FIRST = ("test_models.py", "test_attention.py", "test_layer_checkpoint.py",
                     "test_readme.py", "test_quant_storage.py", "test_memory_budget.py",
-                    "test_loss.py", "test_tiled_mlp.py", "test_key_ranges.py",
+                    "test_loss.py", "test_norm_fold.py", "test_tiled_mlp.py", "test_key_ranges.py",
                     "test_dequant_matmul.py", "test_all_passes.py", "test_flash_attention.py",
                     "test_norm.py", "test_rope.py", "test_cli.py", "test_workflow.py",
                     "test_offload.py", "test_trainer.py", "test_backend.py", "test_demo.py",
