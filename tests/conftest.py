@@ -293,6 +293,15 @@ def lorafuse_sgd_run(model, batches, lr: float, options) -> dict:
     return {"report": report, "losses": losses, "grads": grads}
 
 
+def partitioned_graph(run):
+    """The one graph of a ``lorafuse_sgd_run``, which the partitioner planned (an
+    AOTAutograd cache hit would have skipped it)."""
+    (graph,) = run["report"].graphs
+    assert graph.fell_back is None, graph.fell_back
+    assert graph.activation_bytes is not None, "the partitioner did not run (a cache hit?)"
+    return graph
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Factory: ``tiny_model(arch, **kw)`` → a PEFT-wrapped tiny model (see make_tiny_model)."""

@@ -33,7 +33,8 @@ import lorafuse.partition
 from lorafuse.partition import LorafusePartitioner, _torch_ratio, parse_memory_budget
 from lorafuse.report import Report
 
-from conftest import VOCAB, lora_params, lorafuse_sgd_run, make_tiny_model, reset_dynamo
+from conftest import (VOCAB, lora_params, lorafuse_sgd_run, make_tiny_model, partitioned_graph,
+                      reset_dynamo)
 
 BUDGETS = (None, 1.0, 0.9, 0.5, 0.0)  # None: no budget (the reference run)
 STEPS, BATCH, SEQ, LR, LAYERS = 2, 2, 16, 0.5, 1
@@ -78,35 +79,28 @@ def _assert_same_training(got, want, what: str) -> None:
             assert err <= GRAD_RTOL, f"{what} step {step} {name}: rel. error {err:.2e}"
 
 
-def _graph(run):
-    (graph,) = run["report"].graphs  # the tiny Llama compiles to one graph
-    assert graph.fell_back is None, graph.fell_back
-    assert graph.activation_bytes is not None, "the partitioner did not run (a cache hit?)"
-    return graph
-
-
 # --------------------------------------------------------------------------- the bound
 
 
 @pytest.mark.slow
 def test_budget_bounds_activations_kept(runs):
-    plain = _graph(runs[None])
+    plain = partitioned_graph(runs[None])
     default = plain.activation_bytes
     assert default > 0 and plain.memory_budget is None
     for budget in BUDGETS[1:]:
-        g = _graph(runs[budget])
+        g = partitioned_graph(runs[budget])
         assert g.default_activation_bytes == default, budget  # the same default plan
         assert g.activation_bytes <= g.budget_bytes, (budget, g.activation_bytes, g.budget_bytes)
-    assert _graph(runs[1.0]).activation_bytes == default
-    assert _graph(runs[0.5]).budget_bytes == int(0.5 * default)
-    assert _graph(runs[0.0]).budget_bytes == 0
+    assert partitioned_graph(runs[1.0]).activation_bytes == default
+    assert partitioned_graph(runs[0.5]).budget_bytes == int(0.5 * default)
+    assert partitioned_graph(runs[0.0]).budget_bytes == 0
 
 
 @pytest.mark.slow
 def test_bytes_kept_shrink_with_the_budget(runs):
     """Activation bytes and all bytes saved for backward (parameters included) never grow
     as the budget goes 1 → 0.9 → 0.5 → 0, and at 0 are strictly below the default plan's."""
-    order = [_graph(runs[b]) for b in (1.0, 0.9, 0.5, 0.0)]
+    order = [partitioned_graph(runs[b]) for b in (1.0, 0.9, 0.5, 0.0)]
     act = [g.activation_bytes for g in order]
     saved = [g.saved_bytes for g in order]
     assert act == sorted(act, reverse=True) and act[-1] == 0 < act[0], act
@@ -120,7 +114,7 @@ def test_report_shows_the_plan(runs):
     assert "memory plan:" in text and "budget 0.5: activations" in text, text
     assert " recomputed of " in text and "min-cut solves" in text, text
     assert "of them matmul/attention/custom" in text, text
-    g = _graph(runs[0.5])
+    g = partitioned_graph(runs[0.5])
     assert g.tokens == BATCH * SEQ
     assert f"per token ({BATCH * SEQ} tokens a call): " in text, text
     assert f"{g.activation_bytes // g.tokens} B of activations kept" in text \
@@ -135,7 +129,7 @@ def test_cheap_recomputes_first(runs):
     recomputes no matmul, attention or fused op; only a tighter one does. Without the
     pins torch's knapsack recomputes the fused LoRA and attention ops first (it does not
     count their cost). On this tiny model 0.9 is met by cheap ops, 0.5 is not."""
-    plain, cheap, tight = (_graph(runs[b]) for b in (None, 0.9, 0.0))
+    plain, cheap, tight = (partitioned_graph(runs[b]) for b in (None, 0.9, 0.0))
     assert cheap.budget_tier == 1 and cheap.recomputed_expensive == 0
     assert cheap.recomputed_ops > plain.recomputed_ops  # it did recompute more: cheap ops
     assert cheap.activation_bytes < plain.activation_bytes
@@ -162,7 +156,7 @@ def test_recompute_free_keeps_fewer_bytes_recomputing_only_cheap_ops(runs):
     keeps anyway (the MLP's act(gate) * up, the norms' outputs and inverse RMS): fewer
     bytes than min-cut's plan, no matmul / attention / fused op recomputed, and the
     report says how much."""
-    plain, free = _graph(runs[None]), _graph(runs["free"])
+    plain, free = partitioned_graph(runs[None]), partitioned_graph(runs["free"])
     assert free.activation_bytes < plain.activation_bytes
     assert free.recompute_free_bytes == plain.activation_bytes - free.activation_bytes
     assert free.recomputed_expensive == 0 and free.recomputed_ops > plain.recomputed_ops
@@ -308,7 +302,7 @@ def test_auto_budget_applies_only_when_the_plan_would_not_fit(runs, monkeypatch,
         warnings.simplefilter("always")
         got = _train(make_tiny_model("llama", layers=LAYERS, seed=3), "auto")
     want = runs[None]
-    plain, auto = _graph(want), _graph(got)
+    plain, auto = partitioned_graph(want), partitioned_graph(got)
     said = [str(w.message) for w in caught if "would not fit" in str(w.message)]
     fits = limit >= plain.activation_bytes
     assert fits == (free_gib == 1.0), (limit, plain.activation_bytes)  # both branches run

@@ -25,7 +25,7 @@ import lorafuse.passes.lora as lora_pass
 from lorafuse.kernels.lora_group import (_group_backward_cublas, lora_group_backward_reference,
                                          lora_linear_group_op)
 
-from conftest import HIDDEN, VOCAB, lorafuse_sgd_run, make_tiny_model
+from conftest import HIDDEN, VOCAB, lorafuse_sgd_run, make_tiny_model, partitioned_graph
 
 EPS = 1e-6
 
@@ -180,13 +180,6 @@ def _run(model, monkeypatch, fold: bool, count=None):
     return out
 
 
-def _graph(run):
-    (graph,) = run["report"].graphs
-    assert graph.fell_back is None, graph.fell_back
-    assert graph.activation_bytes is not None, "the partitioner did not run (a cache hit?)"
-    return graph
-
-
 @pytest.mark.slow
 def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     base = make_tiny_model("llama", layers=LAYERS, seed=3)
@@ -199,7 +192,7 @@ def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     # kept for its own backward and the fold keeps that input in its place. Each norm's
     # rstd (tokens x 4 bytes) may be kept in exchange.
     tokens = BATCH * SEQ
-    dropped = _graph(plain).activation_bytes - _graph(folded).activation_bytes
+    dropped = partitioned_graph(plain).activation_bytes - partitioned_graph(folded).activation_bytes
     assert dropped >= (2 * LAYERS - 1) * tokens * HIDDEN * 4 - 2 * LAYERS * tokens * 4, dropped
     for step in range(STEPS):
         torch.testing.assert_close(folded["losses"][step], plain["losses"][step], rtol=1e-6, atol=0)

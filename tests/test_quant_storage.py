@@ -37,7 +37,7 @@ import lorafuse
 from lorafuse.kernels.quant_storage import dequantize_rows as dequantize
 from lorafuse.kernels.quant_storage import quantize_rows as quantize
 
-from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model, reset_dynamo
+from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model, partitioned_graph, reset_dynamo
 
 # --------------------------------------------------------------------------- the round trip
 
@@ -168,19 +168,12 @@ def runs():
                 for name, (opts, steps) in RUNS.items()}
 
 
-def _graph(run):
-    (graph,) = run["report"].graphs
-    assert graph.fell_back is None, graph.fell_back
-    assert graph.activation_bytes is not None, "the partitioner did not run (a cache hit?)"
-    return graph
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_activation_bytes_shrink(runs, name):
     """Quantized tensors are fp32 rows of >= 32 elements: (n + 4) / 4n <= 0.28 of their
     bytes; the activations kept in all shrink by what they saved."""
-    plain, got = _graph(runs["plain"]), _graph(runs[name])
+    plain, got = partitioned_graph(runs["plain"]), partitioned_graph(runs[name])
     assert got.quantized_tensors >= 4 * LAYERS, got.format()  # 4 a layer at least (MLP input, ...)
     assert got.quantized_to_bytes <= 0.29 * got.quantized_from_bytes
     saved = got.quantized_from_bytes - got.quantized_to_bytes
@@ -218,7 +211,7 @@ def test_losses_close_to_eager_over_5_steps(runs):
 
 @pytest.mark.slow
 def test_works_with_memory_budget(runs):
-    budget, both = _graph(runs["budget"]), _graph(runs["int8+budget"])
+    budget, both = partitioned_graph(runs["budget"]), partitioned_graph(runs["int8+budget"])
     assert both.budget_bytes == budget.budget_bytes and both.quantized_tensors > 0
     assert both.activation_bytes < budget.activation_bytes
     text = str(runs["int8+budget"]["report"])
@@ -229,7 +222,7 @@ def test_works_with_memory_budget(runs):
 def test_report_shows_the_plan(runs):
     text = str(runs["int8"]["report"])
     assert "activations stored quantized" in text and "kept as computed" in text, text
-    plain = _graph(runs["plain"])
+    plain = partitioned_graph(runs["plain"])
     assert plain.activation_dtype is None and plain.quantized_tensors is None
     assert "activation_dtype" not in str(runs["plain"]["report"])
 

@@ -192,14 +192,20 @@ def base_plus_lowrank(x2, weight, bias, h, lora_b, scale):
     return _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale)
 
 
+def mm_fp32(a, b):
+    """``a @ b`` accumulated and written in fp32 (cuBLAS's out_dtype on CUDA; the same
+    numbers on CPU, for tests); fp32 and fp64 operands as they are."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale):
     """cuBLAS writing the base product in fp32, the tail and bias added there, one rounding:
     the Triton kernels' numbers, with an (M, N) fp32 temporary."""
-    if x2.dtype in (torch.float16, torch.bfloat16):
-        y = torch.mm(x2, weight.t(), out_dtype=torch.float32) if x2.is_cuda \
-            else x2.float() @ weight.t().float()  # CPU (tests): the same numbers
-    else:
-        y = x2 @ weight.t()
+    y = mm_fp32(x2, weight.t())
     y.addmm_(h.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
     if bias is not None:
         y += bias

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lora import _upcast, base_plus_lowrank
+from .lora import _upcast, base_plus_lowrank, mm_fp32
 
 
 def _split(t: Tensor, ranks) -> list:
@@ -97,16 +97,6 @@ def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, 
         b.to(B.dtype, copy=True) for b, B in zip(dBs, lora_bs)]
 
 
-def _mm_fp32(a, b):
-    """``a @ b`` accumulated and written in fp32 (cuBLAS's out_dtype on CUDA; the same
-    numbers on CPU, for tests)."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
 def _folded_dA(g, x0, rstd, wf):
     """``((g ⊙ rstd)ᵀ x0) ⊙ wf`` rounded once. In half precision g ⊙ rstd goes to the GEMM
     as two halves (its rounding and the rest: [hi | lo], one GEMM of 2R rows that reads x0
@@ -119,7 +109,7 @@ def _folded_dA(g, x0, rstd, wf):
     both = torch.empty(g.shape[0], 2 * R, dtype=g.dtype, device=g.device)
     both[:, :R].copy_(gr)  # hi: gr rounded
     both[:, R:].copy_(gr.sub_(both[:, :R]))  # lo: the exact rest, rounded
-    p = _mm_fp32(both.t(), x0)
+    p = mm_fp32(both.t(), x0)
     return p[:R].add_(p[R:]).mul_(wf).to(g.dtype)
 
 

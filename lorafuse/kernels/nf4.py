@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import pick_fastest, requested_impl, warn_once
-from .lora import base_plus_lowrank
+from .lora import base_plus_lowrank, mm_fp32
 
 try:  # optional: the CPU reference and the cuBLAS path need no Triton
     import triton
@@ -519,15 +519,6 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
-def _mm_fp32(a, b):
-    """``a @ b`` accumulated in fp32 and written in fp32 (cuBLAS's out_dtype on CUDA)."""
-    if a.dtype in (torch.float32, torch.float64):
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # CPU stand-in with the same numbers
-
-
 def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
                     bias, lora_a, lora_b, scale, x_lora, out_dtype):
     N, K = int(shape[0]), int(shape[1])
@@ -544,7 +535,7 @@ def _forward_device(x, qweight, absmax, absmax2, code2, offset, shape, blocksize
         h = x_lora.reshape(-1, K) @ lora_a.t()
         y = base_plus_lowrank(x2, W, bias, h, lora_b, scale)
         return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
-    y = _mm_fp32(x2, W.t())
+    y = mm_fp32(x2, W.t())
     del W  # the temporary dequantised weight lives only for this GEMM
     h = x.new_empty(0)
     if lora_a is not None:
