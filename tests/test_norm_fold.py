@@ -5,8 +5,9 @@ norm's input and rstd, so the backward no longer keeps the norm's output
 - the op: outputs and every gradient (through the norm's own autograd graph) equal the
   unfolded op's, fp32, Llama's and Gemma's norms (offset 0 and 1, weight or none);
 - the GPU path's arithmetic (``_group_backward_cublas``, run here on CPU tensors): in bf16
-  the folded dA is no farther from the fp64 value than the unfolded one (it skips the
-  rounding of the norm's output), dx and dB are the same numbers;
+  each folded dA is within a few roundings of the fp64 value and, over 200 fixed problems,
+  nearer to it than the unfolded one on average and in most problems (it skips the
+  rounding of the norm's output); dx and dB are the same numbers;
 - whole models: a tiny Llama keeps fewer activation bytes with the same training (fp32);
   with a bf16 base every group folds and the losses stay the unfolded run's; the ``norm``
   pass, before or after the LoRA pass, fuses every norm and no fold is left.
