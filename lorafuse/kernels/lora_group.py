@@ -215,7 +215,8 @@ def _backward(ctx, grads):
     n = ctx.n
     weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
     dtype = x.dtype  # the op's compute dtype (the norm's input has it too: passes/lora.py)
-    dys = [g if g is not None else torch.zeros(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
+    dys = [g if g is not None
+           else torch.zeros(*x.shape[:-1], w.shape[0], dtype=dtype, device=x.device)
            for g, w in zip(grads[:n], weights)]
     # needs_input_grad follows the inputs' structure: a list of bools for a list of tensors,
     # one bool for a list holding None (the biases, usually).
