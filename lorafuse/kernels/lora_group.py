@@ -104,7 +104,7 @@ def _folded_dA(g, x0, rstd, wf):
     output is gone, and nothing else is rounded before the end."""
     gr = torch.mul(g, rstd.reshape(-1, 1).float())  # fp32 (or fp64) by type promotion
     if g.dtype in (torch.float32, torch.float64):
-        return (gr.to(g.dtype).t() @ x0).mul_(wf.to(g.dtype))
+        return (gr.t() @ x0).mul_(wf.to(g.dtype))  # gr has g's dtype already
     R = g.shape[1]
     both = torch.empty(g.shape[0], 2 * R, dtype=g.dtype, device=g.device)
     both[:, :R].copy_(gr)  # hi: gr rounded
