@@ -197,7 +197,7 @@ run_tests() {  # run_tests [pytest-only]
 
 run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Liger, 8B shapes
     local script t rc
-    for script in ${OPS:-bench_fwd_gemm.py bench_nf4_gemm.py bench_elementwise.py bench_attention.py bench_softcap_attention.py bench_op_host.py}; do
+    for script in ${OPS:-bench_fwd_gemm.py bench_nf4_gemm.py bench_elementwise.py bench_mlp_fold.py bench_attention.py bench_softcap_attention.py bench_op_host.py}; do
         t=${OP_TIMEOUT:-100}
         # the flash kernels autotune ~19 configs per shape: 100 s covered 10 of its rows
         [ "$script" = bench_softcap_attention.py ] && t=${OP_TIMEOUT:-240}

@@ -65,6 +65,42 @@ def test_lora_op_real_sizes_bf16(site):
         assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
 
 
+
+def test_mlp_fold_down_op_8b_shape_bf16():
+    """The down op with the MLP fold (dA from gate and up, kernels/lora_gated.py) at the 8B
+    shape: every output and gradient as close to fp64 as eager bf16's, and dA the unfolded
+    op's within a bf16 rounding (both read the same rounded product)."""
+    from lorafuse.kernels.lora import lora_linear_op
+
+    N, K = SITES_8B["down"]
+    M, r, s = 4096, 16, 2.0
+    g = torch.Generator("cuda").manual_seed(5)
+    gate, up = (torch.randn(2, M // 2, K, device="cuda", generator=g).bfloat16() for _ in "gu")
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    dy = torch.randn(2, M // 2, N, device="cuda", generator=g).bfloat16()
+
+    def run(dtype, fold=None):
+        ts = [t.detach().to(dtype).requires_grad_() for t in (gate, up, A, B)]
+        p = torch.nn.functional.silu(ts[0]) * ts[1]
+        if fold is None:  # eager PEFT
+            y = torch.nn.functional.linear(p, W.to(dtype)) + (p @ ts[2].t()) @ ts[3].t() * s
+        else:
+            extra = (ts[0], ts[1], "silu") if fold else ()
+            y = lora_linear_op(p, W, None, ts[2], ts[3], s, None, *extra)[0]
+        y.backward(dy.to(dtype))
+        return [y] + [t.grad for t in ts]
+
+    ref, eager = run(torch.float64), run(torch.bfloat16)
+    folded, plain = run(torch.bfloat16, True), run(torch.bfloat16, False)
+    for name, r_, e_, f_, p_ in zip(("y", "dgate", "dup", "dA", "dB"), ref, eager, folded, plain):
+        assert torch.isfinite(f_).all(), name
+        err_f, err_e = _rel(f_, r_), _rel(e_, r_)
+        print(f"down fold {name}: lorafuse {err_f:.2e} eager-bf16 {err_e:.2e}")
+        assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
+        assert _rel(f_, p_) <= 2.0**-8, (name, _rel(f_, p_))
+
 def test_lora_kernels_past_int32_offsets_at_long_context():
     """Session 10: at 262,144 tokens the gate/up outputs (× 14,336) pass 2³¹ elements, and
     the Triton kernels fell back to cuBLAS with 15 GiB fp32 temporaries. Now they run over

@@ -36,7 +36,7 @@ from lorafuse.report import Report
 from conftest import (VOCAB, lora_params, lorafuse_sgd_run, make_tiny_model, partitioned_graph,
                       reset_dynamo)
 
-BUDGETS = (None, 1.0, 0.9, 0.5, 0.0)  # None: no budget (the reference run)
+BUDGETS = (None, 1.0, 0.95, 0.5, 0.0)  # None: no budget (the reference run)
 STEPS, BATCH, SEQ, LR, LAYERS = 2, 2, 16, 0.5, 1
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-5  # ‖g − g_ref‖ / ‖g_ref‖ per LoRA tensor
@@ -98,13 +98,15 @@ def test_budget_bounds_activations_kept(runs):
 
 @pytest.mark.slow
 def test_bytes_kept_shrink_with_the_budget(runs):
-    """Activation bytes and all bytes saved for backward (parameters included) never grow
-    as the budget goes 1 → 0.9 → 0.5 → 0, and at 0 are strictly below the default plan's."""
-    order = [partitioned_graph(runs[b]) for b in (1.0, 0.9, 0.5, 0.0)]
+    """Activation bytes never grow as the budget goes 1 → 0.95 → 0.5 → 0, and are 0 at 0;
+    all bytes saved for backward (parameters included) are below the default plan's at 0.
+    In between they need not shrink: a recompute reads parameters, which count there
+    (resident anyway); with the norm and MLP folds, 0.95 saves more of them than 1.0."""
+    order = [partitioned_graph(runs[b]) for b in (1.0, 0.95, 0.5, 0.0)]
     act = [g.activation_bytes for g in order]
     saved = [g.saved_bytes for g in order]
     assert act == sorted(act, reverse=True) and act[-1] == 0 < act[0], act
-    assert saved == sorted(saved, reverse=True) and saved[-1] < saved[0], saved
+    assert saved[-1] < saved[0], saved
     assert order[-1].saved_for_backward < order[0].saved_for_backward
 
 
@@ -128,8 +130,10 @@ def test_cheap_recomputes_first(runs):
     """A budget that recomputing cheap ops (norms, rope, activations, casts) can meet
     recomputes no matmul, attention or fused op; only a tighter one does. Without the
     pins torch's knapsack recomputes the fused LoRA and attention ops first (it does not
-    count their cost). On this tiny model 0.9 is met by cheap ops, 0.5 is not."""
-    plain, cheap, tight = (partitioned_graph(runs[b]) for b in (None, 0.9, 0.0))
+    count their cost). On this tiny model 0.95 is met by cheap ops (they reach 0.92 of the
+    default plan's bytes: the norm and MLP folds left little else to recompute), 0.5 is
+    not."""
+    plain, cheap, tight = (partitioned_graph(runs[b]) for b in (None, 0.95, 0.0))
     assert cheap.budget_tier == 1 and cheap.recomputed_expensive == 0
     assert cheap.recomputed_ops > plain.recomputed_ops  # it did recompute more: cheap ops
     assert cheap.activation_bytes < plain.activation_bytes
@@ -286,7 +290,7 @@ def test_budget_forms():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("free_gib", [1.0, 60e-6])
+@pytest.mark.parametrize("free_gib", [1.0, 45e-6])
 def test_auto_budget_applies_only_when_the_plan_would_not_fit(runs, monkeypatch, free_gib):
     """memory_budget='auto' (the default): min-cut's plan while its activations fit in the
     memory "auto" allows (1 GiB: plenty for the tiny model; off the GPU it allows all,

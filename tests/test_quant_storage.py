@@ -156,14 +156,14 @@ RUNS = {  # name: (options, steps)
 
 @pytest.fixture(scope="module")
 def runs():
-    # The norm fold (passes/lora.py, on by default) takes the norms' outputs out of the
-    # plan, and with them most of what quantized storage would store here: with it the
-    # int8 run keeps 0.60 of the plain run's bytes, and under budget 0.5 nothing large is
-    # left to quantize. These runs measure the quantizer on the tensors its bounds were
-    # set on, so the fold is off.
+    # The norm and MLP folds (passes/lora.py, on by default) take the norms' outputs and
+    # the MLP's product out of the plan, and with them most of what quantized storage
+    # would store here: with the norm fold alone the int8 run keeps 0.60 of the plain run's
+    # bytes, and under budget 0.5 nothing large is left to quantize. These runs measure
+    # the quantizer on the tensors its bounds were set on, so the folds are off.
     base = make_tiny_model("llama", layers=LAYERS, seed=3)
     with torch._functorch.config.patch(enable_autograd_cache=False), \
-            mock.patch.dict(os.environ, {"LORAFUSE_NORM_FOLD": "0"}):
+            mock.patch.dict(os.environ, {"LORAFUSE_NORM_FOLD": "0", "LORAFUSE_MLP_FOLD": "0"}):
         return {name: _train(copy.deepcopy(base), opts, steps)
                 for name, (opts, steps) in RUNS.items()}
 

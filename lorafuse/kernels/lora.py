@@ -23,6 +23,12 @@ takes whichever of the Triton kernel (one rounding) and cuBLAS (``(g A).addmm_(d
 g A rounded, then dy W rounded before the add, as eager does) measured faster per shape.
 When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes only
 (dA, dB), skipping the (M, K) dx GEMM.
+
+The MLP fold (``gate``, ``up``, ``act``; passes/lora.py): when x is a gated MLP's product
+``act(gate) ⊙ up``, the op also gets gate and up, keeps them for the backward instead of x
+(the activation's backward keeps them anyway) and computes dA from them
+(kernels/lora_gated.py). The backward ops then take gate in x's place, with ``up`` and
+``act``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from torch import Tensor
 
 from ._dispatch import bucket, pick_fastest, race_ms, requested_impl, warn_once
 from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
+from .gated_mlp import gated_mlp_reference
+from .lora_gated import gated_da, gated_da_reference
 
 # --------------------------------------------------------------------------- reference
 
@@ -59,27 +67,32 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
     return y.to(dtype).reshape(*lead, weight.shape[0]), h.to(dtype).reshape(*lead, lora_a.shape[0])
 
 
-def lora_linear_backward_reference(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    """fp32 reference of ``(dx, dA, dB)``; dx omits ``dy W`` when weight is None."""
+def lora_linear_backward_reference(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None,
+                                   act=""):
+    """fp32 reference of ``(dx, dA, dB)``; dx omits ``dy W`` when weight is None. With
+    ``up`` (the MLP fold) ``x_lora`` is the gate and x' = act(gate) ⊙ up."""
     dtype = dy.dtype
     N = lora_b.shape[0]
     g = (_upcast(dy).reshape(-1, N) @ _upcast(lora_b)) * scale
     dx = g @ _upcast(lora_a)
     if weight is not None:
         dx = dx + _upcast(dy).reshape(-1, N) @ _upcast(weight)
-    dA, dB = _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g)
+    dA, dB = _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.to(dtype).reshape(x_lora.shape), dA, dB
 
 
-def _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g=None):
+def _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g=None, up=None, act=""):
     """fp32 reference of ``(dA, dB)`` alone (the input needs no gradient)."""
     K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
     dy2 = _upcast(dy).reshape(-1, N)
     if g is None:
         g = (dy2 @ _upcast(lora_b)) * scale
-    dA = g.t() @ _upcast(x_lora).reshape(-1, K)
+    if up is None:
+        dA = (g.t() @ _upcast(x_lora).reshape(-1, K)).to(lora_a.dtype)
+    else:
+        dA = gated_da_reference(g, x_lora, up, act, 1.0, dy.dtype, lora_a.dtype)
     dB = (dy2.t() @ _upcast(h).reshape(-1, r)) * scale
-    return dA.to(lora_a.dtype), dB.to(lora_b.dtype)
+    return dA, dB.to(lora_b.dtype)
 
 
 # --------------------------------------------------------------------------- cuBLAS path
@@ -94,23 +107,26 @@ def _scaled_mm(a, b, scale):
     return torch.addmm(out, a, b, beta=0, alpha=scale)
 
 
-def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale):
+def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
     N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
     g = dy2 @ lora_b  # unscaled; s rides on each consumer's alpha
     dx = _scaled_mm(g, lora_a, scale)
     if weight is not None:
         dx.addmm_(dy2, weight)
-    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g)
+    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.reshape(x_lora.shape), dA, dB
 
 
-def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None):
+def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None, up=None, act=""):
     K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
     dy2 = dy.reshape(-1, N)
     if g is None:
         g = dy2 @ lora_b
-    dA = _scaled_mm(g.t(), x_lora.reshape(-1, K), scale)
+    if up is None:
+        dA = _scaled_mm(g.t(), x_lora.reshape(-1, K), scale)
+    else:  # the MLP fold: x_lora is the gate
+        dA = gated_da(g, x_lora, up, act, scale, dy.dtype, lora_a.dtype)
     dB = _scaled_mm(dy2.t(), h.reshape(-1, r), scale)
     return dA, dB
 
@@ -252,8 +268,8 @@ def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
     return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
 
 
-def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale):
-    args = (dy, x_lora, weight, lora_a, lora_b, h, scale)
+def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
+    args = (dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
     if not dy.is_cuda and not _triton_on_cpu():
         return lora_linear_backward_reference(*args)
     if weight is None:  # no base GEMM: nothing for the Triton kernel to fuse
@@ -264,10 +280,10 @@ def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale):
     return _dispatch("bwd", key, _lora_linear_backward_cublas, args)
 
 
-def _ab_impl(dy, x_lora, lora_a, lora_b, h, scale):
+def _ab_impl(dy, x_lora, lora_a, lora_b, h, scale, up=None, act=""):
     if dy.is_cuda:
-        return _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale)
-    return _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale)
+        return _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, up=up, act=act)
+    return _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, up=up, act=act)
 
 
 # --------------------------------------------------------------------------- ops
@@ -282,14 +298,18 @@ def lora_linear_op(
     lora_b: Tensor,
     scale: float,
     x_lora: Optional[Tensor],
+    gate: Optional[Tensor] = None,
+    up: Optional[Tensor] = None,
+    act: str = "",
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``(y, h)``; h = x' Aᵀ is kept for the backward (r columns, small)."""
+    """Returns ``(y, h)``; h = x' Aᵀ is kept for the backward (r columns, small). gate, up
+    and act (the MLP fold, module docstring) change only what the backward keeps."""
     y, h = _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora)
     return y.contiguous(), h.contiguous()
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, x_lora):
+def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act=""):
     lead = x.shape[:-1]
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, lora_a.shape[0])
 
@@ -303,14 +323,17 @@ def lora_linear_backward_op(
     lora_b: Tensor,
     h: Tensor,
     scale: float,
+    up: Optional[Tensor] = None,
+    act: str = "",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dA, dB)``; dx = dy W + g A, or g A alone when weight is None."""
-    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale)
+    """Returns ``(dx, dA, dB)``; dx = dy W + g A, or g A alone when weight is None. With
+    ``up``, x_lora is the gate of x' = act(gate) ⊙ up (the MLP fold)."""
+    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
     return dx.contiguous(), dA.contiguous(), dB.contiguous()
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x_lora, weight, lora_a, lora_b, h, scale):
+def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
@@ -322,31 +345,38 @@ def lora_linear_backward_ab_op(
     lora_b: Tensor,
     h: Tensor,
     scale: float,
+    up: Optional[Tensor] = None,
+    act: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(dA, dB)`` only: the backward when no input needs a gradient (layer 0
     fed by frozen embeddings), which skips the (M, K) dx GEMM. lora_a gives dA's
-    shape and dtype."""
-    dA, dB = _ab_impl(dy, x_lora, lora_a, lora_b, h, scale)
+    shape and dtype; ``up``: as in ``lora_linear_backward``."""
+    dA, dB = _ab_impl(dy, x_lora, lora_a, lora_b, h, scale, up, act)
     return dA.contiguous(), dB.contiguous()
 
 
 @lora_linear_backward_ab_op.register_fake
-def _(dy, x_lora, lora_a, lora_b, h, scale):
+def _(dy, x_lora, lora_a, lora_b, h, scale, up=None, act=""):
     return torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, x_lora = inputs
+    x, weight, bias, lora_a, lora_b, scale, x_lora, gate, up, act = inputs
     ctx.scale = scale
     ctx.has_bias = bias is not None
     ctx.has_dropout = x_lora is not None
-    ctx.save_for_backward(x, weight, lora_a, lora_b, x_lora, output[1])
+    ctx.act = act
+    ctx.fold = up is not None
+    # the MLP fold keeps gate and up (which the activation's backward keeps) instead of x
+    ctx.save_for_backward(gate if ctx.fold else x, weight, lora_a, lora_b, x_lora, output[1],
+                          up)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dh):
-    x, weight, lora_a, lora_b, x_lora, h = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora
+    x, weight, lora_a, lora_b, x_lora, h, up = ctx.saved_tensors  # x: the gate under the fold
+    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora, gate, up, act
+    fold = (up, ctx.act) if ctx.fold else ()
     dx = dW = db = dxl = None
     if ctx.has_dropout:
         if need[6]:
@@ -356,15 +386,17 @@ def _backward(ctx, dy, _dh):
         if need[0]:
             dx = dy @ weight
     elif need[0]:
-        dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale)
+        dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale, *fold)
     else:
-        dA, dB = lora_linear_backward_ab_op(dy, x, lora_a, lora_b, h, ctx.scale)
+        dA, dB = lora_linear_backward_ab_op(dy, x, lora_a, lora_b, h, ctx.scale, *fold)
     if need[1]:
+        if ctx.fold:  # passes/lora.py folds only frozen weights; rebuild x all the same
+            x = gated_mlp_reference(x, up, ctx.act, dy.dtype)
         dW = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         dW = dW.to(weight.dtype)
     if ctx.has_bias and need[2]:
         db = dy.reshape(-1, dy.shape[-1]).sum(0)
-    return dx, dW, db, dA, dB, None, dxl
+    return dx, dW, db, dA, dB, None, dxl, None, None, None
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

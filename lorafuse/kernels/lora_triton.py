@@ -396,12 +396,12 @@ def tail_gemm_nt_tma(x2, weight, h, lora_b, bias=None, alpha2=1.0):
     return out
 
 
-def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale):
+def triton_lora_backward(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
     """Same contract as ``lora._lora_linear_backward_cublas`` with a base weight (without
     one there is no base GEMM to fuse, and the op stays on cuBLAS): ``(dx, dA, dB)``."""
     N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
     g = dy2 @ lora_b  # unscaled: s is applied in fp32 inside each consumer
     dx = lowrank_tail_gemm(dy2, weight, g, lora_a, None, alpha2=scale)
-    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g)
+    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.reshape(x_lora.shape), dA, dB

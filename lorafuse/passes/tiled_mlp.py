@@ -58,7 +58,7 @@ def match(down: fx.Node, chunk: int):
     every node the op replaces, users first."""
     if not is_function(down, (_LINEAR,)):
         raise NoMatch(None)
-    p, w_d, b_d, a_d, bb_d, s_d, x_lora = down.args
+    p, w_d, b_d, a_d, bb_d, s_d, x_lora = down.args[:7]  # not the MLP fold's gate and up
     try:
         gate, up, act, act_node = gated_mlp.match(p)
     except gated_mlp.NoMatch:
@@ -80,9 +80,11 @@ def match(down: fx.Node, chunk: int):
     if not (len(users) == 1 and is_function(users[0], (operator.getitem,))
             and users[0].args[1] == 0):
         raise NoMatch("the down projection's LoRA intermediate is used")
-    if not (_used_only_by(group, {g_src, u_src}) and len(g_src.users) == 1
-            and len(u_src.users) == 1 and all(len(c.users) == 1 for c in g_casts + u_casts)
-            and _used_only_by(p, {down})):
+    def one_user(n):  # down itself reads gate and up under the MLP fold (passes/lora.py)
+        return len([u for u in n.users if u is not down]) == 1
+
+    if not (_used_only_by(group, {g_src, u_src}) and one_user(g_src) and one_user(u_src)
+            and all(one_user(c) for c in g_casts + u_casts) and _used_only_by(p, {down})):
         raise NoMatch("an MLP intermediate is used outside the MLP")
     for w in (*weights, *[b for b in biases if b is not None], w_d,
               *([b_d] if b_d is not None else [])):
