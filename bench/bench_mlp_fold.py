@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_GBPS = 4182.0
 SHAPES = {"8b": (4096, 14336, 16), "small": (40, 72, 4)}
-CONFIGS = [None, (32, 256, 4), (64, 64, 4), (128, 128, 8), (64, 256, 8)]
+CONFIGS = [None, (64, 128, 4), (32, 256, 4), (128, 128, 8), (64, 256, 8)]
 
 
 def main() -> None:
