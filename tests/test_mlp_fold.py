@@ -217,6 +217,40 @@ def test_model_bf16_base_folds_and_trains(monkeypatch):
             assert torch.isfinite(folded["grads"][step][name]).all() and g.norm() > 0, name
 
 
+@pytest.mark.parametrize("order", [("lora", "gated_mlp"), ("gated_mlp", "lora")])
+def test_fold_with_the_gated_mlp_pass(order):
+    """With the ``gated_mlp`` pass too, in either order, the down op folds (reading the
+    gate and up that the gated op reads), and the compiled step's gradients are eager's."""
+    from lorafuse.passes import PASSES
+    from lorafuse.report import PassReport
+
+    from conftest import reset_dynamo
+
+    seen = {}
+
+    def backend(gm, example_inputs):
+        for name in order:
+            PASSES[name](gm, PassReport(name))
+        down = [n for n in gm.graph.nodes if n.target is torch.ops.lorafuse.lora_linear.default
+                and len(n.args) == 10]
+        gated = [n for n in gm.graph.nodes if n.target is torch.ops.lorafuse.gated_mlp.default]
+        seen["folds"] = [(n.args[7], n.args[8], n.args[9]) for n in down]
+        seen["gated"] = [tuple(n.args[:3]) for n in gated]
+        return torch._dynamo.lookup_backend("aot_eager_default_partitioner")(gm, example_inputs)
+
+    model = make_tiny_model("llama", layers=1, seed=3)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    want = copy.deepcopy(model)
+    want(input_ids=ids, labels=ids).loss.backward()
+    reset_dynamo()
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+    reset_dynamo()
+    assert len(seen["folds"]) == 1 and seen["folds"] == seen["gated"], seen
+    for (name, p), (_, q) in zip(model.named_parameters(), want.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fold_off_by_env(monkeypatch):
     """LORAFUSE_MLP_FOLD=0: the pass adds no fold arguments."""
     monkeypatch.setenv(lora_pass.MLP_FOLD_ENV, "0")
