@@ -101,8 +101,11 @@ TRITON_CASES = [
 
 
 def _triton_checks():
-    return [(c, a, d) for i, c in enumerate(TRITON_CASES) for a in ACTS
-            for d in ("float32", "bfloat16") if i == 0 or a == "silu"]
+    """(case, act, dtype, COLS_AS_M): every activation on the first case, SiLU on the
+    others; the transposed accumulation (COLS_AS_M) on the first two, SiLU."""
+    return [(c, a, d, m) for i, c in enumerate(TRITON_CASES) for a in ACTS
+            for d in ("float32", "bfloat16") for m in (False, True)
+            if (i == 0 or a == "silu") and (not m or (i < 2 and a == "silu"))]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,11 @@ def interpreter_results():
     return run_interpreter_worker(__file__, LORAFUSE_LORA_GATED_IMPL="triton")
 
 
-@pytest.mark.parametrize("check", [f"{c[0]}-{a}-{d}" for c, a, d in _triton_checks()])
+def _check_name(case, act, dtype, cols_as_m):
+    return f"{case[0]}-{act}-{dtype}" + ("-cols-as-m" if cols_as_m else "")
+
+
+@pytest.mark.parametrize("check", [_check_name(*c) for c in _triton_checks()])
 def test_triton_interpreter(interpreter_results, check):
     assert_check_passed(interpreter_results, check)
 
@@ -124,7 +131,7 @@ def _worker():
     assert lora_gated._INTERPRETED, "TRITON_INTERPRET did not take effect"
     record = CheckRecorder()
 
-    def case(lead, I, rank, strided, act, dtype):
+    def case(lead, I, rank, strided, act, dtype, cols_as_m):
         gen = torch.Generator().manual_seed(I * 31 + rank)
         rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
         if strided:
@@ -137,7 +144,11 @@ def _worker():
             assert lora_gated._launch(T, I_, rank)[3] > 1 or lead != (300,), "one slice only"
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide the kernel
-            got = lora_gated.gated_da(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
+            if cols_as_m:  # the interpreter's tiles are 16 x 16 whatever the configuration
+                got = lora_gated.gated_da_triton(g.reshape(-1, rank), gate, up, act, 0.5, dtype,
+                                                 dtype, config=(16, 16, 1, 1, True))
+            else:
+                got = lora_gated.gated_da(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
         want = gated_da_reference(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
         assert got.shape == want.shape == (rank, I) and got.dtype == dtype
         if dtype == torch.float32:  # sigmoid/erf of another library, another sum order
@@ -146,9 +157,9 @@ def _worker():
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             assert err <= 2.0**-8, err
 
-    for (name, lead, I, rank, strided), act, d in _triton_checks():
-        record(f"{name}-{act}-{d}",
-               lambda: case(lead, I, rank, strided, act, getattr(torch, d)))
+    for (name, lead, I, rank, strided), act, d, m in _triton_checks():
+        record(_check_name((name,), act, d, m),
+               lambda: case(lead, I, rank, strided, act, getattr(torch, d), m))
     record.report()
 
 
