@@ -200,6 +200,8 @@ def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     plain = _run(copy.deepcopy(base), monkeypatch, False)
     # o_proj reads the attention's output (no fold); down_proj the gated product
     assert count == [None, "silu"] * LAYERS, count
+    assert f"MLP fold: {LAYERS} op(s)" in str(folded["report"])
+    assert "MLP fold" not in str(plain["report"])
     tokens = BATCH * SEQ
     kept, kept_folded = (partitioned_graph(r).activation_bytes for r in (plain, folded))
     assert kept - kept_folded >= LAYERS * tokens * inter * 4, (kept, kept_folded)

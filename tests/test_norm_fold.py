@@ -188,6 +188,8 @@ def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     folded = _run(copy.deepcopy(base), monkeypatch, True, count=count)
     plain = _run(copy.deepcopy(base), monkeypatch, False)
     assert count == [True] * (2 * LAYERS)  # q/k/v and gate/up of every layer
+    assert f"norm fold: {2 * LAYERS} grouped op(s)" in str(folded["report"])
+    assert "norm fold" not in str(plain["report"])
     # Each norm's output (tokens x hidden fp32) is no longer kept, except layer 0's input
     # norm: its input (the frozen embedding's output) needs no gradient, so nothing was
     # kept for its own backward and the fold keeps that input in its place. Each norm's
@@ -255,3 +257,6 @@ def test_norm_pass_takes_the_norm_back(order):
     assert len(seen["norm"].matched) == 3 and not seen["norm"].skipped, seen["norm"].skipped
     assert seen["rms"] == 3  # 2 per layer + the final norm
     assert seen["groups"] == [6, 6]  # q/k/v and gate/up, no fold arguments left
+    # lora first: it folded both groups and the norm pass says it took them back
+    took_back = ["took back the norm fold of 2 grouped LoRA op(s)" in n for n in seen["norm"].notes]
+    assert took_back == ([True] if order[0] == "lora" else []), seen["norm"].notes

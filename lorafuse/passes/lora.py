@@ -254,9 +254,10 @@ def _mlp_fold_args(site: Site, cdt) -> tuple:
     return (gate, up, act)
 
 
-def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
+def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict):
     """Replace one site, or several sharing one input, by one fused op. ``remap`` maps
-    an already-rewritten add to its replacement (a site's input may be one)."""
+    an already-rewritten add to its replacement (a site's input may be one). Returns the
+    fold the op took: "norm", "mlp" or None."""
     g = gm.graph
     cdt = _compute_dtype(sites[0])
     first = sites[0]  # sites come in graph order: insert before the first add
@@ -283,15 +284,16 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
         x = cast(first.x)
         bs = [lora_b(site) for site in sites]
         if len(sites) == 1:
+            fold = _mlp_fold_args(first, cdt)
             args = (x, cast(weight(first)), cast(first.bias), cast(first.lora_a),
-                    bs[0][0], bs[0][1], cast(first.x_lora)) + _mlp_fold_args(first, cdt)
+                    bs[0][0], bs[0][1], cast(first.x_lora)) + fold
             call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
         else:
+            fold = _norm_fold_args(sites, cdt)
             args = (x, [cast(weight(s)) for s in sites], [cast(s.bias) for s in sites],
                     [cast(s.lora_a) for s in sites], [b for b, _ in bs], [sc for _, sc in bs])
-            args += _norm_fold_args(sites, cdt)
-            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default, args,
-                            fake_mode)
+            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default,
+                            args + fold, fake_mode)
         outs = []
         for i, site in enumerate(sites):
             out = add_node(g, "call_function", operator.getitem, (call, i), fake_mode)
@@ -304,6 +306,7 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict) -> None:
         for node in site.erase:
             if not node.users:
                 g.erase_node(node)
+    return None if not fold else "mlp" if len(sites) == 1 else "norm"
 
 
 def group_sites(sites: list, graph: fx.Graph) -> list:
@@ -377,11 +380,20 @@ def run(gm: fx.GraphModule, report) -> None:
                 lt = next((_lora_term(a) for a in node.args if _lora_term(a)), None)
                 if lt is not None:
                     reasons[linear_args(lt[0])[1]] = e.args[0]
-    remap = {}
+    remap, folds = {}, {"norm": [], "mlp": []}
     for group in group_sites(sites, graph):
-        rewrite(gm, group, fake_mode, remap)
-        report.matched.extend(site_name(site.lora_a) for site in group)
+        fold = rewrite(gm, group, fake_mode, remap)
+        names = [site_name(site.lora_a) for site in group]
+        report.matched.extend(names)
         report.ops += 1
+        if fold:
+            folds[fold].append(names[0])
+    if folds["norm"]:
+        report.notes.append(f"norm fold: {len(folds['norm'])} grouped op(s) compute dA from the "
+                            "RMSNorm's input and rstd; its output is not kept for the backward")
+    if folds["mlp"]:
+        report.notes.append(f"MLP fold: {len(folds['mlp'])} op(s) compute dA from the gated "
+                            "MLP's gate and up; the product is not kept for the backward")
     done = {site.lora_a for site in sites}
     for a_ph in _adapter_placeholders(graph):
         if a_ph not in done and a_ph.users:

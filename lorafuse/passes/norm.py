@@ -354,14 +354,16 @@ def rewrite_layer_norm(gm: fx.GraphModule, site: LayerNormSite, fake_mode, remap
     g.erase_node(site.out)
 
 
-def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
+def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> int:
     """Replace one site; ``remap`` maps an already-replaced output to its replacement (a
-    norm's input may be another norm's output)."""
+    norm's input may be another norm's output). Returns how many norm folds it dropped."""
     g = gm.graph
+    dropped = 0
     for node in site.chain:  # the norm fold's grouped ops read the op's numbers now
         for u in list(node.users):
             if _fold_reads_rstd(u, node):
                 u.args = u.args[:6]
+                dropped += 1
     with inserting_before(g, site.out):
         args = (remap.get(site.x, site.x), remap.get(site.weight, site.weight), site.eps, site.offset, site.cast_before_weight,
                 _tensor(site.out).dtype)
@@ -372,6 +374,7 @@ def rewrite(gm: fx.GraphModule, site: Site, fake_mode, remap: dict) -> None:
     for node in [site.out] + list(reversed(site.chain)) + list(reversed(site.weight_side)):
         if not node.users:
             g.erase_node(node)
+    return dropped
 
 
 def _name(site) -> str:
@@ -383,7 +386,7 @@ def _name(site) -> str:
 def run(gm: fx.GraphModule, report) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
-    sites, remap = [], {}
+    sites, remap, dropped = [], {}, 0
     for node in list(graph.nodes):
         for matcher in (match, match_layer_norm):
             try:
@@ -397,8 +400,11 @@ def run(gm: fx.GraphModule, report) -> None:
         if isinstance(site, LayerNormSite):
             rewrite_layer_norm(gm, site, fake_mode, remap)
         else:
-            rewrite(gm, site, fake_mode, remap)
+            dropped += rewrite(gm, site, fake_mode, remap)
         report.matched.append(_name(site))
         report.ops += 1
+    if dropped:
+        report.notes.append(f"took back the norm fold of {dropped} grouped LoRA op(s): they "
+                            "keep the norm's output again")
     graph.lint()
     gm.recompile()
