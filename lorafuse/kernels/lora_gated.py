@@ -143,8 +143,7 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
         raise RuntimeError("triton is not installed")
     if gate.shape != up.shape or p_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"gate {tuple(gate.shape)}, up {tuple(up.shape)}, p {p_dtype}")
-    fp32 = p_dtype == torch.float32
-    if g.dtype != p_dtype or (not fp32 and g.dtype not in (torch.float16, torch.bfloat16)):
+    if g.dtype != p_dtype:  # the op's compute dtype, both
         raise TypeError(f"g is {g.dtype}, p {p_dtype}")
     I, R = gate.shape[-1], g.shape[-1]
     g2 = g.reshape(-1, R)
@@ -166,7 +165,7 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
                 g2, gate2, up2, part, T, I, R, rows,
                 g2.stride(0), gate2.stride(0), up2.stride(0),
                 ACT=_ACT_CODE[act], INTERPRET_BF16=_INTERPRETED and p_dtype == torch.bfloat16,
-                P_FP32=fp32, BLOCK_T=bt, BLOCK_I=bi, BLOCK_R=br, COLS_AS_M=bool(cols_as_m),
+                P_FP32=p_dtype == torch.float32, BLOCK_T=bt, BLOCK_I=bi, BLOCK_R=br, COLS_AS_M=bool(cols_as_m),
                 num_warps=warps, num_stages=stages)
     da = part[0] if slices == 1 else part.sum(0)
     return da.mul_(scale).to(out_dtype)

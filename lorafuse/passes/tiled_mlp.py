@@ -80,6 +80,7 @@ def match(down: fx.Node, chunk: int):
     if not (len(users) == 1 and is_function(users[0], (operator.getitem,))
             and users[0].args[1] == 0):
         raise NoMatch("the down projection's LoRA intermediate is used")
+
     def one_user(n):  # down itself reads gate and up under the MLP fold (passes/lora.py)
         return len([u for u in n.users if u is not down]) == 1
 
