@@ -293,6 +293,53 @@ def lorafuse_sgd_run(model, batches, lr: float, options) -> dict:
     return {"report": report, "losses": losses, "grads": grads}
 
 
+def fold_sgd_run(model, monkeypatch, env: str, on: bool, spy: str, seen: list, steps: int = 2,
+                 batch: int = 2, seq: int = 16, lr: float = 0.5) -> dict:
+    """A ``lorafuse_sgd_run`` (default options, AOTAutograd cache off so the partitioner
+    runs) of ``steps`` fixed batches with the LoRA pass's fold behind ``env`` on or off;
+    ``seen`` gets what each call of ``spy`` (the ``lorafuse.passes.lora`` function giving a
+    fold's arguments) returned."""
+    import lorafuse.passes.lora as lora_pass
+
+    monkeypatch.setenv(env, "1" if on else "0")
+    real = getattr(lora_pass, spy)
+
+    def spying(*args):
+        out = real(*args)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(lora_pass, spy, spying)
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, VOCAB, (batch, seq), generator=gen) for _ in range(steps)]
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out = lorafuse_sgd_run(model, [{"input_ids": i, "labels": i} for i in ids], lr, {})
+    monkeypatch.undo()
+    return out
+
+
+def assert_same_sgd_training(got: dict, want: dict, loss_rtol: float, grad_rtol=None) -> None:
+    """Two ``lorafuse_sgd_run`` results: each step's loss within ``loss_rtol``; each LoRA
+    gradient within ``grad_rtol`` (relative norm), or only finite and nonzero when None."""
+    for step, (loss, want_loss) in enumerate(zip(got["losses"], want["losses"], strict=True)):
+        torch.testing.assert_close(loss, want_loss, rtol=loss_rtol, atol=0)
+        for name, g in want["grads"][step].items():
+            mine = got["grads"][step][name]
+            assert torch.isfinite(mine).all() and g.norm() > 0, (step, name)
+            if grad_rtol is not None:
+                err = ((mine - g).norm() / g.norm()).item()
+                assert err <= grad_rtol, (step, name, err)
+
+
+def bf16_base(model):
+    """``model`` with every non-LoRA parameter in bf16 (LoRA factors stay fp32, PEFT's
+    default for a bf16-loaded model)."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
 def partitioned_graph(run):
     """The one graph of a ``lorafuse_sgd_run``, which the partitioner planned (an
     AOTAutograd cache hit would have skipped it)."""

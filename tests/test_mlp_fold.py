@@ -28,8 +28,9 @@ from lorafuse.kernels.gated_mlp import activation
 from lorafuse.kernels.lora import lora_linear_op
 from lorafuse.kernels.lora_gated import gated_da_reference
 
-from conftest import (VOCAB, CheckRecorder, assert_check_passed, lorafuse_sgd_run,
-                      make_tiny_model, partitioned_graph, run_interpreter_worker)
+from conftest import (VOCAB, CheckRecorder, assert_check_passed, assert_same_sgd_training,
+                      bf16_base, fold_sgd_run, make_tiny_model, partitioned_graph,
+                      run_interpreter_worker)
 
 ACTS = ("silu", "gelu", "gelu_tanh")
 
@@ -165,39 +166,22 @@ def _worker():
 
 # --------------------------------------------------------------------------- models
 
-STEPS, BATCH, SEQ, LR, LAYERS = 2, 2, 16, 0.5, 2
+BATCH, SEQ, LAYERS = 2, 16, 2  # BATCH and SEQ: fold_sgd_run's
 
 
-def _batches():
-    gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(STEPS)]
-    return [{"input_ids": i, "labels": i} for i in ids]
-
-
-def _run(model, monkeypatch, fold: bool, count=None):
-    monkeypatch.setenv(lora_pass.MLP_FOLD_ENV, "1" if fold else "0")
-    if count is not None:  # which single sites took the fold
-        real = lora_pass._mlp_fold_args
-
-        def spy(site, cdt):
-            args = real(site, cdt)
-            count.append(args[2] if args else None)
-            return args
-
-        monkeypatch.setattr(lora_pass, "_mlp_fold_args", spy)
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        out = lorafuse_sgd_run(model, _batches(), LR, {})
-    monkeypatch.undo()
-    return out
+def _run(model, monkeypatch, fold: bool):
+    """Trains ``model`` with the fold on or off: (the run, what each fold check gave)."""
+    seen = []
+    out = fold_sgd_run(model, monkeypatch, lora_pass.MLP_FOLD_ENV, fold, "_mlp_fold_args", seen)
+    return out, [a[2] if a else None for a in seen]
 
 
 @pytest.mark.slow
 def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     base = make_tiny_model("llama", layers=LAYERS, seed=3)
     inter = base.config.intermediate_size
-    count = []
-    folded = _run(copy.deepcopy(base), monkeypatch, True, count=count)
-    plain = _run(copy.deepcopy(base), monkeypatch, False)
+    folded, count = _run(copy.deepcopy(base), monkeypatch, True)
+    plain, _ = _run(copy.deepcopy(base), monkeypatch, False)
     # o_proj reads the attention's output (no fold); down_proj the gated product
     assert count == [None, "silu"] * LAYERS, count
     assert f"MLP fold: {LAYERS} op(s)" in str(folded["report"])
@@ -205,29 +189,18 @@ def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     tokens = BATCH * SEQ
     kept, kept_folded = (partitioned_graph(r).activation_bytes for r in (plain, folded))
     assert kept - kept_folded >= LAYERS * tokens * inter * 4, (kept, kept_folded)
-    for step in range(STEPS):
-        torch.testing.assert_close(folded["losses"][step], plain["losses"][step], rtol=1e-6, atol=0)
-        for name, g in plain["grads"][step].items():
-            err = ((folded["grads"][step][name] - g).norm() / g.norm()).item()
-            assert err <= 1e-5, (step, name, err)
+    assert_same_sgd_training(folded, plain, 1e-6, 1e-5)
 
 
 @pytest.mark.slow
 def test_model_bf16_base_folds_and_trains(monkeypatch):
     """A bf16 base (LoRA factors fp32, PEFT's default): every down projection folds, and
     the loss of each step is the unfolded run's within bf16 noise."""
-    model = make_tiny_model("llama", layers=LAYERS, seed=5)
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            p.data = p.data.to(torch.bfloat16)
-    count = []
-    folded = _run(copy.deepcopy(model), monkeypatch, True, count=count)
-    plain = _run(copy.deepcopy(model), monkeypatch, False)
+    model = bf16_base(make_tiny_model("llama", layers=LAYERS, seed=5))
+    folded, count = _run(copy.deepcopy(model), monkeypatch, True)
+    plain, _ = _run(copy.deepcopy(model), monkeypatch, False)
     assert count.count("silu") == LAYERS, count
-    for step in range(STEPS):
-        torch.testing.assert_close(folded["losses"][step], plain["losses"][step], rtol=1e-3, atol=0)
-        for name, g in plain["grads"][step].items():
-            assert torch.isfinite(folded["grads"][step][name]).all() and g.norm() > 0, name
+    assert_same_sgd_training(folded, plain, 1e-3)
 
 
 @pytest.mark.parametrize("order", [("lora", "gated_mlp"), ("gated_mlp", "lora")])

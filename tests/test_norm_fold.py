@@ -26,7 +26,8 @@ import lorafuse.passes.lora as lora_pass
 from lorafuse.kernels.lora_group import (_group_backward_cublas, lora_group_backward_reference,
                                          lora_linear_group_op)
 
-from conftest import HIDDEN, VOCAB, lorafuse_sgd_run, make_tiny_model, partitioned_graph
+from conftest import (HIDDEN, VOCAB, assert_same_sgd_training, bf16_base, fold_sgd_run,
+                      make_tiny_model, partitioned_graph)
 
 EPS = 1e-6
 
@@ -155,38 +156,21 @@ def test_gpu_arithmetic_bf16_fold_nearer_fp64_than_unfolded():
 
 # --------------------------------------------------------------------------- models
 
-STEPS, BATCH, SEQ, LR, LAYERS = 2, 2, 16, 0.5, 2
+BATCH, SEQ, LAYERS = 2, 16, 2  # BATCH and SEQ: fold_sgd_run's
 
 
-def _batches():
-    gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(STEPS)]
-    return [{"input_ids": i, "labels": i} for i in ids]
-
-
-def _run(model, monkeypatch, fold: bool, count=None):
-    monkeypatch.setenv(lora_pass.NORM_FOLD_ENV, "1" if fold else "0")
-    if count is not None:  # how many groups took the fold
-        real = lora_pass._norm_fold_args
-
-        def spy(sites, cdt):
-            args = real(sites, cdt)
-            count.append(bool(args))
-            return args
-
-        monkeypatch.setattr(lora_pass, "_norm_fold_args", spy)
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        out = lorafuse_sgd_run(model, _batches(), LR, {})
-    monkeypatch.undo()
-    return out
+def _run(model, monkeypatch, fold: bool):
+    """Trains ``model`` with the fold on or off: (the run, what each fold check gave)."""
+    seen = []
+    out = fold_sgd_run(model, monkeypatch, lora_pass.NORM_FOLD_ENV, fold, "_norm_fold_args", seen)
+    return out, [bool(a) for a in seen]
 
 
 @pytest.mark.slow
 def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     base = make_tiny_model("llama", layers=LAYERS, seed=3)
-    count = []
-    folded = _run(copy.deepcopy(base), monkeypatch, True, count=count)
-    plain = _run(copy.deepcopy(base), monkeypatch, False)
+    folded, count = _run(copy.deepcopy(base), monkeypatch, True)
+    plain, _ = _run(copy.deepcopy(base), monkeypatch, False)
     assert count == [True] * (2 * LAYERS)  # q/k/v and gate/up of every layer
     assert f"norm fold: {2 * LAYERS} grouped op(s)" in str(folded["report"])
     assert "norm fold" not in str(plain["report"])
@@ -198,11 +182,7 @@ def test_model_keeps_fewer_bytes_same_training(monkeypatch):
     kept, kept_folded = (partitioned_graph(r).activation_bytes for r in (plain, folded))
     dropped = kept - kept_folded
     assert dropped >= (2 * LAYERS - 1) * tokens * HIDDEN * 4 - 2 * LAYERS * tokens * 4, dropped
-    for step in range(STEPS):
-        torch.testing.assert_close(folded["losses"][step], plain["losses"][step], rtol=1e-6, atol=0)
-        for name, g in plain["grads"][step].items():
-            err = ((folded["grads"][step][name] - g).norm() / g.norm()).item()
-            assert err <= 1e-5, (step, name, err)
+    assert_same_sgd_training(folded, plain, 1e-6, 1e-5)
 
 
 @pytest.mark.slow
@@ -214,18 +194,11 @@ def test_model_bf16_base_folds_and_trains(monkeypatch):
     distances to an fp32 model's move by ±50 % either way from one seed to the next (and
     as much between eager bf16 and either run); the dA arithmetic itself is checked
     against fp64 above."""
-    model = make_tiny_model("llama", layers=LAYERS, seed=5)
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            p.data = p.data.to(torch.bfloat16)
-    count = []
-    folded = _run(copy.deepcopy(model), monkeypatch, True, count=count)
-    plain = _run(copy.deepcopy(model), monkeypatch, False)
+    model = bf16_base(make_tiny_model("llama", layers=LAYERS, seed=5))
+    folded, count = _run(copy.deepcopy(model), monkeypatch, True)
+    plain, _ = _run(copy.deepcopy(model), monkeypatch, False)
     assert count == [True] * (2 * LAYERS)
-    for step in range(STEPS):
-        torch.testing.assert_close(folded["losses"][step], plain["losses"][step], rtol=1e-3, atol=0)
-        for name, g in plain["grads"][step].items():
-            assert torch.isfinite(folded["grads"][step][name]).all() and g.norm() > 0, name
+    assert_same_sgd_training(folded, plain, 1e-3)
 
 
 @pytest.mark.parametrize("order", [("lora", "norm"), ("norm", "lora")])
