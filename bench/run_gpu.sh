@@ -49,7 +49,8 @@
 #                  on spaces (no quoting inside)
 #   PYTEST_K=...   pytest's -k expression, passed as one argument (e.g. "offload or long_causal")
 #   SKIP_INSTALL=1 do not pip install the repo (the bench then imports lorafuse.backend if needed)
-#   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile")
+#   EXTRA="..."    more arguments for bench_train.py (e.g. "--cold-compile"); a --variants
+#                  there replaces the mode's list (as VARIANTS does)
 #   CACHE=dir      where the random-init models are saved (default /tmp/lorafuse_bench)
 #   BENCH_COMMIT=  the commit to print (wins over git: a copied tree can carry a stale .git)
 #
