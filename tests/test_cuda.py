@@ -65,7 +65,6 @@ def test_lora_op_real_sizes_bf16(site):
         assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
 
 
-
 def test_mlp_fold_down_op_8b_shape_bf16():
     """The down op with the MLP fold (dA from gate and up, kernels/lora_gated.py) at the 8B
     shape: every output and gradient as close to fp64 as eager bf16's, and dA the unfolded
@@ -100,6 +99,7 @@ def test_mlp_fold_down_op_8b_shape_bf16():
         print(f"down fold {name}: lorafuse {err_f:.2e} eager-bf16 {err_e:.2e}")
         assert err_f <= 1.25 * err_e + 1e-4, (name, err_f, err_e)
         assert _rel(f_, p_) <= 2.0**-8, (name, _rel(f_, p_))
+
 
 def test_lora_kernels_past_int32_offsets_at_long_context():
     """Session 10: at 262,144 tokens the gate/up outputs (× 14,336) pass 2³¹ elements, and
