@@ -210,6 +210,27 @@ def test_losses_close_to_eager_over_5_steps(runs):
 
 
 @pytest.mark.slow
+def test_int8_with_the_folds_on():
+    """The default plan (norm and MLP folds on): int8 storage still finds activations to
+    quantize, in a plan where gate and up now also feed the down projection's dA, and the
+    step-1 LoRA gradients stay within the int8 bounds of the unquantized run. Measured on
+    CPU: 4 tensors quantized, activation bytes kept 0.76x; worst cos 0.99994, relative
+    norm error <= 0.011."""
+    base = make_tiny_model("llama", layers=LAYERS, seed=3)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        plain, got = (_train(copy.deepcopy(base), opts, 1)
+                      for opts in ({}, {"activation_dtype": "int8"}))
+    assert "MLP fold: 1 op(s)" in str(got["report"]), got["report"]
+    assert partitioned_graph(got).quantized_tensors >= 1, partitioned_graph(got).format()
+    assert torch.equal(got["losses"][0], plain["losses"][0])
+    for n, g in plain["grads"][0].items():
+        cos = torch.nn.functional.cosine_similarity(got["grads"][0][n].flatten(), g.flatten(),
+                                                    dim=0)
+        rel = ((got["grads"][0][n] - g).norm() / g.norm()).item()
+        assert cos >= GRAD_COS["int8"] and rel <= GRAD_REL["int8"], (n, cos, rel)
+
+
+@pytest.mark.slow
 def test_works_with_memory_budget(runs):
     budget, both = partitioned_graph(runs["budget"]), partitioned_graph(runs["int8+budget"])
     assert both.budget_bytes == budget.budget_bytes and both.quantized_tensors > 0
