@@ -23,6 +23,7 @@ back to the reference with one warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -116,7 +117,13 @@ if triton is not None:
 else:  # pragma: no cover
     _INTERPRETED = False
 
-_SLICE_PROGRAMS = 4 * 132  # enough programs for every SM of an H100/H200 a few times
+
+@functools.lru_cache(maxsize=None)
+def _programs_wanted(device_index) -> int:
+    """Programs enough for every SM a few times (4 × 132 on an H200; CPU: the same)."""
+    if device_index is None:
+        return 4 * 132
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # (BLOCK_T, BLOCK_I, num_warps, num_stages, COLS_AS_M) on the GPU: the fastest of five at the
@@ -125,14 +132,15 @@ _SLICE_PROGRAMS = 4 * 132  # enough programs for every SM of an H100/H200 a few 
 CONFIG = (64, 64, 4, 3, False)
 
 
-def _launch(T: int, I: int, R: int, config=None):
+def _launch(T: int, I: int, R: int, config=None, device_index=None):
     """(BLOCK_T, BLOCK_I, BLOCK_R, slices, rows per slice, num_warps, num_stages, COLS_AS_M)."""
     bt, bi, warps, stages, cols_as_m = config or CONFIG
     if _INTERPRETED:
         bt, bi, warps = 16, 16, 1
     br = max(16, triton.next_power_of_2(R))
     col_blocks = triton.cdiv(I, bi)
-    slices = max(1, min(triton.cdiv(T, 8 * bt), triton.cdiv(_SLICE_PROGRAMS, col_blocks)))
+    programs = _programs_wanted(device_index)
+    slices = max(1, min(triton.cdiv(T, 8 * bt), triton.cdiv(programs, col_blocks)))
     rows = triton.cdiv(triton.cdiv(T, slices), bt) * bt
     return bt, bi, br, triton.cdiv(T, rows) if T else 1, rows, warps, stages, cols_as_m
 
@@ -155,7 +163,8 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
     T = g2.shape[0]
-    bt, bi, br, slices, rows, warps, stages, cols_as_m = _launch(T, I, R, config)
+    bt, bi, br, slices, rows, warps, stages, cols_as_m = _launch(
+        T, I, R, config, g.device.index if g.is_cuda else None)
     part = torch.empty((slices, R, I), dtype=torch.float32, device=g.device)
     if T == 0:
         part.zero_()
