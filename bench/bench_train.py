@@ -415,6 +415,8 @@ def child_train(args, variant: str, res: dict) -> dict:
                 timed_window[0] = timed_window[0] or time.time()
             t_step = time.perf_counter()
             losses.append(train_step(batches[(step - 1) % N_BATCHES]))
+            if args.sync_each_step:  # HF Trainer's logging_nan_inf_filter: a host read a step
+                bool(torch.isnan(losses[-1]) or torch.isinf(losses[-1]))
             if step == 1:
                 sync(device)
                 res["compile_s"] = round(time.perf_counter() - t_step, 2)
@@ -853,6 +855,8 @@ def render(args, meta, results, ref) -> str:
                  f"{args.warmup} warm-up + {args.steps} timed steps; autocast "
                  f"{'off' if args.no_autocast else 'bf16'}; LoRA r=16 alpha=16 on 7 projections; "
                  f"{meta['gflop_per_token']:.3g} GFLOP/token"
+                 + ("; a host read of the loss every step (--sync-each-step)"
+                    if getattr(args, "sync_each_step", False) else "")
                  + (f"; attention_mask with rows 2.. {'right' if args.pad_right else 'left'}-"
                     f"padded by 1..{args.pad_right or args.pad_left} tokens (counted in tok/s)"
                     if args.pad_right or args.pad_left else
@@ -1040,6 +1044,10 @@ def parse_args(argv=None):
                         "({variant} is replaced); bench/memory_peak.py reads them")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="read each step's loss on the host (isnan/isinf, as HF Trainer's "
+                        "default logging_nan_inf_filter does): the GPU waits for the host's "
+                        "launches at every step start")
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="run the variant list N times, interleaved, each variant a fresh "
                         "process every time; a table gives each variant's tok/s per round, "
