@@ -54,6 +54,40 @@ def peak(trace: list) -> tuple:
     return best, at, at_live, at_pending
 
 
+def report(snap: dict, top: int = 30, device: int = 0) -> str:
+    """The peak of ``snap`` (``torch.cuda.memory._snapshot()`` or a dumped history) and
+    the live blocks there, grouped by allocating line, as text (markdown table)."""
+    trace = snap["device_traces"][device]
+    total_end = sum(b["size"] for seg in snap["segments"] if seg["device"] == device
+                    for b in seg["blocks"] if b["state"] == "active_allocated")
+    net = sum(ev["size"] if ev["action"] == "alloc" else -ev["size"]
+              for ev in trace if ev["action"] in ("alloc", "free_requested"))
+    before = total_end - net
+    best, at, live, pending = peak(trace)
+    gib = 2**30
+    lines = [f"{len(trace)} events; allocated before the recording: {before / gib:.2f} GiB; "
+             f"peak {(before + best) / gib:.2f} GiB at event {at} (+{best / gib:.2f} GiB); "
+             f"besides, freed but held for other streams then: {pending / gib:.2f} GiB"]
+    if at >= 0:
+        lines.append(f"the allocation that reached it: {trace[at]['size'] / 2**20:.1f} MiB at "
+                     f"{site(trace[at]['frames'])}")
+    groups = defaultdict(lambda: [0, 0])
+    for ev in live.values():
+        g = groups[site(ev["frames"])]
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    during = sum(e["size"] for e in live.values()) / gib
+    lines += ["", f"live at the peak, allocated during the recording ({during:.2f} GiB):",
+              "| MiB | blocks | allocated at |", "|---|---|---|"]
+    for where, (nbytes, count) in rows[:top]:
+        lines.append(f"| {nbytes / 2**20:,.1f} | {count} | `{where}` |")
+    if len(rows) > top:
+        rest = sum(g[0] for _, g in rows[top:])
+        lines.append(f"| {rest / 2**20:,.1f} | {sum(g[1] for _, g in rows[top:])} | (the rest) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("snapshot")
@@ -62,34 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with open(args.snapshot, "rb") as f:
         snap = pickle.load(f)
-    trace = snap["device_traces"][args.device]
-    total_end = sum(b["size"] for seg in snap["segments"] if seg["device"] == args.device
-                    for b in seg["blocks"] if b["state"] == "active_allocated")
-    net = sum(ev["size"] if ev["action"] == "alloc" else -ev["size"]
-              for ev in trace if ev["action"] in ("alloc", "free_requested"))
-    before = total_end - net
-    best, at, live, pending = peak(trace)
-    gib = 2**30
-    print(f"{len(trace)} events; allocated before the recording: {before / gib:.2f} GiB; "
-          f"peak {(before + best) / gib:.2f} GiB at event {at} (+{best / gib:.2f} GiB); "
-          f"besides, freed but held for other streams then: {pending / gib:.2f} GiB")
-    if at >= 0:
-        print(f"the allocation that reached it: {trace[at]['size'] / 2**20:.1f} MiB at "
-              f"{site(trace[at]['frames'])}")
-    groups = defaultdict(lambda: [0, 0])
-    for ev in live.values():
-        g = groups[site(ev["frames"])]
-        g[0] += ev["size"]
-        g[1] += 1
-    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
-    during = sum(e["size"] for e in live.values()) / gib
-    print(f"\nlive at the peak, allocated during the recording ({during:.2f} GiB):")
-    print("| MiB | blocks | allocated at |\n|---|---|---|")
-    for where, (nbytes, count) in rows[:args.top]:
-        print(f"| {nbytes / 2**20:,.1f} | {count} | `{where}` |")
-    if len(rows) > args.top:
-        rest = sum(g[0] for _, g in rows[args.top:])
-        print(f"| {rest / 2**20:,.1f} | {sum(g[1] for _, g in rows[args.top:])} | (the rest) |")
+    print(report(snap, args.top, args.device))
     return 0
 
 

@@ -602,11 +602,12 @@ def test_offload_exact_pinned_buffer_round_trip_and_reuse():
     assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
 
 
-def _small_llama_run(steps=3, **options):
+def _small_llama_run(steps=3, history=False, **options):
     """``_small_llama``'s model compiled by lorafuse with ``options``, trained ``steps``
     SGD steps on its batch under bf16 autocast: per step the loss, the peak memory and the
     memory held between the forward and the backward; the first step's LoRA gradients;
-    the parameters at the end."""
+    the parameters at the end. ``history``: also ``"peak"``, what was allocated at the
+    last step's peak (bench/memory_peak.py's report of the allocator's history)."""
     from lorafuse.kernels import offload
 
     model, ids = _small_llama()
@@ -617,6 +618,8 @@ def _small_llama_run(steps=3, **options):
     for step in range(steps):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        if history and step == steps - 1:
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
         with torch.autocast("cuda", torch.bfloat16):
             loss = compiled(input_ids=ids, labels=ids).loss
         torch.cuda.synchronize()
@@ -624,6 +627,9 @@ def _small_llama_run(steps=3, **options):
         loss.backward()
         torch.cuda.synchronize()
         out["peaks"].append(torch.cuda.max_memory_allocated())
+        if history and step == steps - 1:
+            out["peak"] = _peak_report(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
         assert not offload._prefetched, "a prefetch was left over"
         out["losses"].append(loss.item())
         print(f"step {step}: loss {out['losses'][-1]:.4f}, held {_mib(out['held'][-1:])}, "
@@ -634,6 +640,18 @@ def _small_llama_run(steps=3, **options):
         opt.zero_grad(set_to_none=True)
     out["params"] = {n: p.detach().float().clone() for n, p in trainable.items()}
     return out
+
+
+def _peak_report(snapshot) -> str:
+    """bench/memory_peak.py's report (the live blocks at the peak, by allocating line)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory_peak.py"
+    spec = importlib.util.spec_from_file_location("memory_peak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.report(snapshot, top=15)
 
 
 def _mib(values):
@@ -668,8 +686,8 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch, pinned)
     monkeypatch.setattr(pool, "_pin", lambda a, n, pin=pool._pin: pins.append(n) or pin(a, n))
     monkeypatch.setattr(pool, "_give_back",
                         lambda *a, back=pool._give_back: returns.append(a[1]) or back(*a))
-    want = _small_llama_run()
-    got = _small_llama_run(offload_activations=True)
+    want = _small_llama_run(history=True)
+    got = _small_llama_run(history=True, offload_activations=True)
     if pinned == "exact":
         print(f"exact-size buffers: {len(pins)} pinned ({sum(pins) / 2**20:.1f} MiB), "
               f"{len(returns)} returns over 3 steps")
@@ -685,7 +703,11 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch, pinned)
     for name, p in want["params"].items():
         assert _rel(got["params"][name], p) <= 1e-2, name
     assert max(got["held"][1:]) < max(want["held"][1:]), (got["held"], want["held"])
-    assert max(got["peaks"][1:]) < max(want["peaks"][1:]), (got["peaks"], want["peaks"])
+    # Session 20 (with the MLP fold): 512.3 against 500.7 MB here, while the memory held
+    # after the forward fell 444 -> 239 MiB. Where each run's last step peaked, for that:
+    assert max(got["peaks"][1:]) < max(want["peaks"][1:]), (
+        got["peaks"], want["peaks"],
+        f"\nwithout offloading:\n{want['peak']}\nwith offloading:\n{got['peak']}")
 
 
 def test_drop_logits_same_losses_on_gpu():
