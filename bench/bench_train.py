@@ -946,6 +946,17 @@ def render(args, meta, results, ref) -> str:
             f"{fmt(tok / base_i if base_i else None, '.2f')} | "
             f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('ref_max_abs_delta'), '.5f')} |")
+    snapped = [r["variant"] for r in results if "error" not in r
+               and r["variant"] in args.ref_variants and r.get("round", 1) == 1
+               and any(s > args.warmup + 1 for s in args.ref_steps)]
+    if snapped:
+        # Session 20: lorafuse 14,173 tok/s with a snapshot before every step, 15,829 with a
+        # host read of the loss every step (--sync-each-step) and ≈ 16,000 without either.
+        lines.append("")
+        lines.append(f"tok/s of {', '.join(snapped)}: their timed steps took fp32-reference "
+                     "snapshots (a sync and a host copy of the LoRA parameters, off the clock), "
+                     "which slowed lorafuse by 11 % at 8B: read speed from a run without "
+                     "--ref.")
     return "\n".join(lines) + "\n"
 
 
