@@ -703,11 +703,16 @@ def test_offload_activations_same_training_less_peak_memory(monkeypatch, pinned)
     for name, p in want["params"].items():
         assert _rel(got["params"][name], p) <= 1e-2, name
     assert max(got["held"][1:]) < max(want["held"][1:]), (got["held"], want["held"])
-    # Session 20 (with the MLP fold): 512.3 against 500.7 MB here, while the memory held
-    # after the forward fell 444 -> 239 MiB. Where each run's last step peaked, for that:
-    assert max(got["peaks"][1:]) < max(want["peaks"][1:]), (
-        got["peaks"], want["peaks"],
-        f"\nwithout offloading:\n{want['peak']}\nwith offloading:\n{got['peak']}")
+    if max(got["peaks"][1:]) >= max(want["peaks"][1:]):
+        # Session 20 (with the MLP fold): 512.3 against 500.7 MB here, while the memory
+        # held after the forward fell 444 -> 239 MiB. The failure says where each run's
+        # last step peaked, and the peak with Inductor's reordering for peak memory off
+        # (which might move the offloads or reloads away from where the pass put them).
+        fixed = _small_llama_run(offload_activations=True,
+                                 inductor={"reorder_for_peak_memory": False})
+        pytest.fail(f"peaks {got['peaks']} with offloading, {want['peaks']} without, "
+                    f"{fixed['peaks']} with offloading and reorder_for_peak_memory off"
+                    f"\nwithout offloading:\n{want['peak']}\nwith offloading:\n{got['peak']}")
 
 
 def test_drop_logits_same_losses_on_gpu():
