@@ -253,6 +253,12 @@ def child_build(args) -> dict:
     meta_file.write_text(json.dumps(meta, indent=1))  # last: marks the save as complete
     result.update(built=True, build_s=round(time.time() - t0, 1), params=n_params)
     log(f"built and saved {n_params / 1e9:.3f} B parameters in {time.time() - t0:.0f} s")
+    # The kernel writes the saved files back to disk after this: at 8B 16 GB, during the
+    # first variant's timed steps (session 20: the first training process on a fresh
+    # machine ran 7-11 % slow in two commands; a suspect, not a proven cause). Wait for it.
+    t1 = time.time()
+    os.sync()
+    log(f"written back to disk in {time.time() - t1:.0f} s")
     return result
 
 
