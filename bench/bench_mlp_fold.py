@@ -8,7 +8,7 @@ g = dy B (4096, 16), dA (16, 14336). Variants:
   stored     the unfolded backward: ``s · gᵀ p`` on the kept product p (one cuBLAS GEMM;
              its read of p is what keeping p buys)
   fold ...   the fold's Triton kernel, p formed from gate and up in registers, for a few
-             (BLOCK_T, BLOCK_I, num_warps, num_stages, COLS_AS_M) configurations; the
+             (BLOCK_T, BLOCK_I, num_warps, num_stages) configurations; the
              first is the kernel's CONFIG
 Time: lorafuse's heated CUDA-event median (kernels/_dispatch.time_ms, as the backend's own
 choices are timed); bandwidth: the bytes each must read (stored: p; fold: gate and up)
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_GBPS = 4182.0
 SHAPES = {"8b": (4096, 14336, 16), "small": (40, 72, 4)}
-# (BLOCK_T, BLOCK_I, num_warps, num_stages, COLS_AS_M); None: the kernel's CONFIG
-CONFIGS = [None, (64, 64, 4, 3, True), (128, 64, 4, 3, False), (128, 64, 4, 3, True),
-           (64, 64, 4, 5, False), (128, 128, 8, 4, True), (64, 128, 4, 3, False)]
+# (BLOCK_T, BLOCK_I, num_warps, num_stages); None: the kernel's CONFIG
+CONFIGS = [None, (128, 64, 4, 3), (64, 64, 4, 5), (64, 128, 4, 3), (32, 64, 4, 3),
+           (64, 32, 4, 3)]
 
 
 def main() -> None:

@@ -102,11 +102,9 @@ TRITON_CASES = [
 
 
 def _triton_checks():
-    """(case, act, dtype, COLS_AS_M): every activation on the first case, SiLU on the
-    others; the transposed accumulation (COLS_AS_M) on the first two, SiLU."""
-    return [(c, a, d, m) for i, c in enumerate(TRITON_CASES) for a in ACTS
-            for d in ("float32", "bfloat16") for m in (False, True)
-            if (i == 0 or a == "silu") and (not m or (i < 2 and a == "silu"))]
+    """(case, act, dtype): every activation on the first case, SiLU on the others."""
+    return [(c, a, d) for i, c in enumerate(TRITON_CASES) for a in ACTS
+            for d in ("float32", "bfloat16") if i == 0 or a == "silu"]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +112,8 @@ def interpreter_results():
     return run_interpreter_worker(__file__, LORAFUSE_LORA_GATED_IMPL="triton")
 
 
-def _check_name(case, act, dtype, cols_as_m):
-    return f"{case[0]}-{act}-{dtype}" + ("-cols-as-m" if cols_as_m else "")
+def _check_name(case, act, dtype):
+    return f"{case[0]}-{act}-{dtype}"
 
 
 @pytest.mark.parametrize("check", [_check_name(*c) for c in _triton_checks()])
@@ -132,7 +130,7 @@ def _worker():
     assert lora_gated._INTERPRETED, "TRITON_INTERPRET did not take effect"
     record = CheckRecorder()
 
-    def case(lead, I, rank, strided, act, dtype, cols_as_m):
+    def case(lead, I, rank, strided, act, dtype):
         gen = torch.Generator().manual_seed(I * 31 + rank)
         rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
         if strided:
@@ -144,11 +142,7 @@ def _worker():
             assert lora_gated._launch(300, I, rank)[3] > 1, "one slice only"
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide the kernel
-            if cols_as_m:  # the interpreter's tiles are 16 x 16 whatever the configuration
-                got = lora_gated.gated_da_triton(g.reshape(-1, rank), gate, up, act, 0.5, dtype,
-                                                 dtype, config=(16, 16, 1, 1, True))
-            else:
-                got = lora_gated.gated_da(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
+            got = lora_gated.gated_da(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
         want = gated_da_reference(g.reshape(-1, rank), gate, up, act, 0.5, dtype, dtype)
         assert got.shape == want.shape == (rank, I) and got.dtype == dtype
         if dtype == torch.float32:  # sigmoid/erf of another library, another sum order
@@ -157,9 +151,9 @@ def _worker():
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             assert err <= 2.0**-8, err
 
-    for (name, lead, I, rank, strided), act, d, m in _triton_checks():
-        record(_check_name((name,), act, d, m),
-               lambda: case(lead, I, rank, strided, act, getattr(torch, d), m))
+    for (name, lead, I, rank, strided), act, d in _triton_checks():
+        record(_check_name((name,), act, d),
+               lambda: case(lead, I, rank, strided, act, getattr(torch, d)))
     record.report()
 
 

@@ -59,12 +59,8 @@ if triton is not None:
         stride_g, stride_gate, stride_up,
         ACT: tl.constexpr, INTERPRET_BF16: tl.constexpr, P_FP32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-        COLS_AS_M: tl.constexpr,
     ):
-        """part[slice, :R, cols] = g[rows]ᵀ p[rows, cols] over one slice of the rows.
-        COLS_AS_M: accumulate the transpose, pᵀ g (BLOCK_I × BLOCK_R), so the tensor-core
-        tile's M is the columns (≥ 64) rather than the rank (16): a configuration to
-        measure (bench/bench_mlp_fold.py)."""
+        """part[slice, :R, cols] = g[rows]ᵀ p[rows, cols] over one slice of the rows."""
         pid_i = tl.program_id(0)
         pid_s = tl.program_id(1)
         cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -73,10 +69,7 @@ if triton is not None:
         rank_ok = ranks < R
         start = pid_s * rows_per_slice
         end = tl.minimum(start + rows_per_slice, T)
-        if COLS_AS_M:
-            acc = tl.zeros((BLOCK_I, BLOCK_R), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_I), dtype=tl.float32)
         for t0 in range(start, end, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             row_ok = rows < end
@@ -96,22 +89,13 @@ if triton is not None:
                 gr, p = gr.to(tl.float32), _rne_bf16(p)
             elif not P_FP32:  # p rounded to the compute dtype, as the forward rounded it
                 p = p.to(gr.dtype)
-            if COLS_AS_M:
-                if P_FP32 or INTERPRET_BF16:  # fp32 products, no TF32
-                    acc += tl.dot(tl.trans(p), gr, input_precision="ieee")
-                else:
-                    acc += tl.dot(tl.trans(p), gr)
-            elif P_FP32 or INTERPRET_BF16:
+            if P_FP32 or INTERPRET_BF16:  # fp32 products, no TF32
                 acc += tl.dot(tl.trans(gr), p, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(gr), p)
         base = part_ptr + pid_s.to(tl.int64) * R * I
-        if COLS_AS_M:
-            tl.store(base + ranks[None, :] * I + cols[:, None], acc,
-                     mask=col_ok[:, None] & rank_ok[None, :])
-        else:
-            tl.store(base + ranks[:, None] * I + cols[None, :], acc,
-                     mask=rank_ok[:, None] & col_ok[None, :])
+        tl.store(base + ranks[:, None] * I + cols[None, :], acc,
+                 mask=rank_ok[:, None] & col_ok[None, :])
 
     _INTERPRETED = type(_gated_da_kernel).__name__ == "InterpretedFunction"
 else:  # pragma: no cover
@@ -126,15 +110,17 @@ def _programs_wanted(device_index) -> int:
     return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# (BLOCK_T, BLOCK_I, num_warps, num_stages, COLS_AS_M) on the GPU: the fastest of five at the
-# 8B shape on the H200 (bench/bench_mlp_fold.py, session 19: 0.097 ms, 58 % of the bandwidth
-# ceiling; (64, 128, 4) 0.116 ms, (128, 128, 8) 0.161 ms; all with 3 stages, not COLS_AS_M).
-CONFIG = (64, 64, 4, 3, False)
+# (BLOCK_T, BLOCK_I, num_warps, num_stages) on the GPU: the fastest at the 8B shape on the
+# H200 (bench/bench_mlp_fold.py, sessions 19 and 20: 0.097 ms, 58 % of the bandwidth
+# ceiling; (128, 64, 4, 3) 0.109 ms, (64, 128, 4, 3) 0.114, (64, 64, 4, 5) 0.127). Session 20
+# also measured accumulating the transpose pᵀ g (the rank as the tile's N, not its M):
+# 30-40 % slower at every tile, so it was removed.
+CONFIG = (64, 64, 4, 3)
 
 
 def _launch(T: int, I: int, R: int, config=None, device_index=None):
-    """(BLOCK_T, BLOCK_I, BLOCK_R, slices, rows per slice, num_warps, num_stages, COLS_AS_M)."""
-    bt, bi, warps, stages, cols_as_m = config or CONFIG
+    """(BLOCK_T, BLOCK_I, BLOCK_R, slices, rows per slice, num_warps, num_stages)."""
+    bt, bi, warps, stages = config or CONFIG
     if _INTERPRETED:
         bt, bi, warps = 16, 16, 1
     br = max(16, triton.next_power_of_2(R))
@@ -142,7 +128,7 @@ def _launch(T: int, I: int, R: int, config=None, device_index=None):
     programs = _programs_wanted(device_index)
     slices = max(1, min(triton.cdiv(T, 8 * bt), triton.cdiv(programs, col_blocks)))
     rows = triton.cdiv(triton.cdiv(T, slices), bt) * bt
-    return bt, bi, br, triton.cdiv(T, rows) if T else 1, rows, warps, stages, cols_as_m
+    return bt, bi, br, triton.cdiv(T, rows) if T else 1, rows, warps, stages
 
 
 def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
@@ -163,7 +149,7 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
     T = g2.shape[0]
-    bt, bi, br, slices, rows, warps, stages, cols_as_m = _launch(
+    bt, bi, br, slices, rows, warps, stages = _launch(
         T, I, R, config, g.device.index if g.is_cuda else None)
     part = torch.empty((slices, R, I), dtype=torch.float32, device=g.device)
     if T == 0:
@@ -174,7 +160,7 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
                 g2, gate2, up2, part, T, I, R, rows,
                 g2.stride(0), gate2.stride(0), up2.stride(0),
                 ACT=_ACT_CODE[act], INTERPRET_BF16=_INTERPRETED and p_dtype == torch.bfloat16,
-                P_FP32=p_dtype == torch.float32, BLOCK_T=bt, BLOCK_I=bi, BLOCK_R=br, COLS_AS_M=bool(cols_as_m),
+                P_FP32=p_dtype == torch.float32, BLOCK_T=bt, BLOCK_I=bi, BLOCK_R=br,
                 num_warps=warps, num_stages=stages)
     da = part[0] if slices == 1 else part.sum(0)
     return da.mul_(scale).to(out_dtype)
