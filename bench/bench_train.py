@@ -889,7 +889,7 @@ def render(args, meta, results, ref) -> str:
                  f"{'off' if args.no_autocast else 'bf16'}; LoRA r=16 alpha=16 on 7 projections; "
                  f"{meta['gflop_per_token']:.3g} GFLOP/token"
                  + ("; a host read of the loss every step (--sync-each-step)"
-                    if getattr(args, "sync_each_step", False) else "")
+                    if args.sync_each_step else "")
                  + (f"; attention_mask with rows 2.. {'right' if args.pad_right else 'left'}-"
                     f"padded by 1..{args.pad_right or args.pad_left} tokens (counted in tok/s)"
                     if args.pad_right or args.pad_left else

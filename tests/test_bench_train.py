@@ -128,3 +128,45 @@ def test_clocks_table_lists_variants_with_a_clock_log_and_tok_s_per_mhz():
     assert rows == ["| lorafuse | 1,650 (1,485) | 690 | 25 of 25 | — | 9.90 |"]
     assert not any("eager" in ln or "unsloth" in ln for ln in lines)
     assert bt.clocks_table(results[1:]) == []
+
+
+def test_reference_snapshot_is_one_flat_copy_that_unflattens_to_the_parameters():
+    gen = torch.Generator().manual_seed(0)
+    params = {"a.lora_A": torch.randn(4, 6, generator=gen),
+              "a.lora_B": torch.randn(5, 4, generator=gen).to(torch.bfloat16),
+              "b.scale": torch.randn(3, generator=gen)}
+    flat = bt.flat_copy(params.values())
+    assert flat.dim() == 1 and flat.dtype == torch.float32 and flat.device.type == "cpu"
+    layout = [(n, tuple(p.shape)) for n, p in params.items()]
+    back = bt.unflatten(layout, flat)
+    assert list(back) == list(params)
+    for name, p in params.items():
+        assert torch.equal(back[name], p.float()), name
+    with pytest.raises(RuntimeError, match="layout"):
+        bt.unflatten(layout[:2], flat)  # a layout that does not cover the copy
+
+
+def _render(argv, results):
+    args = bt.parse_args(["--shape", "tiny", *argv])
+    meta = {"gflop_per_token": 1.0, "env": {}, "date": "2026-11-30", "commit": "abc1234"}
+    return bt.render(args, meta, results, ref={})
+
+
+@pytest.mark.parametrize("argv, noted", [
+    (["--ref", "--ref-steps", "1-5", "--warmup", "2", "--steps", "3"], True),
+    (["--ref", "--ref-steps", "1,2", "--warmup", "2", "--steps", "3"], False),  # warm-up only
+    (["--no-ref", "--warmup", "2", "--steps", "3"], False),
+])
+def test_summary_says_when_timed_steps_took_reference_snapshots(argv, noted):
+    results = [{"variant": "eager", "tok_s": 100.0, "round": 1},
+               {"variant": "lorafuse", "tok_s": 150.0, "round": 1}]
+    text = _render(argv, results)
+    assert ("took fp32-reference snapshots" in text) == noted
+    if noted:
+        assert "tok/s of eager, lorafuse:" in text
+
+
+def test_header_says_when_each_step_is_read_on_the_host():
+    results = [{"variant": "eager", "tok_s": 100.0, "round": 1}]
+    assert "--sync-each-step" in _render(["--sync-each-step"], results)
+    assert "--sync-each-step" not in _render([], results)
