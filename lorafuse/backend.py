@@ -136,6 +136,12 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
     opts = Options.parse(options)
     patches = dict(list_mode_options(mode)) if mode else {}
+    if opts.offload_activations:
+        # Inductor's reordering for peak memory counts a reload's CPU input as free to keep
+        # and hoists the backward's reloads to its start, where every reloaded copy is live
+        # at once: on the GPU test model 489 MiB of peak with it, 335 without, 478 without
+        # offloading (bench/RESULTS.md, session 21); offload_saved's order is the plan
+        patches["reorder_for_peak_memory"] = False
     patches.update(opts.inductor)
     if "passes" not in (options or {}) and patches.get("triton.cudagraphs"):
         # masked_attention's mask checks return CPU bools, and Inductor runs a graph that

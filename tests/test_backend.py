@@ -177,6 +177,28 @@ def test_cuda_graphs_drop_masked_attention_from_the_defaults(fresh_dynamo, mode,
     assert "masked_attention" in lorafuse.passes.DEFAULT_PASSES
 
 
+@pytest.mark.parametrize("options,want", [
+    ({}, None),
+    ({"offload_activations": True}, False),
+    ({"offload_activations": True, "inductor": {"reorder_for_peak_memory": True}}, True),
+])
+def test_offloading_turns_off_inductors_peak_memory_reordering(fresh_dynamo, monkeypatch,
+                                                               options, want):
+    """With offload_activations, Inductor's reordering for peak memory would hoist the
+    backward's reloads (measured on the GPU); the backend turns it off unless the user's
+    own Inductor options set it."""
+    real, patches = backend_module.compile_fx, []
+
+    def spy(gm, example_inputs, config_patches=None, **kw):
+        patches.append(dict(config_patches or {}))
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(backend_module, "compile_fx", spy)
+    compiled = torch.compile(Tiny(), backend=lorafuse.backend(**options))
+    compiled(torch.randn(3, 12))
+    assert patches and all(p.get("reorder_for_peak_memory") == want for p in patches), patches
+
+
 # --------------------------------------------------------------------------- fallbacks
 
 
