@@ -14,6 +14,12 @@ Paths, median ms from triton.testing.do_bench:
 
 Also the max abs difference of the Triton output against the dequant_mm output (both
 accumulate in fp32 from the same bf16 W values: a few bf16 ulps at most).
+
+Then the dequantization alone at each site (`--dequant-only`: only that): lorafuse's Triton
+kernel (`triton_dequantize_4bit`) against bitsandbytes' (`dequantize_4bit` with its nested
+scales decoded by `dequantize_blockwise`, as the device path calls it), median ms and the
+bandwidth it reaches (half a byte read and two bytes written per weight), and whether the
+two outputs are bit-identical.
 """
 
 from __future__ import annotations
@@ -34,17 +40,53 @@ PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
 
 
 def main() -> None:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     import triton
 
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,16,128,1024,4096")
     p.add_argument("--rep", type=int, default=50)
+    p.add_argument("--dequant-only", action="store_true", help="only the dequantization table")
     args = p.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     torch.manual_seed(0)
     bench = lambda fn: triton.testing.do_bench(fn, rep=args.rep)  # noqa: E731
+    if not args.dequant_only:
+        gemm_table(ms, bench)
+    dequant_table(bench)
+
+
+def dequant_table(bench) -> None:
+    import bitsandbytes.functional as F
+
+    print("\n### 4-bit dequantization (NF4, double quant, blocksize 64) to bf16, median ms\n")
+    print("| site | N | K | triton ms | triton TB/s | bitsandbytes ms | bitsandbytes TB/s "
+          "| identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, N, K in SITES:
+        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        kw = nf4.from_quant_state(qs)
+        state = (kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"))
+        op = torch.ops.bitsandbytes.dequantize_4bit.default
+        fns = {
+            "triton": lambda: nf4.triton_dequantize_4bit(q, *state, [N, K], 64, "nf4",
+                                                         torch.bfloat16),
+            "bitsandbytes": lambda: op(q.reshape(-1, 1), nf4._block_scales_fast(*state), 64,
+                                       "nf4", [N, K], torch.bfloat16),
+        }
+        outs = {k: fn() for k, fn in fns.items()}
+        t = {k: bench(fn) for k, fn in fns.items()}
+        gb = N * K * 2.5 / 1e9  # 0.5 byte read + 2 bytes written per weight (scales: ~1 %)
+        same = torch.equal(outs["triton"], outs["bitsandbytes"])
+        print(f"| {name} | {N} | {K} | {t['triton']:.3f} | {gb / t['triton']:.2f} | "
+              f"{t['bitsandbytes']:.3f} | {gb / t['bitsandbytes']:.2f} | {same} |", flush=True)
+
+
+def gemm_table(ms, bench) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
     rows = []
     layer = {}
     for name, N, K in SITES:

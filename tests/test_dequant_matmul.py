@@ -778,6 +778,15 @@ KERNEL_CASES = [
     (1, 9, 64, 64, "fp4", True, torch.bfloat16, 2, False),
 ]
 
+# dequantisation only (M, r, bias unused): odd N·K, K not a multiple of the blocksize, a
+# blocksize above N·K, fp16 with nested scales
+DEQUANT_CASES = [
+    (1, 7, 33, 32, "nf4", True, torch.bfloat16, 0, False),
+    (1, 5, 77, 128, "fp4", False, torch.float16, 0, False),
+    (1, 3, 100, 4096, "nf4", True, torch.float32, 0, False),
+    (1, 65, 96, 64, "nf4", True, torch.float16, 0, False),
+]
+
 
 def _worker():
     assert nf4._INTERPRETED, "TRITON_INTERPRET did not take effect"
@@ -798,8 +807,9 @@ def _worker():
 
     def dequantize():
         """The Triton dequantisation (the device path's; nested scales decoded inside)
-        bit-exact with the reference."""
-        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
+        bit-exact with the reference: whole blocks per program, a partial last block
+        (odd N·K), blocks spanning rows, a block larger than the whole weight."""
+        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES + DEQUANT_CASES:
             q, qs = quantize(N, K, bs, qt, nested, seed=N)
             kw = qs_kwargs(qs)
             state = (kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
