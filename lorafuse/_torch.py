@@ -15,6 +15,7 @@ from torch._functorch import config as functorch_config  # noqa: F401
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: F401  Inductor's default split
 from torch._inductor import list_mode_options  # noqa: F401  torch.compile(mode=...) as config patches
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  Inductor's entry point, with config_patches
+from torch._inductor import config as inductor_config  # noqa: F401  which config_patches keys exist
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook's base
 # the aten decompositions Inductor's graphs are traced with (code inlined into a partitioned
 # graph must use the same ops: Inductor refuses an op it both decomposes and lowers)

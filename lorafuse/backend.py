@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from ._torch import RestartAnalysis, compile_fx, copy_graph, counters, list_mode_options
+from ._torch import (RestartAnalysis, compile_fx, copy_graph, counters, inductor_config,
+                     list_mode_options)
 from .partition import AUTO, LorafusePartitioner, parse_activation_dtype, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASS_OPTIONS, PASSES
 from .report import GraphReport, PassReport
@@ -136,11 +137,13 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
     opts = Options.parse(options)
     patches = dict(list_mode_options(mode)) if mode else {}
-    if opts.offload_activations:
-        # Inductor's reordering for peak memory counts a reload's CPU input as free to keep
-        # and hoists the backward's reloads to its start, where every reloaded copy is live
-        # at once: on the GPU test model 489 MiB of peak with it, 335 without, 478 without
-        # offloading (bench/RESULTS.md, session 21); offload_saved's order is the plan
+    if opts.offload_activations and hasattr(inductor_config, "reorder_for_peak_memory"):
+        # Inductor's reordering for peak memory hoisted the backward's reloads to its start
+        # (a reload needs only its CPU copy, there from the start), where every reloaded
+        # copy is live at once: on the GPU test model a 489 MiB peak with it, 335 without,
+        # 478 without offloading (bench/RESULTS.md, session 21). offload_saved's order is
+        # the plan.
+        # (Only where the key exists: an unknown one would fail the compile and its fallback.)
         patches["reorder_for_peak_memory"] = False
     patches.update(opts.inductor)
     if "passes" not in (options or {}) and patches.get("triton.cudagraphs"):
