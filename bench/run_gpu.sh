@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -21,6 +21,9 @@
 #          as eager bf16's; with fp8 storage, how much farther). ~8 min (estimate).
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
+#   qmem   8B QLoRA at issue 4's project goal (<= 7 GiB): lorafuse:qck (the 4-bit pass,
+#          checkpoint_layers, offloading, loss pass, drop_logits) beside Unsloth with its
+#          checkpointing, 2 + 8 steps, then 2 profiled steps each, no reference. ~5.5 min.
 #   context  8B long context, issue 5's 80 GiB bar (bench_context.py, bench/README.md "Long
 #          context"): continues bench/results/context_8b.json and writes the updated file to
 #          $OUT/context_8b.json (copy it back before the next command). CONTEXT_ARGS picks the
@@ -60,8 +63,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -135,12 +138,14 @@ else
 fi
 say "$BACKEND_NOTE"
 
-# the lorafuse configurations of the memory and qcg modes
+# the lorafuse configurations of the memory, qcg and qmem modes
 MEMORY_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "recompute_free": true,
   "activation_dtype": "fp8", "offload_activations": true, "drop_logits": true}}'
 CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
+QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
+  "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 # bench_context's tags: a tag keeps its configuration for as long as its results file lives
 CONTEXT_CONFIGS=(
   --lorafuse-config 'b0l={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0}}'
@@ -258,6 +263,9 @@ case "$MODE_ONE" in
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
+    qmem)
+        QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
+            --variants lorafuse:qck,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" ;;
     context)
         left=$(budget_left)
         if [ "$BUDGET_S" -gt 0 ] && [ "$left" -lt 90 ]; then  # 0 would mean "no limit" there
