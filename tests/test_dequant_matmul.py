@@ -778,14 +778,7 @@ KERNEL_CASES = [
     (1, 9, 64, 64, "fp4", True, torch.bfloat16, 2, False),
 ]
 
-# dequantisation only (M, r, bias unused): odd N·K, K not a multiple of the blocksize, a
-# blocksize above N·K, fp16 with nested scales
-DEQUANT_CASES = [
-    (1, 7, 33, 32, "nf4", True, torch.bfloat16, 0, False),
-    (1, 5, 77, 128, "fp4", False, torch.float16, 0, False),
-    (1, 3, 100, 4096, "nf4", True, torch.float32, 0, False),
-    (1, 65, 96, 64, "nf4", True, torch.float16, 0, False),
-]
+DEQUANT_EXAMPLES = int(os.environ.get("LORAFUSE_TEST_EXAMPLES", "40"))
 
 
 def _worker():
@@ -807,16 +800,28 @@ def _worker():
 
     def dequantize():
         """The Triton dequantisation (the device path's; nested scales decoded inside)
-        bit-exact with the reference: whole blocks per program, a partial last block
-        (odd N·K), blocks spanning rows, a block larger than the whole weight."""
-        for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES + DEQUANT_CASES:
-            q, qs = quantize(N, K, bs, qt, nested, seed=N)
+        bit-exact with the reference, on weights drawn by hypothesis: every blocksize,
+        NF4 and FP4, nested scales or not, three dtypes, odd N·K (a partial last byte and
+        block), K not a multiple of the blocksize (blocks spanning rows), blocks larger
+        than the whole weight."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=DEQUANT_EXAMPLES, deadline=None)
+        @given(st.integers(1, 40), st.integers(1, 130), st.sampled_from(nf4.BLOCKSIZES),
+               st.sampled_from(["nf4", "fp4"]), st.booleans(),
+               st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+               st.integers(0, 2**31 - 1))
+        def check(N, K, bs, qt, nested, dt, seed):
+            q, qs = quantize(N, K, bs, qt, nested, seed=seed)
             kw = qs_kwargs(qs)
             state = (kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
             want = nf4.dequantize_4bit(q, *state, (N, K), bs, qt, dt)
             got = nf4.triton_dequantize_4bit(q, *state, (N, K), bs, qt, dt)
             assert got.dtype == dt and got.shape == (N, K)
-            assert torch.equal(got, want), (N, K, bs, qt, dt)
+            assert torch.equal(got, want), (N, K, bs, qt, nested, dt)
+
+        check()
 
     def forward():
         for M, N, K, bs, qt, nested, dt, r, bias in KERNEL_CASES:
