@@ -40,7 +40,6 @@ PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
 
 
 def main() -> None:
-    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     import triton
 
     p = argparse.ArgumentParser()
@@ -56,17 +55,23 @@ def main() -> None:
     dequant_table(bench)
 
 
-def dequant_table(bench) -> None:
+def quantized_site(N: int, K: int):
+    """A random (N, K) bf16 weight quantized as QLoRA does (NF4, double quant, blocksize
+    64): (packed weight, bitsandbytes' quant state, lorafuse's view of that state)."""
     import bitsandbytes.functional as F
 
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return q, qs, nf4.from_quant_state(qs)
+
+
+def dequant_table(bench) -> None:
     print("\n### 4-bit dequantization (NF4, double quant, blocksize 64) to bf16, median ms\n")
     print("| site | N | K | triton ms | triton TB/s | bitsandbytes ms | bitsandbytes TB/s "
           "| identical |")
     print("|---|---|---|---|---|---|---|---|")
     for name, N, K in SITES:
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        kw = nf4.from_quant_state(qs)
+        q, qs, kw = quantized_site(N, K)  # imports bitsandbytes: its torch.ops exist
         state = (kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"))
         op = torch.ops.bitsandbytes.dequantize_4bit.default
         fns = {
@@ -90,9 +95,7 @@ def gemm_table(ms, bench) -> None:
     rows = []
     layer = {}
     for name, N, K in SITES:
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        kw = nf4.from_quant_state(qs)
+        q, qs, kw = quantized_site(N, K)
         w_deq = F.dequantize_4bit(q, qs).to(torch.bfloat16)  # the bf16 W every path uses
         scales = nf4.block_scales(kw["absmax"], kw.get("absmax2"), kw.get("code2"),
                                   kw.get("offset"))
