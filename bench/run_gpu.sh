@@ -23,7 +23,8 @@
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   qmem   8B QLoRA at issue 4's project goal (<= 7 GiB): lorafuse:qck (the 4-bit pass,
 #          checkpoint_layers, offloading, loss pass, drop_logits) beside Unsloth with its
-#          checkpointing, 2 + 8 steps, then 2 profiled steps each, no reference. ~5.5 min.
+#          checkpointing, 2 + 8 steps, then 2 profiled steps each (GPU kernels and host
+#          ops: BENCH_PROFILE_HOST=1), no reference. ~5.5 min.
 #   context  8B long context, issue 5's 80 GiB bar (bench_context.py, bench/README.md "Long
 #          context"): continues bench/results/context_8b.json and writes the updated file to
 #          $OUT/context_8b.json (copy it back before the next command). CONTEXT_ARGS picks the
@@ -264,7 +265,7 @@ case "$MODE_ONE" in
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     qmem)
-        QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
+        BENCH_PROFILE_HOST=1 QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
             --variants lorafuse:qck,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" ;;
     context)
         left=$(budget_left)
