@@ -94,16 +94,18 @@ def _lora_ops_in(gm) -> int:
 
 @pytest.fixture
 def spy_compile_fx(monkeypatch):
-    """Record every graph lorafuse hands to Inductor's compile_fx (lorafuse's ops in it)."""
+    """Record every graph lorafuse hands to Inductor's compile_fx (lorafuse's ops in it, in
+    ``seen``) and the Inductor config patches it passes (in ``patches``)."""
     real = backend_module.compile_fx
-    seen = []
+    seen, patches = [], []
 
     def spy(gm, example_inputs, **kw):
         seen.append(_lora_ops_in(gm))
+        patches.append(dict(kw.get("config_patches") or {}))
         return real(gm, example_inputs, **kw)
 
     monkeypatch.setattr(backend_module, "compile_fx", spy)
-    spy.seen = seen
+    spy.seen, spy.patches = seen, patches
     spy.real = real
     return spy
 
@@ -182,21 +184,29 @@ def test_cuda_graphs_drop_masked_attention_from_the_defaults(fresh_dynamo, mode,
     ({"offload_activations": True}, False),
     ({"offload_activations": True, "inductor": {"reorder_for_peak_memory": True}}, True),
 ])
-def test_offloading_turns_off_inductors_peak_memory_reordering(fresh_dynamo, monkeypatch,
+def test_offloading_turns_off_inductors_peak_memory_reordering(fresh_dynamo, spy_compile_fx,
                                                                options, want):
     """With offload_activations, Inductor's reordering for peak memory would hoist the
     backward's reloads (measured on the GPU); the backend turns it off unless the user's
     own Inductor options set it."""
-    real, patches = backend_module.compile_fx, []
-
-    def spy(gm, example_inputs, config_patches=None, **kw):
-        patches.append(dict(config_patches or {}))
-        return real(gm, example_inputs, config_patches=config_patches, **kw)
-
-    monkeypatch.setattr(backend_module, "compile_fx", spy)
     compiled = torch.compile(Tiny(), backend=lorafuse.backend(**options))
     compiled(torch.randn(3, 12))
+    patches = spy_compile_fx.patches
     assert patches and all(p.get("reorder_for_peak_memory") == want for p in patches), patches
+
+
+def test_offloading_without_the_reordering_key_still_compiles(fresh_dynamo, monkeypatch,
+                                                              spy_compile_fx):
+    """A torch whose Inductor has no reorder_for_peak_memory: the backend does not patch an
+    unknown key (which would fail the compile and its plain-Inductor fallback)."""
+    import types
+
+    monkeypatch.setattr(backend_module, "inductor_config", types.SimpleNamespace())
+    assert_matches_eager(lambda m: torch.compile(
+        m, backend=lorafuse.backend(offload_activations=True, strict=True)))
+    assert counters["lorafuse"]["lora"] == Tiny.SITES
+    patches = spy_compile_fx.patches
+    assert patches and not any("reorder_for_peak_memory" in p for p in patches), patches
 
 
 # --------------------------------------------------------------------------- fallbacks
