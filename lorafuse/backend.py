@@ -52,7 +52,8 @@ class Options:
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched one ahead in the backward
     # (partition.offload_saved, kernels/offload.py); opt-in.
-    # Inductor runs such graphs without CUDA graphs (they have CPU tensors).
+    # Inductor runs such graphs without CUDA graphs (they have CPU tensors), and without its
+    # reordering for peak memory (lorafuse_backend says why).
     offload_activations: bool = False
     # with the loss pass: a training graph returns an empty tensor as the logits and never
     # writes them (as Liger and Unsloth do in training; 1 GiB at the 8B shape); graphs
