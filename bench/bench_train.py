@@ -652,8 +652,9 @@ def flat_copy(params) -> "torch.Tensor":
     """The parameters, flattened into one fp32 CPU tensor by one device-to-host copy.
 
     One copy and one object a step, not one per LoRA tensor (448 at 8B): session 20's
-    per-tensor snapshots coincided with lorafuse's timed steps running 11 % slow (why is
-    not known; a host read each step alone cost nothing). The concatenation is a temporary
+    per-tensor snapshots coincided with lorafuse's timed steps running 11 % slow (a host
+    read each step alone cost nothing); with this copy session 21 measured no slowdown
+    (16,202 tok/s beside Unsloth's 16,335). The concatenation is a temporary
     on the device (0.16 GiB at 8B), between two steps, far under a training step's peak."""
     import torch
 
@@ -985,12 +986,12 @@ def render(args, meta, results, ref) -> str:
     if snapped:
         # Session 20: lorafuse 14,173 tok/s with a snapshot (then one copy per tensor)
         # before every step, 15,829 with a host read of the loss every step
-        # (--sync-each-step) and ≈ 16,000 without either.
+        # (--sync-each-step). Session 21, one flat copy a step: 16,202.
         lines.append("")
         lines.append(f"tok/s of {', '.join(snapped)}: their timed steps took fp32-reference "
                      "snapshots (a sync and a host copy of the LoRA parameters, off the clock); "
-                     "at 8B such steps once ran lorafuse 11 % slow: compare speed with a run "
-                     "without --ref.")
+                     "at 8B, one copy per tensor once ran lorafuse 11 % slow, the flat copy "
+                     "used now did not (bench/RESULTS.md, sessions 20-21).")
     return "\n".join(lines) + "\n"
 
 
