@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._ops import lorafuse_op
+
 
 # Elements compared at once by is_causal_mask: a mask is checked by blocks of query rows,
 # so the check never holds more than this (bytes: ×1, bool) beside the mask itself. At 8B
@@ -133,7 +135,7 @@ def attention_reference(q, k, v, mask, use_causal: bool, n_rep: int, scale):
                                           attn_mask=mask, scale=scale)
 
 
-@torch.library.custom_op("lorafuse::mask_is_causal", mutates_args=())
+@lorafuse_op("lorafuse::mask_is_causal")
 def mask_is_causal_op(mask: Tensor) -> Tensor:
     """0-d bool on the CPU: is ``mask`` ([B, [H,]] Lq, Lkv) the causal pattern everywhere?"""
     if not 2 <= mask.dim() <= 4:
@@ -190,7 +192,7 @@ def key_ranges(mask: Tensor):
     return lo.to(torch.int32), hi.to(torch.int32), ok
 
 
-@torch.library.custom_op("lorafuse::mask_key_ranges", mutates_args=())
+@lorafuse_op("lorafuse::mask_key_ranges")
 def mask_key_ranges_op(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(lo, hi, ok)`` of a 4-D mask (B or 1, 1, Lq, Lkv), boolean (True = attend) or
     additive (0 = attend; the dtype's lowest or -inf = masked): lo and hi int32 (B, Lq),
@@ -381,7 +383,7 @@ def sdpa_backward(code: int, dout, q, k, v, out, lse, mask, causal: bool, n_rep:
     return dq, dk, dv
 
 
-@torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked", mutates_args=())
+@lorafuse_op("lorafuse::sdpa_causal_ranges_or_masked")
 def sdpa_causal_ranges_or_masked_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                                     use_causal: Tensor, ranges_ok: Tensor, key_lo: Tensor,
                                     key_hi: Tensor, n_rep: int, scale: Optional[float],
@@ -413,7 +415,7 @@ def _(q, k, v, mask, use_causal, ranges_ok, key_lo, key_hi, n_rep, scale, flash)
     return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.int8, device="cpu")
 
 
-@torch.library.custom_op("lorafuse::sdpa_causal_ranges_or_masked_backward", mutates_args=())
+@lorafuse_op("lorafuse::sdpa_causal_ranges_or_masked_backward")
 def sdpa_causal_ranges_or_masked_backward_op(
         dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor,
         use_causal: Tensor, path: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
@@ -475,7 +477,7 @@ def eager_chain(q, k, v, mask, n_rep: int, scale: float, softcap: Optional[float
     return torch.matmul(p, repeat_kv(v, n_rep))
 
 
-@torch.library.custom_op("lorafuse::eager_ranges_or_chain", mutates_args=())
+@lorafuse_op("lorafuse::eager_ranges_or_chain")
 def eager_ranges_or_chain_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
                              ranges_ok: Tensor, key_lo: Tensor, key_hi: Tensor, n_rep: int,
                              scale: float, softcap: Optional[float]
@@ -504,7 +506,7 @@ def _(q, k, v, mask, ranges_ok, key_lo, key_hi, n_rep, scale, softcap):
     return _flash_out_like(q, v), _no_lse(q), torch.empty((), dtype=torch.int8, device="cpu")
 
 
-@torch.library.custom_op("lorafuse::eager_ranges_or_chain_backward", mutates_args=())
+@lorafuse_op("lorafuse::eager_ranges_or_chain_backward")
 def eager_ranges_or_chain_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                       out: Tensor, lse: Tensor, mask: Tensor,
                                       path: Tensor, key_lo: Tensor, key_hi: Tensor,

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import triton_or_reference
+from ._ops import lorafuse_op
 
 try:  # optional: without triton, every tensor takes the PyTorch path (with a warning on CUDA)
     import triton
@@ -720,7 +721,7 @@ def attention_backward_triton(dout, q, k, v, out, lse, key_mask, causal, scale, 
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::flash_attention", mutates_args=())
+@lorafuse_op("lorafuse::flash_attention")
 def flash_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                        causal: bool, scale: float, softcap: Optional[float],
                        window: Optional[int], key_lo: Optional[Tensor] = None,
@@ -742,7 +743,7 @@ def _(q, k, v, key_mask, causal, scale, softcap, window, key_lo=None, key_hi=Non
     return _new_out(q, v), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("lorafuse::flash_attention_backward", mutates_args=())
+@lorafuse_op("lorafuse::flash_attention_backward")
 def flash_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                 lse: Tensor, key_mask: Optional[Tensor], causal: bool,
                                 scale: float, softcap: Optional[float],

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .lora import _upcast, base_plus_lowrank, mm_fp32
+from ._ops import lorafuse_op
 
 
 def _split(t: Tensor, ranks) -> list:
@@ -135,7 +136,7 @@ def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx
     return out + [a.clone() for a in torch.split(dA, ranks, dim=0)] + dBs  # no aliased outputs
 
 
-@torch.library.custom_op("lorafuse::lora_linear_group", mutates_args=())
+@lorafuse_op("lorafuse::lora_linear_group")
 def lora_linear_group_op(
     x: Tensor,
     weights: list[Tensor],
@@ -162,7 +163,7 @@ def _(x, weights, biases, lora_as, lora_bs, scales, norm_x=None, norm_rstd=None,
     return ys + [x.new_empty(*lead, sum(a.shape[0] for a in lora_as))]
 
 
-@torch.library.custom_op("lorafuse::lora_linear_group_backward", mutates_args=())
+@lorafuse_op("lorafuse::lora_linear_group_backward")
 def lora_linear_group_backward_op(
     dys: list[Tensor],
     x: Tensor,

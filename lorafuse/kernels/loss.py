@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import warn_once
+from ._ops import lorafuse_op
 
 CHUNK_ENV = "LORAFUSE_LOSS_CHUNK_MB"
 # Tests set this to force many small chunks (rows per chunk; None: from the byte budget).
@@ -222,7 +223,7 @@ def _logits_backward(g_logits, hidden, weight, softcap, need_dhidden, need_dweig
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::linear_cross_entropy", mutates_args=())
+@lorafuse_op("lorafuse::linear_cross_entropy")
 def linear_cross_entropy_op(
     hidden: Tensor,
     weight: Tensor,
@@ -260,7 +261,7 @@ def _(hidden, weight, labels, softcap, ignore_index, reduction, return_logits, n
             hidden.new_empty(V, H, dtype=acc) if need_dweight else none())
 
 
-@torch.library.custom_op("lorafuse::linear_cross_entropy_backward", mutates_args=())
+@lorafuse_op("lorafuse::linear_cross_entropy_backward")
 def linear_cross_entropy_backward_op(
     g_loss: Tensor,
     g_logits: Tensor,

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import warn_once
+from ._ops import lorafuse_op
 
 _streams: dict = {}  # device index -> the side stream for both copies
 # Copies out still running: device index -> deque of (event after the copy, its bytes).
@@ -279,7 +280,7 @@ def _reload_cuda(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) ->
     return gpu
 
 
-@torch.library.custom_op("lorafuse::offload", mutates_args=())
+@lorafuse_op("lorafuse::offload")
 def offload_op(x: Tensor) -> Tensor:
     """A CPU copy of ``x`` (pinned, filled on a side stream when x is on CUDA)."""
     if x.is_cuda:
@@ -295,7 +296,7 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device="cpu")
 
 
-@torch.library.custom_op("lorafuse::reload", mutates_args=())
+@lorafuse_op("lorafuse::reload")
 def reload_op(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) -> Tensor:
     """``x`` (an ``offload`` output) back on ``device``, and the copy of ``next_cpu`` (the
     next one the backward needs) started."""

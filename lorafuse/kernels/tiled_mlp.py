@@ -29,6 +29,7 @@ from torch import Tensor
 from .gated_mlp import activation, gated_mlp_backward_op, gated_mlp_op
 from .lora import lora_linear_backward_op, lora_linear_op
 from .lora_group import lora_linear_group_backward_op, lora_linear_group_op
+from ._ops import lorafuse_op
 
 def tiled_mlp_reference(x, weights, biases, lora_as, lora_bs, scales, act: str) -> Tensor:
     """``down(act(gate(x)) * up(x))`` with each projection ``x Wᵀ + b + s (x Aᵀ) Bᵀ``."""
@@ -46,7 +47,7 @@ def _gate_up(x2, weights, biases, lora_as, lora_bs, scales, act):
     return g, u, h, gated_mlp_op(g, u, act, g.dtype)
 
 
-@torch.library.custom_op("lorafuse::tiled_mlp", mutates_args=())
+@lorafuse_op("lorafuse::tiled_mlp")
 def tiled_mlp_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
                  lora_as: list[Tensor], lora_bs: list[Tensor], scales: list[float], act: str,
                  chunk: int) -> Tensor:
@@ -66,7 +67,7 @@ def _(x, weights, biases, lora_as, lora_bs, scales, act, chunk):
     return x.new_empty(*x.shape[:-1], weights[2].shape[0])
 
 
-@torch.library.custom_op("lorafuse::tiled_mlp_backward", mutates_args=())
+@lorafuse_op("lorafuse::tiled_mlp_backward")
 def tiled_mlp_backward_op(dy: Tensor, x: Tensor, weights: list[Tensor],
                           biases: list[Optional[Tensor]], lora_as: list[Tensor],
                           lora_bs: list[Tensor], scales: list[float], act: str,

@@ -1,0 +1,81 @@
+"""How lorafuse's ops are registered: each is a ``torch.library.custom_op`` (what the passes
+insert, and what tracing, autograd and fake tensors see) with a runtime twin,
+``lorafuse_rt::<name>``: the same schema and the same Python body, registered through
+``torch.library.Library`` for CPU and CUDA, with no autograd formula.
+
+Why the twin: around its body a custom_op call runs a Python autograd kernel, a second
+dispatch and an aliasing check of its outputs. On the H200's host that was ≈ 134 µs of
+the 585 µs one 4-bit forward call takes (``bench/bench_op_host.py --parts``, session 22),
+and the 8B QLoRA step with checkpointing makes 672 such calls (bench/RESULTS.md: its GPU
+waited on the host). The forward and backward graphs Inductor compiles never
+differentiate through an op (AOTAutograd has already split them), so once they are
+partitioned their calls go to the twins (``use_runtime_twins``, from partition.py).
+
+Twins are defined when their op is (at import), not when a graph first needs them: a
+compiled graph loaded from PyTorch's caches in a new process calls them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NAMESPACE, TWIN_NAMESPACE = "lorafuse", "lorafuse_rt"
+_lib = torch.library.Library(TWIN_NAMESPACE, "DEF")
+_twin_names: set = set()
+
+
+def lorafuse_op(qualname: str) -> Callable:
+    """``torch.library.custom_op(qualname, mutates_args=())``, and its runtime twin. Every
+    lorafuse op is functional: it writes only tensors it allocates."""
+    namespace, name = qualname.split("::")
+    if namespace != NAMESPACE:
+        raise ValueError(f"lorafuse_op: {qualname!r} is not in the {NAMESPACE!r} namespace")
+
+    def register(fn):
+        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        schema = str(getattr(torch.ops.lorafuse, name).default._schema)
+        _lib.define(schema.split("::", 1)[1])
+        for key in ("CPU", "CUDA"):
+            _lib.impl(name, fn, key)
+
+        def fake(*args, **kwargs):  # the custom op's fake, as tracing saw it
+            return getattr(torch.ops.lorafuse, name).default(*args, **kwargs)
+
+        torch.library.register_fake(f"{TWIN_NAMESPACE}::{name}", fake, lib=_lib)
+        _twin_names.add(name)
+        return op
+
+    return register
+
+
+def runtime_twin(target):
+    """The twin of ``target`` when it is a lorafuse op's overload, else None."""
+    schema = getattr(target, "_schema", None)  # an OpOverload (FX targets may be anything)
+    if schema is None or getattr(target, "namespace", None) != NAMESPACE:
+        return None
+    name = schema.name.split("::", 1)[1]
+    if name not in _twin_names or schema.overload_name:
+        return None
+    return getattr(getattr(torch.ops, TWIN_NAMESPACE), name).default
+
+
+def use_runtime_twins(gm: torch.fx.GraphModule) -> int:
+    """Point every lorafuse op call of ``gm`` at its twin; how many were."""
+    n = 0
+    for node in gm.graph.nodes:
+        twin = runtime_twin(node.target) if node.op == "call_function" else None
+        if twin is not None:
+            node.target = twin
+            n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
+def is_op(target, name: str) -> bool:
+    """Whether ``target`` is lorafuse's op ``name`` or its twin (tests and tools that read
+    compiled graphs)."""
+    return any(target is getattr(getattr(torch.ops, ns), name).default
+               for ns in (NAMESPACE, TWIN_NAMESPACE))

@@ -1,0 +1,95 @@
+"""The ops' runtime twins (``lorafuse/kernels/_ops.py``): every lorafuse op has one with its
+schema, a twin computes what its op computes, fake tensors see the same shapes, and the
+graphs Inductor compiles call the twins, not the custom ops, while training as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lorafuse  # noqa: F401  (registers the ops)
+import lorafuse.partition
+from lorafuse.kernels import _ops
+from lorafuse.kernels._ops import NAMESPACE, TWIN_NAMESPACE, is_op, runtime_twin
+
+from test_backend import Tiny, _step
+
+
+def _ops_of(namespace):
+    return {name for name in _ops._twin_names if hasattr(getattr(torch.ops, namespace), name)}
+
+
+def test_every_lorafuse_op_has_a_twin_with_its_schema():
+    names = _ops_of(NAMESPACE)
+    assert {"lora_linear", "lora_linear_backward", "nf4_linear", "nf4_linear_backward",
+            "rms_norm", "linear_cross_entropy", "reload"} <= names
+    for name in names:
+        op = getattr(torch.ops.lorafuse, name).default
+        twin = runtime_twin(op)
+        assert twin is getattr(torch.ops.lorafuse_rt, name).default
+        assert str(twin._schema) == str(op._schema).replace(f"{NAMESPACE}::",
+                                                            f"{TWIN_NAMESPACE}::", 1)
+        assert is_op(op, name) and is_op(twin, name)
+    assert runtime_twin(torch.ops.aten.mm.default) is None
+    assert runtime_twin("not an op") is None
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 5),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_twin_computes_what_the_op_computes(m, k, n, r, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m, k, generator=g, requires_grad=True)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    a = torch.randn(r, k, generator=g, requires_grad=True)
+    bb = torch.randn(n, r, generator=g, requires_grad=True)
+    args = (x, w, b, a, bb, 0.7, None)
+    want = torch.ops.lorafuse.lora_linear.default(*args)
+    got = torch.ops.lorafuse_rt.lora_linear.default(*args)
+    for w_, g_ in zip(want, got):
+        assert torch.equal(w_, g_)
+    dy = torch.randn(2, m, n, generator=g)
+    bwd_args = (dy, x.detach(), w, a.detach(), bb.detach(), want[1].detach(), 0.7)
+    want_b = torch.ops.lorafuse.lora_linear_backward.default(*bwd_args)
+    got_b = torch.ops.lorafuse_rt.lora_linear_backward.default(*bwd_args)
+    for w_, g_ in zip(want_b, got_b):
+        assert torch.equal(w_, g_)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        shapes = [t.shape for t in torch.ops.lorafuse_rt.lora_linear.default(*fake)]
+    assert shapes == [t.shape for t in want]
+
+
+def test_lorafuse_op_refuses_another_namespace():
+    with pytest.raises(ValueError, match="namespace"):
+        _ops.lorafuse_op("elsewhere::f")
+
+
+def test_compiled_graphs_call_the_twins_and_train_as_before(no_autograd_cache, monkeypatch):
+    """The partitioner hands Inductor graphs whose lorafuse calls are all twins; the step's
+    output and every gradient match eager."""
+    seen = []
+    real = lorafuse.partition.use_runtime_twins
+
+    def spy(gm):
+        n = real(gm)
+        seen.append((n, [node.target for node in gm.graph.nodes if node.op == "call_function"]))
+        return n
+
+    monkeypatch.setattr(lorafuse.partition, "use_runtime_twins", spy)
+    eager, comp = Tiny(0), Tiny(0)
+    x, dy = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
+    y0, g0 = _step(eager, eager, x, dy)
+    y1, g1 = _step(torch.compile(comp, backend="lorafuse"), comp, x, dy)
+    assert len(seen) == 2  # forward and backward
+    assert all(n > 0 for n, _ in seen)
+    targets = [t for _, ts in seen for t in ts]
+    assert not [t for t in targets if getattr(t, "namespace", None) == NAMESPACE]
+    assert any(is_op(t, "lora_linear") for t in seen[0][1])
+    assert any(is_op(t, "lora_linear_backward") for t in seen[1][1])
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6)
