@@ -2,7 +2,7 @@
 pays in Python and launches when the GPU is not the bottleneck (the QLoRA step with the
 4-bit pass was host-bound in session 5, bench/RESULTS.md).
 
-    python bench/bench_op_host.py [--m 16] [--calls 400] [--no-nf4]
+    python bench/bench_op_host.py [--m 16] [--calls 400] [--no-nf4] [--parts]
 
 Each path is called ``--calls`` times at a small M (the GPU work per call is a few
 microseconds, so the loop's wall time is the host's), as Inductor's generated code calls
@@ -115,11 +115,63 @@ def nf4_paths(M: int):
     }
 
 
+def _device_context(x):
+    with torch.cuda.device(x.device):
+        pass
+
+
+def nf4_forward_parts(M: int):
+    """The pieces of one ``nf4_linear`` forward with an adapter (the 8B QLoRA step's call:
+    the device path, bf16 LoRA, the TMA tail kernel), each called on its own: where the
+    op's host time goes, without cProfile's inflation. ``body`` is the op's Python
+    function called directly (no dispatcher, no autograd wrapper)."""
+    import bitsandbytes.functional as F
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from lorafuse.kernels import lora_triton as lt
+
+    N = K = 4096
+    r, s = 16, 2.0
+    g = torch.Generator("cuda").manual_seed(1)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    kw = nf4.from_quant_state(qs)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    h = x @ A.t()
+    qargs = (q, kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"), kw["shape"],
+             kw["blocksize"], kw["quant_type"])
+    body = getattr(nf4.nf4_linear_op, "_init_fn", None)
+    fwd = torch.ops.lorafuse.nf4_linear.default
+    parts = {
+        "op (torch.ops.lorafuse.nf4_linear)": lambda: fwd(x, *qargs, None, A, B, s, x,
+                                                          torch.bfloat16),
+        "_forward_device (the op's device path)": lambda: nf4._forward_device(
+            x, *qargs, None, A, B, s, x, torch.bfloat16),
+        "_dequantize_fast (choice + kernel)": lambda: nf4._dequantize_fast(*qargs, torch.bfloat16),
+        "triton_dequantize_4bit": lambda: nf4.triton_dequantize_4bit(*qargs, torch.bfloat16),
+        "x' Aᵀ (torch.mm)": lambda: x @ A.t(),
+        "base_plus_lowrank (choice + tail kernel)": lambda: lora.base_plus_lowrank(
+            x, w, None, h, B, s),
+        "tail_gemm_nt_tma (autotuner launch)": lambda: lt.tail_gemm_nt_tma(x, w, h, B, None, s),
+        "5 × TensorDescriptor.from_tensor": lambda: [
+            TensorDescriptor.from_tensor(t, [16, 16]) for t in (x, w, h, B, x)],
+        "torch.empty (M, N)": lambda: torch.empty((M, N), dtype=x.dtype, device=x.device),
+        "with torch.cuda.device(x.device): pass": lambda: _device_context(x),
+    }
+    if body is not None:
+        parts["body (the op's Python function)"] = lambda: body(x, *qargs, None, A, B, s, x,
+                                                                torch.bfloat16)
+    return parts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", type=int, default=16, help="rows per call (small: host-bound)")
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--no-nf4", action="store_true", help="skip the 4-bit paths")
+    p.add_argument("--parts", action="store_true",
+                   help="also time the pieces of one nf4_linear forward (table 2)")
     p.add_argument("--profile", default="lorafuse::", metavar="PREFIX",
                    help="after the table, where the host time of the paths whose name "
                         "starts with PREFIX goes (cProfile, top functions by own time); "
@@ -147,6 +199,15 @@ def main() -> int:
                 continue
             print(f"| {name} | {host:.1f} | {host * SITES_PER_STEP / 1e3:.1f} |",
                   flush=True)
+        if args.parts and not args.no_nf4:
+            print(f"\n### The pieces of one nf4_linear forward, M = {args.m}\n")
+            print("| piece | host µs/call |")
+            print("|---|---|")
+            for name, fn in nf4_forward_parts(args.m).items():
+                try:
+                    print(f"| {name} | {measure(fn, args.calls):.1f} |", flush=True)
+                except Exception as e:
+                    print(f"| {name} | failed: {type(e).__name__}: {str(e)[:80]} |")
         if args.profile:
             for name, fn in paths.items():
                 if name.startswith(args.profile):

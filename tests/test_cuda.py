@@ -525,6 +525,40 @@ def test_forward_paths_compute_the_same_numbers(site, monkeypatch):
     assert chosen and set(chosen) <= set(modes), chosen
 
 
+def test_autotuned_kernels_launched_directly_after_tuning_compute_the_same():
+    """``launch_autotuned``: the first call for a shape tunes, later ones launch the chosen
+    config without the autotuner. Both must be the same kernel, bit for bit: the TMA and
+    pointer LoRA kernels and the 4-bit GEMM, at the q/o shape."""
+    import bitsandbytes.functional as F
+
+    from lorafuse.kernels import _dispatch, lora_triton, nf4
+
+    M, N, K, r, s = 4096, 4096, 4096, 16, 2.0
+    g = torch.Generator("cuda").manual_seed(3)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    h = torch.randn(M, r, device="cuda", generator=g).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
+    q, qs = F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    kw = nf4.from_quant_state(qs)
+    scales = nf4.block_scales(kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"])
+    calls = {  # name: (call, the autotuned kernel behind it)
+        "pointer": (lambda: lora_triton.lowrank_tail_gemm(x, W.t(), h, B.t(), None, alpha2=s),
+                    lora_triton._autotuned),
+        "nf4": (lambda: nf4.triton_nf4_gemm(x, q, scales, kw["shape"], 64, "nf4", h=h,
+                                            lora_b=B, alpha=s), nf4._nf4_autotuned),
+    }
+    if lora_triton.tail_gemm_nt_tma_supported(x, W, h, B, None):
+        calls["tma"] = (lambda: lora_triton.tail_gemm_nt_tma(x, W, h, B, None, alpha2=s),
+                        lora_triton._tma_autotuned)
+    for name, (fn, kernel) in calls.items():
+        first = fn()
+        assert any(k[0] is kernel for k in _dispatch._tuned), name  # the next call is direct
+        second = fn()
+        assert torch.equal(first, second), name
+        print(f"{name}: identical")
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 def test_nf4_triton_dequantize_bit_exact_on_gpu(quant_type, nested):

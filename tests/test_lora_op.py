@@ -366,6 +366,50 @@ def test_pick_fastest_times_once_skips_failures_raises_only_if_none_works(fresh_
         _dispatch.pick_fastest({}, "k", {"bad": boom, "last": boom}, "test", timer=timer)
 
 
+def test_launch_autotuned_tunes_once_then_launches_the_choice_directly(monkeypatch):
+    """``launch_autotuned`` (every autotuned Triton launch on CUDA): the first call for a
+    key goes through the autotuner; later ones call its JIT function with the chosen
+    config's arguments, after the config's pre-hook (the TMA kernels' block shapes), as the
+    autotuner itself would; another key tunes again."""
+    monkeypatch.setattr(_dispatch, "_tuned", {})
+    log = []
+
+    class Config:
+        def __init__(self, bm):
+            self.bm = bm
+            self.pre_hook = lambda nargs: log.append(("hook", nargs["a"], nargs["BLOCK_M"]))
+
+        def all_kwargs(self):
+            return {"BLOCK_M": self.bm, "num_warps": 8}
+
+    class Launcher:
+        def __init__(self, who):
+            self.who = who
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: log.append((self.who, grid, args, kw))
+
+    class Autotuned(Launcher):
+        arg_names = ["a", "b"]
+
+        def __init__(self):
+            super().__init__("autotuner")
+            self.fn = Launcher("jit")
+            self.best_config = Config(64)
+
+    k = Autotuned()
+    _dispatch.launch_autotuned(k, "g", (1, 2), {"X": True}, key=("k1",))
+    assert log == [("autotuner", "g", (1, 2), {"X": True})]
+    log.clear()
+    k.best_config = Config(128)  # a later tuning elsewhere must not change this key's
+    _dispatch.launch_autotuned(k, "g", (3, 4), {"X": True}, key=("k1",))
+    assert log == [("hook", 3, 64),
+                   ("jit", "g", (3, 4), {"X": True, "BLOCK_M": 64, "num_warps": 8})]
+    log.clear()
+    _dispatch.launch_autotuned(k, "g", (5, 6), {"X": False}, key=("k2",))
+    assert log == [("autotuner", "g", (5, 6), {"X": False})]
+
+
 def test_race_takes_each_candidates_median_over_interleaved_rounds():
     """One slow round (a clock dip, other work on the GPU) does not decide the race: each
     candidate's median over the rounds does, and the candidates take turns."""

@@ -30,14 +30,14 @@ until measured faster than Inductor (bench/bench_elementwise.py).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import triton_or_reference
+from ._dispatch import on_device, triton_or_reference
+from ._ops import lorafuse_op
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -209,7 +209,7 @@ def gated_mlp_forward_triton(gate, up, act, out_dtype):
     if y.numel():
         g2, u2, y2 = _rows(gate, N), _rows(up, N), y.view(-1, N)
         cfg = _launch(N)
-        with torch.cuda.device(gate.device) if gate.is_cuda else contextlib.nullcontext():
+        with on_device(gate):
             _gated_fwd_kernel[_grid(g2.shape[0], N, cfg)](
                 g2, u2, y2, N, g2.stride(0), u2.stride(0), y2.stride(0),
                 ACT=_ACT_CODE[act], HAND_ROUND=_INTERPRETED and out_dtype == torch.bfloat16,
@@ -230,7 +230,7 @@ def gated_mlp_backward_triton(dy, gate, up, act, need_dgate, need_dup):
         du2 = dup.view(-1, N) if need_dup else u2
         cfg = _launch(N)
         bf16 = torch.bfloat16
-        with torch.cuda.device(dev) if gate.is_cuda else contextlib.nullcontext():
+        with on_device(gate):
             _gated_bwd_kernel[_grid(g2.shape[0], N, cfg)](
                 d2, g2, u2, dg2, du2, N,
                 d2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
@@ -261,7 +261,7 @@ def _backward_impl(dy, gate, up, act, need_dgate, need_dup):
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::gated_mlp", mutates_args=())
+@lorafuse_op("lorafuse::gated_mlp")
 def gated_mlp_op(gate: Tensor, up: Tensor, act: str, out_dtype: torch.dtype) -> Tensor:
     """``act(gate) * up`` in ``out_dtype``, contiguous; gate and up of one shape."""
     _check_act(act)
@@ -274,7 +274,7 @@ def _(gate, up, act, out_dtype):
     return gate.new_empty(gate.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("lorafuse::gated_mlp_backward", mutates_args=())
+@lorafuse_op("lorafuse::gated_mlp_backward")
 def gated_mlp_backward_op(dy: Tensor, gate: Tensor, up: Tensor, act: str, need_dgate: bool,
                           need_dup: bool) -> tuple[Tensor, Tensor]:
     """``(d_gate, d_up)``, contiguous, each empty unless needed."""

@@ -43,6 +43,7 @@ from ._dispatch import bucket, pick_fastest, race_ms, requested_impl, warn_once
 from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
 from .gated_mlp import gated_mlp_reference
 from .lora_gated import gated_da, gated_da_reference
+from ._ops import lorafuse_op
 
 # --------------------------------------------------------------------------- reference
 
@@ -235,24 +236,33 @@ def _tail_gemm_forward(x2, weight, bias, h, lora_b, scale):
     """The one-rounding forward GEMM, whichever measured fastest for this shape at its first
     call: the TMA kernel (Hopper, K-contiguous operands), the pointer kernel, or cuBLAS
     with an fp32 output (expected to win where N is small, k/v; not yet measured in a
-    step). All three compute the same thing: fp32 accumulation, one rounding."""
+    step). All three compute the same thing: fp32 accumulation, one rounding. A choice
+    already made is looked up before anything else is built (this runs on every LoRA
+    forward: the host's time per call counts, bench_op_host.py)."""
     from . import lora_triton as lt
 
+    mode = requested_impl(FWD_KERNEL_ENV, ("auto", "pointer", "tma", "cublas"))
+    key = None
+    if mode == "auto" and x2.is_cuda:
+        key = ("fwd", bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
+               bias is not None)
+        mode = _choice.get(key, "auto")
+    tma = mode in ("auto", "tma") and lt.tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias)
+    if mode == "tma" and tma:
+        return lt.tail_gemm_nt_tma(x2, weight, h, lora_b, bias, alpha2=scale)
+    if mode == "cublas":
+        return _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale)
+    pointer = lambda: lt.lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias,  # noqa: E731
+                                           alpha2=scale)
+    if key is None or mode != "auto":  # asked for; a "tma" these operands cannot take; CPU
+        return pointer()
     candidates = {
         "tma": lambda: lt.tail_gemm_nt_tma(x2, weight, h, lora_b, bias, alpha2=scale),
         "cublas": lambda: _base_plus_lowrank_fp32(x2, weight, bias, h, lora_b, scale),
-        "pointer": lambda: lt.lowrank_tail_gemm(x2, weight.t(), h, lora_b.t(), bias,
-                                                alpha2=scale),
+        "pointer": pointer,
     }
-    if not lt.tail_gemm_nt_tma_supported(x2, weight, h, lora_b, bias):
+    if not tma:
         del candidates["tma"]
-    mode = requested_impl(FWD_KERNEL_ENV, ("auto", "pointer", "tma", "cublas"))
-    if mode != "auto":
-        return candidates.get(mode, candidates["pointer"])()
-    if not x2.is_cuda:
-        return candidates["pointer"]()  # the interpreter (tests): nothing to time
-    key = ("fwd", bucket(x2.shape[0]), weight.shape[0], x2.shape[1], h.shape[1], x2.dtype,
-           bias is not None)
     return candidates[pick_fastest(_choice, key, candidates, "LoRA forward GEMM",
                                    timer=_time_ms)]()
 
@@ -289,7 +299,7 @@ def _ab_impl(dy, x_lora, lora_a, lora_b, h, scale, up=None, act=""):
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::lora_linear", mutates_args=())
+@lorafuse_op("lorafuse::lora_linear")
 def lora_linear_op(
     x: Tensor,
     weight: Tensor,
@@ -314,7 +324,7 @@ def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act=""
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, lora_a.shape[0])
 
 
-@torch.library.custom_op("lorafuse::lora_linear_backward", mutates_args=())
+@lorafuse_op("lorafuse::lora_linear_backward")
 def lora_linear_backward_op(
     dy: Tensor,
     x_lora: Tensor,
@@ -337,7 +347,7 @@ def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-@torch.library.custom_op("lorafuse::lora_linear_backward_ab", mutates_args=())
+@lorafuse_op("lorafuse::lora_linear_backward_ab")
 def lora_linear_backward_ab_op(
     dy: Tensor,
     x_lora: Tensor,

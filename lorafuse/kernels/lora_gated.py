@@ -22,13 +22,11 @@ back to the reference with one warning.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
-from torch import Tensor
 
-from ._dispatch import triton_or_reference
+from ._dispatch import on_device, triton_or_reference
 from .gated_mlp import gated_mlp_reference
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
@@ -155,7 +153,7 @@ def gated_da_triton(g, gate, up, act, scale, p_dtype, out_dtype, config=None):
     if T == 0:
         part.zero_()
     else:
-        with torch.cuda.device(g.device) if g.is_cuda else contextlib.nullcontext():
+        with on_device(g):
             _gated_da_kernel[(triton.cdiv(I, bi), slices)](
                 g2, gate2, up2, part, T, I, R, rows,
                 g2.stride(0), gate2.stride(0), up2.stride(0),

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import bucket
+from ._dispatch import bucket, launch_autotuned, on_device
 from .lora import _lora_ab_cublas
 
 # Block configurations tried by the autotuner, in one place. The large tiles suit the 8B
@@ -243,8 +243,9 @@ def lowrank_tail_gemm(a1, b1, a2, b2, bias=None, alpha2=1.0, out=None):
     if _INTERPRETED:
         _even_k[grid](*args, **meta, **INTERPRETER_CONFIG)
     else:
-        with torch.cuda.device(a1.device):
-            _autotuned[grid](*args, **meta)
+        with on_device(a1):
+            launch_autotuned(_autotuned, grid, args, meta,
+                             (bucket(M), N, K1, K2, dtype, *meta.values()))
     return out
 
 
@@ -391,8 +392,9 @@ def tail_gemm_nt_tma(x2, weight, h, lora_b, bias=None, alpha2=1.0):
     def grid(m):
         return (min(_NUM_SMS[dev], triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])),)
 
-    with torch.cuda.device(x2.device):
-        _tma_autotuned[grid](*args, **meta)
+    with on_device(x2):
+        launch_autotuned(_tma_autotuned, grid, args, meta,
+                         (bucket(M), N, K1, K2, x2.dtype, *meta.values()))
     return out
 
 

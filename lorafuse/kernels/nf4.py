@@ -63,8 +63,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import pick_fastest, requested_impl, warn_once
+from ._dispatch import launch_autotuned, on_device, pick_fastest, requested_impl, warn_once
 from .lora import base_plus_lowrank, mm_fp32
+from ._ops import lorafuse_op
 
 try:  # optional: the CPU reference and the cuBLAS path need no Triton
     import triton
@@ -97,7 +98,7 @@ _code_cache: dict = {}
 
 
 def code_table(quant_type: str, device) -> Tensor:
-    key = (quant_type, str(device))
+    key = (quant_type, device)
     t = _code_cache.get(key)
     if t is None:
         t = _code_cache[key] = torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
@@ -465,9 +466,17 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
     if _INTERPRETED:
         _nf4_gemm_kernel[grid](*args, **meta, **NF4_INTERPRETER_CONFIG)
     else:
-        with torch.cuda.device(a.device):
-            _nf4_autotuned[grid](*args, **meta)
+        with on_device(a):
+            launch_autotuned(_nf4_autotuned, grid, args, meta,
+                             (args[13], P, Q, R, a.dtype, out.dtype, *meta.values()))
     return out
+
+
+def _dense(t: Tensor, dtype=None) -> Tensor:
+    """``t`` contiguous and in ``dtype`` (when given), with no op where it already is."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 DEQUANT_ELEMENTS = 4096  # elements per program of _dequant_4bit_kernel (whole blocks)
@@ -494,15 +503,17 @@ def triton_dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, block
     numel = N * K
     if numel == 0:
         return out
-    q = qweight.reshape(-1)
+    # The kernel takes pointers: only contiguity and dtype matter, and each op here costs
+    # host time on every call (bench_op_host.py), so none runs where none is needed.
+    q = _dense(qweight)
     if q.dtype != torch.uint8:
         q = q.view(torch.uint8)
-    absmax = absmax.reshape(-1)
     if nested:
-        absmax2, code2 = absmax2.reshape(-1).float(), code2.reshape(-1).float()
-        off = offset.reshape(-1).float() if offset is not None else absmax2
+        absmax = _dense(absmax)
+        absmax2, code2 = _dense(absmax2, torch.float32), _dense(code2, torch.float32)
+        off = _dense(offset, torch.float32) if offset is not None else absmax2
     else:
-        absmax = absmax.float()
+        absmax = _dense(absmax, torch.float32)
         absmax2 = code2 = off = absmax
     log2_bs = int(blocksize).bit_length() - 1
     rows = max(1, DEQUANT_ELEMENTS >> log2_bs)  # quantization blocks per program
@@ -514,7 +525,7 @@ def triton_dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, block
     if _INTERPRETED:
         _dequant_4bit_kernel[grid](*args, **meta)
     else:
-        with torch.cuda.device(q.device):
+        with on_device(q):
             _dequant_4bit_kernel[grid](*args, **meta, num_warps=4, enable_fp_fusion=False)
     return out
 
@@ -646,7 +657,7 @@ def _run(kind, impls, *args):
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::nf4_linear", mutates_args=())
+@lorafuse_op("lorafuse::nf4_linear")
 def nf4_linear_op(
     x: Tensor,
     qweight: Tensor,
@@ -681,7 +692,7 @@ def _(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, 
     return y, x_lora.new_empty(*lead, lora_a.shape[0], dtype=lora_a.dtype)
 
 
-@torch.library.custom_op("lorafuse::nf4_linear_backward", mutates_args=())
+@lorafuse_op("lorafuse::nf4_linear_backward")
 def nf4_linear_backward_op(
     dy: Tensor,
     qweight: Tensor,

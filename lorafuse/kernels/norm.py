@@ -43,13 +43,13 @@ H200 this op is about 2x slower than Inductor's fused RMSNorm (bench/bench_norm.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._dispatch import triton_or_reference
+from ._dispatch import on_device, triton_or_reference
+from ._ops import lorafuse_op
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -262,7 +262,7 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, out_dtyp
         cfg = launch_config(N)
         bf16 = torch.bfloat16
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        with on_device(x):
             _rms_norm_fwd_kernel[grid](
                 x2, x2 if weight is None else weight, y, rstd,
                 M, N, x2.stride(0), y.stride(0),
@@ -300,7 +300,7 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, ne
     programs = _dw_programs(x, num_blocks) if need_dw else num_blocks
     partial = torch.empty((programs, N) if need_dw else (0,), dtype=torch.float32,
                           device=x.device)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, x2 if weight is None else weight, rstd.reshape(-1),
             dx if need_dx else x2, partial if need_dw else rstd,
@@ -338,7 +338,7 @@ def _backward_impl(dy, x, weight, rstd, offset, cast_before_weight, need_dx, nee
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::rms_norm", mutates_args=())
+@lorafuse_op("lorafuse::rms_norm")
 def rms_norm_op(
     x: Tensor,
     weight: Optional[Tensor],
@@ -358,7 +358,7 @@ def _(x, weight, eps, offset, cast_before_weight, out_dtype):
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("lorafuse::rms_norm_backward", mutates_args=())
+@lorafuse_op("lorafuse::rms_norm_backward")
 def rms_norm_backward_op(
     dy: Tensor,
     x: Tensor,
@@ -591,7 +591,7 @@ def layer_norm_forward_triton(x, weight, bias, eps):
     if M and N:
         cfg = launch_config(N)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        with on_device(x):
             _layer_norm_fwd_kernel[grid](
                 x2, x2 if weight is None else weight, x2 if bias is None else bias,
                 y, mean, rstd,
@@ -623,7 +623,7 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, need_dx, need_dweight,
     programs = _dw_programs(x, num_blocks) if (need_dw or need_db) else num_blocks
     partial = [torch.empty((programs, N) if need else (0,), dtype=torch.float32,
                            device=x.device) for need in (need_dw, need_db)]
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with on_device(x):
         _layer_norm_bwd_kernel[(programs,)](
             dy2, x2, x2 if weight is None else weight, mean.reshape(-1), rstd.reshape(-1),
             dx if need_dx else x2, partial[0] if need_dw else rstd,
@@ -655,7 +655,7 @@ def _layer_norm_backward_impl(*args):
                                lambda: layer_norm_backward_reference(*args))
 
 
-@torch.library.custom_op("lorafuse::layer_norm", mutates_args=())
+@lorafuse_op("lorafuse::layer_norm")
 def layer_norm_op(
     x: Tensor,
     weight: Optional[Tensor],
@@ -674,7 +674,7 @@ def _(x, weight, bias, eps):
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("lorafuse::layer_norm_backward", mutates_args=())
+@lorafuse_op("lorafuse::layer_norm_backward")
 def layer_norm_backward_op(
     dy: Tensor,
     x: Tensor,

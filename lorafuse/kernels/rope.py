@@ -35,12 +35,12 @@ on CPU (tests). The rope pass is not a default pass until measured faster than I
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import Tensor
 
-from ._dispatch import triton_or_reference
+from ._dispatch import on_device, triton_or_reference
+from ._ops import lorafuse_op
 
 try:  # optional: without triton, CUDA tensors take the PyTorch path (with a warning)
     import triton
@@ -237,7 +237,7 @@ def _rope_triton(q, k, cos, sin, q_out_dtype, k_out_dtype, backward):
         if _INTERPRETED:
             block_h = min(block_h, _INTERPRETER_BLOCK_H)
         bf16 = torch.bfloat16
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        with on_device(q):
             _rope_kernel[(A * S,)](
                 q4, k4, qo4, ko4, c4, s4,
                 S, q4.shape[1], k4.shape[1],
@@ -297,7 +297,7 @@ def _backward_impl(dq, dk, cos, sin, dq_dtype, dk_dtype):
 # --------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("lorafuse::rope", mutates_args=())
+@lorafuse_op("lorafuse::rope")
 def rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
             out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(rope(q), rope(k))`` in ``out_dtype``, laid out like q and k. cos and sin
@@ -310,7 +310,7 @@ def _(q, k, cos, sin, out_dtype):
     return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
 
 
-@torch.library.custom_op("lorafuse::rope_backward", mutates_args=())
+@lorafuse_op("lorafuse::rope_backward")
 def rope_backward_op(dq: Tensor, dk: Tensor, cos: Tensor, sin: Tensor,
                      dq_dtype: torch.dtype, dk_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Gradients of q and k, in their dtypes, laid out like dq and dk."""
