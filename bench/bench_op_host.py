@@ -80,7 +80,11 @@ def lora_paths(M: int):
     for mode in ("pointer", "tma", "cublas"):
         paths[f"lorafuse::lora_linear ({mode})"] = with_env(
             lora.FWD_KERNEL_ENV, mode, lambda: fwd(x, W, None, A, B, s, x))
+    paths["lorafuse_rt::lora_linear (the twin)"] = lambda: torch.ops.lorafuse_rt.lora_linear.default(
+        x, W, None, A, B, s, x)
     paths["lorafuse::lora_linear_backward"] = lambda: bwd(dy, x, W, A, B, h, s)
+    paths["lorafuse_rt::lora_linear_backward (the twin)"] = lambda: torch.ops.lorafuse_rt.\
+        lora_linear_backward.default(dy, x, W, A, B, h, s)
     paths["eager LoRA backward (4 mm + add)"] = lambda: (
         dy @ W + ((dy @ B) * s) @ A, ((dy @ B) * s).t() @ x, dy.t() @ (h * s))
     return paths
@@ -112,6 +116,9 @@ def nf4_paths(M: int):
         "lorafuse::nf4_linear": lambda: fwd(x, *qargs, None, A, B, s, x, torch.bfloat16),
         "lorafuse::nf4_linear_backward": lambda: bwd(
             dy, *qargs, torch.bfloat16, A, B, x, h, s, True, True, True),
+        "lorafuse_rt::nf4_linear_backward (the twin)": lambda: torch.ops.lorafuse_rt.
+            nf4_linear_backward.default(dy, *qargs, torch.bfloat16, A, B, x, h, s, True, True,
+                                        True),
     }
 
 
@@ -146,6 +153,9 @@ def nf4_forward_parts(M: int):
     parts = {
         "op (torch.ops.lorafuse.nf4_linear)": lambda: fwd(x, *qargs, None, A, B, s, x,
                                                           torch.bfloat16),
+        "twin (torch.ops.lorafuse_rt.nf4_linear: what compiled graphs call)":
+            lambda: torch.ops.lorafuse_rt.nf4_linear.default(x, *qargs, None, A, B, s, x,
+                                                             torch.bfloat16),
         "_forward_device (the op's device path)": lambda: nf4._forward_device(
             x, *qargs, None, A, B, s, x, torch.bfloat16),
         "_dequantize_fast (choice + kernel)": lambda: nf4._dequantize_fast(*qargs, torch.bfloat16),
