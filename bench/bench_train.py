@@ -601,6 +601,20 @@ KERNEL_CATEGORIES = [
 ]
 
 
+def idle_gaps(prof, n: int) -> list:
+    """``trace_gaps.gap_report`` of the profile: where the compute stream waited."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trace_gaps import gap_report
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            return gap_report(json.loads(path.read_text()), n)
+    except Exception as e:  # the profile's other tables stand without it
+        return [f"  idle gaps: not computed ({type(e).__name__}: {e})"]
+
+
 def profile_steps(train_step, batches, n: int, device) -> dict:
     """GPU time per kernel category and the 25 costliest kernels over n steps (per step)."""
     from torch.profiler import ProfilerActivity, profile
@@ -643,6 +657,7 @@ def profile_steps(train_step, batches, n: int, device) -> dict:
         lines.append(f"  host: {sum(c[0] for c in cpu):.1f} ms/step self CPU time; top ops "
                      "(ms/step, calls/step):")
         lines += [f"  {ms:8.2f} {cnt:6.0f}  {one_line(k, 110)}" for ms, cnt, k in cpu[:25]]
+        lines += idle_gaps(prof, n)
     return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "categories": dict(cats),
             "top": [[k, ms, counts[k]] for k, ms in kernels.most_common(40)],
             "text": "\n".join(lines)}

@@ -170,3 +170,39 @@ def test_header_says_when_each_step_is_read_on_the_host():
     results = [{"variant": "eager", "tok_s": 100.0, "round": 1}]
     assert "--sync-each-step" in _render(["--sync-each-step"], results)
     assert "--sync-each-step" not in _render([], results)
+
+
+def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
+    """bench/trace_gaps.py on a synthetic profiler trace (times in ms): the compute stream
+    runs k1, k2, k3, k4 (a side stream's copy is not the compute stream). k2 was launched
+    inside ``lorafuse_rt::nf4_linear`` (nested in a graph call) after k1 had finished: 30 ms
+    of host, charged to the innermost op. k3 was launched before k2 ended yet started 20 ms
+    late: a wait. k4 follows k3 within the launch latency (2 µs): no gap."""
+    from trace_gaps import gap_report
+
+    def ev(cat, name, ts, dur, pid=0, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts * 1e3, "dur": dur * 1e3,
+                "pid": pid, "tid": 1, "args": args}
+
+    trace = {"traceEvents": [
+        ev("cpu_op", "## Call CompiledFxGraph ##", 0, 200),
+        ev("cpu_op", "lorafuse_rt::nf4_linear", 100, 50),
+        ev("cpu_op", "aten::empty", 120, 5),  # ended before the launch: not around it
+        ev("cuda_runtime", "cudaLaunchKernel", 5, 2, correlation=1),
+        ev("cuda_driver", "cuLaunchKernelEx", 140, 2, correlation=2),
+        ev("cuda_runtime", "cudaLaunchKernel", 150, 2, correlation=3),
+        ev("cuda_runtime", "cudaLaunchKernel", 160, 2, correlation=4),
+        ev("cuda_runtime", "cudaStreamSynchronize", 170, 7),
+        ev("kernel", "k1", 10, 100, pid=9, correlation=1, stream=7),
+        ev("kernel", "k2", 140, 60, pid=9, correlation=2, stream=7),
+        ev("gpu_memcpy", "copy", 150, 500, pid=9, correlation=9, stream=20),
+        ev("kernel", "k3", 220, 40, pid=9, correlation=3, stream=7),
+        ev("kernel", "k4", 260.002, 10, pid=9, correlation=4, stream=7),
+    ]}
+    lines = gap_report(trace, steps=2)
+    assert lines[0] == ("  compute stream idle: 25.0 of 130.0 ms/step; waiting on the host "
+                        "15.0 ms, on other work (events, copies) 10.0 ms (0.5 gaps)")
+    (row,) = [ln for ln in lines[2:] if "ms/step" not in ln and "blocked" not in ln]
+    assert row.split() == ["15.00", "0.5", "lorafuse_rt::nf4_linear"]
+    assert lines[-1] == "  host blocked in: cudaStreamSynchronize 3.5 ms/step"
+    assert gap_report({"traceEvents": []}) == ["  idle gaps: no GPU events in the trace"]

@@ -1,0 +1,115 @@
+"""Where the GPU waits, from a PyTorch profiler trace (``prof.export_chrome_trace``).
+
+The compute stream (the stream with the most kernel time) is idle between two of its
+kernels whenever the next one was not there to run. Each such gap is charged to one of:
+
+- the host: the next kernel was launched after the previous one had finished. The gap is
+  charged to the innermost host op (``cpu_op``) around that launch, the op whose Python
+  and dispatch the GPU waited for; a launch outside any op is Inductor's generated code.
+- a wait: the next kernel was launched in time, yet started late: it waited on an event
+  of another stream (an offload copy, a reload) or on the GPU's own scheduling.
+
+    python bench/trace_gaps.py trace.json [--steps N]
+
+``bench_train.py --profile N`` prints this table after its own when ``BENCH_PROFILE_HOST=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import json
+import sys
+
+DEVICE_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
+MIN_GAP_US = 5.0  # shorter gaps are the launch latency of back-to-back kernels
+
+
+def _corr(e) -> int | None:
+    return (e.get("args") or {}).get("correlation")
+
+
+def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
+    """The table's lines: idle time of the compute stream per step, split into host
+    (by the op that launched the late kernel) and waits."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    device = [e for e in events if e.get("cat") in DEVICE_CATS]
+    if not device:
+        return ["  idle gaps: no GPU events in the trace"]
+    per_stream = collections.Counter()
+    for e in device:
+        if e.get("cat") == "kernel":
+            per_stream[(e.get("pid"), (e.get("args") or {}).get("stream"))] += e["dur"]
+    if not per_stream:
+        return ["  idle gaps: no kernels in the trace"]
+    compute = per_stream.most_common(1)[0][0]
+    stream = sorted((e for e in device
+                     if (e.get("pid"), (e.get("args") or {}).get("stream")) == compute),
+                    key=lambda e: e["ts"])
+    launches = {_corr(e): e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and _corr(e) is not None}
+    ops = collections.defaultdict(list)  # thread -> host ops, sorted by start
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            ops[(e.get("pid"), e.get("tid"))].append(e)
+    starts = {}
+    for key, lst in ops.items():
+        lst.sort(key=lambda e: e["ts"])
+        starts[key] = [e["ts"] for e in lst]
+
+    def innermost(launch) -> str:
+        key = (launch.get("pid"), launch.get("tid"))
+        lst, st = ops.get(key, []), starts.get(key, [])
+        for i in range(bisect.bisect_right(st, launch["ts"]) - 1, -1, -1):
+            if lst[i]["ts"] + lst[i]["dur"] >= launch["ts"]:
+                return lst[i]["name"]  # the latest-starting op around the launch: innermost
+        return "(no op: Inductor's generated code)"
+
+    host, wait = collections.Counter(), 0.0
+    host_n, wait_n = collections.Counter(), 0
+    end = stream[0]["ts"] + stream[0]["dur"]
+    for e in stream[1:]:
+        gap = e["ts"] - end
+        if gap > MIN_GAP_US:
+            launch = launches.get(_corr(e))
+            if launch is not None and launch["ts"] > end:  # launched after the GPU ran dry
+                name = innermost(launch)
+                host[name] += gap
+                host_n[name] += 1
+            else:
+                wait += gap
+                wait_n += 1
+        end = max(end, e["ts"] + e["dur"])
+    span = end - stream[0]["ts"]
+    busy = span - sum(host.values()) - wait
+    lines = [f"  compute stream idle: {(span - busy) / 1e3 / steps:.1f} of "
+             f"{span / 1e3 / steps:.1f} ms/step; waiting on the host "
+             f"{sum(host.values()) / 1e3 / steps:.1f} ms, on other work (events, copies) "
+             f"{wait / 1e3 / steps:.1f} ms ({wait_n / steps:.1f} gaps)",
+             "  host gaps by the op that launched the late kernel (ms/step, gaps/step):"]
+    lines += [f"  {us / 1e3 / steps:8.2f} {host_n[name] / steps:6.1f}  {name[:100]}"
+              for name, us in host.most_common(top)]
+    blocking = collections.Counter()
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and (
+                "Synchronize" in e["name"] or e["name"] in ("cudaMemcpy", "cuMemcpy")):
+            blocking[e["name"]] += e["dur"]
+    if blocking:
+        lines.append("  host blocked in: " + ", ".join(
+            f"{n} {us / 1e3 / steps:.1f} ms/step" for n, us in blocking.most_common(4)))
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--steps", type=int, default=1, help="steps in the trace (per-step numbers)")
+    args = p.parse_args()
+    with open(args.trace) as f:
+        print("\n".join(gap_report(json.load(f), args.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
