@@ -575,33 +575,38 @@ def _backward_device(dy, qweight, absmax, absmax2, code2, offset, shape, blocksi
     N, K = int(shape[0]), int(shape[1])
     dy2 = dy.reshape(-1, N)
     lead = dy.shape[:-1]
-    dx, dA, dB, dxl = (dy.new_empty(0) for _ in range(4))  # distinct: outputs never alias
+    dx = dA = dB = dxl = None  # what is not computed returns empty (and distinct)
     if need_lora:
         adt = lora_a.dtype
-        dya = dy2.to(adt)
+        dya = _as(dy2, adt)
         g = dya @ lora_b  # unscaled: s rides on each consumer GEMM's alpha
-        dxl = _scaled_mm(g, lora_a, scale).to(x_lora.dtype).reshape(x_lora.shape)
-        dA = _scaled_mm(g.t(), x_lora.reshape(-1, K).to(adt), scale)
-        dB = _scaled_mm(dya.t(), h.reshape(-1, lora_a.shape[0]), scale).to(lora_b.dtype)
+        dxl = _as(_scaled_mm(g, lora_a, scale), x_lora.dtype).reshape(x_lora.shape)
+        dA = _scaled_mm(g.t(), _as(x_lora.reshape(-1, K), adt), scale)
+        dB = _as(_scaled_mm(dya.t(), h.reshape(-1, lora_a.shape[0]), scale), lora_b.dtype)
     # x' is x (combine_dx, same dtype): dx = dx' + dy W in one GEMM chain, as the bf16 LoRA
     # op's cuBLAS backward does, instead of two (M, K) outputs that autograd adds.
     fold = _folds_dx(need_dx, need_lora, combine_dx, x_lora, x_dtype)
     if need_dx and use_triton:
         scales = block_scales(absmax, absmax2, code2, offset)
-        dx = triton_nf4_gemm(dy2.to(x_dtype), qweight, scales, shape, blocksize, quant_type,
+        dx = triton_nf4_gemm(_as(dy2, x_dtype), qweight, scales, shape, blocksize, quant_type,
                              trans_w=True)
         if fold:
             dx += dxl.reshape(-1, K)
     elif need_dx:
         W = _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize,
                              quant_type, x_dtype)
-        dx = dxl.reshape(-1, K).addmm_(dy2.to(x_dtype), W) if fold else dy2.to(x_dtype) @ W
+        dx = dxl.reshape(-1, K).addmm_(_as(dy2, x_dtype), W) if fold else _as(dy2, x_dtype) @ W
         del W
     if need_dx:
         dx = dx.reshape(*lead, K)
     if fold:
-        dxl = dy.new_empty(0)  # folded into dx
-    return dx, dA, dB, dxl
+        dxl = None  # folded into dx
+    return tuple(dy.new_empty(0) if t is None else t for t in (dx, dA, dB, dxl))
+
+
+def _as(t: Tensor, dtype) -> Tensor:
+    """``t.to(dtype)``, without the call where ``t`` has that dtype (host time a call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _forward_triton(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type,
