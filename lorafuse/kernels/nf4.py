@@ -165,6 +165,10 @@ def _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, 
         return dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape, blocksize,
                                quant_type, dtype)
     shape = [int(s) for s in shape]
+    key = (tuple(shape), blocksize, quant_type, dtype, qweight.device)
+    if _dequant_choice.get(key) == "triton":  # the usual case, before anything is built
+        return triton_dequantize_4bit(qweight, absmax, absmax2, code2, offset, shape,
+                                      blocksize, quant_type, dtype)
     candidates = {}
     if triton is not None and dtype in _W_DTYPES:
         candidates["triton"] = lambda: triton_dequantize_4bit(
@@ -177,7 +181,6 @@ def _dequantize_fast(qweight, absmax, absmax2, code2, offset, shape, blocksize, 
     if not candidates:  # only when nothing faster exists: its temporaries are large
         candidates["torch"] = lambda: dequantize_4bit(qweight, absmax, absmax2, code2, offset,
                                                       shape, blocksize, quant_type, dtype)
-    key = (tuple(shape), blocksize, quant_type, dtype, qweight.device)
     return candidates[pick_fastest(_dequant_choice, key, candidates,
                                    "4-bit dequantisation")]()
 
