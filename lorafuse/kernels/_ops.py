@@ -1,7 +1,7 @@
 """How lorafuse's ops are registered: each is a ``torch.library.custom_op`` (what the passes
 insert, and what tracing, autograd and fake tensors see) with a runtime twin,
 ``lorafuse_rt::<name>``: the same schema and the same Python body, registered through
-``torch.library.Library`` for CPU and CUDA, with no autograd formula.
+``torch.library.Library``, with no autograd formula.
 
 Why the twin: around its body a custom_op call runs a Python autograd kernel, a second
 dispatch and an aliasing check of its outputs. On the H200's host that was ≈ 134 µs of
@@ -37,8 +37,8 @@ def lorafuse_op(qualname: str) -> Callable:
         op = torch.library.custom_op(qualname, mutates_args=())(fn)
         schema = str(getattr(torch.ops.lorafuse, name).default._schema)
         _lib.define(schema.split("::", 1)[1])
-        for key in ("CPU", "CUDA"):
-            _lib.impl(name, fn, key)
+        # every device, as custom_op registers its default; meta tensors take the fake
+        _lib.impl(name, fn, "CompositeExplicitAutograd")
 
         def fake(*args, **kwargs):  # the custom op's fake, as tracing saw it
             return getattr(torch.ops.lorafuse, name).default(*args, **kwargs)
