@@ -90,12 +90,13 @@ def lora_paths(M: int):
     return paths
 
 
-def nf4_paths(M: int):
-    import bitsandbytes as bnb
+def _nf4_operands(M: int):
+    """A 4096 × 4096 NF4 weight (double quant, blocksize 64) with an r = 16 adapter, and
+    the step's operands: ``(w, q, qs, qargs, x, A, B, dy, h)``."""
     import bitsandbytes.functional as F
 
     N = K = 4096
-    r, s = 16, 2.0
+    r = 16
     g = torch.Generator("cuda").manual_seed(1)
     w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
     q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -104,9 +105,17 @@ def nf4_paths(M: int):
     A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
     B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
     dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
-    h = x @ A.t()
     qargs = (q, kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"), kw["shape"],
              kw["blocksize"], kw["quant_type"])
+    return w, q, qs, qargs, x, A, B, dy, x @ A.t()
+
+
+def nf4_paths(M: int):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    s = 2.0
+    w, q, qs, qargs, x, A, B, dy, h = _nf4_operands(M)
     fwd = torch.ops.lorafuse.nf4_linear.default
     bwd = torch.ops.lorafuse.nf4_linear_backward.default
     return {
@@ -132,22 +141,11 @@ def nf4_forward_parts(M: int):
     the device path, bf16 LoRA, the TMA tail kernel), each called on its own: where the
     op's host time goes, without cProfile's inflation. ``body`` is the op's Python
     function called directly (no dispatcher, no autograd wrapper)."""
-    import bitsandbytes.functional as F
     from triton.tools.tensor_descriptor import TensorDescriptor
     from lorafuse.kernels import lora_triton as lt
 
-    N = K = 4096
-    r, s = 16, 2.0
-    g = torch.Generator("cuda").manual_seed(1)
-    w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
-    q, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    kw = nf4.from_quant_state(qs)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
-    B = (torch.randn(N, r, device="cuda", generator=g) * 0.05).bfloat16()
-    h = x @ A.t()
-    qargs = (q, kw["absmax"], kw.get("absmax2"), kw.get("code2"), kw.get("offset"), kw["shape"],
-             kw["blocksize"], kw["quant_type"])
+    N, s = 4096, 2.0
+    w, q, qs, qargs, x, A, B, _, h = _nf4_operands(M)
     body = getattr(nf4.nf4_linear_op, "_init_fn", None)
     fwd = torch.ops.lorafuse.nf4_linear.default
     parts = {
