@@ -7,7 +7,8 @@ kernels whenever the next one was not there to run. Each such gap is charged to 
   charged to the innermost host op (``cpu_op``) around that launch, the op whose Python
   and dispatch the GPU waited for; a launch outside any op is Inductor's generated code.
 - a wait: the next kernel was launched in time, yet started late: it waited on an event
-  of another stream (an offload copy, a reload) or on the GPU's own scheduling.
+  of another stream (an offload copy, a reload) or on the GPU's own scheduling. Waits are
+  grouped by the other stream's work that ended just before the late start, if any.
 
     python bench/trace_gaps.py trace.json [--steps N]
 
@@ -24,6 +25,7 @@ import sys
 
 DEVICE_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
 MIN_GAP_US = 5.0  # shorter gaps are the launch latency of back-to-back kernels
+WAIT_MATCH_US = 20.0  # another stream's work that ended this soon before a late start
 
 
 def _corr(e) -> int | None:
@@ -66,8 +68,20 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
                 return lst[i]["name"]  # the latest-starting op around the launch: innermost
         return "(no op: Inductor's generated code)"
 
-    host, wait = collections.Counter(), 0.0
-    host_n, wait_n = collections.Counter(), 0
+    # other streams' work by end time: a late start right after one ended waited on it
+    others = sorted((e for e in device
+                     if (e.get("pid"), (e.get("args") or {}).get("stream")) != compute),
+                    key=lambda e: e["ts"] + e["dur"])
+    other_ends = [e["ts"] + e["dur"] for e in others]
+
+    def waited_on(start) -> str:
+        i = bisect.bisect_right(other_ends, start + 1.0) - 1
+        if i >= 0 and other_ends[i] >= start - WAIT_MATCH_US:
+            return f"after {others[i]['name'][:80]} (another stream)"
+        return "(no other stream's work ended just before)"
+
+    host, waits = collections.Counter(), collections.Counter()
+    host_n, waits_n = collections.Counter(), collections.Counter()
     end = stream[0]["ts"] + stream[0]["dur"]
     for e in stream[1:]:
         gap = e["ts"] - end
@@ -78,9 +92,11 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
                 host[name] += gap
                 host_n[name] += 1
             else:
-                wait += gap
-                wait_n += 1
+                why = waited_on(e["ts"])
+                waits[why] += gap
+                waits_n[why] += 1
         end = max(end, e["ts"] + e["dur"])
+    wait, wait_n = sum(waits.values()), sum(waits_n.values())
     span = end - stream[0]["ts"]
     busy = span - sum(host.values()) - wait
     lines = [f"  compute stream idle: {(span - busy) / 1e3 / steps:.1f} of "
@@ -90,6 +106,10 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
              "  host gaps by the op that launched the late kernel (ms/step, gaps/step):"]
     lines += [f"  {us / 1e3 / steps:8.2f} {host_n[name] / steps:6.1f}  {name[:100]}"
               for name, us in host.most_common(top)]
+    if waits:
+        lines.append("  waits by what ended just before the late kernel (ms/step, gaps/step):")
+        lines += [f"  {us / 1e3 / steps:8.2f} {waits_n[why] / steps:6.1f}  {why}"
+                  for why, us in waits.most_common(4)]
     blocking = collections.Counter()
     for e in events:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and (

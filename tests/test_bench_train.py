@@ -177,7 +177,8 @@ def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
     runs k1, k2, k3, k4 (a side stream's copy is not the compute stream). k2 was launched
     inside ``lorafuse_rt::nf4_linear`` (nested in a graph call) after k1 had finished: 30 ms
     of host, charged to the innermost op. k3 was launched before k2 ended yet started 20 ms
-    late: a wait. k4 follows k3 within the launch latency (2 µs): no gap."""
+    late, 10 µs after the side stream's copy ended: a wait on that copy. k4 follows k3
+    within the launch latency (2 µs): no gap."""
     from trace_gaps import gap_report
 
     def ev(cat, name, ts, dur, pid=0, **args):
@@ -195,14 +196,19 @@ def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
         ev("cuda_runtime", "cudaStreamSynchronize", 170, 7),
         ev("kernel", "k1", 10, 100, pid=9, correlation=1, stream=7),
         ev("kernel", "k2", 140, 60, pid=9, correlation=2, stream=7),
-        ev("gpu_memcpy", "copy", 150, 500, pid=9, correlation=9, stream=20),
+        ev("gpu_memcpy", "copy", 150, 69.99, pid=9, correlation=9, stream=20),
         ev("kernel", "k3", 220, 40, pid=9, correlation=3, stream=7),
         ev("kernel", "k4", 260.002, 10, pid=9, correlation=4, stream=7),
     ]}
     lines = gap_report(trace, steps=2)
     assert lines[0] == ("  compute stream idle: 25.0 of 130.0 ms/step; waiting on the host "
                         "15.0 ms, on other work (events, copies) 10.0 ms (0.5 gaps)")
-    (row,) = [ln for ln in lines[2:] if "ms/step" not in ln and "blocked" not in ln]
+    i = lines.index("  waits by what ended just before the late kernel (ms/step, gaps/step):")
+    (row,) = lines[2:i]
     assert row.split() == ["15.00", "0.5", "lorafuse_rt::nf4_linear"]
+    assert lines[i + 1].split() == ["10.00", "0.5", "after", "copy", "(another", "stream)"]
     assert lines[-1] == "  host blocked in: cudaStreamSynchronize 3.5 ms/step"
+    copy = next(e for e in trace["traceEvents"] if e["name"] == "copy")
+    copy["dur"] -= 100  # ended 110 µs before k3 started: not what k3 waited on
+    assert "(no other stream's work ended just before)" in gap_report(trace, steps=2)[-2]
     assert gap_report({"traceEvents": []}) == ["  idle gaps: no GPU events in the trace"]
