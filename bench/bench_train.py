@@ -377,6 +377,9 @@ def child_train(args, variant: str, res: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     log(f"{variant}: loaded in {res['load_s']} s, {res['trainable_params']:,} LoRA params"
         + (f", {res['load_gib']:.2f} GiB allocated" if on_cuda else ""))
+    if on_cuda:
+        res["host_mm_us"] = host_gauge(device)
+        log(f"{variant}: host gauge: {res['host_mm_us']:.1f} µs of host time per torch.mm call")
 
     def train_step(batch):
         if cudagraphs:  # a new step: the graphs' previous outputs may be overwritten now
@@ -500,6 +503,25 @@ def child_train(args, variant: str, res: dict) -> dict:
                 f"power cap active in {c['power_capped']} of {c['samples']} samples, "
                 f"{fmt(c['temp_c'], '.0f')} °C")
     return res
+
+
+def host_gauge(device, calls: int = 200) -> float:
+    """Host µs per ``torch.mm`` launch on tiny tensors (no sync inside the loop): how fast
+    this machine's host is. The lent H200 machines differ ≈ 2 × there (session 22: 17 to
+    33 µs), and a step that waits on its host moves with it, so a tok/s is read beside
+    this number (and compared only within one run)."""
+    import torch
+
+    a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+    for _ in range(20):
+        torch.mm(a, a)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(a, a)
+    us = (time.perf_counter() - t0) / calls * 1e6
+    sync(device)
+    return round(us, 1)
 
 
 def clock_summary(path: str, t0: float, t1: float):
@@ -1013,18 +1035,20 @@ def render(args, meta, results, ref) -> str:
 def clocks_table(results) -> list[str]:
     """The GPU's clock, power and temperature over each variant's timed steps (run_gpu.sh's
     nvidia-smi log), and tok/s per MHz: at a power cap the clock a process gets moves its
-    tok/s (bench/README.md, "Clocks and power"). Empty when no variant has them."""
+    tok/s (bench/README.md, "Clocks and power"); and the host gauge (``host_gauge``).
+    Empty when no variant has them."""
     rows = [r for r in results if r.get("clocks") and r.get("tok_s")]
     if not rows:
         return []
     lines = ["### GPU over the timed steps (nvidia-smi, every 200 ms)", "",
              "| variant | SM clock median (min) MHz | power median W | power-capped samples "
-             "| °C | tok/s per MHz |", "|---|---|---|---|---|---|"]
+             "| °C | tok/s per MHz | host µs per torch.mm |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["clocks"]
         lines.append(f"| {r['variant']} | {c['sm_mhz']:,.0f} ({c['sm_mhz_min']:,.0f}) | "
                      f"{c['power_w']:.0f} | {c['power_capped']} of {c['samples']} | "
-                     f"{fmt(c.get('temp_c'), '.0f')} | {r['tok_s'] / c['sm_mhz']:.2f} |")
+                     f"{fmt(c.get('temp_c'), '.0f')} | {r['tok_s'] / c['sm_mhz']:.2f} | "
+                     f"{fmt(r.get('host_mm_us'), '.1f')} |")
     return lines + [""]
 
 

@@ -120,12 +120,12 @@ def test_clock_summary_reads_the_timed_window_of_an_nvidia_smi_log(tmp_path):
 def test_clocks_table_lists_variants_with_a_clock_log_and_tok_s_per_mhz():
     c = {"samples": 25, "sm_mhz": 1650.0, "sm_mhz_min": 1485.0, "power_w": 690.0,
          "power_capped": 25, "temp_c": None}
-    results = [{"variant": "lorafuse", "tok_s": 16333.0, "clocks": c},
+    results = [{"variant": "lorafuse", "tok_s": 16333.0, "clocks": c, "host_mm_us": 27.5},
                {"variant": "eager", "tok_s": 10900.0},  # no clock log: not listed
                {"variant": "unsloth", "error": "skipped"}]
     lines = bt.clocks_table(results)
     rows = [ln for ln in lines if ln.startswith("| lorafuse")]
-    assert rows == ["| lorafuse | 1,650 (1,485) | 690 | 25 of 25 | — | 9.90 |"]
+    assert rows == ["| lorafuse | 1,650 (1,485) | 690 | 25 of 25 | — | 9.90 | 27.5 |"]
     assert not any("eager" in ln or "unsloth" in ln for ln in lines)
     assert bt.clocks_table(results[1:]) == []
 
