@@ -17,6 +17,7 @@ from torch._inductor import list_mode_options  # noqa: F401  torch.compile(mode=
 from torch._inductor.compile_fx import compile_fx  # noqa: F401  Inductor's entry point, with config_patches
 from torch._inductor import config as inductor_config  # noqa: F401  which config_patches keys exist
 from torch._inductor.custom_graph_pass import CustomPartitionerFn  # noqa: F401  the partitioner hook's base
+from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401  post-grad pass hook's base
 # the aten decompositions Inductor's graphs are traced with (code inlined into a partitioned
 # graph must use the same ops: Inductor refuses an op it both decomposes and lowers)
 from torch._inductor.decomposition import select_decomp_table  # noqa: F401

@@ -20,6 +20,7 @@ import torch
 
 from ._torch import (RestartAnalysis, compile_fx, copy_graph, counters, inductor_config,
                      list_mode_options)
+from .kernels._ops import RuntimeTwinsPass
 from .partition import AUTO, LorafusePartitioner, parse_activation_dtype, parse_memory_budget
 from .passes import DEFAULT_PASSES, PASS_OPTIONS, PASSES
 from .report import GraphReport, PassReport
@@ -147,6 +148,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
         # (Only where the key exists: an unknown one would fail the compile and its fallback.)
         patches["reorder_for_peak_memory"] = False
     patches.update(opts.inductor)
+    theirs = patches.get("post_grad_custom_post_pass")
+    patches["post_grad_custom_post_pass"] = RuntimeTwinsPass(theirs)  # kernels/_ops.py
     if "passes" not in (options or {}) and patches.get("triton.cudagraphs"):
         # masked_attention's mask checks return CPU bools, and Inductor runs a graph that
         # holds CPU tensors without CUDA graphs: by default, CUDA graphs win
@@ -169,6 +172,7 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
         gm.graph = pristine
         gm.recompile()
         patches.pop("custom_partitioner_fn")  # what plain torch.compile(mode=...) would do
+        patches["post_grad_custom_post_pass"] = theirs
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     else:
         _count(report)  # only what really runs: not sites whose rewrite was thrown away

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import lorafuse  # noqa: F401  (registers the ops)
+import lorafuse
 import lorafuse.partition
 from lorafuse.kernels import _ops
 from lorafuse.kernels._ops import NAMESPACE, TWIN_NAMESPACE, is_op, runtime_twin
@@ -93,3 +93,66 @@ def test_compiled_graphs_call_the_twins_and_train_as_before(no_autograd_cache, m
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6)
+
+
+def _lora_graph():
+    """A graph with one lorafuse op call (the LoRA op) between placeholders and output."""
+    g = torch.fx.Graph()
+    ins = [g.placeholder(n) for n in ("x", "w", "a", "b")]
+    out = g.call_function(torch.ops.lorafuse.lora_linear.default,
+                          (ins[0], ins[1], None, ins[2], ins[3], 1.0, None))
+    g.output(out)
+    return g
+
+
+class _TheirPass(_ops.CustomGraphPass):
+    def __init__(self, key):
+        self.key, self.saw = key, []
+
+    def __call__(self, graph):
+        self.saw += [n.target for n in graph.nodes if n.op == "call_function"]
+
+    def uuid(self):
+        return self.key
+
+
+def test_runtime_twins_pass_runs_the_users_pass_first_and_keys_the_cache():
+    theirs = _TheirPass("u1")
+    g = _lora_graph()
+    _ops.RuntimeTwinsPass(theirs)(g)
+    assert theirs.saw == [torch.ops.lorafuse.lora_linear.default]  # their names, first
+    (call,) = [n for n in g.nodes if n.op == "call_function"]
+    assert call.target is torch.ops.lorafuse_rt.lora_linear.default
+    key = _ops.RuntimeTwinsPass(theirs).uuid()
+    assert key and key == _ops.RuntimeTwinsPass(_TheirPass("u1")).uuid()
+    assert key != _ops.RuntimeTwinsPass(_TheirPass("u2")).uuid()
+    assert key != _ops.RuntimeTwinsPass().uuid() and _ops.RuntimeTwinsPass().uuid()
+    assert _ops.RuntimeTwinsPass([theirs, lambda graph: None]).uuid() is None  # no key
+    both = [_TheirPass("a"), _TheirPass("b")]
+    _ops.RuntimeTwinsPass(both)(_lora_graph())
+    assert all(p.saw == [torch.ops.lorafuse.lora_linear.default] for p in both)
+
+
+def test_graphs_compiled_without_gradients_call_the_twins(no_autograd_cache, monkeypatch):
+    """No partitioner runs for a graph without gradients (evaluation): Inductor's post-grad
+    pass swaps its calls; the output matches eager. The user's own post-grad pass, given
+    through the ``inductor`` option, still runs."""
+    swapped = []
+    real = _ops.swap_targets
+
+    def spy(graph):
+        swapped.append(real(graph))
+        return swapped[-1]
+
+    monkeypatch.setattr(_ops, "swap_targets", spy)
+    theirs = _TheirPass("mine")
+    model = Tiny(0)
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        want = model(x)
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            got = torch.compile(model, backend=lorafuse.backend(
+                inductor={"post_grad_custom_post_pass": theirs}))(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert swapped == [Tiny.SITES]
+    assert sum(is_op(t, "lora_linear") for t in theirs.saw) == Tiny.SITES

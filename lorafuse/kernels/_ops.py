@@ -10,7 +10,9 @@ and the 8B QLoRA step with checkpointing makes 672 such calls (bench/RESULTS.md:
 waited on the host); a twin's call measured 47-71 µs less than its op's. The aliasing
 check is the op's tests' job (they call the custom ops). The forward and backward graphs Inductor compiles never
 differentiate through an op (AOTAutograd has already split them), so once they are
-partitioned their calls go to the twins (``use_runtime_twins``, from partition.py).
+partitioned their calls go to the twins (``use_runtime_twins``, from partition.py); a
+graph compiled without gradients has no partitioner, and Inductor's post-grad pass
+``RuntimeTwinsPass`` (set by backend.py) swaps its calls.
 
 Twins are defined when their op is (at import), not when a graph first needs them: a
 compiled graph loaded from PyTorch's caches in a new process calls them by name.
@@ -18,9 +20,13 @@ compiled graph loaded from PyTorch's caches in a new process calls them by name.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .._torch import CustomGraphPass
 
 NAMESPACE, TWIN_NAMESPACE = "lorafuse", "lorafuse_rt"
 _lib = torch.library.Library(TWIN_NAMESPACE, "DEF")
@@ -62,17 +68,54 @@ def runtime_twin(target):
     return getattr(getattr(torch.ops, TWIN_NAMESPACE), name).default
 
 
-def use_runtime_twins(gm: torch.fx.GraphModule) -> int:
-    """Point every lorafuse op call of ``gm`` at its twin; how many were."""
+def swap_targets(graph: torch.fx.Graph) -> int:
+    """Point every lorafuse op call of ``graph`` at its twin; how many were."""
     n = 0
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         twin = runtime_twin(node.target) if node.op == "call_function" else None
         if twin is not None:
             node.target = twin
             n += 1
+    return n
+
+
+def use_runtime_twins(gm: torch.fx.GraphModule) -> int:
+    """``swap_targets`` on a graph module (recompiled when anything changed)."""
+    n = swap_targets(gm.graph)
     if n:
         gm.recompile()
     return n
+
+
+class RuntimeTwinsPass(CustomGraphPass):
+    """Inductor's post-grad pass for the graphs no partitioner sees: those compiled without
+    gradients (evaluation under ``torch.no_grad()``, generation) call the twins too. A
+    training graph's calls were already swapped by the partitioner. ``then``: the user's
+    own ``post_grad_custom_post_pass`` (one pass or a list), run first, on the ops' own
+    names."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def _theirs(self) -> tuple:
+        if self.then is None:
+            return ()
+        return tuple(self.then) if isinstance(self.then, (list, tuple)) else (self.then,)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for p in self._theirs():
+            p(graph)
+        swap_targets(graph)
+
+    def uuid(self):
+        """Inductor's cache key for the pass: this file's text and the user's passes' keys
+        (None, no caching, when one of theirs has none, as theirs alone would give)."""
+        theirs = [getattr(p, "uuid", lambda: None)() for p in self._theirs()]
+        if any(u is None for u in theirs):
+            return None
+        h = hashlib.sha256(Path(__file__).read_bytes())
+        h.update(repr(theirs).encode())
+        return h.hexdigest()
 
 
 def is_op(target, name: str) -> bool:
