@@ -148,7 +148,9 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
         # (Only where the key exists: an unknown one would fail the compile and its fallback.)
         patches["reorder_for_peak_memory"] = False
     patches.update(opts.inductor)
-    theirs = patches.get("post_grad_custom_post_pass")
+    # the user's own post-grad pass (from the options or set globally) still runs, first
+    theirs = patches.get("post_grad_custom_post_pass",
+                         getattr(inductor_config, "post_grad_custom_post_pass", None))
     patches["post_grad_custom_post_pass"] = RuntimeTwinsPass(theirs)  # kernels/_ops.py
     if "passes" not in (options or {}) and patches.get("triton.cudagraphs"):
         # masked_attention's mask checks return CPU bools, and Inductor runs a graph that

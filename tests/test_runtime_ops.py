@@ -156,3 +156,14 @@ def test_graphs_compiled_without_gradients_call_the_twins(no_autograd_cache, mon
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert swapped == [Tiny.SITES]
     assert sum(is_op(t, "lora_linear") for t in theirs.saw) == Tiny.SITES
+
+
+def test_a_post_grad_pass_set_globally_still_runs(no_autograd_cache):
+    """A user who sets Inductor's ``post_grad_custom_post_pass`` in its config, not in the
+    options, keeps it: the backend chains it, it does not replace it."""
+    theirs = _TheirPass("global")
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False,
+                                                       post_grad_custom_post_pass=theirs):
+        torch.compile(Tiny(0), backend="lorafuse")(x)
+    assert sum(is_op(t, "lora_linear") for t in theirs.saw) == Tiny.SITES
