@@ -37,7 +37,6 @@ from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
                      statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
 from .kernels._dispatch import warn_once
-from .kernels._ops import use_runtime_twins
 from .layer_checkpoint import tag_layers
 from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
                                     quantize_rows)
@@ -161,9 +160,6 @@ class LorafusePartitioner(CustomPartitionerFn):
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"])
             warn_if_host_short(offloaded["bytes"])
         self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
-        # last: the compiled graphs call the ops' runtime twins (kernels/_ops.py says why)
-        use_runtime_twins(fwd)
-        use_runtime_twins(bwd)
         return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):

@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lorafuse
-import lorafuse.partition
 from lorafuse.kernels import _ops
 from lorafuse.kernels._ops import NAMESPACE, TWIN_NAMESPACE, is_op, runtime_twin
 
@@ -69,21 +68,22 @@ def test_lorafuse_op_refuses_another_namespace():
 
 
 def test_compiled_graphs_call_the_twins_and_train_as_before(no_autograd_cache, monkeypatch):
-    """The partitioner hands Inductor graphs whose lorafuse calls are all twins; the step's
-    output and every gradient match eager."""
+    """Inductor's post-grad pass hands on forward and backward graphs whose lorafuse calls
+    are all twins; the step's output and every gradient match eager."""
     seen = []
-    real = lorafuse.partition.use_runtime_twins
+    real = _ops.swap_targets
 
-    def spy(gm):
-        n = real(gm)
-        seen.append((n, [node.target for node in gm.graph.nodes if node.op == "call_function"]))
+    def spy(graph):
+        n = real(graph)
+        seen.append((n, [node.target for node in graph.nodes if node.op == "call_function"]))
         return n
 
-    monkeypatch.setattr(lorafuse.partition, "use_runtime_twins", spy)
+    monkeypatch.setattr(_ops, "swap_targets", spy)
     eager, comp = Tiny(0), Tiny(0)
     x, dy = torch.randn(3, 5, 12), torch.randn(3, 5, 12)
     y0, g0 = _step(eager, eager, x, dy)
-    y1, g1 = _step(torch.compile(comp, backend="lorafuse"), comp, x, dy)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit skips the pass
+        y1, g1 = _step(torch.compile(comp, backend="lorafuse"), comp, x, dy)
     assert len(seen) == 2  # forward and backward
     assert all(n > 0 for n, _ in seen)
     targets = [t for _, ts in seen for t in ts]

@@ -9,10 +9,9 @@ the 585 µs one 4-bit forward call takes (``bench/bench_op_host.py --parts``, se
 and the 8B QLoRA step with checkpointing makes 672 such calls (bench/RESULTS.md: its GPU
 waited on the host); a twin's call measured 47-71 µs less than its op's. The aliasing
 check is the op's tests' job (they call the custom ops). The forward and backward graphs Inductor compiles never
-differentiate through an op (AOTAutograd has already split them), so once they are
-partitioned their calls go to the twins (``use_runtime_twins``, from partition.py); a
-graph compiled without gradients has no partitioner, and Inductor's post-grad pass
-``RuntimeTwinsPass`` (set by backend.py) swaps its calls.
+differentiate through an op (AOTAutograd has already split them, or there are no
+gradients), so Inductor's post-grad pass ``RuntimeTwinsPass`` (set by backend.py) points
+every graph's calls at the twins: forward, backward, and graphs without gradients.
 
 Twins are defined when their op is (at import), not when a graph first needs them: a
 compiled graph loaded from PyTorch's caches in a new process calls them by name.
@@ -79,19 +78,11 @@ def swap_targets(graph: torch.fx.Graph) -> int:
     return n
 
 
-def use_runtime_twins(gm: torch.fx.GraphModule) -> int:
-    """``swap_targets`` on a graph module (recompiled when anything changed)."""
-    n = swap_targets(gm.graph)
-    if n:
-        gm.recompile()
-    return n
-
-
 class RuntimeTwinsPass(CustomGraphPass):
-    """Inductor's post-grad pass for the graphs no partitioner sees: those compiled without
-    gradients (evaluation under ``torch.no_grad()``, generation) call the twins too. A
-    training graph's calls were already swapped by the partitioner. ``then``: the user's
-    own ``post_grad_custom_post_pass`` (one pass or a list), run first, on the ops' own
+    """Inductor's post-grad pass that points a compiled graph's lorafuse calls at their
+    twins (after partitioning: the forward and the backward; and graphs compiled without
+    gradients, evaluation under ``torch.no_grad()``, generation). ``then``: the user's own
+    ``post_grad_custom_post_pass`` (one pass or a list), run first, on the ops' own
     names."""
 
     def __init__(self, then=None):

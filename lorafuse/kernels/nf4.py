@@ -477,8 +477,7 @@ def triton_nf4_gemm(a, qweight, scales, shape, blocksize, quant_type, *, trans_w
 
 def _dense(t: Tensor, dtype=None) -> Tensor:
     """``t`` contiguous and in ``dtype`` (when given), with no op where it already is."""
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
+    t = _as(t, dtype) if dtype is not None else t
     return t if t.is_contiguous() else t.contiguous()
 
 
