@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -25,6 +25,11 @@
 #          checkpoint_layers, offloading, loss pass, drop_logits) beside Unsloth with its
 #          checkpointing, 2 + 8 steps, then 2 profiled steps each (GPU kernels and host
 #          ops: BENCH_PROFILE_HOST=1), no reference. ~5.5 min.
+#   qref   8B QLoRA, issue 4's accuracy check and the 4-bit pass's case for a default: eager,
+#          lorafuse with the default passes (4-bit linears left to Inductor) and lorafuse:q4
+#          (+ dequant_matmul, loss, drop_logits), no CUDA graphs, 2 + 18 steps, the fp32
+#          reference (same dequantized weights) of each one's parameters at every step 1-20.
+#          ~8 min (estimate).
 #   context  8B long context, issue 5's 80 GiB bar (bench_context.py, bench/README.md "Long
 #          context"): continues bench/results/context_8b.json and writes the updated file to
 #          $OUT/context_8b.json (copy it back before the next command). CONTEXT_ARGS picks the
@@ -64,8 +69,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|qmem|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -147,6 +152,7 @@ CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkp
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
+Q4_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"], "drop_logits": true}}'
 # bench_context's tags: a tag keeps its configuration for as long as its results file lives
 CONTEXT_CONFIGS=(
   --lorafuse-config 'b0l={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0}}'
@@ -267,6 +273,9 @@ case "$MODE_ONE" in
     qmem)
         BENCH_PROFILE_HOST=1 QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
             --variants lorafuse:qck,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" ;;
+    qref)
+        QLORA=1 run_train 8b_qref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
+            --variants eager,lorafuse,lorafuse:q4 --lorafuse-config "q4=$Q4_CONFIG" ;;
     context)
         left=$(budget_left)
         if [ "$BUDGET_S" -gt 0 ] && [ "$left" -lt 90 ]; then  # 0 would mean "no limit" there
