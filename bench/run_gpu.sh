@@ -22,9 +22,10 @@
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   qmem   8B QLoRA at issue 4's project goal (<= 7 GiB): lorafuse:qck (the 4-bit pass,
-#          checkpoint_layers, offloading, loss pass, drop_logits) beside Unsloth with its
-#          checkpointing, 2 + 8 steps, then 2 profiled steps each (GPU kernels and host
-#          ops: BENCH_PROFILE_HOST=1), no reference. ~5.5 min.
+#          checkpoint_layers, offloading, loss pass, drop_logits), lorafuse:qck2 (the same,
+#          offload_prefetch 2) and Unsloth with its checkpointing, 2 + 8 steps, then 2
+#          profiled steps each (GPU kernels and host ops: BENCH_PROFILE_HOST=1), no
+#          reference. ~8 min (two variants took 5.5).
 #   qref   8B QLoRA, issue 4's accuracy check and the 4-bit pass's case for a default: eager,
 #          lorafuse with the default passes (4-bit linears left to Inductor) and lorafuse:q4
 #          (+ dequant_matmul, loss, drop_logits), no CUDA graphs, 2 + 18 steps, the fp32
@@ -152,6 +153,8 @@ CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkp
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
+QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
+  "checkpoint_layers": true, "offload_activations": true, "drop_logits": true, "offload_prefetch": 2}}'
 Q4_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"], "drop_logits": true}}'
 # bench_context's tags: a tag keeps its configuration for as long as its results file lives
 CONTEXT_CONFIGS=(
@@ -272,7 +275,8 @@ case "$MODE_ONE" in
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     qmem)
         BENCH_PROFILE_HOST=1 QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
-            --variants lorafuse:qck,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" ;;
+            --variants lorafuse:qck,lorafuse:qck2,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" \
+            --lorafuse-config "qck2=$QMEM2_CONFIG" ;;
     qref)
         QLORA=1 run_train 8b_qref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --variants eager,lorafuse,lorafuse:q4 --lorafuse-config "q4=$Q4_CONFIG" ;;

@@ -51,11 +51,14 @@ class Options:
     # memory_budget, whose plan already recomputes cheap ops first
     recompute_free: bool = False
     # keep the large saved activations in pinned CPU memory between the forward and the
-    # backward, copied on a side stream and prefetched one ahead in the backward
+    # backward, copied on a side stream and prefetched in the backward (offload_prefetch)
     # (partition.offload_saved, kernels/offload.py); opt-in.
     # Inductor runs such graphs without CUDA graphs (they have CPU tensors), and without its
     # reordering for peak memory (lorafuse_backend says why).
     offload_activations: bool = False
+    # with offload_activations: how many reloads ahead the backward starts each copy back
+    # (1: the next one; 2 hides the copy behind more compute, for one more tensor on the GPU)
+    offload_prefetch: int = 1
     # with the loss pass: a training graph returns an empty tensor as the logits and never
     # writes them (as Liger and Unsloth do in training; 1 GiB at the 8B shape); graphs
     # without gradients keep them (passes/loss.py); opt-in
@@ -84,10 +87,10 @@ class Options:
             raise ValueError(f"lorafuse: option(s) {not_bool} take True or False (checkpoint_"
                              f"layers also \"full\"), got "
                              f"{[getattr(opts, n) for n in not_bool]}")
-        if isinstance(opts.tiled_mlp_tokens, bool) or not isinstance(opts.tiled_mlp_tokens, int) \
-                or opts.tiled_mlp_tokens < 1:
-            raise ValueError(f"lorafuse: tiled_mlp_tokens takes a positive int, got "
-                             f"{opts.tiled_mlp_tokens!r}")
+        for name in ("tiled_mlp_tokens", "offload_prefetch"):
+            value = getattr(opts, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"lorafuse: {name} takes a positive int, got {value!r}")
         opts.passes = tuple(opts.passes)
         bad = [p for p in opts.passes if p not in PASSES]
         if bad:

@@ -212,3 +212,21 @@ def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
     copy["dur"] -= 100  # ended 110 µs before k3 started: not what k3 waited on
     assert "(no other stream's work ended just before)" in gap_report(trace, steps=2)[-2]
     assert gap_report({"traceEvents": []}) == ["  idle gaps: no GPU events in the trace"]
+
+
+def test_run_gpu_configs_are_valid_options():
+    """Every lorafuse configuration run_gpu.sh passes to bench_train parses as JSON and as
+    backend options: a typo there costs a device command, not a CI run."""
+    import json
+    import re
+
+    import lorafuse
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "run_gpu.sh").read_text()
+    found = re.findall(r"^[A-Z0-9_]+_CONFIG='(.*?)'$", script, flags=re.M | re.S)
+    found += re.findall(r"--lorafuse-config '[a-z0-9]+=(.*?)'$", script, flags=re.M)
+    assert len(found) >= 11, found
+    for text in found:
+        config = json.loads(text)
+        assert set(config) <= {"options", "env"}, config
+        lorafuse.Options.parse(config.get("options"))

@@ -625,7 +625,7 @@ def test_offload_exact_pinned_buffer_round_trip_and_reuse():
     torch.cuda.synchronize()
     assert cpu.is_pinned(), "registered memory not seen as pinned: reloads would be synchronous"
     assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
-    back = torch.ops.lorafuse.reload.default(cpu, x.device, None)
+    back = torch.ops.lorafuse.reload.default(cpu, x.device, [])
     torch.cuda.synchronize()
     assert torch.equal(back, x) and torch.equal(cpu, x.cpu())
     address = cpu.data_ptr()

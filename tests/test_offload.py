@@ -4,7 +4,7 @@ forward and the backward (partition.offload_saved, kernels/offload.py).
 On CPU there is nothing to gain, but the graphs are rewritten the same way (the ops copy),
 so these tests check the rewrite: what is offloaded (by the size threshold, set to 0 here
 so the tiny model has candidates), that every offloaded tensor is reloaded before its first
-use with the next one prefetched, the report, and that the losses and LoRA gradients equal
+use with the next ``offload_prefetch`` ones prefetched, the report, and that the losses and LoRA gradients equal
 the run without offloading (values are only moved). The CUDA path (side stream, pinned
 memory, prefetch) is tests/test_cuda.py's.
 """
@@ -26,6 +26,7 @@ from lorafuse.kernels._ops import is_op
 from conftest import VOCAB, lorafuse_sgd_run, make_tiny_model
 
 STEPS, BATCH, SEQ, LR = 2, 2, 16, 0.5
+PREFETCH = 2  # reloads ahead: more than the default one, so the list's bounds are tested
 
 
 def _batch(step):
@@ -54,7 +55,8 @@ def runs():
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
             out = {"plain": _train(copy.deepcopy(base)),
-                   "offload": _train(copy.deepcopy(base), offload_activations=True)}
+                   "offload": _train(copy.deepcopy(base), offload_activations=True,
+                                     offload_prefetch=PREFETCH)}
     finally:
         mp.undo()
     out["graphs"] = graphs
@@ -102,13 +104,14 @@ def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(
         sources[node.name] = src.meta["val"]
     permuted = [n for n in offloads if n.args[0].target is torch.ops.aten.permute.default]
     assert permuted, "no permuted tensor offloaded: the tiny model should have some"
-    # reloads in backward order: reload i prefetches the CPU tensor reload i + 1 reads
+    # reloads in backward order: reload i prefetches the CPU tensors reloads i + 1 to
+    # i + PREFETCH read
     order = {n: i for i, n in enumerate(bwd.graph.nodes)}
     reloads.sort(key=order.__getitem__)
     for i, node in enumerate(reloads):
         cpu, device, nxt = node.args
         assert cpu.op == "placeholder" and cpu.meta["val"].device.type == "cpu"
-        assert nxt is (reloads[i + 1].args[0] if i + 1 < len(reloads) else None)
+        assert list(nxt) == [r.args[0] for r in reloads[i + 1:i + 1 + PREFETCH]]
         first_use = min(node.users, key=order.__getitem__)
         assert order[node] < order[first_use]
         # what the backward reads has the saved tensor's shape and strides again
@@ -138,10 +141,47 @@ def test_ops_copy_values_and_pass_opcheck():
     x = torch.randn(3, 5, 7)
     cpu = torch.ops.lorafuse.offload.default(x)
     assert cpu.device.type == "cpu" and torch.equal(cpu, x) and cpu.data_ptr() != x.data_ptr()
-    back = torch.ops.lorafuse.reload.default(cpu, torch.device("cpu"), None)
+    back = torch.ops.lorafuse.reload.default(cpu, torch.device("cpu"), [])
     assert torch.equal(back, x) and back.data_ptr() != cpu.data_ptr()
     torch.library.opcheck(torch.ops.lorafuse.offload.default, (x,))
-    torch.library.opcheck(torch.ops.lorafuse.reload.default, (cpu, torch.device("cpu"), x))
+    torch.library.opcheck(torch.ops.lorafuse.reload.default, (cpu, torch.device("cpu"), [x]))
+
+
+def test_prefetch_option_checked():
+    assert lorafuse.Options.parse({"offload_prefetch": 3}).offload_prefetch == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="offload_prefetch"):
+            lorafuse.Options.parse({"offload_prefetch": bad})
+
+
+def test_reload_starts_each_prefetch_once(monkeypatch):
+    """The CUDA reload's bookkeeping with the copies and the stream stubbed: a reload uses
+    the copy an earlier reload started, starts the listed ones not started yet, and
+    replaces a stale entry (another tensor at the same address) instead of trusting it."""
+    started = []
+
+    def copy_back(x, device):
+        started.append(x)
+        return ("gpu", x), "event"
+
+    class Stream:
+        def wait_event(self, event):
+            assert event == "event"
+
+    monkeypatch.setattr(offload, "_copy_back", copy_back)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(offload, "_prefetched", {})
+    xs = [torch.randn(4) for _ in range(4)]
+    dev = torch.device("cuda", 0)
+    assert offload._reload_cuda(xs[0], dev, xs[1:3]) == ("gpu", xs[0])
+    assert started == xs[:3]
+    assert offload._reload_cuda(xs[1], dev, xs[2:4]) == ("gpu", xs[1])
+    assert started == xs  # x1 and x2 were not copied again
+    offload._prefetched[xs[3].data_ptr()] = (xs[3].clone(), ("gpu", "stale"), "event")
+    assert offload._reload_cuda(xs[2], dev, xs[3:]) == ("gpu", xs[2])
+    assert started == xs + [xs[3]]  # the stale entry was replaced
+    assert offload._reload_cuda(xs[3], dev, []) == ("gpu", xs[3])
+    assert not offload._prefetched
 
 
 class _FakeCopy:

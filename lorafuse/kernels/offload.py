@@ -6,11 +6,12 @@ to pinned CPU memory on a side stream, so the forward does not wait for it, and 
 clone's GPU memory is handed back once the copy is done (``record_stream``), not before.
 The host waits for the oldest copies when more than ``INFLIGHT_BYTES`` are in flight, so
 that the offloaded memory is actually reused during the forward. The backward calls
-``reload(x_cpu, device, next_cpu)`` right before x's first use: it waits for x's copy back
-(issued by the previous ``reload`` as a prefetch, on the same side stream) and starts the
-copy of ``next_cpu``, the next offloaded tensor the backward needs, so each copy back runs
-while the backward computes between two reloads. Both copies of a tensor go through one
-side stream per device, so the copy back of x is always queued after its copy out.
+``reload(x_cpu, device, next_cpus)`` right before x's first use: it waits for x's copy back
+(issued by an earlier ``reload`` as a prefetch, on the same side stream) and starts the
+copies of ``next_cpus`` not started yet, the next offloaded tensors the backward needs (one
+by default; the ``offload_prefetch`` option), so each copy back runs while the backward
+computes up to its first use. Both copies of a tensor go through one side stream per
+device, so the copy back of x is always queued after its copy out.
 
 The values are never changed, only moved: the reference implementation below (and the
 path on CPU tensors, where there is nothing to offload) is a plain copy. The copies share
@@ -28,7 +29,6 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -267,16 +267,18 @@ def _copy_back(x: Tensor, device: torch.device):
     return gpu, done
 
 
-def _reload_cuda(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) -> Tensor:
+def _reload_cuda(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Tensor:
     entry = _prefetched.pop(x.data_ptr(), None)
     if entry is not None and entry[0] is x:
         gpu, done = entry[1], entry[2]
     else:  # the first reload of a backward (nothing prefetched it), or a stale entry
         gpu, done = _copy_back(x, device)
     torch.cuda.current_stream(device).wait_event(done)
-    if next_cpu is not None and next_cpu.data_ptr() not in _prefetched:
-        ngpu, ndone = _copy_back(next_cpu, device)
-        _prefetched[next_cpu.data_ptr()] = (next_cpu, ngpu, ndone)
+    for nxt in next_cpus:
+        held = _prefetched.get(nxt.data_ptr())
+        if held is None or held[0] is not nxt:
+            ngpu, ndone = _copy_back(nxt, device)
+            _prefetched[nxt.data_ptr()] = (nxt, ngpu, ndone)
     return gpu
 
 
@@ -297,15 +299,15 @@ def _(x):
 
 
 @lorafuse_op("lorafuse::reload")
-def reload_op(x: Tensor, device: torch.device, next_cpu: Optional[Tensor]) -> Tensor:
-    """``x`` (an ``offload`` output) back on ``device``, and the copy of ``next_cpu`` (the
-    next one the backward needs) started."""
+def reload_op(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Tensor:
+    """``x`` (an ``offload`` output) back on ``device``, and the copies of ``next_cpus``
+    (the next ones the backward needs) started where no earlier reload started them."""
     device = torch.device(device)
     if device.type == "cuda" and x.is_pinned():
-        return _reload_cuda(x, device, next_cpu)
+        return _reload_cuda(x, device, next_cpus)
     return reload_reference(x, device)
 
 
 @reload_op.register_fake
-def _(x, device, next_cpu):
+def _(x, device, next_cpus):
     return torch.empty(x.shape, dtype=x.dtype, device=device)
