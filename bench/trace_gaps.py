@@ -10,6 +10,10 @@ kernels whenever the next one was not there to run. Each such gap is charged to 
   of another stream (an offload copy, a reload) or on the GPU's own scheduling. Waits are
   grouped by the other stream's work that ended just before the late start, if any.
 
+Both kinds are also summed by phase: the outermost host op around the late kernel's
+launch (a compiled graph's call, the optimizer's step), in the order the phases first ran,
+so the forward's gaps and the backward's are told apart.
+
     python bench/trace_gaps.py trace.json [--steps N]
 
 ``bench_train.py --profile N`` prints this table after its own when ``BENCH_PROFILE_HOST=1``.
@@ -60,13 +64,26 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
         lst.sort(key=lambda e: e["ts"])
         starts[key] = [e["ts"] for e in lst]
 
-    def innermost(launch) -> str:
+    def around(launch) -> list:
+        """The host ops around ``launch``, innermost first."""
         key = (launch.get("pid"), launch.get("tid"))
         lst, st = ops.get(key, []), starts.get(key, [])
-        for i in range(bisect.bisect_right(st, launch["ts"]) - 1, -1, -1):
-            if lst[i]["ts"] + lst[i]["dur"] >= launch["ts"]:
-                return lst[i]["name"]  # the latest-starting op around the launch: innermost
-        return "(no op: Inductor's generated code)"
+        return [lst[i] for i in range(bisect.bisect_right(st, launch["ts"]) - 1, -1, -1)
+                if lst[i]["ts"] + lst[i]["dur"] >= launch["ts"]]
+
+    def innermost(launch) -> str:
+        found = around(launch)  # the latest-starting op around the launch: innermost
+        return found[0]["name"] if found else "(no op: Inductor's generated code)"
+
+    phase_start = {}  # phase name -> when it first ran
+
+    def phase(launch) -> str:
+        found = around(launch) if launch is not None else []
+        if not found:
+            return "(outside any host op)"
+        outer = found[-1]
+        phase_start[outer["name"]] = min(outer["ts"], phase_start.get(outer["name"], outer["ts"]))
+        return outer["name"]
 
     # other streams' work by end time: a late start right after one ended waited on it
     others = sorted((e for e in device
@@ -82,19 +99,24 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
 
     host, waits = collections.Counter(), collections.Counter()
     host_n, waits_n = collections.Counter(), collections.Counter()
+    by_phase = collections.defaultdict(lambda: [0.0, 0.0, 0])  # host µs, wait µs, gaps
     end = stream[0]["ts"] + stream[0]["dur"]
     for e in stream[1:]:
         gap = e["ts"] - end
         if gap > MIN_GAP_US:
             launch = launches.get(_corr(e))
+            row = by_phase[phase(launch)]
+            row[2] += 1
             if launch is not None and launch["ts"] > end:  # launched after the GPU ran dry
                 name = innermost(launch)
                 host[name] += gap
                 host_n[name] += 1
+                row[0] += gap
             else:
                 why = waited_on(e["ts"])
                 waits[why] += gap
                 waits_n[why] += 1
+                row[1] += gap
         end = max(end, e["ts"] + e["dur"])
     wait, wait_n = sum(waits.values()), sum(waits_n.values())
     span = end - stream[0]["ts"]
@@ -110,6 +132,12 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
         lines.append("  waits by what ended just before the late kernel (ms/step, gaps/step):")
         lines += [f"  {us / 1e3 / steps:8.2f} {waits_n[why] / steps:6.1f}  {why}"
                   for why, us in waits.most_common(4)]
+    lines.append("  idle by phase, the outermost host op around the late launch (host ms/step, "
+                 "waits ms/step, gaps/step):")
+    for name in sorted(by_phase, key=lambda n: phase_start.get(n, float("inf"))):
+        h, w, n = by_phase[name]
+        lines.append(f"  {h / 1e3 / steps:8.2f} {w / 1e3 / steps:8.2f} {n / steps:6.1f}  "
+                     f"{name[:100]}")
     blocking = collections.Counter()
     for e in events:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and (

@@ -178,7 +178,8 @@ def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
     inside ``lorafuse_rt::nf4_linear`` (nested in a graph call) after k1 had finished: 30 ms
     of host, charged to the innermost op. k3 was launched before k2 ended yet started 20 ms
     late, 10 µs after the side stream's copy ended: a wait on that copy. k4 follows k3
-    within the launch latency (2 µs): no gap."""
+    within the launch latency (2 µs): no gap. By phase, both are the graph call's; then
+    with k3 launched later by the optimizer, its gap is the optimizer's."""
     from trace_gaps import gap_report
 
     def ev(cat, name, ts, dur, pid=0, **args):
@@ -207,10 +208,25 @@ def test_trace_gaps_charges_idle_time_to_the_host_op_or_to_a_wait():
     (row,) = lines[2:i]
     assert row.split() == ["15.00", "0.5", "lorafuse_rt::nf4_linear"]
     assert lines[i + 1].split() == ["10.00", "0.5", "after", "copy", "(another", "stream)"]
+    j = lines.index("  idle by phase, the outermost host op around the late launch (host ms/step, "
+                    "waits ms/step, gaps/step):")
+    # both gaps' kernels were launched inside the graph call: one phase
+    assert [r.split() for r in lines[j + 1:-1]] == [
+        ["15.00", "10.00", "1.0", "##", "Call", "CompiledFxGraph", "##"]]
     assert lines[-1] == "  host blocked in: cudaStreamSynchronize 3.5 ms/step"
     copy = next(e for e in trace["traceEvents"] if e["name"] == "copy")
     copy["dur"] -= 100  # ended 110 µs before k3 started: not what k3 waited on
-    assert "(no other stream's work ended just before)" in gap_report(trace, steps=2)[-2]
+    assert "(no other stream's work ended just before)" in gap_report(trace, steps=2)[i + 1]
+    # k3 launched by the optimizer after the graph call ended and after k2 ran: a host gap,
+    # of the optimizer's phase
+    launch3 = next(e for e in trace["traceEvents"] if (e.get("args") or {}).get("correlation") == 3
+                   and e["cat"] == "cuda_runtime")
+    trace["traceEvents"].append(ev("cpu_op", "Optimizer.step#AdamW.step", 205, 20))
+    launch3["ts"] = 210e3
+    lines = gap_report(trace, steps=2)
+    j = next(k for k, line in enumerate(lines) if line.startswith("  idle by phase"))
+    assert [r.split()[:3] + [r.split()[-1]] for r in lines[j + 1:-1]] == [
+        ["15.00", "0.00", "0.5", "##"], ["10.00", "0.00", "0.5", "Optimizer.step#AdamW.step"]]
     assert gap_report({"traceEvents": []}) == ["  idle gaps: no GPU events in the trace"]
 
 
