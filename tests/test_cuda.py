@@ -776,16 +776,18 @@ def test_drop_logits_same_losses_on_gpu():
     assert max(got["peaks"]) <= max(want["peaks"]), (got["peaks"], want["peaks"])
 
 
-@pytest.mark.parametrize("mode", [True, "full"])
-def test_checkpoint_layers_on_gpu(mode):
+@pytest.mark.parametrize("mode,prefetch", [(True, 1), ("full", 1), (True, 2)])
+def test_checkpoint_layers_on_gpu(mode, prefetch):
     """checkpoint_layers (with offloading) on the GPU, bf16 autocast: the same losses as
     without it (to the run-to-run noise of the attention backward), first-step LoRA
     gradients no farther from fp32 than that run's, less memory held between the forward
     and the backward. "full" also replays SDPA's RNG state in the recompute (torch's
-    functionalized RNG under Inductor), which only this test runs on CUDA."""
+    functionalized RNG under Inductor), which only this test runs on CUDA. ``prefetch`` 2:
+    each copy back starts two reloads ahead (``offload_prefetch``), and none is left over."""
     passes = ["lora", "attention", "loss"]
     want = _small_llama_run(passes=passes)
-    got = _small_llama_run(passes=passes, checkpoint_layers=mode, offload_activations=True)
+    got = _small_llama_run(passes=passes, checkpoint_layers=mode, offload_activations=True,
+                           offload_prefetch=prefetch)
     ref = _small_llama_fp32_grads()
     print(f"losses {want['losses']} vs {got['losses']}; held {_mib(want['held'])} vs "
           f"{_mib(got['held'])}; peak {_mib(want['peaks'])} vs {_mib(got['peaks'])}")

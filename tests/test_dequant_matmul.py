@@ -500,6 +500,12 @@ def test_qwen2_every_4bit_linear_rewritten(qwen2_fp32):
     matched = [s for g in report.graphs for p in g.passes if p.name == "dequant_matmul"
                for s in p.matched]
     assert sum(s.endswith("(no adapter)") for s in matched) == 1, matched
+    # the lora pass, before it, names the pass for each adapter on a 4-bit base (a user of
+    # the default passes, which do not include it, reads this in lorafuse.explain)
+    lora_reasons = [r for g in report.graphs for p in g.passes if p.name == "lora"
+                    for _, r in p.skipped]
+    assert len(lora_reasons) == 6 and all("dequant_matmul" in r for r in lora_reasons), \
+        lora_reasons
 
 
 @pytest.mark.slow

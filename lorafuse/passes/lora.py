@@ -360,7 +360,8 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
             "L_magnitude_" in names:
         return "DoRA (magnitude vector)"
     if any(n.startswith(module + "_modules_base_layer_") and "quant_state" in n for n in names):
-        return "4-bit base (bitsandbytes): the dequant_matmul pass's job"
+        return ("4-bit base (bitsandbytes): the dequant_matmul pass's job (not a default pass; "
+                "with it the adapter's term is added to the base product before rounding)")
     if len({n for n in names if n.startswith(module + "_modules_lora_A_")}) > 1:
         return "several active adapters"
     if any(u.op == "call_function" and u.target is _CHECKPOINT for u in a_ph.users):
