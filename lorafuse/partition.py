@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 import re
 import warnings
 from pathlib import Path
@@ -152,6 +153,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         else:
             fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs, budget,
                                             self._budget_text)
+        lowrank_only = lowrank_only_recomputes(bwd)
         quantized = None
         if self._storage_dtype is not None:
             quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
@@ -161,7 +163,7 @@ class LorafusePartitioner(CustomPartitionerFn):
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
                                       self._prefetch)
             warn_if_host_short(offloaded["bytes"])
-        self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
+        self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed, lowrank_only)
         return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):
@@ -253,11 +255,12 @@ class LorafusePartitioner(CustomPartitionerFn):
         return fwd, bwd, plan
 
     def _record(self, fwd, bwd, inputs, plan=None, quantized=None, offloaded=None,
-                checkpointed=None):
+                checkpointed=None, lowrank_only=0):
         if self._report is None:
             return
         try:
             self._record_into(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
+            self._report.lowrank_only = lowrank_only
         except Exception as e:  # the report must never cost the user their compile
             self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
 
@@ -301,7 +304,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         # (The budget is in the key; a pickled copy never partitions.)
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
                 "_recompute_free": self._recompute_free, "_offload": self._offload,
-                "_checkpoint": self._checkpoint,
+                "_prefetch": self._prefetch, "_checkpoint": self._checkpoint,
                 "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):
@@ -858,6 +861,57 @@ def host_available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _lowrank_only_ops() -> dict:
+    """LoRA linear ops -> the op computing their second output (h = x' Aᵀ) alone."""
+    from .kernels import lora, nf4  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.lorafuse
+    return {ops.lora_linear.default: ops.lora_linear_h.default,
+            ops.nf4_linear.default: ops.nf4_linear_h.default}
+
+
+def _arg(node, name: str):
+    """``node``'s argument ``name`` by its op's schema: positional, keyword or default."""
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value if a.has_default_value() else None)
+    raise KeyError(name)
+
+
+def lowrank_only_recomputes(bwd) -> int:
+    """Where the backward recomputes a LoRA linear (``lora_linear``, ``nf4_linear``) whose
+    output it does not read, only for the h = x' Aᵀ its backward needs for dB, call the op
+    that computes h alone: the base GEMM (and a 4-bit weight's dequantization) is skipped.
+    ``checkpoint_layers`` recomputes each layer's forward, and the down projection's output
+    feeds only the next layer's input, which the backward keeps: a (tokens × hidden ×
+    intermediate) GEMM a layer, a quarter of the recomputed matmul work at the 8B shape.
+    Returns how many calls were replaced."""
+    replace = _lowrank_only_ops()
+    count = 0
+    for node in list(bwd.graph.nodes):
+        cheap = replace.get(node.target) if node.op == "call_function" else None
+        if cheap is None or _arg(node, "lora_a") is None:
+            continue
+        users = list(node.users)
+        if not users or any(u.target is not operator.getitem or u.args[1] != 1 for u in users):
+            continue  # the output is read (or the call is used whole): keep it
+        with bwd.graph.inserting_before(node):
+            h = bwd.graph.call_function(cheap, (_arg(node, "x"), _arg(node, "lora_a"),
+                                                _arg(node, "x_lora")))
+        h.meta["val"] = node.meta["val"][1]
+        for u in users:
+            u.replace_all_uses_with(h)
+            bwd.graph.erase_node(u)
+        bwd.graph.erase_node(node)
+        count += 1
+    if count:
+        bwd.graph.lint()
+        bwd.recompile()
+    return count
 
 
 def warn_if_host_short(offloaded_bytes: int) -> None:

@@ -44,6 +44,7 @@ class GraphReport:
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     checkpointed_layers: int | None = None  # layers recomputed in the backward (checkpoint_layers)
     checkpoint_note: str | None = None  # why checkpoint_layers was not applied, if it was not
+    lowrank_only: int | None = None  # recomputed LoRA linears reduced to their x' Aᵀ
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def _per_token(self) -> list:
@@ -101,6 +102,9 @@ class GraphReport:
                              "recomputed")
             if self.checkpoint_note:
                 lines.append(f"    {self.checkpoint_note}")
+            if self.lowrank_only:
+                lines.append(f"    recomputed LoRA linears reduced to their adapter's x' Aᵀ: "
+                             f"{self.lowrank_only} (the backward does not read their output)")
             if self.recompute_free_bytes:
                 lines.append(f"    recompute_free: {_size(self.recompute_free_bytes)} fewer "
                              "activation bytes kept (cheap ops redone in the backward from "

@@ -233,6 +233,28 @@ def test_op_bf16_no_farther_from_fp64_than_eager(c, adapter_bf16, out_bf16, devi
             f"{name}: {rel(got, want):.2e} vs eager {rel(eager, want):.2e}"
 
 
+@PROP
+@given(c=op_case(), bf16=st.booleans(), device_path=st.booleans())
+def test_h_op_is_the_ops_second_output(c, bf16, device_path):
+    """``nf4_linear_h`` (what a backward calls where it recomputes the op only for h,
+    partition.lowrank_only_recomputes) gives the op's h bit for bit on both CPU paths."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    c = dict(c, lora=True)
+    q, qs, x, bias, A, B, xl = _inputs(c, dt, dt)
+    kw = qs_kwargs(qs)
+    old = nf4.DEVICE_PATH_ON_CPU
+    nf4.DEVICE_PATH_ON_CPU = device_path
+    try:
+        with torch.no_grad():
+            _, h = torch.ops.lorafuse.nf4_linear.default(
+                x, q, kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"], kw["shape"],
+                kw["blocksize"], kw["quant_type"], bias, A, B, c["scale"], xl, dt)
+            got = torch.ops.lorafuse.nf4_linear_h.default(x, A, xl)
+    finally:
+        nf4.DEVICE_PATH_ON_CPU = old
+    assert got.dtype == h.dtype and torch.equal(got, h)
+
+
 @pytest.mark.parametrize("device_path", [False, True])
 def test_op_keeps_a_lora_term_under_half_an_ulp_that_eager_loses(device_path):
     """Session 23 on the H200: eager QLoRA (and Unsloth) reported losses 0.22 above the fp32

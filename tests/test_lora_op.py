@@ -545,3 +545,29 @@ def test_dispatch_auto_falls_back_when_triton_fails(fresh_dispatch):
     with pytest.warns(RuntimeWarning, match="using cuBLAS"):
         assert run() == "C"
     assert run() == "C" and calls == ["triton", "cublas", "cublas"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 40), n=st.integers(1, 24), r=st.integers(1, 8),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       separate=st.booleans(), seed=st.integers(0, 2**16))
+def test_h_op_is_the_ops_second_output(m, k, n, r, dtype, separate, seed):
+    """``lora_linear_h`` (what a backward calls where it recomputes the op only for h,
+    partition.lowrank_only_recomputes) gives the op's h bit for bit, and its fake the same
+    shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    a = torch.randn(r, k, generator=g).to(dtype)
+    b = torch.randn(n, r, generator=g).to(dtype)
+    xl = torch.randn(2, m, k, generator=g).to(dtype) if separate else None
+    _, h = torch.ops.lorafuse.lora_linear.default(x, w, None, a, b, 0.5, xl)
+    got = torch.ops.lorafuse.lora_linear_h.default(x, a, xl)
+    assert got.dtype == h.dtype and torch.equal(got, h)
+    with FakeTensorMode() as mode:
+        fx, fa = mode.from_tensor(x), mode.from_tensor(a)
+        fxl = None if xl is None else mode.from_tensor(xl)
+        fake = torch.ops.lorafuse.lora_linear_h.default(fx, fa, fxl)
+    assert fake.shape == h.shape and fake.dtype == h.dtype

@@ -324,6 +324,26 @@ def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act=""
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, lora_a.shape[0])
 
 
+@lorafuse_op("lorafuse::lora_linear_h")
+def lora_linear_h_op(x: Tensor, lora_a: Tensor, x_lora: Optional[Tensor]) -> Tensor:
+    """``lora_linear``'s second output alone, h = x' Aᵀ, computed as that op computes it on
+    each path (bit-identical): where a backward recomputes a LoRA linear only for the h
+    its backward reads (checkpoint_layers: the down projection's output is not needed),
+    partition.py calls this instead, and skips the base GEMM."""
+    K, r, lead = x.shape[-1], lora_a.shape[0], x.shape[:-1]
+    xl = x if x_lora is None else x_lora
+    if not x.is_cuda and not _triton_on_cpu():  # lora_linear_reference's h
+        h = (_upcast(xl).reshape(-1, K) @ _upcast(lora_a).t()).to(x.dtype)
+    else:  # _forward_impl's h
+        h = xl.reshape(-1, K) @ lora_a.t()
+    return h.reshape(*lead, r).contiguous()
+
+
+@lora_linear_h_op.register_fake
+def _(x, lora_a, x_lora):
+    return x.new_empty(*x.shape[:-1], lora_a.shape[0])
+
+
 @lorafuse_op("lorafuse::lora_linear_backward")
 def lora_linear_backward_op(
     dy: Tensor,

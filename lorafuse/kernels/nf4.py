@@ -699,6 +699,26 @@ def _(x, qweight, absmax, absmax2, code2, offset, shape, blocksize, quant_type, 
     return y, x_lora.new_empty(*lead, lora_a.shape[0], dtype=lora_a.dtype)
 
 
+@lorafuse_op("lorafuse::nf4_linear_h")
+def nf4_linear_h_op(x: Tensor, lora_a: Tensor, x_lora: Tensor) -> Tensor:
+    """``nf4_linear``'s second output alone, h = x' Aᵀ, computed as that op computes it on
+    each path (bit-identical): where a backward recomputes a 4-bit linear only for the h
+    its backward reads (checkpoint_layers: the down projection's output is not needed),
+    partition.py calls this instead, and skips the dequantization and the base GEMM."""
+    K, r, lead = x.shape[-1], lora_a.shape[0], x.shape[:-1]
+    if _impl(x) == "reference":  # nf4_linear_reference's h
+        acc = _acc(x, x_lora, lora_a)
+        h = (x_lora.reshape(-1, K).to(acc) @ lora_a.to(acc).t()).to(lora_a.dtype)
+    else:  # _forward_device's and _forward_triton's h
+        h = x_lora.reshape(-1, K) @ lora_a.t()
+    return h.reshape(*lead, r).contiguous()
+
+
+@nf4_linear_h_op.register_fake
+def _(x, lora_a, x_lora):
+    return x_lora.new_empty(*x.shape[:-1], lora_a.shape[0], dtype=lora_a.dtype)
+
+
 @lorafuse_op("lorafuse::nf4_linear_backward")
 def nf4_linear_backward_op(
     dy: Tensor,
