@@ -17,6 +17,11 @@ instead, with torch's selective-checkpointing tags, which min-cut honours:
   outside the layers need (embedding, final norm, loss), and orders the backward so that
   each layer is recomputed right before its own backward (``reordering_to_mimic_autograd_engine``).
 
+A recomputed layer's MLP output is read by nothing in the backward (the next layer's
+input is kept): partition.lowrank_only_recomputes then reduces the down projection's
+recomputed LoRA op to its x' Aᵀ, skipping a quarter of the layer's recomputed matmul work,
+which a checkpoint that reruns the layer's Python forward cannot skip.
+
 With ``offload_activations`` the saved layer inputs go to CPU memory too: this is then
 what Unsloth calls offloaded gradient checkpointing. The fused ops carry their layer's
 module path (passes/_graph.py ``inserting_before``), so they are recomputed with it.
