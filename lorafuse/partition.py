@@ -153,7 +153,11 @@ class LorafusePartitioner(CustomPartitionerFn):
         else:
             fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs, budget,
                                             self._budget_text)
-        lowrank_only = lowrank_only_recomputes(bwd)
+        try:
+            lowrank_only = lowrank_only_recomputes(bwd)
+        except Exception as e:  # an optimisation: never the reason a compile fails
+            warn_once(f"lorafuse: recomputed LoRA linears left whole ({type(e).__name__}: {e})")
+            lowrank_only = 0
         quantized = None
         if self._storage_dtype is not None:
             quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
@@ -894,15 +898,20 @@ def lowrank_only_recomputes(bwd) -> int:
     count = 0
     for node in list(bwd.graph.nodes):
         cheap = replace.get(node.target) if node.op == "call_function" else None
-        if cheap is None or _arg(node, "lora_a") is None:
+        if cheap is None:
             continue
+        args = (_arg(node, "x"), _arg(node, "lora_a"), _arg(node, "x_lora"))
+        val = node.meta.get("val")
+        x_lora_required = node.target is torch.ops.lorafuse.nf4_linear.default
+        if args[1] is None or (x_lora_required and args[2] is None) \
+                or not isinstance(val, (tuple, list)):
+            continue  # no adapter (h is empty), or no example value for the new node
         users = list(node.users)
         if not users or any(u.target is not operator.getitem or u.args[1] != 1 for u in users):
             continue  # the output is read (or the call is used whole): keep it
         with bwd.graph.inserting_before(node):
-            h = bwd.graph.call_function(cheap, (_arg(node, "x"), _arg(node, "lora_a"),
-                                                _arg(node, "x_lora")))
-        h.meta["val"] = node.meta["val"][1]
+            h = bwd.graph.call_function(cheap, args)
+        h.meta["val"] = val[1]
         for u in users:
             u.replace_all_uses_with(h)
             bwd.graph.erase_node(u)
