@@ -22,10 +22,10 @@
 #   qcg    8B QLoRA, issue 4's bars: the default passes under Inductor's CUDA graphs beside
 #          Inductor and Unsloth with its checkpointing, 3 + 8 steps, no reference. ~9.5 min.
 #   qmem   8B QLoRA at issue 4's project goal (<= 7 GiB): lorafuse:qck (the 4-bit pass,
-#          checkpoint_layers, offloading, loss pass, drop_logits), lorafuse:qck2 (the same,
-#          offload_prefetch 2) and Unsloth with its checkpointing, 2 + 8 steps, then 2
-#          profiled steps each (GPU kernels and host ops: BENCH_PROFILE_HOST=1), no
-#          reference. ~8 min (two variants took 5.5).
+#          checkpoint_layers, offloading, loss pass, drop_logits), Unsloth with its
+#          checkpointing, then lorafuse:qck2 (qck with offload_prefetch 2: last, so the
+#          budget cuts it first), 2 + 8 steps, then 2 profiled steps each (GPU kernels and
+#          host ops: BENCH_PROFILE_HOST=1), no reference. ~8 min (two variants took 5.5).
 #   qref   8B QLoRA, issue 4's accuracy check and the 4-bit pass's case for a default: eager,
 #          lorafuse with the default passes (4-bit linears left to Inductor) and lorafuse:q4
 #          (+ dequant_matmul, loss, drop_logits), no CUDA graphs, 2 + 18 steps, the fp32
@@ -275,7 +275,7 @@ case "$MODE_ONE" in
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     qmem)
         BENCH_PROFILE_HOST=1 QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
-            --variants lorafuse:qck,lorafuse:qck2,unsloth_gc --lorafuse-config "qck=$QMEM_CONFIG" \
+            --variants lorafuse:qck,unsloth_gc,lorafuse:qck2 --lorafuse-config "qck=$QMEM_CONFIG" \
             --lorafuse-config "qck2=$QMEM2_CONFIG" ;;
     qref)
         QLORA=1 run_train 8b_qref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
