@@ -13,6 +13,7 @@ same masks); refused beside an explicit memory_budget.
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -236,3 +237,35 @@ def test_qlora_same_training_as_eager(passes, tmp_path_factory, no_autograd_cach
                                    rtol=1e-5, atol=0)
         for name, g in runs["eager"]["grads"][step].items():
             assert _rel(runs["ckpt"]["grads"][step][name], g) <= 1e-4, (step, name)
+
+
+def test_lowrank_only_rewrite_on_a_small_graph():
+    """``partition.lowrank_only_recomputes`` on a hand-built backward-like graph: the call
+    whose output is unread (only its h) becomes ``lora_linear_h`` and computes the same h;
+    the call whose output is read, and a call without example values, are kept."""
+    from torch import fx
+
+    from lorafuse.partition import lowrank_only_recomputes
+
+    op = torch.ops.lorafuse.lora_linear.default
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b = (torch.randn(*s, generator=g) for s in ((2, 3, 8), (5, 8), (4, 8), (5, 4)))
+    graph = fx.Graph()
+    px, pw, pa, pb = (graph.placeholder(n) for n in ("x", "w", "a", "b"))
+    unread = graph.call_function(op, (px, pw, None, pa, pb, 0.5), {"x_lora": None})
+    read = graph.call_function(op, (px, pw, None, pa, pb, 0.5, None))
+    bare = graph.call_function(op, (px, pw, None, pa, pb, 0.5, None))  # no meta["val"]
+    outs = [graph.call_function(operator.getitem, (unread, 1)),
+            graph.call_function(operator.getitem, (read, 0)),
+            graph.call_function(operator.getitem, (read, 1)),
+            graph.call_function(operator.getitem, (bare, 1))]
+    graph.output(tuple(outs))
+    for node in (unread, read):
+        node.meta["val"] = op(x, w, None, a, b, 0.5, None)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    want = gm(x, w, a, b)
+    assert lowrank_only_recomputes(gm) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(op) == 2 and targets.count(torch.ops.lorafuse.lora_linear_h.default) == 1
+    got = gm(x, w, a, b)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))
