@@ -559,6 +559,32 @@ def test_autotuned_kernels_launched_directly_after_tuning_compute_the_same():
         print(f"{name}: identical")
 
 
+def test_h_ops_are_the_ops_second_output_on_gpu():
+    """``lora_linear_h`` and ``nf4_linear_h`` (the reduced recompute of checkpoint_layers,
+    partition.lowrank_only_recomputes) give their op's h bit for bit on the GPU paths, at
+    the down projection's 8B shape (x' = x, and a separate x')."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    from lorafuse.kernels import nf4
+
+    M, N, K, r = 4096, 4096, 14336, 16
+    g = torch.Generator("cuda").manual_seed(4)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    xl = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    B = (torch.randn(N, r, device="cuda", generator=g) * 0.01).bfloat16()
+    for x_lora in (None, xl):
+        _, h = torch.ops.lorafuse.lora_linear.default(x, W, None, A, B, 2.0, x_lora)
+        assert torch.equal(torch.ops.lorafuse.lora_linear_h.default(x, A, x_lora), h)
+    q, qs = F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+    kw = nf4.from_quant_state(qs)
+    for x_lora in (x, xl):
+        _, h = torch.ops.lorafuse.nf4_linear.default(
+            x, q, kw["absmax"], kw["absmax2"], kw["code2"], kw["offset"], kw["shape"], 64,
+            "nf4", None, A, B, 2.0, x_lora, torch.bfloat16)
+        assert torch.equal(torch.ops.lorafuse.nf4_linear_h.default(x, A, x_lora), h)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 def test_nf4_triton_dequantize_bit_exact_on_gpu(quant_type, nested):
