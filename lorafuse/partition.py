@@ -33,7 +33,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ._torch import (CustomPartitionerFn, _size_of, functorch_config,
+from ._torch import (CustomPartitionerFn, _size_of, counters, functorch_config,
                      min_cut_rematerialization_partition, select_decomp_table,
                      statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
@@ -893,7 +893,8 @@ def lowrank_only_recomputes(bwd) -> int:
     ``checkpoint_layers`` recomputes each layer's forward, and the down projection's output
     feeds only the next layer's input, which the backward keeps: a (tokens × hidden ×
     intermediate) GEMM a layer, a quarter of the recomputed matmul work at the 8B shape.
-    Returns how many calls were replaced."""
+    Returns how many calls were replaced (also counted in
+    ``torch._dynamo.utils.counters["lorafuse"]["recompute_h_only"]``)."""
     replace = _lowrank_only_ops()
     count = 0
     for node in list(bwd.graph.nodes):
@@ -920,6 +921,7 @@ def lowrank_only_recomputes(bwd) -> int:
     if count:
         bwd.graph.lint()
         bwd.recompile()
+        counters["lorafuse"]["recompute_h_only"] += count  # beside the passes' counters
     return count
 
 

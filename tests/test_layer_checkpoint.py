@@ -244,6 +244,7 @@ def test_lowrank_only_rewrite_on_a_small_graph():
     whose output is unread (only its h) becomes ``lora_linear_h`` and computes the same h;
     the call whose output is read, and a call without example values, are kept."""
     from torch import fx
+    from torch._dynamo.utils import counters
 
     from lorafuse.partition import lowrank_only_recomputes
 
@@ -264,7 +265,9 @@ def test_lowrank_only_rewrite_on_a_small_graph():
         node.meta["val"] = op(x, w, None, a, b, 0.5, None)
     gm = fx.GraphModule(torch.nn.Module(), graph)
     want = gm(x, w, a, b)
+    before = counters["lorafuse"]["recompute_h_only"]
     assert lowrank_only_recomputes(gm) == 1
+    assert counters["lorafuse"]["recompute_h_only"] == before + 1
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(op) == 2 and targets.count(torch.ops.lorafuse.lora_linear_h.default) == 1
     got = gm(x, w, a, b)
