@@ -71,19 +71,7 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
         return [lst[i] for i in range(bisect.bisect_right(st, launch["ts"]) - 1, -1, -1)
                 if lst[i]["ts"] + lst[i]["dur"] >= launch["ts"]]
 
-    def innermost(launch) -> str:
-        found = around(launch)  # the latest-starting op around the launch: innermost
-        return found[0]["name"] if found else "(no op: Inductor's generated code)"
-
     phase_start = {}  # phase name -> when it first ran
-
-    def phase(launch) -> str:
-        found = around(launch) if launch is not None else []
-        if not found:
-            return "(outside any host op)"
-        outer = found[-1]
-        phase_start[outer["name"]] = min(outer["ts"], phase_start.get(outer["name"], outer["ts"]))
-        return outer["name"]
 
     # other streams' work by end time: a late start right after one ended waited on it
     others = sorted((e for e in device
@@ -105,10 +93,15 @@ def gap_report(trace: dict, steps: int = 1, top: int = 12) -> list[str]:
         gap = e["ts"] - end
         if gap > MIN_GAP_US:
             launch = launches.get(_corr(e))
-            row = by_phase[phase(launch)]
+            found = around(launch) if launch is not None else []
+            phase = found[-1]["name"] if found else "(outside any host op)"  # the outermost
+            if found:
+                phase_start[phase] = min(found[-1]["ts"], phase_start.get(phase, found[-1]["ts"]))
+            row = by_phase[phase]
             row[2] += 1
             if launch is not None and launch["ts"] > end:  # launched after the GPU ran dry
-                name = innermost(launch)
+                # the latest-starting op around the launch: the innermost
+                name = found[0]["name"] if found else "(no op: Inductor's generated code)"
                 host[name] += gap
                 host_n[name] += 1
                 row[0] += gap
