@@ -181,13 +181,14 @@ run_tests() {  # run_tests [pytest-only]
         # PYTEST_K goes to -k as one argument (session 10: "-k 'a or b'" inside PYTEST_ARGS
         # split on its spaces, and pytest ran nothing). -rP: passing tests' prints (the
         # times, paths and peaks bench/RESULTS.md records) reach the log too (session 13
-        # lost them); no:logging keeps torch's captured debug logs out of it.
+        # lost them); -rs: why each skipped test skipped (session 24 could not tell which of
+        # its 8 tests had); no:logging keeps torch's captured debug logs out of it.
         local select=(); [ -n "${PYTEST_K:-}" ] && select=(-k "$PYTEST_K")
         # shellcheck disable=SC2086
-        timeout -s INT -k 30 "$t" "$PY" -m pytest -m cuda -q -rfEP -p no:logging --tb=short \
+        timeout -s INT -k 30 "$t" "$PY" -m pytest -m cuda -q -rfEPs -p no:logging --tb=short \
             -o faulthandler_timeout=180 ${PYTEST_ARGS:-} "${select[@]}" > "$OUTDIR/pytest_cuda.log" 2>&1
         local rc=$?
-        grep -E "^(FAILED|ERROR) |passed|failed" "$OUTDIR/pytest_cuda.log" | tail -n 25
+        grep -E "^(FAILED|ERROR|SKIPPED) |passed|failed" "$OUTDIR/pytest_cuda.log" | tail -n 25
         case $rc in
             0) line="passed" ;;
             5) line="no cuda tests collected (exit 5)" ;;
