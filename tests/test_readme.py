@@ -7,7 +7,8 @@ Left out, and why: usage lines with ``[optional]`` arguments, llama.cpp's own to
 (``llama-quantize``), and llama-cpp-python when it is not installed (its GGUF round trip
 is tests/test_export.py's). What the snippets compute is checked elsewhere
 (tests/test_trainer.py, test_workflow.py, test_cli.py, test_export.py); here, that they run
-and leave the files they say they write.
+and leave the files they say they write. Also: the ``options`` dicts of the "Measured"
+section's at-a-glance table are accepted by the backend as written.
 """
 
 from __future__ import annotations
@@ -115,3 +116,27 @@ def test_command_line_and_export_sections_run_as_written(tmp_path):
     run_blocks(blocks("Export to GGUF (llama.cpp)"), tmp_path)
     for path in ("tiny-adapter/adapter_model.safetensors", "tiny.gguf", "tiny-f16.gguf"):
         assert (tmp_path / path).exists(), path
+
+
+def test_at_a_glance_options_are_accepted_as_written():
+    """The dicts in the "options" column of "Measured"'s at-a-glance table are valid
+    backend options, so a user can paste them (the table would otherwise drift from
+    backend.Options unnoticed)."""
+    import ast
+
+    import lorafuse
+
+    lines = section("Measured").splitlines()
+    header = next(i for i, line in enumerate(lines)
+                  if line.startswith("|") and "`options`" in line)
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("`options`")
+    dicts = []
+    for line in lines[header + 2:]:  # after the header and its |---| row
+        if not line.startswith("|"):
+            break  # the table ended
+        cell = [c.strip() for c in line.strip("|").split("|")][column]
+        dicts += [ast.literal_eval(code) for code in re.findall(r"`([^`]*)`", cell)
+                  if code.startswith("{")]
+    assert len(dicts) >= 2, dicts
+    for options in dicts:
+        lorafuse.Options.parse(options)
