@@ -23,7 +23,14 @@ recomputed LoRA op to its x' Aᵀ, skipping a quarter of the layer's recomputed 
 which a checkpoint that reruns the layer's Python forward cannot skip.
 
 With ``offload_activations`` the saved layer inputs go to CPU memory too: this is then
-what Unsloth calls offloaded gradient checkpointing. The fused ops carry their layer's
+what Unsloth calls offloaded gradient checkpointing. There, each layer's post-attention
+residual (the sum of the layer's input and its attention output projection, when that
+projection is a LoRA op whose output feeds the add directly) is kept as well
+(``MUST_SAVE``): the recompute then needs the output projection only for its x' Aᵀ, one
+(tokens × hidden × hidden) GEMM less a layer, for one more hidden-size tensor a layer in
+host memory and over PCIe (≈ 50 % more). Not without offloading, where it would cost GPU
+memory, and not where a norm sits between the projection and the add (Gemma2's
+post-attention norm reads the projection's output anyway). The fused ops carry their layer's
 module path (passes/_graph.py ``inserting_before``), so they are recomputed with it.
 
 Left to min-cut's ordinary plan (and reported): graphs with fewer than two layers, and
@@ -41,6 +48,7 @@ from __future__ import annotations
 import operator
 import re
 
+import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 # A module path ending in a ModuleList index: "….layers.3" or "….layers[3]".
@@ -71,20 +79,53 @@ def layer_of(node) -> str | None:
     return None
 
 
-def tag_layers(joint_gm, draws_random, keep_attention: bool = True) -> dict:
+# lorafuse's LoRA linear ops (kernels/lora.py, kernels/nf4.py), whose recompute
+# partition.lowrank_only_recomputes can reduce to x' Aᵀ when their output is not read
+_LORA_LINEARS = ("lora_linear", "nf4_linear")
+# casts that may sit between a projection and the residual add (autocast)
+_CASTS = ("aten._to_copy.default", "prims.convert_element_type.default")
+
+
+def _lora_output_in(node, layer) -> bool:
+    """``node`` is (a cast of) output 0 of a lorafuse LoRA linear of ``layer``."""
+    while node.op == "call_function" and str(node.target) in _CASTS:
+        node = node.args[0]
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
+        return False
+    op = node.args[0]
+    return (getattr(op.target, "namespace", None) == "lorafuse"
+            and str(op.target).split(".")[1] in _LORA_LINEARS and layer_of(op) == layer)
+
+
+def is_post_attention_residual(node, layer) -> bool:
+    """``node`` adds (a cast of) a LoRA projection's output computed in ``layer`` to a value
+    from outside the layer (its input). ``tag_layers`` asks only after the layer's attention,
+    and keeps the first such add a layer."""
+    if node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2 or \
+            not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return False
+    a, b = node.args
+    return any(_lora_output_in(p, layer) and layer_of(o) != layer for p, o in ((a, b), (b, a)))
+
+
+def tag_layers(joint_gm, draws_random, keep_attention: bool = True,
+               keep_residual: bool = False) -> dict:
     """Tag the forward ops of each layer of the joint graph for recompute (see the module
     docstring). ``draws_random(node)``: whether an op draws random numbers.
     ``keep_attention=False`` (``checkpoint_layers="full"``): attention is recomputed too,
     and only what crosses between layers is kept (half the bytes of a Llama layer's input
     plus attention's output); torch then saves and replays the RNG state of each SDPA call,
-    whose op carries the random tag even without dropout.
+    whose op carries the random tag even without dropout. ``keep_residual``: each
+    layer's first add of a LoRA projection's output (after its attention) to the layer's
+    input is kept, not recomputed (``is_post_attention_residual``; the module docstring
+    says why and when).
 
-    Returns ``{"layers": n, "ops": tagged}``, or ``{"layers": 0, "note": why}`` when
-    nothing was tagged."""
+    Returns ``{"layers": n, "ops": tagged, "residuals": kept}``, or ``{"layers": 0,
+    "note": why}`` when nothing was tagged."""
     graph = joint_gm.graph
     backward = set()  # everything computed from an incoming gradient (nodes are in order)
     layer_ids: dict = {}
-    tagged = []
+    tagged, residuals, attended = [], [], set()
     for node in graph.nodes:
         if (node.op == "placeholder" and node.name.startswith("tangents")) or \
                 any(a in backward for a in node.all_input_nodes):
@@ -93,8 +134,15 @@ def tag_layers(joint_gm, draws_random, keep_attention: bool = True) -> dict:
         if node.op != "call_function":
             continue
         layer = layer_of(node)
-        if layer is not None and not (keep_attention and is_attention(node)
-                                      and not draws_random(node)):
+        if layer is None:
+            continue
+        if is_attention(node):
+            attended.add(layer)
+        if keep_residual and layer in attended and not any(r[1] == layer for r in residuals) \
+                and is_post_attention_residual(node, layer):
+            residuals.append((node, layer))
+            continue
+        if not (keep_attention and is_attention(node) and not draws_random(node)):
             tagged.append((node, layer_ids.setdefault(layer, len(layer_ids))))
     if len(layer_ids) < 2:
         return {"layers": 0, "note": f"checkpoint_layers: {len(layer_ids)} layer(s) found in "
@@ -107,4 +155,7 @@ def tag_layers(joint_gm, draws_random, keep_attention: bool = True) -> dict:
     for node, layer in tagged:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         node.meta["ac_graph_id"] = layer
-    return {"layers": len(layer_ids), "ops": len(tagged)}
+    for node, layer in residuals:
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        node.meta["ac_graph_id"] = layer_ids.setdefault(layer, len(layer_ids))
+    return {"layers": len(layer_ids), "ops": len(tagged), "residuals": len(residuals)}

@@ -128,7 +128,8 @@ class LorafusePartitioner(CustomPartitionerFn):
     def __call__(self, gm, joint_inputs, **kwargs):
         inputs = _graph_inputs(gm)
         budget, limit = self._budget, None
-        checkpointed = (tag_layers(gm, _draws_random, keep_attention=self._checkpoint != "full")
+        checkpointed = (tag_layers(gm, _draws_random, keep_attention=self._checkpoint != "full",
+                                   keep_residual=self._checkpoint is True and self._offload)
                         if self._checkpoint else None)
         if checkpointed and checkpointed["layers"]:
             budget = None  # the layers' recompute is the plan (Options forbids a budget)
@@ -297,6 +298,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         if checkpointed is not None:
             self._report.checkpointed_layers = checkpointed["layers"]
             self._report.checkpoint_note = checkpointed.get("note")
+            self._report.kept_residuals = checkpointed.get("residuals", 0)
         if offloaded is not None:
             self._report.offloaded_tensors = len(offloaded["names"])
             self._report.offloaded_bytes = offloaded["bytes"]

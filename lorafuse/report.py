@@ -44,6 +44,7 @@ class GraphReport:
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     checkpointed_layers: int | None = None  # layers recomputed in the backward (checkpoint_layers)
     checkpoint_note: str | None = None  # why checkpoint_layers was not applied, if it was not
+    kept_residuals: int = 0  # post-attention residuals kept, not recomputed (with offloading)
     lowrank_only: int | None = None  # recomputed LoRA linears reduced to their x' Aᵀ
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
@@ -100,6 +101,9 @@ class GraphReport:
                 lines.append(f"    checkpoint_layers: {self.checkpointed_layers} layers recomputed "
                              f"in the backward from their inputs; {self.recomputed_ops} ops "
                              "recomputed")
+            if self.kept_residuals:
+                lines.append(f"    checkpoint_layers: {self.kept_residuals} post-attention "
+                             "residuals kept (offloaded), not recomputed")
             if self.checkpoint_note:
                 lines.append(f"    {self.checkpoint_note}")
             if self.lowrank_only:
