@@ -298,6 +298,11 @@ case "$MODE_ONE" in
         grep -E "^\[context" "$OUTDIR/context_8b.out" | tail -n 20
         if [ -s "$OUTDIR/context_8b.md" ]; then { echo; cat "$OUTDIR/context_8b.md"; } >> "$SUMMARY"
         else { echo "- bench_context: no tables (exit $rc)"; tail -n 15 "$OUTDIR/context_8b.out"; } >> "$SUMMARY"; fi
+        # one file for all the runs' logs: the device returns only a few files a command
+        # (session 25 lost the log of lorafuse's default options at 32K that way)
+        if [ -d "$OUTDIR/context_8b_logs" ]; then
+            tar czf "$OUTDIR/context_8b_logs.tgz" -C "$OUTDIR" context_8b_logs && rm -rf "$OUTDIR/context_8b_logs"
+        fi
         echo "- copy $OUTDIR/context_8b.json to ${CONTEXT_FILE:-bench/results/context_8b.json} before the next command" >> "$SUMMARY" ;;
     ops)
         run_op_benches ;;
