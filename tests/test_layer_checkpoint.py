@@ -222,12 +222,17 @@ def test_fused_ops_carry_their_layers_module_path():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("passes", [["lora", "attention"], ["lora", "attention", "dequant_matmul"]])
-def test_qlora_same_training_as_eager(passes, tmp_path_factory, no_autograd_cache):
+@pytest.mark.parametrize("passes,offload", [(["lora", "attention"], False),
+                                            (["lora", "attention", "dequant_matmul"], False),
+                                            (["lora", "attention", "dequant_matmul"], True)])
+def test_qlora_same_training_as_eager(passes, offload, tmp_path_factory, monkeypatch,
+                                     no_autograd_cache):
     """A bitsandbytes 4-bit (NF4, double quantised, fp32 compute) Llama with LoRA: the 4-bit
     matmuls are recomputed with their layer, as bitsandbytes' own ops (default passes) or as
-    the fused 4-bit op (dequant_matmul)."""
+    the fused 4-bit op (dequant_matmul); with offloading, each layer's post-attention
+    residual is kept, and the fused op of its output projection reduced to x' Aᵀ too."""
     pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 0)
     import transformers
     from conftest import _hf_config
     from test_dequant_matmul import GEOMETRY, _quantized_model
@@ -237,8 +242,8 @@ def test_qlora_same_training_as_eager(passes, tmp_path_factory, no_autograd_cach
     path = tmp_path_factory.mktemp("qlora-llama")
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
     runs = {}
-    for name, options in (("eager", None), ("ckpt", {"passes": passes,
-                                                     "checkpoint_layers": True})):
+    for name, options in (("eager", None), ("ckpt", {"passes": passes, "checkpoint_layers": True,
+                                                     "offload_activations": offload})):
         torch.manual_seed(0)  # the same LoRA A initialisation in both models
         model = _quantized_model(path, "llama", "nf4", True, torch.float32, "all-linear")
         runs[name] = lorafuse_sgd_run(model, _batches(), LR, options)
@@ -246,7 +251,9 @@ def test_qlora_same_training_as_eager(passes, tmp_path_factory, no_autograd_cach
     assert graph.checkpointed_layers == LAYERS, graph.format()
     # the fused op's recompute is reduced to x' Aᵀ where its output is not read (as in the
     # bf16 test above); bitsandbytes' own ops are left as they are
-    assert graph.lowrank_only == (LAYERS - 1 if "dequant_matmul" in passes else 0), \
+    fused = "dequant_matmul" in passes
+    assert graph.kept_residuals == (LAYERS if fused and offload else 0), graph.format()
+    assert graph.lowrank_only == (LAYERS - 1 + graph.kept_residuals if fused else 0), \
         graph.format()
     for step in range(STEPS):
         torch.testing.assert_close(runs["ckpt"]["losses"][step], runs["eager"]["losses"][step],
