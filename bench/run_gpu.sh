@@ -162,6 +162,9 @@ CONTEXT_CONFIGS=(
   --lorafuse-config 'b0d={"options":{"passes":["lora","attention","loss"],"memory_budget":0.0,"drop_logits":true}}'
   --lorafuse-config 'ck={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":true,"offload_activations":true,"drop_logits":true}}'
   --lorafuse-config 'ckf={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":"full","offload_activations":true,"drop_logits":true}}'
+  # ck's options after session 25's change (the post-attention residual kept): a new tag,
+  # so that the table tells the two codes apart
+  --lorafuse-config 'ck2={"options":{"passes":["lora","attention","loss"],"checkpoint_layers":true,"offload_activations":true,"drop_logits":true}}'
   --lorafuse-config 'ckft={"options":{"passes":["lora","tiled_mlp","attention","loss"],"checkpoint_layers":"full","offload_activations":true,"drop_logits":true}}'
 )
 
