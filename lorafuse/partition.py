@@ -148,7 +148,9 @@ class LorafusePartitioner(CustomPartitionerFn):
                     f"lorafuse: this graph's activations ({act / _GIB:.2f} GiB) would not fit "
                     f"in {AUTO_FRACTION:.0%} of the GPU memory free now; recomputing to keep "
                     f"at most {limit / _GIB:.2f} GiB (memory_budget='auto'; memory_budget=None "
-                    "turns this off)", stacklevel=2)
+                    "turns this off). At long sequences checkpoint_layers=True with "
+                    "offload_activations and the 'loss' pass is likely faster and far smaller "
+                    "(README, 'Long context')", stacklevel=2)
                 fwd, bwd, plan = self._budgeted(gm, joint_inputs, kwargs, ("bytes", limit),
                                                 text)
         else:

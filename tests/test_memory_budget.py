@@ -316,7 +316,7 @@ def test_auto_budget_applies_only_when_the_plan_would_not_fit(runs, monkeypatch,
     else:
         assert auto.memory_budget.startswith("auto (") and auto.budget_bytes == limit
         assert auto.activation_bytes <= limit < plain.activation_bytes
-        assert said and "memory_budget=None" in said[0]
+        assert said and "memory_budget=None" in said[0] and "checkpoint_layers=True" in said[0]
     _assert_same_training(got, want, f"auto {free_gib}")
 
 
