@@ -184,6 +184,65 @@ def test_layers_drawing_random_numbers_left_to_min_cut():
     assert tags["mul"] == 0 and tags["add"] == 1 and tags["mul_1"] is None, tags
 
 
+def _residual_graph(between=None, attention=True):
+    """Two layers shaped as a joint graph's forward: [attention →] a LoRA projection →
+    (``between``, e.g. a cast or a norm's mul) → add to the layer's input → an MLP LoRA
+    projection → add. Built node by node (nothing runs)."""
+    import lorafuse.kernels  # noqa: F401  (registers torch.ops.lorafuse)
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x = g.placeholder("primals_1")
+    g.placeholder("tangents_1")
+    adds = []
+    for i in range(2):
+        nodes = []
+        h = x
+        if attention:
+            h = g.call_function(aten._scaled_dot_product_flash_attention_for_cpu.default, (h, h, h))
+            h = g.call_function(operator.getitem, (h, 0))
+            nodes += [h.args[0], h]
+        proj = g.call_function(torch.ops.lorafuse.lora_linear.default, (h,))
+        out = g.call_function(operator.getitem, (proj, 0))
+        nodes += [proj, out]
+        if between is not None:
+            out = g.call_function(between, (out, torch.float32) if "convert" in str(between)
+                                  else (out, 2.0))
+            nodes.append(out)
+        first = g.call_function(aten.add.Tensor, (x, out))
+        mlp = g.call_function(torch.ops.lorafuse.lora_linear.default, (first,))
+        mlp_out = g.call_function(operator.getitem, (mlp, 0))
+        x = g.call_function(aten.add.Tensor, (first, mlp_out))
+        nodes += [first, mlp, mlp_out, x]
+        for n in nodes:
+            n.meta["nn_module_stack"] = {"m": ("L['self'].model", "M"),
+                                         "l": (f"L['self'].model.layers.{i}", "Layer")}
+        adds.append((first, x))
+    g.output((x,))
+    return torch.fx.GraphModule(torch.nn.Module(), g), adds
+
+
+@pytest.mark.parametrize("between,attention,kept", [
+    (None, True, True),
+    (torch.ops.prims.convert_element_type.default, True, True),  # autocast's cast
+    (torch.ops.aten.mul.Tensor, True, False),  # a norm between (Gemma2's post-attention norm)
+    (None, False, False),  # no attention in the layer
+])
+def test_post_attention_residual_kept(between, attention, kept):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    gm, adds = _residual_graph(between, attention)
+    plan = lorafuse.layer_checkpoint.tag_layers(gm, lambda n: False)
+    assert plan["residuals"] == 0  # not asked for (no offloading)
+    gm, adds = _residual_graph(between, attention)
+    plan = lorafuse.layer_checkpoint.tag_layers(gm, lambda n: False, keep_residual=True)
+    assert plan["layers"] == 2 and plan["residuals"] == (2 if kept else 0), plan
+    for layer, (first, last) in enumerate(adds):
+        want = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.MUST_RECOMPUTE
+        assert first.meta["recompute"] == want and first.meta["ac_graph_id"] == layer
+        assert last.meta["recompute"] == CheckpointPolicy.MUST_RECOMPUTE  # the MLP's add
+
+
 def test_refused_with_an_explicit_memory_budget():
     with pytest.raises(ValueError, match="checkpoint_layers with memory_budget"):
         Options.parse({"checkpoint_layers": True, "memory_budget": 0.5})
