@@ -103,7 +103,8 @@ class GraphReport:
                              "recomputed")
             if self.kept_residuals:
                 lines.append(f"    checkpoint_layers: {self.kept_residuals} post-attention "
-                             "residuals kept (offloaded), not recomputed")
+                             "residuals kept for the backward (offload_activations), not "
+                             "recomputed")
             if self.checkpoint_note:
                 lines.append(f"    {self.checkpoint_note}")
             if self.lowrank_only:
