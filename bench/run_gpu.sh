@@ -14,7 +14,8 @@
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
-#          fp32 reference. ~8 min.
+#          fp32 reference. ~8 min. VARIANTS=lorafuse:ck,lorafuse:ck0,unsloth_gc: ck against
+#          ck0, ck's plan before session 25 (LORAFUSE_KEEP_RESIDUAL=0), in one run.
 #   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
 #          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
 #          parameters at every step 1-20 (the loss at every step at least as close to fp32
@@ -150,6 +151,9 @@ MEMORY_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "recompute_
   "activation_dtype": "fp8", "offload_activations": true, "drop_logits": true}}'
 CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true}}'
+# ck as before session 25: the post-attention residual recomputed (the A/B of that change)
+CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
@@ -269,7 +273,7 @@ case "$MODE_ONE" in
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
-            --lorafuse-config "ck=$CHECKPOINT_CONFIG" ;;
+            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:ck,lorafuse:mem --variants eager,lorafuse:ck,lorafuse:mem \

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import operator
+import os
 import re
 import warnings
 from pathlib import Path
@@ -115,7 +116,11 @@ def parse_memory_budget(value):
 
 class LorafusePartitioner(CustomPartitionerFn):
     def __init__(self, options: dict, report=None):
-        self._key = source_hash(json.dumps(options, sort_keys=True, default=str))
+        # LORAFUSE_KEEP_RESIDUAL=0: checkpoint_layers with offloading recomputes the
+        # post-attention residual as before session 25 (an A/B switch for the benchmarks)
+        self._keep_residual = os.environ.get("LORAFUSE_KEEP_RESIDUAL", "1") != "0"
+        self._key = source_hash(json.dumps(options, sort_keys=True, default=str)
+                                + f"keep_residual={self._keep_residual}")
         self._budget = parse_memory_budget(options.get("memory_budget"))
         self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
@@ -129,7 +134,8 @@ class LorafusePartitioner(CustomPartitionerFn):
         inputs = _graph_inputs(gm)
         budget, limit = self._budget, None
         checkpointed = (tag_layers(gm, _draws_random, keep_attention=self._checkpoint != "full",
-                                   keep_residual=self._checkpoint is True and self._offload)
+                                   keep_residual=(self._checkpoint is True and self._offload
+                                                  and self._keep_residual))
                         if self._checkpoint else None)
         if checkpointed and checkpointed["layers"]:
             budget = None  # the layers' recompute is the plan (Options forbids a budget)
@@ -313,6 +319,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         return {"_key": self._key, "_budget": self._budget, "_budget_text": self._budget_text,
                 "_recompute_free": self._recompute_free, "_offload": self._offload,
                 "_prefetch": self._prefetch, "_checkpoint": self._checkpoint,
+                "_keep_residual": self._keep_residual,
                 "_storage_dtype": self._storage_dtype, "_report": None}
 
     def uuid(self):

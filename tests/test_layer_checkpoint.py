@@ -133,6 +133,15 @@ def test_with_offloading_same_training(arch, monkeypatch, no_autograd_cache):
         for name, g in ckpt["grads"][step].items():
             assert g.norm() > 0, name
             assert _rel(both["grads"][step][name], g) <= 1e-5, (step, name)
+    if arch == "llama":  # the benchmarks' A/B switch: LORAFUSE_KEEP_RESIDUAL=0, the old plan
+        monkeypatch.setenv("LORAFUSE_KEEP_RESIDUAL", "0")
+        off = lorafuse_sgd_run(copy.deepcopy(base), _batches(), LR,
+                               {"passes": PASSES, "checkpoint_layers": True,
+                                "offload_activations": True})
+        (graph,) = off["report"].graphs
+        assert graph.kept_residuals == 0, graph.format()
+        assert graph.lowrank_only == ckpt["report"].graphs[0].lowrank_only, graph.format()
+        torch.testing.assert_close(off["losses"], both["losses"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow
