@@ -79,53 +79,51 @@ def layer_of(node) -> str | None:
     return None
 
 
-# lorafuse's LoRA linear ops (kernels/lora.py, kernels/nf4.py), whose recompute
-# partition.lowrank_only_recomputes can reduce to x' Aᵀ when their output is not read
-_LORA_LINEARS = ("lora_linear", "nf4_linear")
 # casts that may sit between a projection and the residual add (autocast)
-_CASTS = ("aten._to_copy.default", "prims.convert_element_type.default")
+_CASTS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 
 
-def _lora_output_in(node, layer) -> bool:
-    """``node`` is (a cast of) output 0 of a lorafuse LoRA linear of ``layer``."""
-    while node.op == "call_function" and str(node.target) in _CASTS:
+def _projection_output_in(node, layer, ops) -> bool:
+    """``node`` is (a cast of) output 0 of an op in ``ops`` computed in ``layer``."""
+    while node.op == "call_function" and node.target in _CASTS:
         node = node.args[0]
     if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
         return False
     op = node.args[0]
-    return (getattr(op.target, "namespace", None) == "lorafuse"
-            and str(op.target).split(".")[1] in _LORA_LINEARS and layer_of(op) == layer)
+    return op.target in ops and layer_of(op) == layer
 
 
-def is_post_attention_residual(node, layer) -> bool:
-    """``node`` adds (a cast of) a LoRA projection's output computed in ``layer`` to a value
-    from outside the layer (its input). ``tag_layers`` asks only after the layer's attention,
-    and keeps the first such add a layer."""
+def is_post_attention_residual(node, layer, ops) -> bool:
+    """``node`` adds (a cast of) the output of a projection op in ``ops`` computed in
+    ``layer`` to a value from outside the layer (its input). ``tag_layers`` asks only after
+    the layer's attention, and keeps the first such add a layer."""
     if node.target is not torch.ops.aten.add.Tensor or len(node.args) != 2 or \
             not all(isinstance(a, torch.fx.Node) for a in node.args):
         return False
     a, b = node.args
-    return any(_lora_output_in(p, layer) and layer_of(o) != layer for p, o in ((a, b), (b, a)))
+    return any(_projection_output_in(p, layer, ops) and layer_of(o) != layer
+               for p, o in ((a, b), (b, a)))
 
 
 def tag_layers(joint_gm, draws_random, keep_attention: bool = True,
-               keep_residual: bool = False) -> dict:
+               residual_ops=frozenset()) -> dict:
     """Tag the forward ops of each layer of the joint graph for recompute (see the module
     docstring). ``draws_random(node)``: whether an op draws random numbers.
     ``keep_attention=False`` (``checkpoint_layers="full"``): attention is recomputed too,
     and only what crosses between layers is kept (half the bytes of a Llama layer's input
     plus attention's output); torch then saves and replays the RNG state of each SDPA call,
-    whose op carries the random tag even without dropout. ``keep_residual``: each
-    layer's first add of a LoRA projection's output (after its attention) to the layer's
-    input is kept, not recomputed (``is_post_attention_residual``; the module docstring
-    says why and when).
+    whose op carries the random tag even without dropout. ``residual_ops``: the LoRA ops
+    whose recompute partition.lowrank_only_recomputes can reduce to x' Aᵀ; each layer's
+    first add of such an op's output (after its attention) to the layer's input is kept,
+    not recomputed (``is_post_attention_residual``; the module docstring says why and
+    when). Empty (the default): nothing is kept.
 
     Returns ``{"layers": n, "ops": tagged, "residuals": kept}``, or ``{"layers": 0,
     "note": why}`` when nothing was tagged."""
     graph = joint_gm.graph
     backward = set()  # everything computed from an incoming gradient (nodes are in order)
     layer_ids: dict = {}
-    tagged, residuals, attended = [], [], set()
+    tagged, residuals, attended = [], {}, set()  # residuals: layer -> its kept add
     for node in graph.nodes:
         if (node.op == "placeholder" and node.name.startswith("tangents")) or \
                 any(a in backward for a in node.all_input_nodes):
@@ -138,9 +136,9 @@ def tag_layers(joint_gm, draws_random, keep_attention: bool = True,
             continue
         if is_attention(node):
             attended.add(layer)
-        if keep_residual and layer in attended and not any(r[1] == layer for r in residuals) \
-                and is_post_attention_residual(node, layer):
-            residuals.append((node, layer))
+        if residual_ops and layer in attended and layer not in residuals \
+                and is_post_attention_residual(node, layer, residual_ops):
+            residuals[layer] = node
             continue
         if not (keep_attention and is_attention(node) and not draws_random(node)):
             tagged.append((node, layer_ids.setdefault(layer, len(layer_ids))))
@@ -155,7 +153,7 @@ def tag_layers(joint_gm, draws_random, keep_attention: bool = True,
     for node, layer in tagged:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         node.meta["ac_graph_id"] = layer
-    for node, layer in residuals:
+    for layer, node in residuals.items():
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         node.meta["ac_graph_id"] = layer_ids.setdefault(layer, len(layer_ids))
     return {"layers": len(layer_ids), "ops": len(tagged), "residuals": len(residuals)}

@@ -133,9 +133,9 @@ class LorafusePartitioner(CustomPartitionerFn):
     def __call__(self, gm, joint_inputs, **kwargs):
         inputs = _graph_inputs(gm)
         budget, limit = self._budget, None
+        keep_residual = self._checkpoint is True and self._offload and self._keep_residual
         checkpointed = (tag_layers(gm, _draws_random, keep_attention=self._checkpoint != "full",
-                                   keep_residual=(self._checkpoint is True and self._offload
-                                                  and self._keep_residual))
+                                   residual_ops=set(_lowrank_only_ops()) if keep_residual else ())
                         if self._checkpoint else None)
         if checkpointed and checkpointed["layers"]:
             budget = None  # the layers' recompute is the plan (Options forbids a budget)

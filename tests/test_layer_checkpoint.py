@@ -244,7 +244,8 @@ def test_post_attention_residual_kept(between, attention, kept):
     plan = lorafuse.layer_checkpoint.tag_layers(gm, lambda n: False)
     assert plan["residuals"] == 0  # not asked for (no offloading)
     gm, adds = _residual_graph(between, attention)
-    plan = lorafuse.layer_checkpoint.tag_layers(gm, lambda n: False, keep_residual=True)
+    plan = lorafuse.layer_checkpoint.tag_layers(
+        gm, lambda n: False, residual_ops={torch.ops.lorafuse.lora_linear.default})
     assert plan["layers"] == 2 and plan["residuals"] == (2 if kept else 0), plan
     for layer, (first, last) in enumerate(adds):
         want = CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.MUST_RECOMPUTE
