@@ -669,34 +669,58 @@ def render(opts, state) -> str:
                   f"{fit_def})", "",
                   "| variant | " + " | ".join(f"≤ {cap_label(c)}" for c in opts.caps) + " |",
                   "|---|" + "---|" * len(opts.caps)]
-        best = {c: {} for c in opts.caps}
+        searches = {c: {} for c in opts.caps}
         notes = []
         for v in variants:
             cells = []
             for c in opts.caps:
-                s = search_for(state, v, c, opts)
+                s = searches[c][v] = search_for(state, v, c, opts)
                 cells.append(fit_cell(state, v, s, opts))
-                if s.next is None and not s.stopped:
-                    best[c][v] = s.lo
                 if s.note:
                     notes.append(f"- {v}, {cap_label(c)}: {s.note}")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
         for c in opts.caps:
-            mine = {v: n for v, n in best[c].items() if v.startswith("lorafuse")}
-            peers = {v: n for v, n in best[c].items() if v.startswith("unsloth")}
-            if mine and peers:
-                v1, n1 = max(mine.items(), key=lambda kv: kv[1])
-                v2, n2 = max(peers.items(), key=lambda kv: kv[1])
-                ratio = f"{n1 / n2:.2f} ×" if n2 else "—"
-                lines.append(f"- {cap_label(c)}: longest lorafuse {v1} {n1:,}, longest Unsloth "
-                             f"{v2} {n2:,} ({ratio})")
+            line = compare_line(searches[c], opts)
+            if line:
+                lines.append(f"- {cap_label(c)}: {line}")
         lines += notes + [""]
 
     todo = todo_lines(opts, state)
     lines.append("state: complete" if not todo else
                  "state: incomplete, run again with --resume: " + "; ".join(todo))
     return "\n".join(lines) + "\n"
+
+
+def compare_line(searches: dict, opts) -> str | None:
+    """Longest lorafuse variant against the longest Unsloth variant at one cap (issue 5's
+    bar), from the searches' bounds: a verdict only when the bounds decide it, so an open
+    search of either side never makes the other look longer than it is."""
+    def side(prefix):
+        found = {v: s for v, s in searches.items() if v.startswith(prefix)}
+        if not found:
+            return None
+        # lo: longest known to fit; top: longest that may fit (inf: no length known too long)
+        lo_v = max(found, key=lambda v: found[v].lo)
+        top = max(math.inf if s.hi is None or s.stopped else s.hi - opts.seq_step
+                  for s in found.values())
+        settled = all(s.next is None and not s.stopped for s in found.values())
+        return lo_v, found[lo_v].lo, top, settled
+    mine, peers = side("lorafuse"), side("unsloth")
+    if not mine or not peers:
+        return None
+    (v1, lo1, top1, done1), (v2, lo2, top2, done2) = mine, peers
+    if done1 and done2:
+        ratio = f"{lo1 / lo2:.2f} ×" if lo2 else "—"
+        return f"longest lorafuse {v1} {lo1:,}, longest Unsloth {v2} {lo2:,} ({ratio})"
+    if lo1 > top2:
+        return (f"lorafuse longer: {v1} fits at {lo1:,}; no Unsloth variant fits above "
+                f"{top2:,} (searches still open)")
+    if lo2 > top1:
+        return (f"Unsloth longer: {v2} fits at {lo2:,}; no lorafuse variant fits above "
+                f"{top1:,} (searches still open)")
+    return (f"not decided yet: lorafuse {v1} fits at {lo1:,}, Unsloth {v2} at {lo2:,} "
+            "(searches still open)")
 
 
 def fit_cell(state, variant, s: Search, opts) -> str:

@@ -437,3 +437,21 @@ def test_the_parent_takes_a_result_without_waiting_for_the_childs_exit(tmp_path)
     finally:
         silent.kill()
         silent.wait()
+
+
+def test_compare_line_decides_only_from_the_bounds():
+    opts = bc.parse_args(["--json", "x.json"])
+    S = bc.Search
+    settled = {"lorafuse:ckf": S(270336, None, None), "unsloth": S(17408, 18432, None)}
+    assert "(15.53 ×)" in bc.compare_line(settled, opts)
+    # an open Unsloth search whose known fit is above lorafuse's: no verdict for lorafuse
+    open_peer = dict(settled, unsloth_gc=S(65536, None, 131072))
+    line = bc.compare_line(dict(open_peer, **{"lorafuse:ckf": S(40960, None, 81920)}), opts)
+    assert line.startswith("Unsloth longer") is False and "not decided" in line
+    # the bounds decide it although a search is open: Unsloth's over-run caps it at 261,120
+    line = bc.compare_line(dict(settled, unsloth_gc=S(65536, 262144, 131072)), opts)
+    assert line.startswith("lorafuse longer") and "261,120" in line
+    line = bc.compare_line({"lorafuse": S(8192, 9216, None), "unsloth_gc": S(32768, None, 65536)},
+                           opts)
+    assert line.startswith("Unsloth longer") and "8,192" in line
+    assert bc.compare_line({"lorafuse": S(8192, 9216, None)}, opts) is None
