@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -11,6 +11,10 @@
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
+#   fp8    8B bf16, issue 3's 1.1 x Unsloth with the fp8_dx option: lorafuse:fp8 (defaults +
+#          fp8_dx), lorafuse, unsloth, 2 + 8 steps, no fp32 reference. ~7 min (estimate).
+#   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8, 2 + 18 steps, the fp32
+#          reference of each one's parameters at every step 1-20. ~7 min (estimate).
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
@@ -71,8 +75,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -155,6 +159,7 @@ CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkp
 CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
+FP8_CONFIG='{"options": {"fp8_dx": true}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
@@ -270,6 +275,13 @@ case "$MODE_ONE" in
     8b)
         run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
             --variants eager,inductor,lorafuse ;;
+    fp8)
+        run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
+            --variants lorafuse:fp8,lorafuse,unsloth --lorafuse-config "fp8=$FP8_CONFIG" ;;
+    fp8ref)
+        run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
+            --ref-variants eager,lorafuse:fp8 --variants eager,lorafuse:fp8 \
+            --lorafuse-config "fp8=$FP8_CONFIG" ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \

@@ -69,6 +69,12 @@ class Options:
     # offload_activations the kept tensors go to CPU memory (Unsloth's offloaded
     # checkpointing); opt-in; not with an explicit memory_budget
     checkpoint_layers: bool | str = False
+    # the lora pass's ops compute the frozen weights' input gradient dy W in fp8 (e4m3,
+    # per-token and per-feature power-of-two scales, fp32 accumulation: kernels/fp8_dx.py);
+    # the forward and the LoRA factors' own gradients are unchanged, the gradients reaching
+    # earlier layers carry ≈ 4 % relative error; keeps an fp8 copy of each frozen weight
+    # (1 byte an element); bf16 on sm89+ GPUs only (elsewhere exact, warned); opt-in
+    fp8_dx: bool = False
     # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
     tiled_mlp_tokens: int = 8192
 
@@ -97,6 +103,9 @@ class Options:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         parse_activation_dtype(opts.activation_dtype)
+        if opts.fp8_dx and "lora" not in opts.passes:
+            warnings.warn("lorafuse: fp8_dx applies to the lora pass's ops; without that pass "
+                          "it changes nothing", stacklevel=3)
         if opts.drop_logits and "loss" not in opts.passes:
             warnings.warn("lorafuse: drop_logits needs the loss pass (passes=(..., \"loss\")); "
                           "without it the logits are returned as usual", stacklevel=3)

@@ -217,8 +217,8 @@ def _raise_after_rewriting(monkeypatch):
     real = lorafuse.passes.PASSES["lora"]
     mutated = []
 
-    def broken(gm, report):
-        real(gm, report)
+    def broken(gm, report, **options):
+        real(gm, report, **options)
         mutated.append(_lora_ops_in(gm))
         raise RuntimeError("boom after rewriting")
 

@@ -24,6 +24,11 @@ g A rounded, then dy W rounded before the add, as eager does) measured faster pe
 When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes only
 (dA, dB), skipping the (M, K) dx GEMM.
 
+``fp8_dx`` (the option of that name, opt-in): ``dy W`` in e4m3 with per-token and
+per-input-feature scales, accumulated in fp32 (kernels/fp8_dx.py); g A, dA and dB as
+without it. Where fp8 cannot run (fp32 compute, sizes not multiples of 16, a GPU before
+sm89) dx is exact, warned once.
+
 The MLP fold (``gate``, ``up``, ``act``; passes/lora.py): when x is a gated MLP's product
 ``act(gate) ⊙ up``, the op also gets gate and up, keeps them for the backward instead of x
 (the activation's backward keeps them anyway) and computes dA from them
@@ -42,6 +47,7 @@ from torch import Tensor
 from ._dispatch import bucket, pick_fastest, race_ms, requested_impl, warn_once
 from ._dispatch import time_ms as _time_ms  # a module global: tests replace it
 from .gated_mlp import gated_mlp_reference
+from . import fp8_dx as fp8
 from .lora_gated import gated_da, gated_da_reference
 from ._ops import lorafuse_op
 
@@ -69,14 +75,17 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
 
 
 def lora_linear_backward_reference(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None,
-                                   act=""):
+                                   act="", fp8_dx=False):
     """fp32 reference of ``(dx, dA, dB)``; dx omits ``dy W`` when weight is None. With
-    ``up`` (the MLP fold) ``x_lora`` is the gate and x' = act(gate) ⊙ up."""
+    ``up`` (the MLP fold) ``x_lora`` is the gate and x' = act(gate) ⊙ up. ``fp8_dx``: dy W
+    from e4m3 operands (fp8_dx.fp8_dx_reference)."""
     dtype = dy.dtype
     N = lora_b.shape[0]
     g = (_upcast(dy).reshape(-1, N) @ _upcast(lora_b)) * scale
     dx = g @ _upcast(lora_a)
-    if weight is not None:
+    if weight is not None and fp8_dx:
+        dx = dx + fp8.fp8_dx_reference(dy.reshape(-1, N), weight)
+    elif weight is not None:
         dx = dx + _upcast(dy).reshape(-1, N) @ _upcast(weight)
     dA, dB = _lora_ab_reference(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.to(dtype).reshape(x_lora.shape), dA, dB
@@ -117,6 +126,30 @@ def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale, u
         dx.addmm_(dy2, weight)
     dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.reshape(x_lora.shape), dA, dB
+
+
+def _lora_linear_backward_fp8(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
+    """The cuBLAS path with ``dy W`` in e4m3 (fp8_dx.fp8_dx, rounded once), g A added to it
+    (a second rounding, as the cuBLAS path rounds twice)."""
+    N = lora_b.shape[0]
+    dy2 = dy.reshape(-1, N)
+    g = dy2 @ lora_b
+    dx = fp8.fp8_dx([dy2], [weight]).addmm_(g, lora_a, alpha=scale)
+    dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
+    return dx.reshape(x_lora.shape), dA, dB
+
+
+def fp8_dx_applies(dy2s: list, weights: list) -> bool:
+    """Whether ``fp8_dx`` can run for these sites (dy_i (M, N_i), W_i (N_i, K): one GEMM
+    over the concatenated N); warns once per kind of site where it cannot."""
+    M, N, K = dy2s[0].shape[0], sum(d.shape[1] for d in dy2s), weights[0].shape[1]
+    dtype, device = dy2s[0].dtype, dy2s[0].device
+    if all(w.dtype == dtype for w in weights) and fp8.supported(M, N, K, dtype, device):
+        return True
+    warn_once(f"lorafuse: fp8_dx does not apply to a ({M}, {N}) x ({N}, {K}) {dtype} dy W "
+              f"on {device} (it needs bf16, sizes that are multiples of 16, sm89+); that dx "
+              "is exact")
+    return False
 
 
 def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None, up=None, act=""):
@@ -278,8 +311,14 @@ def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
     return y.reshape(*lead, N), h.reshape(*lead, lora_a.shape[0])
 
 
-def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
+def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="",
+                   fp8_dx=False):
     args = (dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
+    if fp8_dx and weight is not None and fp8_dx_applies([dy.reshape(-1, dy.shape[-1])],
+                                                        [weight]):
+        if not dy.is_cuda and not _triton_on_cpu():
+            return lora_linear_backward_reference(*args, fp8_dx=True)
+        return _lora_linear_backward_fp8(*args)
     if not dy.is_cuda and not _triton_on_cpu():
         return lora_linear_backward_reference(*args)
     if weight is None:  # no base GEMM: nothing for the Triton kernel to fuse
@@ -311,15 +350,17 @@ def lora_linear_op(
     gate: Optional[Tensor] = None,
     up: Optional[Tensor] = None,
     act: str = "",
+    fp8_dx: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``; h = x' Aᵀ is kept for the backward (r columns, small). gate, up
-    and act (the MLP fold, module docstring) change only what the backward keeps."""
+    and act (the MLP fold, module docstring) change only what the backward keeps;
+    ``fp8_dx`` only how the backward computes dy W."""
     y, h = _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora)
     return y.contiguous(), h.contiguous()
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act=""):
+def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act="", fp8_dx=False):
     lead = x.shape[:-1]
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, lora_a.shape[0])
 
@@ -355,15 +396,17 @@ def lora_linear_backward_op(
     scale: float,
     up: Optional[Tensor] = None,
     act: str = "",
+    fp8_dx: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dA, dB)``; dx = dy W + g A, or g A alone when weight is None. With
-    ``up``, x_lora is the gate of x' = act(gate) ⊙ up (the MLP fold)."""
-    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
+    ``up``, x_lora is the gate of x' = act(gate) ⊙ up (the MLP fold). ``fp8_dx``: dy W in
+    e4m3 (module docstring)."""
+    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up, act, fp8_dx)
     return dx.contiguous(), dA.contiguous(), dB.contiguous()
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
+def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="", fp8_dx=False):
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
@@ -391,8 +434,10 @@ def _(dy, x_lora, lora_a, lora_b, h, scale, up=None, act=""):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, x_lora, gate, up, act = inputs
+    x, weight, bias, lora_a, lora_b, scale, x_lora, gate, up, act, fp8_dx = (
+        tuple(inputs) + (None, None, "", False)[len(inputs) - 7:])  # defaults may be absent
     ctx.scale = scale
+    ctx.fp8_dx = fp8_dx
     ctx.has_bias = bias is not None
     ctx.has_dropout = x_lora is not None
     ctx.act = act
@@ -405,7 +450,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dh):
     x, weight, lora_a, lora_b, x_lora, h, up = ctx.saved_tensors  # x: the gate under the fold
-    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora, gate, up, act
+    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora, gate, up, act, fp8_dx
     fold = (up, ctx.act) if ctx.fold else ()
     dx = dW = db = dxl = None
     if ctx.has_dropout:
@@ -416,7 +461,8 @@ def _backward(ctx, dy, _dh):
         if need[0]:
             dx = dy @ weight
     elif need[0]:
-        dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale, *fold)
+        dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale,
+                                             *(fold or (None, "")), fp8_dx=ctx.fp8_dx)
     else:
         dA, dB = lora_linear_backward_ab_op(dy, x, lora_a, lora_b, h, ctx.scale, *fold)
     if need[1]:
@@ -426,7 +472,8 @@ def _backward(ctx, dy, _dh):
         dW = dW.to(weight.dtype)
     if ctx.has_bias and need[2]:
         db = dy.reshape(-1, dy.shape[-1]).sum(0)
-    return dx, dW, db, dA, dB, None, dxl, None, None, None
+    grads = (dx, dW, db, dA, dB, None, dxl, None, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,9 @@ keeps x₀ and rstd anyway, so x (2 bytes per element at bf16: 16 KiB per token 
 for a Llama layer's two norms at hidden 4096) is no longer kept for the backward
 (passes/lora.py decides when). dA then skips the rounding of x to its dtype, so it is
 nearer the fp32 value than ``gᵀ x``. The forward is unchanged.
+
+``fp8_dx`` (opt-in): Σ_i dy_i W_i as one e4m3 GEMM over the sites' concatenated N, one
+scale per token across all of them (kernels/fp8_dx.py), then g A_cat added.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .lora import _upcast, base_plus_lowrank, mm_fp32
+from . import fp8_dx as fp8
+from .lora import _upcast, base_plus_lowrank, fp8_dx_applies, mm_fp32
 from ._ops import lorafuse_op
 
 
@@ -73,8 +77,10 @@ def norm_fold_weight(norm_weight, norm_offset, K, like):
 
 
 def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
-                                  norm_rstd=None, norm_weight=None, norm_offset=0.0):
-    """``x`` is the op's input, or with ``norm_rstd`` the norm's input x₀ (the norm fold)."""
+                                  norm_rstd=None, norm_weight=None, norm_offset=0.0,
+                                  fp8_dx=False):
+    """``x`` is the op's input, or with ``norm_rstd`` the norm's input x₀ (the norm fold).
+    ``fp8_dx``: Σ dy_i W_i from e4m3 operands, as ``fp8_dx.fp8_dx`` groups them."""
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = _upcast(x).reshape(-1, K)
@@ -91,8 +97,12 @@ def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, 
     out = []
     if need_dx:
         dx = g @ torch.cat([_upcast(a) for a in lora_as])
-        for d, w in zip(dy2, weights):
-            dx = dx + d @ _upcast(w)
+        if fp8_dx:
+            dx = dx + fp8.fp8_dx_reference(torch.cat([d.reshape(-1, d.shape[-1]) for d in dys], 1),
+                                           torch.cat(list(weights), 0))
+        else:
+            for d, w in zip(dy2, weights):
+                dx = dx + d @ _upcast(w)
         out.append(dx.to(x.dtype).reshape(x.shape))
     return out + [a.t().to(A.dtype, copy=True) for a, A in zip(dA, lora_as)] + [
         b.to(B.dtype, copy=True) for b, B in zip(dBs, lora_bs)]
@@ -115,7 +125,7 @@ def _folded_dA(g, x0, rstd, wf):
 
 
 def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
-                          norm_rstd=None, norm_weight=None, norm_offset=0.0):
+                          norm_rstd=None, norm_weight=None, norm_offset=0.0, fp8_dx=False):
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = x.reshape(-1, K)
@@ -128,7 +138,10 @@ def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx
         dA = _folded_dA(g, x2, norm_rstd, norm_fold_weight(norm_weight, norm_offset, K, x))
     dBs = [torch.mm(d.t(), hi).mul_(s) for d, hi, s in zip(dy2, hs, scales)]
     out = []
-    if need_dx:
+    if need_dx and fp8_dx:  # one e4m3 GEMM for Σ dy_i W_i, then g A_cat added
+        dx = fp8.fp8_dx(dy2, list(weights)).addmm_(g, torch.cat(lora_as))
+        out.append(dx.reshape(x.shape))
+    elif need_dx:
         dx = g @ torch.cat(lora_as)
         for d, w in zip(dy2, weights):
             dx.addmm_(d, w)  # accumulate every site's dy W into one buffer
@@ -148,16 +161,17 @@ def lora_linear_group_op(
     norm_rstd: Optional[Tensor] = None,
     norm_weight: Optional[Tensor] = None,
     norm_offset: float = 0.0,
+    fp8_dx: bool = False,
 ) -> list[Tensor]:
-    """Returns ``[y_1, ..., y_n, h]``. ``norm_*``: the norm fold (module docstring); the
-    forward does not read them."""
+    """Returns ``[y_1, ..., y_n, h]``. ``norm_*``: the norm fold, ``fp8_dx``: how the
+    backward computes dx (module docstring); the forward reads neither."""
     impl = _group_cuda if x.is_cuda else lora_group_reference
     return [t.contiguous() for t in impl(x, weights, biases, lora_as, lora_bs, scales)]
 
 
 @lora_linear_group_op.register_fake
 def _(x, weights, biases, lora_as, lora_bs, scales, norm_x=None, norm_rstd=None,
-      norm_weight=None, norm_offset=0.0):
+      norm_weight=None, norm_offset=0.0, fp8_dx=False):
     lead = x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
     return ys + [x.new_empty(*lead, sum(a.shape[0] for a in lora_as))]
@@ -176,26 +190,30 @@ def lora_linear_group_backward_op(
     norm_rstd: Optional[Tensor] = None,
     norm_weight: Optional[Tensor] = None,
     norm_offset: float = 0.0,
+    fp8_dx: bool = False,
 ) -> list[Tensor]:
     """Returns ``[dx] (if need_dx) + [dA_1..n] + [dB_1..n]``. With ``norm_rstd``, ``x`` is
-    the norm's input x₀ (the norm fold): dx has its shape and dtype."""
+    the norm's input x₀ (the norm fold): dx has its shape and dtype. ``fp8_dx``: Σ dy_i W_i
+    in e4m3 where it applies (module docstring)."""
     impl = _group_backward_cublas if x.is_cuda else lora_group_backward_reference
+    fp8_dx = bool(fp8_dx and need_dx and fp8_dx_applies(
+        [d.reshape(-1, d.shape[-1]) for d in dys], list(weights)))
     return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
-                                         norm_rstd, norm_weight, norm_offset)]
+                                         norm_rstd, norm_weight, norm_offset, fp8_dx)]
 
 
 @lora_linear_group_backward_op.register_fake
 def _(dys, x, weights, lora_as, lora_bs, h, scales, need_dx, norm_rstd=None, norm_weight=None,
-      norm_offset=0.0):
+      norm_offset=0.0, fp8_dx=False):
     dx = [torch.empty_like(x)] if need_dx else []
     return dx + [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, lora_as, lora_bs, scales, norm_x, norm_rstd, norm_weight, norm_offset = (
-        tuple(inputs) + (None, None, None, 0.0)[len(inputs) - 6:])  # defaults may be absent
+    (x, weights, biases, lora_as, lora_bs, scales, norm_x, norm_rstd, norm_weight, norm_offset,
+     fp8_dx) = tuple(inputs) + (None, None, None, 0.0, False)[len(inputs) - 6:]  # defaults may be absent
     n = len(weights)
-    ctx.n, ctx.scales = n, scales
+    ctx.n, ctx.scales, ctx.fp8_dx = n, scales, fp8_dx
     ctx.has_bias = [b is not None for b in biases]
     ctx.fold = norm_rstd is not None
     ctx.norm_offset = norm_offset
@@ -225,7 +243,7 @@ def _backward(ctx, grads):
     need_w, need_b = (_per_site(ctx.needs_input_grad[i], n) for i in (1, 2))
     out = lora_linear_group_backward_op(dys, x, list(weights), list(lora_as), list(lora_bs), h,
                                         list(ctx.scales), bool(need_x), rstd, norm_weight,
-                                        ctx.norm_offset)
+                                        ctx.norm_offset, ctx.fp8_dx)
     dx, out = (out[0], out[1:]) if need_x else (None, out)
     dAs, dBs = out[:n], out[n:]
     if ctx.fold and any(need_w):
@@ -238,7 +256,7 @@ def _backward(ctx, grads):
     if not all(ctx.has_bias):  # a list holding None is one leaf: one gradient slot (None)
         dbs = None
     # one gradient per argument the call gave (trailing defaults may be absent)
-    grads = (dx, dWs, dbs, list(dAs), list(dBs), None, None, None, None, None)
+    grads = (dx, dWs, dbs, list(dAs), list(dBs), None, None, None, None, None, None)
     return grads[:len(ctx.needs_input_grad)]
 
 

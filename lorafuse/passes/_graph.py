@@ -123,21 +123,23 @@ def inserting_after(graph, node, like=None):
     return _inheriting_meta(graph.inserting_after(node), like if like is not None else node)
 
 
-def add_node(graph, op, target, args, fake_mode=None):
-    """Insert ``op(target, args)`` at the graph's insert point with its example value (and,
-    inside ``inserting_before``/``inserting_after``, the replaced node's module path)."""
-    node = graph.create_node(op, target, tuple(args))
+def add_node(graph, op, target, args, fake_mode=None, kwargs=None):
+    """Insert ``op(target, args, kwargs)`` at the graph's insert point with its example value
+    (and, inside ``inserting_before``/``inserting_after``, the replaced node's module path)."""
+    kwargs = dict(kwargs or {})
+    node = graph.create_node(op, target, tuple(args), kwargs)
     if _meta_sources:
         for key in _INHERITED_META:
             if key in _meta_sources[-1].meta:
                 node.meta[key] = _meta_sources[-1].meta[key]
     if fake_mode is not None:
-        fargs = fx.node.map_aggregate(args, lambda a: val(a) if isinstance(a, fx.Node) else a)
+        fargs, fkw = fx.node.map_aggregate((args, kwargs),
+                                           lambda a: val(a) if isinstance(a, fx.Node) else a)
         with fake_mode:
             if op == "call_method":
-                node.meta["example_value"] = getattr(fargs[0], target)(*fargs[1:])
+                node.meta["example_value"] = getattr(fargs[0], target)(*fargs[1:], **fkw)
             else:
-                node.meta["example_value"] = target(*fargs)
+                node.meta["example_value"] = target(*fargs, **fkw)
     return node
 
 

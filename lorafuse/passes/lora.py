@@ -254,10 +254,12 @@ def _mlp_fold_args(site: Site, cdt) -> tuple:
     return (gate, up, act)
 
 
-def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict):
+def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict, fp8_dx: bool = False):
     """Replace one site, or several sharing one input, by one fused op. ``remap`` maps
-    an already-rewritten add to its replacement (a site's input may be one). Returns the
-    fold the op took: "norm", "mlp" or None."""
+    an already-rewritten add to its replacement (a site's input may be one). ``fp8_dx``:
+    the op's backward computes dy W in e4m3 (the option). Returns the fold the op took:
+    "norm", "mlp" or None."""
+    kwargs = {"fp8_dx": True} if fp8_dx else {}  # absent by default: graphs stay as before
     g = gm.graph
     cdt = _compute_dtype(sites[0])
     first = sites[0]  # sites come in graph order: insert before the first add
@@ -287,13 +289,14 @@ def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict):
             fold = _mlp_fold_args(first, cdt)
             args = (x, cast(weight(first)), cast(first.bias), cast(first.lora_a),
                     bs[0][0], bs[0][1], cast(first.x_lora)) + fold
-            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args, fake_mode)
+            call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear.default, args,
+                            fake_mode, kwargs)
         else:
             fold = _norm_fold_args(sites, cdt)
             args = (x, [cast(weight(s)) for s in sites], [cast(s.bias) for s in sites],
                     [cast(s.lora_a) for s in sites], [b for b, _ in bs], [sc for _, sc in bs])
             call = add_node(g, "call_function", torch.ops.lorafuse.lora_linear_group.default,
-                            args + fold, fake_mode)
+                            args + fold, fake_mode, kwargs)
         outs = []
         for i, site in enumerate(sites):
             out = add_node(g, "call_function", operator.getitem, (call, i), fake_mode)
@@ -369,7 +372,7 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
     return "adapter not in the recognised base + B(A(x)) * s form"
 
 
-def run(gm: fx.GraphModule, report) -> None:
+def run(gm: fx.GraphModule, report, fp8_dx: bool = False) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
     sites, reasons = [], {}
@@ -383,7 +386,7 @@ def run(gm: fx.GraphModule, report) -> None:
                     reasons[linear_args(lt[0])[1]] = e.args[0]
     remap, folds = {}, {"norm": [], "mlp": []}
     for group in group_sites(sites, graph):
-        fold = rewrite(gm, group, fake_mode, remap)
+        fold = rewrite(gm, group, fake_mode, remap, fp8_dx)
         names = [site_name(site.lora_a) for site in group]
         report.matched.extend(names)
         report.ops += 1
@@ -392,6 +395,9 @@ def run(gm: fx.GraphModule, report) -> None:
     if folds["norm"]:
         report.notes.append(f"norm fold: {len(folds['norm'])} grouped op(s) compute dA from the "
                             "RMSNorm's input and rstd; its output is not kept for the backward")
+    if fp8_dx and report.ops:
+        report.notes.append(f"fp8_dx: {report.ops} op(s) compute the frozen weights' dy W in "
+                            "e4m3 in the backward (the gradients change; the forward does not)")
     if folds["mlp"]:
         report.notes.append(f"MLP fold: {len(folds['mlp'])} op(s) compute dA from the gated "
                             "MLP's gate and up; the product is not kept for the backward")

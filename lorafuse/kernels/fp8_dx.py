@@ -1,0 +1,134 @@
+"""The frozen base weights' input gradient ``dy · W`` in fp8 (e4m3): the ``fp8_dx`` option.
+
+Why: at the 8B shape the step runs at the H200's power cap (bench/RESULTS.md, session 16),
+and the dx GEMMs through the frozen weights are ≈ 44 % of its matmul FLOPs; Hopper's fp8
+tensor cores do a FLOP at about half the energy and twice the rate of bf16. The forward,
+the LoRA factors' gradients (dA, dB) and the LoRA part of dx (g A) stay in the compute
+dtype; only ``dy W`` changes, so this changes the gradients (never the forward), and is
+opt-in.
+
+Scaling: one power-of-two scale per row of dy (per token) and one per column of W (per
+input feature), so that the largest magnitude in each maps into e4m3's ±448. Powers of
+two make the scaling itself exact; each element is then rounded once to e4m3 (3 mantissa
+bits: a relative error up to 2⁻⁴ each, ≈ 2-4 % on a dot product of random signs). dx is
+accumulated in fp32 and rounded once to the compute dtype (``torch._scaled_mm``, rowwise
+scales: cuBLASLt on sm89+; also on CPU in recent torch).
+
+W's fp8 copy (transposed, as ``_scaled_mm`` wants its second operand column-major) is
+made once per weight and kept while the weight lives and is not modified in place: one
+byte per frozen weight element (≈ 7 GiB at 8B). A weight's cache entry goes when its
+storage does.
+
+``fp8_dx_reference`` is the same arithmetic in plain PyTorch (quantise, dequantise to
+fp32, multiply): the CPU path and the test oracle. Where ``_scaled_mm`` cannot run (an
+older GPU, sizes not multiples of 16, fp32 compute) the caller keeps the exact path.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from .._torch import scaled_mm
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# the smallest power-of-two scale used: an all-zero row or column gets this one (any
+# finite scale gives zeros there)
+_MIN_SCALE = 2.0 ** -100
+
+
+def pow2_scale(amax: Tensor) -> Tensor:
+    """fp32 powers of two s with amax / s ≤ 448 (the least such), from absolute maxima."""
+    a = amax.float().clamp_min(_MIN_SCALE * E4M3_MAX)
+    return torch.exp2(torch.ceil(torch.log2(a / E4M3_MAX)))
+
+
+def quantize_rows(t2: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q, s)`` for a 2-D ``t2``: q = e4m3(t2 / s) with one power-of-two s per row
+    (shape (M, 1), fp32). bf16 and fp32 share an exponent range, so in bf16 the division
+    by a power of two is exact and needs no fp32 copy; other dtypes go through fp32."""
+    amax = t2.abs().amax(dim=1, keepdim=True) if t2.numel() else t2.new_zeros(t2.shape[0], 1)
+    s = pow2_scale(amax)
+    if t2.dtype in (torch.bfloat16, torch.float32):
+        return (t2 * (1.0 / s).to(t2.dtype)).to(E4M3), s
+    return (t2.float() * (1.0 / s)).to(E4M3), s
+
+
+def quantize_weight_t(w: Tensor) -> tuple[Tensor, Tensor]:
+    """For W (N, K): ``(wq, s)`` with wq (K, N) contiguous e4m3 = (W / s)ᵀ, s one power of
+    two per column of W (per K index), shape (1, K). ``wq.t()`` is _scaled_mm's
+    column-major second operand for ``dy @ W``."""
+    wq, s = quantize_rows(w.t())
+    return wq.contiguous(), s.reshape(1, -1)
+
+
+def fp8_dx_reference(dy2: Tensor, weight: Tensor, dtype=torch.float32) -> Tensor:
+    """``dy2 @ W`` with both operands rounded to e4m3 as ``fp8_dx`` rounds them, the
+    product in fp32: the oracle (and CPU path) of ``fp8_dx``; ``dtype``: the result's."""
+    q, sa = quantize_rows(dy2)
+    wq, sb = quantize_weight_t(weight)
+    return ((q.float() * sa) @ (wq.float() * sb.reshape(-1, 1)).t()).to(dtype)
+
+
+def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``_scaled_mm`` takes ``dy (M, N) @ W (N, K)``: bf16 compute (rowwise scales
+    want a bf16 output on CUDA), every size a multiple of 16, a CUDA device of compute
+    capability 8.9+ (or the CPU, where recent torch has it; tests)."""
+    if dtype != torch.bfloat16 or any(n % 16 for n in (M, N, K)) or M == 0:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
+
+
+class _WeightCache:
+    """fp8 copies of frozen weights (or of several concatenated along N, a q/k/v group's),
+    keyed by their storages; an entry is dropped when one of its storages is freed, and
+    rebuilt when a weight was modified in place (its version counter moved) or is a
+    different view of that storage."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    @staticmethod
+    def _sig(w: Tensor) -> tuple:
+        return (w.data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype,
+                w.device, w._version)
+
+    def get(self, weights: list) -> tuple[Tensor, Tensor]:
+        storages = [w.untyped_storage() for w in weights]
+        key = tuple(id(s) for s in storages)
+        sig = tuple(self._sig(w) for w in weights)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        w = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+        value = quantize_weight_t(w)
+        del w
+        if hit is None:  # first entry for these storages: evict when any of them goes
+            for s in storages:
+                weakref.finalize(s, self._entries.pop, key, None)
+        self._entries[key] = (sig, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+weight_cache = _WeightCache()
+
+
+def fp8_dx(dy2s: list, weights: list) -> Tensor:
+    """``Σ_i dy_i @ W_i`` (one site, or a group's sites concatenated along N) with dy and W
+    in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype.
+    Callers check ``supported`` first."""
+    dy2 = dy2s[0] if len(dy2s) == 1 else torch.cat(dy2s, dim=1)
+    q, sa = quantize_rows(dy2)
+    wq, sb = weight_cache.get(list(weights))
+    return scaled_mm(q, wq.t(), sa, sb, dy2.dtype)

@@ -1,0 +1,251 @@
+"""The ``fp8_dx`` option: the frozen weights' dy W in e4m3 (kernels/fp8_dx.py).
+
+What correct means for a rewrite that changes the numbers on purpose:
+- the e4m3 arithmetic itself: ``fp8_dx`` (``torch._scaled_mm``, on CPU here) equals its
+  plain-PyTorch oracle up to the output's rounding and the order of the fp32 sums;
+- the quantisation is what the docstring says (powers of two, |q| ≤ 448, each element
+  rounded once);
+- against the exact product, the error stays within a stated bound (relative norm ≤ 8 %,
+  cosine ≥ 0.995: e4m3's 3 mantissa bits give ≈ 3-4 % on random data);
+- in the ops and a whole model: the forward and dA, dB of the site itself are exactly
+  those without the option; only dx (and what flows from it) changes, within the bound;
+- where it cannot run (fp32 compute, sizes not multiples of 16) dx is the exact one, with
+  a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import lora_params, make_tiny_model, reset_dynamo
+from lorafuse.kernels import fp8_dx as fp8
+from lorafuse.kernels._dispatch import warned
+from lorafuse.kernels.lora import lora_linear_op
+from lorafuse.kernels.lora_group import lora_linear_group_op
+
+BF16 = torch.bfloat16
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def cos(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
+                                                 dim=0).item()
+
+
+def randn(*shape, seed, dtype=BF16, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 24), n=st.integers(1, 40), seed=st.integers(0, 2**16),
+       log_scale=st.integers(-30, 30))
+def test_quantize_rows_powers_of_two_and_one_rounding(m, n, seed, log_scale):
+    t = randn(m, n, seed=seed, scale=2.0 ** log_scale)
+    t[0] = 0  # an all-zero row
+    q, s = fp8.quantize_rows(t)
+    assert q.dtype == fp8.E4M3 and s.shape == (m, 1) and s.dtype == torch.float32
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
+    deq = q.float() * s
+    assert deq.abs().max() <= 448 * s.max()
+    assert torch.equal(deq[0], torch.zeros(n))
+    # one e4m3 rounding of the exact t / s: relative error ≤ 2⁻⁴ for normal e4m3 values,
+    # absolute ≤ half the subnormal spacing (2⁻¹⁰ · s) below them
+    err = (deq - t.float()).abs()
+    bound = torch.maximum(t.float().abs() * 2.0 ** -4, 2.0 ** -10 * s)
+    assert (err <= bound).all()
+    # the largest element of a nonzero row lands in e4m3's top binade
+    amax = (q.float().abs()).amax(1)[1:]
+    assert ((amax >= 224) & (amax <= 448)).all()  # (224, 448] before rounding
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.sampled_from([16, 32, 48]), ns=st.lists(st.sampled_from([16, 32, 64]), min_size=1,
+                                                    max_size=3),
+       k=st.sampled_from([16, 48, 80]), seed=st.integers(0, 2**16))
+def test_scaled_mm_path_equals_its_oracle_and_stays_near_exact(m, ns, k, seed):
+    if not hasattr(torch, "_scaled_mm"):
+        pytest.skip("no torch._scaled_mm")
+    dys = [randn(m, n, seed=seed + i) for i, n in enumerate(ns)]
+    ws = [randn(n, k, seed=seed + 100 + i, scale=0.05) for i, n in enumerate(ns)]
+    got = fp8.fp8_dx(dys, ws)
+    oracle = fp8.fp8_dx_reference(torch.cat(dys, 1), torch.cat(ws, 0))
+    exact = sum(d.float() @ w.float() for d, w in zip(dys, ws))
+    assert got.dtype == BF16 and got.shape == (m, k)
+    # the oracle rounded to bf16 once: within an ulp (fp32 sums in another order)
+    torch.testing.assert_close(got, oracle.to(BF16), rtol=2 ** -7, atol=1e-3 * exact.abs().max().item())
+    assert rel(oracle, exact) <= 0.08 and cos(oracle, exact) >= 0.995
+    assert rel(oracle, exact) >= 1e-4  # it really is fp8: not the exact product
+    fp8.weight_cache.clear()
+
+
+def test_weight_cache_hits_rebuilds_and_evicts():
+    fp8.weight_cache.clear()
+    w = randn(32, 16, seed=1)
+    a = fp8.weight_cache.get([w])
+    assert fp8.weight_cache.get([w]) is a  # a hit: the same tensors
+    assert fp8.weight_cache.get([w.detach()]) is a  # an alias of the same storage and view
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version moves, the entry is rebuilt
+    b = fp8.weight_cache.get([w])
+    assert b is not a and torch.equal(b[1], a[1] * 2)
+    t = w.t()  # another view of the same storage is another operand
+    c = fp8.weight_cache.get([t])
+    assert c[0].shape == (32, 16) and c is not b
+    w2 = randn(32, 16, seed=2)
+    assert fp8.weight_cache.get([w, w2])[0].shape == (16, 64)  # a group: concatenated along N
+    assert len(fp8.weight_cache) == 2
+    del w, t, a, b, c
+    gc.collect()
+    assert len(fp8.weight_cache) == 0  # both entries read w's storage: gone with it
+    fp8.weight_cache.clear()
+
+
+def _site(m, k, n, r, seed):
+    x = randn(m, k, seed=seed)
+    w = randn(n, k, seed=seed + 1, scale=k ** -0.5)
+    a = randn(r, k, seed=seed + 2, scale=0.3)
+    b = randn(n, r, seed=seed + 3, scale=0.3)
+    return x, w, a, b
+
+
+def _grads(fn, leaves):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    dy = randn(*out.shape, seed=99)
+    out.backward(dy)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("path", ["reference", "scaled_mm"])
+def test_lora_linear_only_dx_changes(path, monkeypatch):
+    """The op with fp8_dx: y, dA, dB bit-equal to the op without it; dx equal to the e4m3
+    oracle's and within the bound of the exact one. 'scaled_mm' runs the GPU's code path
+    on CPU tensors (the Triton interpreter switch routes the op there)."""
+    if path == "scaled_mm":
+        if not hasattr(torch, "_scaled_mm"):
+            pytest.skip("no torch._scaled_mm")
+        import lorafuse.kernels.lora as lora_mod
+        monkeypatch.setattr(lora_mod, "_triton_on_cpu", lambda: True)
+        monkeypatch.setattr(lora_mod, "_forward_impl", lambda x, w, bias, a, b, s, xl:
+                            lora_mod.lora_linear_reference(x, w, bias, a, b, s, xl))
+    x, w, a, b = _site(32, 48, 64, 8, seed=5)
+
+    def op(fp8_dx):
+        return lambda x, a, b: lora_linear_op(x, w, None, a, b, 0.5, None, fp8_dx=fp8_dx)[0]
+
+    y0, (dx0, da0, db0) = _grads(op(False), [x, a, b])
+    y1, (dx1, da1, db1) = _grads(op(True), [x, a, b])
+    assert torch.equal(y0, y1)
+    if path == "reference":
+        assert torch.equal(da0, da1) and torch.equal(db0, db1)
+    else:  # the cuBLAS-style path's dA, dB (rounded as that path rounds) against the reference's
+        assert rel(da1, da0) <= 2e-2 and rel(db1, db0) <= 2e-2
+    dy = randn(32, 64, seed=99)
+    g = (dy.float() @ b.float()) * 0.5
+    oracle = g @ a.float() + fp8.fp8_dx_reference(dy, w)
+    torch.testing.assert_close(dx1.float(), oracle, rtol=2e-2, atol=2e-2 * oracle.abs().max().item())
+    assert 1e-3 <= rel(dx1, dx0) <= 0.08 and cos(dx1, dx0) >= 0.995
+    fp8.weight_cache.clear()
+
+
+def test_lora_group_only_dx_changes():
+    x, _, _, _ = _site(32, 48, 16, 4, seed=7)
+    ws = [randn(n, 48, seed=20 + n, scale=48 ** -0.5) for n in (32, 16, 16)]
+    as_ = [randn(4, 48, seed=30 + i, scale=0.3) for i in range(3)]
+    bs = [randn(n, 4, seed=40 + n, scale=0.3) for n in (32, 16, 16)]
+
+    def op(fp8_dx):
+        def f(x, *ab):
+            ys = lora_linear_group_op(x, ws, [None] * 3, list(ab[:3]), list(ab[3:]), [0.5] * 3,
+                                      fp8_dx=fp8_dx)
+            return torch.cat(ys[:3], dim=-1)
+        return f
+
+    y0, (dx0, *dab0) = _grads(op(False), [x, *as_, *bs])
+    y1, (dx1, *dab1) = _grads(op(True), [x, *as_, *bs])
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(p, q) for p, q in zip(dab0, dab1))
+    assert 1e-3 <= rel(dx1, dx0) <= 0.08 and cos(dx1, dx0) >= 0.995
+    fp8.weight_cache.clear()
+
+
+def test_falls_back_to_exact_where_fp8_cannot_run():
+    """fp32 compute and a size that is not a multiple of 16: dx exact, one warning each."""
+    warned.clear()
+    for dtype, (m, k, n) in ((torch.float32, (32, 48, 64)), (BF16, (32, 40, 64))):
+        x, w, a, b = (t.to(dtype) for t in _site(m, k, n, 4, seed=3))
+
+        def op(fp8_dx):
+            return lambda x, a, b: lora_linear_op(x, w, None, a, b, 1.0, None, fp8_dx=fp8_dx)[0]
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, g1 = _grads(op(True), [x, a, b])
+        _, g0 = _grads(op(False), [x, a, b])
+        assert all(torch.equal(p, q) for p, q in zip(g0, g1))
+        assert any("fp8_dx does not apply" in str(c.message) for c in caught)
+    assert len(fp8.weight_cache) == 0
+
+
+# --------------------------------------------------------------------------- a whole model
+
+
+def _bf16_run(fp8_dx, steps=3):
+    """A tiny Llama (all GEMM sizes multiples of 16), compiled, CPU bf16 autocast, plain SGD
+    steps: (losses, per-step LoRA grads, the report)."""
+    import lorafuse
+    from lorafuse.report import Report
+
+    reset_dynamo()
+    model = make_tiny_model("llama", intermediate_size=64, r=4, seed=3)
+    report = Report()
+    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                options={"strict": True, "fp8_dx": fp8_dx})
+    fn = torch.compile(model, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    params = lora_params(model)
+    losses, grads = [], []
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 16), generator=gen)
+        with torch.autocast("cpu", BF16):
+            loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in params.values():
+                p -= 0.5 * p.grad
+                p.grad = None
+    reset_dynamo()
+    fp8.weight_cache.clear()
+    return losses, grads, report
+
+
+@pytest.mark.slow
+def test_whole_model_bf16_fp8_dx():
+    exact_losses, exact_grads, _ = _bf16_run(False)
+    losses, grads, report = _bf16_run(True)
+    notes = " ".join(n for g in report.graphs for p in g.passes for n in p.notes)
+    assert "fp8_dx:" in notes
+    assert losses[0] == exact_losses[0]  # the forward is not touched
+    # the last layer's down projection reads dy from the (exact) lm_head: its grads are the
+    # same; every site upstream of an e4m3 dx sees a changed dy
+    errs = {n: rel(grads[0][n], exact_grads[0][n]) for n in exact_grads[0]}
+    last_down = [n for n in errs if "layers.1.mlp.down_proj" in n]
+    assert last_down and all(errs[n] == 0 for n in last_down)
+    changed = [n for n, e in errs.items() if e > 1e-3]
+    assert len(changed) >= len(errs) // 2, errs
+    assert max(errs.values()) <= 0.1, errs
+    for a, b in zip(losses, exact_losses):
+        assert abs(a - b) <= 0.02 * abs(b)
