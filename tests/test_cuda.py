@@ -978,8 +978,8 @@ def test_tiled_mlp_on_gpu():
 
 @pytest.mark.parametrize("site", list(SITES_8B))
 def test_fp8_dx_real_sizes_on_gpu(site):
-    """fp8_dx at the 8B sites on the GPU: cuBLASLt's e4m3 GEMM equals the plain-PyTorch
-    oracle to the output's rounding and stays within the stated bound of the exact dy W
+    """fp8_dx at the 8B sites on the GPU: the Triton quantisation gives PyTorch's e4m3
+    bytes, and cuBLASLt's e4m3 GEMM equals the plain-PyTorch oracle to the output's rounding and stays within the stated bound of the exact dy W
     (relative norm ≤ 8 %, cosine ≥ 0.995); on a GPU before sm89 it does not apply."""
     from lorafuse.kernels import fp8_dx as fp8
 
@@ -990,6 +990,9 @@ def test_fp8_dx_real_sizes_on_gpu(site):
     g = torch.Generator("cuda").manual_seed(0)
     dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
     W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    q, sa = fp8.quantize_dy([dy[:, :N // 2], dy[:, N // 2:]])  # the Triton kernel, two slices
+    q_ref, sa_ref = fp8.quantize_rows(dy)  # PyTorch's cast
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sa, sa_ref)
     got = fp8.fp8_dx([dy], [W])
     oracle = fp8.fp8_dx_reference(dy, W)
     exact = dy.double() @ W.double()

@@ -24,7 +24,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import lora_params, make_tiny_model, reset_dynamo
+from conftest import (CheckRecorder, assert_check_passed, lora_params, make_tiny_model,
+                      reset_dynamo, run_interpreter_worker)
 from lorafuse.kernels import fp8_dx as fp8
 from lorafuse.kernels._dispatch import warned
 from lorafuse.kernels.lora import lora_linear_op
@@ -87,6 +88,51 @@ def test_scaled_mm_path_equals_its_oracle_and_stays_near_exact(m, ns, k, seed):
     assert rel(oracle, exact) <= 0.08 and cos(oracle, exact) >= 0.995
     assert rel(oracle, exact) >= 1e-4  # it really is fp8: not the exact product
     fp8.weight_cache.clear()
+
+
+def test_quantize_dy_equals_quantize_rows_of_the_concatenation():
+    """The group path's quantisation (no cat, one scale per row across the sites) gives the
+    bytes ``quantize_rows`` gives for the concatenated dy, rows of zeros and tiny ones too."""
+    dys = [randn(32, 48, seed=1, scale=1e-6), randn(32, 16, seed=2), randn(32, 32, seed=3)]
+    dys[0][3] = 0
+    dys[1][3] = 0
+    dys[2][3] = 0
+    q, s = fp8.quantize_dy(dys)
+    q2, s2 = fp8.quantize_rows(torch.cat(dys, 1))
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    return run_interpreter_worker(__file__)
+
+
+@pytest.mark.parametrize("check", ["scale-rows-into-slices"])
+def test_triton_interpreter(interpreter_results, check):
+    assert_check_passed(interpreter_results, check)
+
+
+def _worker():
+    """Runs in the subprocess (TRITON_INTERPRET=1): the Triton kernel's scaling and
+    indexing, with its fp32 output (the interpreter's e4m3 cast is not the GPU's)."""
+    record = CheckRecorder()
+
+    def scale_rows_into_slices():
+        for (m, ns) in ((5, (16, 600)), (17, (32, 16, 48))):  # rows and columns past a tile
+            dys = [randn(m, n, seed=n) for n in ns]
+            s = fp8._row_scales(dys)
+            inv = (1.0 / s).reshape(-1)
+            out = torch.full((m, sum(ns)), float("nan"))
+            off = 0
+            for d in dys:
+                fp8.scale_rows_into(d, inv, out[:, off:off + d.shape[1]])
+                off += d.shape[1]
+            want = torch.cat(dys, 1).float() * inv.reshape(-1, 1)
+            assert torch.equal(out, want)
+            assert (want.abs().amax(1) <= 448).all() and (want.abs().amax(1) > 224).all()
+
+    record("scale-rows-into-slices", scale_rows_into_slices)
+    record.report()
 
 
 def test_weight_cache_hits_rebuilds_and_evicts():
@@ -249,3 +295,7 @@ def test_whole_model_bf16_fp8_dx():
     assert max(errs.values()) <= 0.1, errs
     for a, b in zip(losses, exact_losses):
         assert abs(a - b) <= 0.02 * abs(b)
+
+
+if __name__ == "__main__":
+    _worker()

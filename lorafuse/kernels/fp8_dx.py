@@ -22,6 +22,15 @@ storage does.
 ``fp8_dx_reference`` is the same arithmetic in plain PyTorch (quantise, dequantise to
 fp32, multiply): the CPU path and the test oracle. Where ``_scaled_mm`` cannot run (an
 older GPU, sizes not multiples of 16, fp32 compute) the caller keeps the exact path.
+
+dy's quantisation runs every backward, over every site's dy (≈ 5.5 G elements a step at
+the 8B shape): in eager PyTorch (abs, amax, multiply, cast, and a cat for a group) that
+is ≈ 15 bytes of memory traffic an element, ≈ 20 ms a step on the H200, most of what the
+fp8 GEMMs would save. So on CUDA the row maxima come from one reduction per site
+(``vector_norm(inf)``, exact) and one Triton kernel per site scales and casts its dy
+into its columns of the concatenated e4m3 operand: 5 bytes an element. Under the Triton
+interpreter the e4m3 cast is not the GPU's (it does not round to nearest), so CPU tests
+check the kernel's scaling with an fp32 output and the GPU test its e4m3 bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ import torch
 from torch import Tensor
 
 from .._torch import scaled_mm
+from ._dispatch import on_device, warn_once
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path needs none of it
+    triton = None
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -84,6 +100,70 @@ def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
     return device.type == "cpu"
 
 
+def _row_scales(dy2s: list) -> Tensor:
+    """One power-of-two scale per row across the sites' dy (M, 1), from each site's exact
+    row maxima (one reduction kernel each, no temporary)."""
+    amax = torch.linalg.vector_norm(dy2s[0], float("inf"), dim=1)
+    for d in dy2s[1:]:
+        amax = torch.maximum(amax, torch.linalg.vector_norm(d, float("inf"), dim=1))
+    return pow2_scale(amax).reshape(-1, 1)
+
+
+if triton is not None:
+    @triton.jit
+    def _scale_rows_cast(x_ptr, inv_ptr, out_ptr, M, N, sx, so, TO_E4M3: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[m, n] = e4m3(x[m, n] · inv[m]) for a (BLOCK_M, BLOCK_N) tile; the product is
+        exact (inv a power of two), so the one rounding is the cast's (the GPU's rounds to
+        nearest even). TO_E4M3=False stores the fp32 product (interpreter tests)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < M
+        mask = rmask[:, None] & (cols < N)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.load(inv_ptr + rows, mask=rmask, other=1.0)[:, None]
+        if TO_E4M3:
+            tl.store(out_ptr + r64 * so + cols[None, :], y.to(tl.float8e4nv), mask=mask)
+        else:
+            tl.store(out_ptr + r64 * so + cols[None, :], y, mask=mask)
+
+
+def scale_rows_into(d: Tensor, inv: Tensor, out: Tensor) -> None:
+    """``out = e4m3(d · inv)`` (``inv`` (M,) fp32; ``out`` an (M, N) column slice of the
+    operand, rows contiguous) with the Triton kernel; an fp32 ``out`` takes the product
+    uncast (tests)."""
+    M, N = d.shape
+    BLOCK_M, BLOCK_N = 8, 512
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    with on_device(d):
+        _scale_rows_cast[grid](d, inv, out, M, N, d.stride(0), out.stride(0),
+                               TO_E4M3=out.dtype == E4M3, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+
+
+def quantize_dy(dy2s: list) -> tuple[Tensor, Tensor]:
+    """``quantize_rows`` of the sites' dy concatenated along N (the same bytes), without
+    the concatenation: ``(q (M, ΣN) e4m3, s (M, 1) fp32)``. CUDA: the Triton kernel per
+    site (module docstring); elsewhere, or if it fails (warned once), PyTorch."""
+    s = _row_scales(dy2s)
+    inv = (1.0 / s).reshape(-1)
+    M, N = dy2s[0].shape[0], sum(d.shape[1] for d in dy2s)
+    q = torch.empty(M, N, dtype=E4M3, device=dy2s[0].device)
+    off = 0
+    for d in dy2s:
+        part = q[:, off:off + d.shape[1]]
+        off += d.shape[1]
+        if triton is not None and d.is_cuda and d.stride(1) == 1:
+            try:
+                scale_rows_into(d, inv, part)
+                continue
+            except Exception as e:  # never crash training over the optional kernel
+                warn_once(f"lorafuse: Triton fp8 quantisation failed ({type(e).__name__}: "
+                          f"{e}); using PyTorch")
+        part.copy_(d * inv.to(d.dtype).reshape(-1, 1))  # exact in bf16; the copy rounds once
+    return q, s
+
+
 class _WeightCache:
     """fp8 copies of frozen weights (or of several concatenated along N, a q/k/v group's),
     keyed by their storages; an entry is dropped when one of its storages is freed, and
@@ -128,7 +208,6 @@ def fp8_dx(dy2s: list, weights: list) -> Tensor:
     """``Σ_i dy_i @ W_i`` (one site, or a group's sites concatenated along N) with dy and W
     in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype.
     Callers check ``supported`` first."""
-    dy2 = dy2s[0] if len(dy2s) == 1 else torch.cat(dy2s, dim=1)
-    q, sa = quantize_rows(dy2)
+    q, sa = quantize_dy(dy2s)
     wq, sb = weight_cache.get(list(weights))
-    return scaled_mm(q, wq.t(), sa, sb, dy2.dtype)
+    return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
