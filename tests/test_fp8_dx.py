@@ -299,3 +299,33 @@ def test_whole_model_bf16_fp8_dx():
 
 if __name__ == "__main__":
     _worker()
+
+
+@pytest.mark.slow
+def test_dropout_sites_keep_dy_w_exact_and_the_report_says_so():
+    """With LoRA dropout on every site (fp32 here), no op computes dy W in e4m3: the
+    gradients are those without the option, and the report counts the sites."""
+    import lorafuse
+    from lorafuse.report import Report
+
+    def run(fp8_dx):
+        reset_dynamo()
+        model = make_tiny_model("llama", intermediate_size=64, lora_dropout=0.1, seed=4)
+        report = Report()
+        backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                    options={"strict": True, "fp8_dx": fp8_dx})
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+        reset_dynamo()
+        return report, {n: p.grad for n, p in lora_params(model).items()}
+
+    warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report, grads = run(True)
+    _, exact = run(False)
+    notes = " ".join(n for g in report.graphs for p in g.passes for n in p.notes)
+    assert "14 with LoRA dropout keep it exact" in notes, notes  # 2 layers x 7 sites
+    assert all(torch.equal(grads[n], exact[n]) for n in exact)
+    assert not any("fp8_dx does not apply" in str(c.message) for c in caught)  # no op used it
