@@ -12,7 +12,8 @@
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
 #   fp8    8B bf16, issue 3's 1.1 x Unsloth with the fp8_dx option: lorafuse:fp8 (defaults +
-#          fp8_dx), lorafuse, unsloth, 2 + 8 steps, no fp32 reference. ~7 min (estimate).
+#          fp8_dx), unsloth, then lorafuse (last: a short budget drops the known one
+#          first), 2 + 8 steps, no fp32 reference. ~7 min (estimate).
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8, 2 + 18 steps, the fp32
 #          reference of each one's parameters at every step 1-20. ~7 min (estimate).
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
@@ -277,7 +278,7 @@ case "$MODE_ONE" in
             --variants eager,inductor,lorafuse ;;
     fp8)
         run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
-            --variants lorafuse:fp8,lorafuse,unsloth --lorafuse-config "fp8=$FP8_CONFIG" ;;
+            --variants lorafuse:fp8,unsloth,lorafuse --lorafuse-config "fp8=$FP8_CONFIG" ;;
     fp8ref)
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8 --variants eager,lorafuse:fp8 \

@@ -329,3 +329,37 @@ def test_dropout_sites_keep_dy_w_exact_and_the_report_says_so():
     assert "14 with LoRA dropout keep it exact" in notes, notes  # 2 layers x 7 sites
     assert all(torch.equal(grads[n], exact[n]) for n in exact)
     assert not any("fp8_dx does not apply" in str(c.message) for c in caught)  # no op used it
+
+
+def test_an_fp8_failure_falls_back_to_exact_for_the_rest_of_the_process(monkeypatch):
+    """A torch whose fp8 GEMM raises (no rowwise kernel, say): that call's dx and every
+    later one are the exact path's, with one warning; training does not stop."""
+    import lorafuse.kernels.lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "_triton_on_cpu", lambda: True)
+    monkeypatch.setattr(lora_mod, "_forward_impl", lambda x, w, bias, a, b, s, xl:
+                        lora_mod.lora_linear_reference(x, w, bias, a, b, s, xl))
+    monkeypatch.setattr(lora_mod, "_dispatch", lambda kind, key, fn, args: fn(*args))
+
+    def broken(*args):
+        raise RuntimeError("no rowwise fp8 kernel here")
+
+    monkeypatch.setattr(fp8, "scaled_mm", broken)
+    monkeypatch.setattr(fp8, "_failed", [])
+    warned.clear()
+    x, w, a, b = _site(32, 48, 64, 8, seed=6)
+
+    def op(fp8_dx):
+        return lambda x, a, b: lora_linear_op(x, w, None, a, b, 0.5, None, fp8_dx=fp8_dx)[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, g1 = _grads(op(True), [x, a, b])
+        _, g2 = _grads(op(True), [x, a, b])
+    _, g0 = _grads(op(False), [x, a, b])
+    assert all(torch.equal(p, q) for p, q in zip(g0, g1))
+    assert all(torch.equal(p, q) for p, q in zip(g0, g2))
+    msgs = [str(c.message) for c in caught if "fp8_dx failed" in str(c.message)]
+    assert len(msgs) == 1 and "no rowwise fp8 kernel" in msgs[0]
+    assert not fp8.supported(32, 64, 48, BF16, torch.device("cpu"))
+    fp8.weight_cache.clear()

@@ -93,12 +93,26 @@ def fp8_dx_reference(dy2: Tensor, weight: Tensor, dtype=torch.float32) -> Tensor
 def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``_scaled_mm`` takes ``dy (M, N) @ W (N, K)``: bf16 compute (rowwise scales
     want a bf16 output on CUDA), every size a multiple of 16, a CUDA device of compute
-    capability 8.9+ (or the CPU, where recent torch has it; tests)."""
-    if dtype != torch.bfloat16 or any(n % 16 for n in (M, N, K)) or M == 0:
+    capability 9.0+ (PyTorch's rowwise-scaled fp8 GEMM is Hopper's and later; sm89 has
+    fp8 but not that kernel in every release), or the CPU (recent torch; tests); and no
+    earlier failure (``disable``)."""
+    if _failed or dtype != torch.bfloat16 or any(n % 16 for n in (M, N, K)) or M == 0:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
+        return torch.cuda.get_device_capability(device) >= (9, 0)
     return device.type == "cpu"
+
+
+_failed: list = []  # the first error of the fp8 path in this process, if any
+
+
+def disable(error: Exception) -> None:
+    """After an error of the fp8 path (a torch without the rowwise kernel, say), every
+    later dy W in this process is exact; warned once."""
+    if not _failed:
+        _failed.append(error)
+        warn_once(f"lorafuse: fp8_dx failed ({type(error).__name__}: {error}); dy W is exact "
+                  "from here on")
 
 
 def _row_scales(dy2s: list) -> Tensor:
