@@ -159,6 +159,6 @@ def fused_sdpa_backward(kernel: str, dout, q, k, v, out, lse, mask, causal: bool
 def scaled_mm(a, b, scale_a, scale_b, out_dtype):
     """``(a · scale_a) @ (b · scale_b)`` for e4m3 ``a`` (row-major) and ``b`` (column-major)
     with rowwise fp32 scales (``(M, 1)``, ``(1, N)``), accumulated in fp32, rounded once to
-    ``out_dtype``: ``torch._scaled_mm`` (cuBLASLt on sm89+; a CPU kernel in recent torch),
+    ``out_dtype``: ``torch._scaled_mm`` (rowwise-scaled on sm90+; a CPU kernel in recent torch),
     the only fp8 GEMM in PyTorch; same signature on 2.11 through 2.13."""
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)

@@ -73,7 +73,7 @@ class Options:
     # per-token and per-feature power-of-two scales, fp32 accumulation: kernels/fp8_dx.py);
     # the forward and the LoRA factors' own gradients are unchanged, the gradients reaching
     # earlier layers carry ≈ 4 % relative error; keeps an fp8 copy of each frozen weight
-    # (1 byte an element); bf16 on sm89+ GPUs only (elsewhere exact, warned); opt-in
+    # (1 byte an element); bf16 on sm90+ GPUs only (elsewhere exact, warned); opt-in
     fp8_dx: bool = False
     # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
     tiled_mlp_tokens: int = 8192

@@ -12,7 +12,7 @@ input feature), so that the largest magnitude in each maps into e4m3's ±448. Po
 two make the scaling itself exact; each element is then rounded once to e4m3 (3 mantissa
 bits: a relative error up to 2⁻⁴ each, ≈ 2-4 % on a dot product of random signs). dx is
 accumulated in fp32 and rounded once to the compute dtype (``torch._scaled_mm``, rowwise
-scales: cuBLASLt on sm89+; also on CPU in recent torch).
+scales: sm90+ (Hopper); also on CPU in recent torch).
 
 W's fp8 copy (transposed, as ``_scaled_mm`` wants its second operand column-major) is
 made once per weight and kept while the weight lives and is not modified in place: one

@@ -27,7 +27,7 @@ When neither x nor x' needs a gradient, ``lora_linear_backward_ab`` computes onl
 ``fp8_dx`` (the option of that name, opt-in): ``dy W`` in e4m3 with per-token and
 per-input-feature scales, accumulated in fp32 (kernels/fp8_dx.py); g A, dA and dB as
 without it. Where fp8 cannot run (fp32 compute, sizes not multiples of 16, a GPU before
-sm89) dx is exact, warned once.
+sm90) dx is exact, warned once.
 
 The MLP fold (``gate``, ``up``, ``act``; passes/lora.py): when x is a gated MLP's product
 ``act(gate) ⊙ up``, the op also gets gate and up, keeps them for the backward instead of x
@@ -147,7 +147,7 @@ def fp8_dx_applies(dy2s: list, weights: list) -> bool:
     if all(w.dtype == dtype for w in weights) and fp8.supported(M, N, K, dtype, device):
         return True
     warn_once(f"lorafuse: fp8_dx does not apply to a ({M}, {N}) x ({N}, {K}) {dtype} dy W "
-              f"on {device} (it needs bf16, sizes that are multiples of 16, sm89+); that dx "
+              f"on {device} (it needs bf16, sizes that are multiples of 16, sm90+); that dx "
               "is exact")
     return False
 
