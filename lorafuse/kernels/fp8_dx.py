@@ -17,8 +17,7 @@ scales: sm90+ (Hopper); also on CPU in recent torch).
 W's fp8 copy (transposed, as ``_scaled_mm`` wants its second operand column-major) is
 made once per weight and kept while the weight lives and is not modified in place: one
 byte per frozen weight element (≈ 6.5 GiB at 8B). A weight's cache entry goes when its
-storage does. Sites with LoRA dropout keep an exact dy W (their backward computes it
-outside the op).
+storage does.
 
 ``fp8_dx_reference`` is the same arithmetic in plain PyTorch (quantise, dequantise to
 fp32, multiply): the CPU path and the test oracle. Where ``_scaled_mm`` cannot run (an

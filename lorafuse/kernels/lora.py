@@ -152,6 +152,21 @@ def fp8_dx_applies(dy2s: list, weights: list) -> bool:
     return False
 
 
+def _frozen_dx_impl(dy, weight):
+    """``dy W`` alone (a site with dropout: x and x' take separate gradients), in e4m3
+    where fp8_dx applies, exact elsewhere."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    lead = dy.shape[:-1]
+    if fp8_dx_applies([dy2], [weight]):
+        if not dy.is_cuda and not _triton_on_cpu():
+            return fp8.fp8_dx_reference(dy2, weight).to(dy.dtype).reshape(*lead, -1)
+        try:
+            return fp8.fp8_dx([dy2], [weight]).reshape(*lead, -1)
+        except Exception as e:  # never crash training over the opt-in path: exact from here
+            fp8.disable(e)
+    return (dy2 @ weight).reshape(*lead, -1)
+
+
 def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None, up=None, act=""):
     K, N, r = lora_a.shape[1], lora_b.shape[0], lora_a.shape[0]
     dy2 = dy.reshape(-1, N)
@@ -413,6 +428,18 @@ def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="", fp8_dx=Fals
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
+@lorafuse_op("lorafuse::frozen_dx")
+def frozen_dx_op(dy: Tensor, weight: Tensor) -> Tensor:
+    """``dy W`` through a frozen weight with ``fp8_dx``'s e4m3 arithmetic where it applies
+    (the backward of a LoRA site with dropout under that option)."""
+    return _frozen_dx_impl(dy, weight).contiguous()
+
+
+@frozen_dx_op.register_fake
+def _(dy, weight):
+    return dy.new_empty(*dy.shape[:-1], weight.shape[1])
+
+
 @lorafuse_op("lorafuse::lora_linear_backward_ab")
 def lora_linear_backward_ab_op(
     dy: Tensor,
@@ -462,7 +489,7 @@ def _backward(ctx, dy, _dh):
         else:
             dA, dB = lora_linear_backward_ab_op(dy, x_lora, lora_a, lora_b, h, ctx.scale)
         if need[0]:
-            dx = dy @ weight
+            dx = frozen_dx_op(dy, weight) if ctx.fp8_dx else dy @ weight
     elif need[0]:
         dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale,
                                              *(fold or (None, "")), fp8_dx=ctx.fp8_dx)

@@ -396,12 +396,8 @@ def run(gm: fx.GraphModule, report, fp8_dx: bool = False) -> None:
         report.notes.append(f"norm fold: {len(folds['norm'])} grouped op(s) compute dA from the "
                             "RMSNorm's input and rstd; its output is not kept for the backward")
     if fp8_dx and report.ops:
-        # with dropout the op's backward leaves dy W to autograd (lora.py's _backward): exact
-        dropout = sum(site.x_lora is not None for site in sites)
-        report.notes.append(f"fp8_dx: {report.ops - dropout} op(s) compute the frozen weights' "
-                            "dy W in e4m3 in the backward (the gradients change; the forward "
-                            "does not)" + (f"; {dropout} with LoRA dropout keep it exact"
-                                           if dropout else ""))
+        report.notes.append(f"fp8_dx: {report.ops} op(s) compute the frozen weights' dy W in "
+                            "e4m3 in the backward (the gradients change; the forward does not)")
     if folds["mlp"]:
         report.notes.append(f"MLP fold: {len(folds['mlp'])} op(s) compute dA from the gated "
                             "MLP's gate and up; the product is not kept for the backward")
