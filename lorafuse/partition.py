@@ -140,7 +140,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         if checkpointed and checkpointed["layers"]:
             budget = None  # the layers' recompute is the plan (Options forbids a budget)
         if budget == AUTO:
-            budget, limit = None, _auto_budget_bytes(joint_inputs)
+            budget, limit = None, _auto_budget_bytes(joint_inputs, _fp8_copies_to_make(gm))
         if budget is None:  # min-cut as configured, one call
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
             plan = None
@@ -333,8 +333,35 @@ class LorafusePartitioner(CustomPartitionerFn):
 _RANDOM_FLOOR = 1e-4
 
 
-def _auto_budget_bytes(joint_inputs):
-    """``AUTO_FRACTION`` of the memory free on the graph's GPU now, or None off the GPU.
+def _fp8_copies_to_make(gm) -> int:
+    """Bytes of the fp8 weight copies the ``fp8_dx`` option will cache at this graph's first
+    backward (kernels/fp8_dx.py): one byte an element of each persistent weight (a graph
+    input, through views) of a LoRA op with ``fp8_dx``, less what the cache holds already
+    (a recompile of the same model); a weight cast every step is a temporary, not counted."""
+    from .kernels import fp8_dx
+    from .kernels._ops import is_op
+
+    weights = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not any(
+                is_op(node.target, name) for name in ("lora_linear", "lora_linear_group")):
+            continue
+        if not _arg(node, "fp8_dx"):
+            continue
+        w = node.args[1]
+        for n in (w if isinstance(w, (list, tuple)) else [w]):
+            while isinstance(n, torch.fx.Node) and n.op == "call_function" and \
+                    getattr(n.target, "is_view", False):
+                n = n.args[0]
+            v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+            if n.op == "placeholder" and isinstance(v, torch.Tensor):
+                weights[n] = v.numel()
+    return max(0, sum(weights.values()) - fp8_dx.weight_cache.nbytes())
+
+
+def _auto_budget_bytes(joint_inputs, reserve: int = 0):
+    """``AUTO_FRACTION`` of the memory free on the graph's GPU now, less ``reserve`` bytes
+    the step will allocate outside the plan (``_fp8_copies_to_make``), or None off the GPU.
     Free: the driver's free memory plus what PyTorch's caching allocator holds unused, and
     no more than a ``torch.cuda.set_per_process_memory_fraction`` cap leaves."""
     device = next((t.device for t in _flat_tensors(joint_inputs) if t.device.type == "cuda"),
@@ -347,7 +374,7 @@ def _auto_budget_bytes(joint_inputs):
     cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if cap is not None and cap(device) < 1.0:
         available = min(available, int(cap(device) * total) - allocated)
-    return int(AUTO_FRACTION * max(available, 0))
+    return int(AUTO_FRACTION * max(available - reserve, 0))
 
 
 def _flat_tensors(x):

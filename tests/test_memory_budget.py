@@ -300,7 +300,8 @@ def test_auto_budget_applies_only_when_the_plan_would_not_fit(runs, monkeypatch,
     import warnings
 
     limit = int(free_gib * 2**30)
-    monkeypatch.setattr(lorafuse.partition, "_auto_budget_bytes", lambda joint_inputs: limit)
+    monkeypatch.setattr(lorafuse.partition, "_auto_budget_bytes",
+                        lambda joint_inputs, reserve=0: limit)
     with torch._functorch.config.patch(enable_autograd_cache=False), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -393,3 +394,43 @@ def test_auto_budget_reads_free_gpu_memory_and_a_process_cap(monkeypatch, cap):
     want = 12 * gib if cap == 1.0 else 8 * gib - 1 * gib  # free + unused reserve; cap − used
     assert got == int(lorafuse.partition.AUTO_FRACTION * want)
     assert lorafuse.partition._auto_budget_bytes(on_cpu) is None
+    # what the step will allocate outside the plan (fp8_dx's weight copies) comes off first
+    reserved = lorafuse.partition._auto_budget_bytes(on_gpu, reserve=2 * gib)
+    assert reserved == int(lorafuse.partition.AUTO_FRACTION * (want - 2 * gib))
+
+
+def test_fp8_copies_counted_once_per_persistent_weight(monkeypatch):
+    """``_fp8_copies_to_make``: one byte an element of each graph-input weight (through
+    views) of a LoRA op with fp8_dx, each weight once, grouped ops' lists too; not a weight
+    cast every step (a temporary), not ops without the option; less what is cached."""
+    import torch.fx as fx
+
+    from lorafuse.kernels import fp8_dx
+    from lorafuse.kernels import lora, lora_group  # noqa: F401  (registers the ops)
+
+    aten, ops = torch.ops.aten, torch.ops.lorafuse
+    g = fx.Graph()
+
+    def ph(name, *shape):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+        return n
+
+    x, a, b = ph("x", 8, 32), ph("a", 4, 32), ph("b", 64, 4)
+    w1, w2, w3, w4, w5 = ph("w1", 32, 64), ph("w2", 16, 32), ph("w3", 48, 32), ph("w4", 64, 32), \
+        ph("w5", 64, 32)
+    w1t = g.call_function(aten.t.default, (w1,))  # GPT-2's Conv1D weight: a view
+    cast = g.call_function(aten._to_copy.default, (w5,), {"dtype": torch.bfloat16})
+    on = {"fp8_dx": True}
+    g.call_function(ops.lora_linear.default, (x, w1t, None, a, b, 1.0, None), on)
+    g.call_function(ops.lora_linear.default, (x, w1t, None, a, b, 1.0, None), on)  # again
+    g.call_function(ops.lora_linear_group.default, (x, [w2, w3], [None, None], [a, a], [b, b],
+                                                     [1.0, 1.0]), on)
+    g.call_function(ops.lora_linear.default, (x, w4, None, a, b, 1.0, None))  # no fp8_dx
+    g.call_function(ops.lora_linear.default, (x, cast, None, a, b, 1.0, None), on)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    fp8_dx.weight_cache.clear()
+    want = 32 * 64 + 16 * 32 + 48 * 32
+    assert lorafuse.partition._fp8_copies_to_make(gm) == want
+    monkeypatch.setattr(fp8_dx.weight_cache, "nbytes", lambda: 1000)
+    assert lorafuse.partition._fp8_copies_to_make(gm) == want - 1000

@@ -214,6 +214,10 @@ class _WeightCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def nbytes(self) -> int:
+        """Bytes the cached copies take (weights and scales)."""
+        return sum(q.nbytes + sc.nbytes for _, (q, sc) in self._entries.values())
+
 
 weight_cache = _WeightCache()
 
