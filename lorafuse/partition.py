@@ -353,9 +353,9 @@ def _fp8_copies_to_make(gm) -> int:
             while isinstance(n, torch.fx.Node) and n.op == "call_function" and \
                     getattr(n.target, "is_view", False):
                 n = n.args[0]
-            v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-            if n.op == "placeholder" and isinstance(v, torch.Tensor):
-                weights[n] = v.numel()
+            if isinstance(n, torch.fx.Node) and n.op == "placeholder" and \
+                    isinstance(n.meta.get("val"), torch.Tensor):
+                weights[n] = n.meta["val"].numel()
     return max(0, sum(weights.values()) - fp8_dx.weight_cache.nbytes())
 
 
