@@ -75,8 +75,6 @@ def test_quantize_rows_powers_of_two_and_one_rounding(m, n, seed, log_scale):
                                                     max_size=3),
        k=st.sampled_from([16, 48, 80]), seed=st.integers(0, 2**16))
 def test_scaled_mm_path_equals_its_oracle_and_stays_near_exact(m, ns, k, seed):
-    if not hasattr(torch, "_scaled_mm"):
-        pytest.skip("no torch._scaled_mm")
     dys = [randn(m, n, seed=seed + i) for i, n in enumerate(ns)]
     ws = [randn(n, k, seed=seed + 100 + i, scale=0.05) for i, n in enumerate(ns)]
     got = fp8.fp8_dx(dys, ws)
@@ -165,6 +163,12 @@ def _site(m, k, n, r, seed):
     return x, w, a, b
 
 
+def _lora_op(w, scale):
+    """A factory: fp8_dx -> the single-site op's y as a function of (x, A, B), W fixed."""
+    return lambda fp8_dx: lambda x, a, b: lora_linear_op(x, w, None, a, b, scale, None,
+                                                        fp8_dx=fp8_dx)[0]
+
+
 def _grads(fn, leaves):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     out = fn(*leaves)
@@ -179,16 +183,12 @@ def test_lora_linear_only_dx_changes(path, monkeypatch):
     oracle's and within the bound of the exact one. 'scaled_mm' runs the GPU's code path
     on CPU tensors (the Triton interpreter switch routes the op there)."""
     if path == "scaled_mm":
-        if not hasattr(torch, "_scaled_mm"):
-            pytest.skip("no torch._scaled_mm")
         import lorafuse.kernels.lora as lora_mod
         monkeypatch.setattr(lora_mod, "_triton_on_cpu", lambda: True)
         monkeypatch.setattr(lora_mod, "_forward_impl", lambda x, w, bias, a, b, s, xl:
                             lora_mod.lora_linear_reference(x, w, bias, a, b, s, xl))
     x, w, a, b = _site(32, 48, 64, 8, seed=5)
-
-    def op(fp8_dx):
-        return lambda x, a, b: lora_linear_op(x, w, None, a, b, 0.5, None, fp8_dx=fp8_dx)[0]
+    op = _lora_op(w, 0.5)
 
     y0, (dx0, da0, db0) = _grads(op(False), [x, a, b])
     y1, (dx1, da1, db1) = _grads(op(True), [x, a, b])
@@ -231,9 +231,7 @@ def test_falls_back_to_exact_where_fp8_cannot_run():
     warned.clear()
     for dtype, (m, k, n) in ((torch.float32, (32, 48, 64)), (BF16, (32, 40, 64))):
         x, w, a, b = (t.to(dtype) for t in _site(m, k, n, 4, seed=3))
-
-        def op(fp8_dx):
-            return lambda x, a, b: lora_linear_op(x, w, None, a, b, 1.0, None, fp8_dx=fp8_dx)[0]
+        op = _lora_op(w, 1.0)
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -351,9 +349,7 @@ def test_an_fp8_failure_falls_back_to_exact_for_the_rest_of_the_process(monkeypa
     monkeypatch.setattr(fp8, "_failed", [])
     warned.clear()
     x, w, a, b = _site(32, 48, 64, 8, seed=6)
-
-    def op(fp8_dx):
-        return lambda x, a, b: lora_linear_op(x, w, None, a, b, 0.5, None, fp8_dx=fp8_dx)[0]
+    op = _lora_op(w, 0.5)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -94,7 +94,7 @@ def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
     want a bf16 output on CUDA), every size a multiple of 16, a CUDA device of compute
     capability 9.0+ (PyTorch's rowwise-scaled fp8 GEMM is Hopper's and later; sm89 has
     fp8 but not that kernel in every release), or the CPU (recent torch; tests); and no
-    earlier failure (``disable``)."""
+    earlier failure (``fp8_dx``)."""
     if _failed or dtype != torch.bfloat16 or any(n % 16 for n in (M, N, K)) or M == 0:
         return False
     if device.type == "cuda":
@@ -105,13 +105,17 @@ def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
 _failed: list = []  # the first error of the fp8 path in this process, if any
 
 
-def disable(error: Exception) -> None:
-    """After an error of the fp8 path (a torch without the rowwise kernel, say), every
-    later dy W in this process is exact; warned once."""
-    if not _failed:
-        _failed.append(error)
-        warn_once(f"lorafuse: fp8_dx failed ({type(error).__name__}: {error}); dy W is exact "
-                  "from here on")
+def applies(dy2s: list, weights: list) -> bool:
+    """Whether ``fp8_dx`` can run for these sites (dy_i (M, N_i), W_i (N_i, K): one GEMM
+    over the concatenated N); warns once per kind of site where it cannot."""
+    M, N, K = dy2s[0].shape[0], sum(d.shape[1] for d in dy2s), weights[0].shape[1]
+    dtype, device = dy2s[0].dtype, dy2s[0].device
+    if all(w.dtype == dtype for w in weights) and supported(M, N, K, dtype, device):
+        return True
+    warn_once(f"lorafuse: fp8_dx does not apply to a ({M}, {N}) x ({N}, {K}) {dtype} dy W "
+              f"on {device} (it needs bf16, sizes that are multiples of 16, sm90+); that dx "
+              "is exact")
+    return False
 
 
 def _row_scales(dy2s: list) -> Tensor:
@@ -222,10 +226,18 @@ class _WeightCache:
 weight_cache = _WeightCache()
 
 
-def fp8_dx(dy2s: list, weights: list) -> Tensor:
+def fp8_dx(dy2s: list, weights: list):
     """``Σ_i dy_i @ W_i`` (one site, or a group's sites concatenated along N) with dy and W
-    in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype.
-    Callers check ``supported`` first."""
-    q, sa = quantize_dy(dy2s)
-    wq, sb = weight_cache.get(list(weights))
-    return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
+    in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype; callers
+    check ``applies`` first. None after an error (a torch without the rowwise kernel, say):
+    the caller computes the exact product, and so does every later call in this process
+    (``supported`` says no), warned once: never crash training over the opt-in path."""
+    try:
+        q, sa = quantize_dy(dy2s)
+        wq, sb = weight_cache.get(list(weights))
+        return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
+    except Exception as e:
+        _failed.append(e)
+        warn_once(f"lorafuse: fp8_dx failed ({type(e).__name__}: {e}); dy W is exact from "
+                  "here on")
+        return None

@@ -130,26 +130,16 @@ def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale, u
 
 def _lora_linear_backward_fp8(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
     """The cuBLAS path with ``dy W`` in e4m3 (fp8_dx.fp8_dx, rounded once), g A added to it
-    (a second rounding, as the cuBLAS path rounds twice)."""
+    (a second rounding, as the cuBLAS path rounds twice); None if the fp8 GEMM failed."""
     N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
+    dx = fp8.fp8_dx([dy2], [weight])
+    if dx is None:
+        return None
     g = dy2 @ lora_b
-    dx = fp8.fp8_dx([dy2], [weight]).addmm_(g, lora_a, alpha=scale)
+    dx.addmm_(g, lora_a, alpha=scale)
     dA, dB = _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g, up, act)
     return dx.reshape(x_lora.shape), dA, dB
-
-
-def fp8_dx_applies(dy2s: list, weights: list) -> bool:
-    """Whether ``fp8_dx`` can run for these sites (dy_i (M, N_i), W_i (N_i, K): one GEMM
-    over the concatenated N); warns once per kind of site where it cannot."""
-    M, N, K = dy2s[0].shape[0], sum(d.shape[1] for d in dy2s), weights[0].shape[1]
-    dtype, device = dy2s[0].dtype, dy2s[0].device
-    if all(w.dtype == dtype for w in weights) and fp8.supported(M, N, K, dtype, device):
-        return True
-    warn_once(f"lorafuse: fp8_dx does not apply to a ({M}, {N}) x ({N}, {K}) {dtype} dy W "
-              f"on {device} (it needs bf16, sizes that are multiples of 16, sm90+); that dx "
-              "is exact")
-    return False
 
 
 def _frozen_dx_impl(dy, weight):
@@ -157,14 +147,13 @@ def _frozen_dx_impl(dy, weight):
     where fp8_dx applies, exact elsewhere."""
     dy2 = dy.reshape(-1, dy.shape[-1])
     lead = dy.shape[:-1]
-    if fp8_dx_applies([dy2], [weight]):
+    dx = None
+    if fp8.applies([dy2], [weight]):
         if not dy.is_cuda and not _triton_on_cpu():
-            return fp8.fp8_dx_reference(dy2, weight).to(dy.dtype).reshape(*lead, -1)
-        try:
-            return fp8.fp8_dx([dy2], [weight]).reshape(*lead, -1)
-        except Exception as e:  # never crash training over the opt-in path: exact from here
-            fp8.disable(e)
-    return (dy2 @ weight).reshape(*lead, -1)
+            dx = fp8.fp8_dx_reference(dy2, weight).to(dy.dtype)
+        else:
+            dx = fp8.fp8_dx([dy2], [weight])
+    return (dy2 @ weight if dx is None else dx).reshape(*lead, -1)
 
 
 def _lora_ab_cublas(dy, x_lora, lora_a, lora_b, h, scale, g=None, up=None, act=""):
@@ -329,14 +318,12 @@ def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
 def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="",
                    fp8_dx=False):
     args = (dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
-    if fp8_dx and weight is not None and fp8_dx_applies([dy.reshape(-1, dy.shape[-1])],
-                                                        [weight]):
+    if fp8_dx and weight is not None and fp8.applies([dy.reshape(-1, dy.shape[-1])], [weight]):
         if not dy.is_cuda and not _triton_on_cpu():
             return lora_linear_backward_reference(*args, fp8_dx=True)
-        try:
-            return _lora_linear_backward_fp8(*args)
-        except Exception as e:  # never crash training over the opt-in path: exact from here
-            fp8.disable(e)
+        out = _lora_linear_backward_fp8(*args)
+        if out is not None:  # None: the fp8 GEMM failed; exact from here (fp8_dx.fp8_dx)
+            return out
     if not dy.is_cuda and not _triton_on_cpu():
         return lora_linear_backward_reference(*args)
     if weight is None:  # no base GEMM: nothing for the Triton kernel to fuse

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import fp8_dx as fp8
-from .lora import _upcast, base_plus_lowrank, fp8_dx_applies, mm_fp32
+from .lora import _upcast, base_plus_lowrank, mm_fp32
 from ._ops import lorafuse_op
 
 
@@ -138,17 +138,15 @@ def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx
         dA = _folded_dA(g, x2, norm_rstd, norm_fold_weight(norm_weight, norm_offset, K, x))
     dBs = [torch.mm(d.t(), hi).mul_(s) for d, hi, s in zip(dy2, hs, scales)]
     out = []
-    dx = None
-    if need_dx and fp8_dx:  # one e4m3 GEMM for Σ dy_i W_i, then g A_cat added
-        try:
-            dx = fp8.fp8_dx(dy2, list(weights)).addmm_(g, torch.cat(lora_as))
-            out.append(dx.reshape(x.shape))
-        except Exception as e:  # never crash training over the opt-in path: exact from here
-            fp8.disable(e)
-    if need_dx and dx is None:
-        dx = g @ torch.cat(lora_as)
-        for d, w in zip(dy2, weights):
-            dx.addmm_(d, w)  # accumulate every site's dy W into one buffer
+    if need_dx:
+        # fp8_dx: one e4m3 GEMM for Σ dy_i W_i, then g A_cat added (None: it failed, exact)
+        dx = fp8.fp8_dx(dy2, list(weights)) if fp8_dx else None
+        if dx is not None:
+            dx.addmm_(g, torch.cat(lora_as))
+        else:
+            dx = g @ torch.cat(lora_as)
+            for d, w in zip(dy2, weights):
+                dx.addmm_(d, w)  # accumulate every site's dy W into one buffer
         out.append(dx.reshape(x.shape))
     return out + [a.clone() for a in torch.split(dA, ranks, dim=0)] + dBs  # no aliased outputs
 
@@ -200,7 +198,7 @@ def lora_linear_group_backward_op(
     the norm's input x₀ (the norm fold): dx has its shape and dtype. ``fp8_dx``: Σ dy_i W_i
     in e4m3 where it applies (module docstring)."""
     impl = _group_backward_cublas if x.is_cuda else lora_group_backward_reference
-    fp8_dx = bool(fp8_dx and need_dx and fp8_dx_applies(
+    fp8_dx = bool(fp8_dx and need_dx and fp8.applies(
         [d.reshape(-1, d.shape[-1]) for d in dys], list(weights)))
     return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
                                          norm_rstd, norm_weight, norm_offset, fp8_dx)]
