@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import warnings
 
 import pytest
@@ -105,32 +106,65 @@ def interpreter_results():
     return run_interpreter_worker(__file__)
 
 
-@pytest.mark.parametrize("check", ["scale-rows-into-slices"])
+@pytest.mark.parametrize("check", ["quantize-rows-into"])
 def test_triton_interpreter(interpreter_results, check):
     assert_check_passed(interpreter_results, check)
 
 
+def _edge_rows(m: int, n: int) -> torch.Tensor:
+    """m rows of n random values, the first five replaced by edge cases of the scale: all
+    zero, tiny (2⁻¹²⁰), a maximum of exactly 448 · 2³, one just above it, and an inf."""
+    t = randn(m, n, seed=m * n)
+    edges = [0.0, 2.0 ** -120, 448.0 * 8, 448.0 * 8 * (1 + 2.0 ** -7), float("inf")]
+    for i, v in enumerate(edges[:m]):
+        t[i] = randn(n, seed=i, scale=1e-3) * (v if 0 < v < float("inf") else 1) if v else 0
+        if v:
+            t[i, i % n] = v
+    return t
+
+
 def _worker():
-    """Runs in the subprocess (TRITON_INTERPRET=1): the Triton kernel's scaling and
-    indexing, with its fp32 output (the interpreter's e4m3 cast is not the GPU's)."""
+    """Runs in the subprocess (TRITON_INTERPRET=1): the Triton kernel's maxima, scales,
+    scaling and indexing, with its fp32 output (the interpreter's e4m3 cast is not the
+    GPU's; the GPU test checks the e4m3 bytes)."""
     record = CheckRecorder()
 
-    def scale_rows_into_slices():
-        for (m, ns) in ((5, (16, 600)), (17, (32, 16, 48))):  # rows and columns past a tile
-            dys = [randn(m, n, seed=n) for n in ns]
-            s = fp8._row_scales(dys)
-            inv = (1.0 / s).reshape(-1)
-            out = torch.full((m, sum(ns)), float("nan"))
-            off = 0
-            for d in dys:
-                fp8.scale_rows_into(d, inv, out[:, off:off + d.shape[1]])
-                off += d.shape[1]
-            want = torch.cat(dys, 1).float() * inv.reshape(-1, 1)
-            assert torch.equal(out, want)
-            assert (want.abs().amax(1) <= 448).all() and (want.abs().amax(1) > 224).all()
+    def quantize_rows_into():
+        # rows past one program, columns past a BLOCK_N, one to three sources
+        for m, ns in ((7, (16, 600)), (9, (32, 16, 48)), (6, (2100,))):
+            dy = _edge_rows(m, sum(ns)).float()  # fp32 keeps the edge values exact
+            dys = list(torch.split(dy, list(ns), dim=1))
+            out = torch.full((m, sum(ns)), -1.0)
+            scale = torch.full((m,), -1.0)
+            fp8.quantize_rows_into(dys, out, scale)
+            want_s = fp8.pow2_scale(dy.abs().amax(1))
+            torch.testing.assert_close(scale, want_s, rtol=0, atol=0, equal_nan=True)
+            fin = want_s.isfinite()
+            assert torch.equal(out[fin], dy[fin] / want_s[fin, None])
+            assert out[~fin].isnan().all() and (~fin).sum() == (m >= 5)
+            scaled = fin & (dy.abs().amax(1) >= 448 * 2.0 ** -100)  # not the zero, tiny rows
+            top = out[scaled].abs().amax(1)
+            assert ((top > 224) & (top <= 448)).all(), top
 
-    record("scale-rows-into-slices", scale_rows_into_slices)
+    record("quantize-rows-into", quantize_rows_into)
     record.report()
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.floats(0, 2.0 ** 127, width=32), nudge=st.sampled_from([0, -1, 1]))
+def test_pow2_scale_is_the_least_power_of_two(a, nudge):
+    """``pow2_scale`` (fp32 bits, as the kernel computes it) is exactly the least power of
+    two s with a / s ≤ 448, at binade edges too (a = 448 · 2^k and its fp32 neighbours),
+    against float64 arithmetic; zero gets the smallest scale."""
+    if a > 0 and nudge:  # a power of two times 448, then one ulp either side
+        a = float(torch.nextafter(torch.tensor(448.0 * 2.0 ** round(math.log2(a / 448))),
+                                  torch.tensor(nudge * float("inf"))))
+    s = fp8.pow2_scale(torch.tensor([a])).item()
+    if a == 0:
+        assert s == 2.0 ** -100
+        return
+    want = 2.0 ** max(-100, math.ceil(math.log2(a / 448)))
+    assert s == want, (a, s, want)
 
 
 def test_weight_cache_hits_rebuilds_and_evicts():

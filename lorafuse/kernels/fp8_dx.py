@@ -26,15 +26,19 @@ older GPU, sizes not multiples of 16, fp32 compute) the caller keeps the exact p
 dy's quantisation runs every backward, over every site's dy (≈ 5.5 G elements a step at
 the 8B shape): in eager PyTorch (abs, amax, multiply, cast, and a cat for a group) that
 is ≈ 15 bytes of memory traffic an element, ≈ 20 ms a step on the H200, most of what the
-fp8 GEMMs would save. So on CUDA the row maxima come from one reduction per site
-(``vector_norm(inf)``, exact) and one Triton kernel per site scales and casts its dy
-into its columns of the concatenated e4m3 operand: 5 bytes an element. Under the Triton
-interpreter the e4m3 cast is not the GPU's (it does not round to nearest), so CPU tests
-check the kernel's scaling with an fp32 output and the GPU test its e4m3 bytes.
+fp8 GEMMs would save. So on CUDA one Triton launch per GEMM reads each row of the sites'
+dy, takes its maximum and power-of-two scale, and re-reads the row (from L2) to scale and
+cast it into the concatenated e4m3 operand: ≈ 3 bytes of HBM traffic an element, and one
+launch where a reduction, the scale's arithmetic and a cast per site took ten (session
+27's profile: ≈ 9.6 ms a step in two kernels, and the host time of ≈ 1,300 launches).
+Under the Triton interpreter the e4m3 cast is not the GPU's (it does not round to
+nearest), so CPU tests check the kernel's scaling with an fp32 output and the GPU test
+its e4m3 bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -54,12 +58,19 @@ E4M3_MAX = 448.0
 # the smallest power-of-two scale used: an all-zero row or column gets this one (any
 # finite scale gives zeros there)
 _MIN_SCALE = 2.0 ** -100
+_MANT_1_75 = 0x600000  # fp32 mantissa bits of 1.75
 
 
 def pow2_scale(amax: Tensor) -> Tensor:
-    """fp32 powers of two s with amax / s ≤ 448 (the least such), from absolute maxima."""
-    a = amax.float().clamp_min(_MIN_SCALE * E4M3_MAX)
-    return torch.exp2(torch.ceil(torch.log2(a / E4M3_MAX)))
+    """fp32 powers of two s, the least with amax / s ≤ 448, from absolute maxima (NaN where
+    amax is not finite). Read off amax's fp32 bits, so exact (a log2 is not, near a
+    binade's edge): amax = 1.m · 2^e needs s = 2^(e-8), or 2^(e-7) when 1.m > 1.75
+    (448 = 1.75 · 2⁸). The Triton kernel computes the same bits (``_pow2_inverse``)."""
+    bits = amax.float().clamp_min(_MIN_SCALE * E4M3_MAX).view(torch.int32)
+    e = (bits >> 23) & 0xFF
+    k = e - 127 - 8 + ((bits & 0x7FFFFF) > _MANT_1_75).int()
+    s = ((k + 127) << 23).view(torch.float32)
+    return torch.where(e == 0xFF, float("nan"), s)
 
 
 def quantize_rows(t2: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,8 +109,13 @@ def supported(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) 
     if _failed or dtype != torch.bfloat16 or any(n % 16 for n in (M, N, K)) or M == 0:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (9, 0)
+        return _sm90(device.index if device.index is not None else torch.cuda.current_device())
     return device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:  # asked at every backward of every site: ask the driver once
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 _failed: list = []  # the first error of the fp8 path in this process, if any
@@ -120,65 +136,111 @@ def applies(dy2s: list, weights: list) -> bool:
 
 def _row_scales(dy2s: list) -> Tensor:
     """One power-of-two scale per row across the sites' dy (M, 1), from each site's exact
-    row maxima (one reduction kernel each, no temporary)."""
+    row maxima (one reduction each, no temporary): the PyTorch path's."""
     amax = torch.linalg.vector_norm(dy2s[0], float("inf"), dim=1)
     for d in dy2s[1:]:
         amax = torch.maximum(amax, torch.linalg.vector_norm(d, float("inf"), dim=1))
     return pow2_scale(amax).reshape(-1, 1)
 
 
+MAX_SOURCES = 3  # the kernel's: a q/k/v group
+
 if triton is not None:
     @triton.jit
-    def _scale_rows_cast(x_ptr, inv_ptr, out_ptr, M, N, sx, so, TO_E4M3: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out[m, n] = e4m3(x[m, n] · inv[m]) for a (BLOCK_M, BLOCK_N) tile; the product is
-        exact (inv a power of two), so the one rounding is the cast's (the GPU's rounds to
-        nearest even). TO_E4M3=False stores the fp32 product (interpreter tests)."""
+    def _source_amax(x_ptr, sx, N, r64, rmask, amax, BLOCK_N: tl.constexpr):
+        for c in range(0, N, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            m = rmask[:, None] & (cols < N)[None, :]
+            x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        return amax
+
+    @triton.jit
+    def _source_cast(x_ptr, sx, N, o_ptr, so, r64, rmask, inv, TO_E4M3: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        for c in range(0, N, BLOCK_N):
+            cols = c + tl.arange(0, BLOCK_N)
+            m = rmask[:, None] & (cols < N)[None, :]
+            x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            y = x * inv[:, None]  # exact: inv is a power of two
+            if TO_E4M3:
+                tl.store(o_ptr + r64 * so + cols[None, :], y.to(tl.float8e4nv), mask=m)
+            else:
+                tl.store(o_ptr + r64 * so + cols[None, :], y, mask=m)
+
+    @triton.jit
+    def _quantize_rows_kernel(x0, x1, x2, sx0, sx1, sx2, n0, n1, n2, out_ptr, so, scale_ptr,
+                              M, min_amax, NSRC: tl.constexpr, TO_E4M3: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """For BLOCK_M rows of up to three sources side by side: the row maxima, the
+        power-of-two scale (``pow2_scale``'s bits), then each source scaled and cast into
+        its columns of ``out``; the second read of a row mostly hits L2. TO_E4M3=False
+        stores the fp32 product (interpreter tests)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < M
-        mask = rmask[:, None] & (cols < N)[None, :]
         r64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = x * tl.load(inv_ptr + rows, mask=rmask, other=1.0)[:, None]
-        if TO_E4M3:
-            tl.store(out_ptr + r64 * so + cols[None, :], y.to(tl.float8e4nv), mask=mask)
-        else:
-            tl.store(out_ptr + r64 * so + cols[None, :], y, mask=mask)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        amax = _source_amax(x0, sx0, n0, r64, rmask, amax, BLOCK_N)
+        if NSRC > 1:
+            amax = _source_amax(x1, sx1, n1, r64, rmask, amax, BLOCK_N)
+        if NSRC > 2:
+            amax = _source_amax(x2, sx2, n2, r64, rmask, amax, BLOCK_N)
+        bits = tl.maximum(amax, min_amax).to(tl.int32, bitcast=True)
+        e = (bits >> 23) & 0xFF
+        k = e - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # 135 = 127 + 8
+        finite = e != 0xFF
+        scale = tl.where(finite, ((k + 127) << 23).to(tl.float32, bitcast=True), float("nan"))
+        inv = tl.where(finite, ((127 - k) << 23).to(tl.float32, bitcast=True), float("nan"))
+        tl.store(scale_ptr + rows, scale, mask=rmask)
+        _source_cast(x0, sx0, n0, out_ptr, so, r64, rmask, inv, TO_E4M3, BLOCK_N)
+        if NSRC > 1:
+            _source_cast(x1, sx1, n1, out_ptr + n0, so, r64, rmask, inv, TO_E4M3, BLOCK_N)
+        if NSRC > 2:
+            _source_cast(x2, sx2, n2, out_ptr + n0 + n1, so, r64, rmask, inv, TO_E4M3,
+                         BLOCK_N)
 
 
-def scale_rows_into(d: Tensor, inv: Tensor, out: Tensor) -> None:
-    """``out = e4m3(d · inv)`` (``inv`` (M,) fp32; ``out`` an (M, N) column slice of the
-    operand, rows contiguous) with the Triton kernel; an fp32 ``out`` takes the product
-    uncast (tests)."""
-    M, N = d.shape
-    BLOCK_M, BLOCK_N = 8, 512
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    with on_device(d):
-        _scale_rows_cast[grid](d, inv, out, M, N, d.stride(0), out.stride(0),
-                               TO_E4M3=out.dtype == E4M3, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor) -> None:
+    """The Triton kernel: ``out`` (M, ΣN) = the sites' dy side by side, each row scaled by
+    its power of two and cast (e4m3; an fp32 ``out`` takes the product uncast, for tests),
+    ``scale`` (M,) fp32 = those powers of two. One launch for up to ``MAX_SOURCES`` sites
+    whose rows are contiguous."""
+    M = out.shape[0]
+    srcs = list(dy2s) + [dy2s[0]] * (MAX_SOURCES - len(dy2s))  # unused slots: any pointer
+    ns = [d.shape[1] for d in dy2s] + [0] * (MAX_SOURCES - len(dy2s))
+    BLOCK_M, BLOCK_N = 1, 2048  # one row a program: its second read stays in L2
+    with on_device(out):
+        _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M),)](
+            *srcs, *(d.stride(0) for d in srcs), *ns, out, out.stride(0), scale, M,
+            _MIN_SCALE * E4M3_MAX, NSRC=len(dy2s), TO_E4M3=out.dtype == E4M3,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=8)
+
+
+def _kernel_takes(dy2s: list) -> bool:
+    return (triton is not None and dy2s[0].is_cuda and len(dy2s) <= MAX_SOURCES
+            and all(d.stride(1) == 1 for d in dy2s))
 
 
 def quantize_dy(dy2s: list) -> tuple[Tensor, Tensor]:
     """``quantize_rows`` of the sites' dy concatenated along N (the same bytes), without
-    the concatenation: ``(q (M, ΣN) e4m3, s (M, 1) fp32)``. CUDA: the Triton kernel per
-    site (module docstring); elsewhere, or if it fails (warned once), PyTorch."""
-    s = _row_scales(dy2s)
-    inv = (1.0 / s).reshape(-1)
+    the concatenation: ``(q (M, ΣN) e4m3, s (M, 1) fp32)``. CUDA: one Triton launch
+    (module docstring); elsewhere, or if it fails (warned once), PyTorch."""
     M, N = dy2s[0].shape[0], sum(d.shape[1] for d in dy2s)
     q = torch.empty(M, N, dtype=E4M3, device=dy2s[0].device)
+    if _kernel_takes(dy2s):
+        s = torch.empty(M, dtype=torch.float32, device=q.device)
+        try:
+            quantize_rows_into(dy2s, q, s)
+            return q, s.reshape(-1, 1)
+        except Exception as e:  # never crash training over the optional kernel
+            warn_once(f"lorafuse: Triton fp8 quantisation failed ({type(e).__name__}: "
+                      f"{e}); using PyTorch")
+    s = _row_scales(dy2s)
+    inv = (1.0 / s).reshape(-1, 1)
     off = 0
-    for d in dy2s:
-        part = q[:, off:off + d.shape[1]]
+    for d in dy2s:  # exact in bf16 (a power of two); the copy rounds once
+        q[:, off:off + d.shape[1]].copy_(d * inv.to(d.dtype))
         off += d.shape[1]
-        if triton is not None and d.is_cuda and d.stride(1) == 1:
-            try:
-                scale_rows_into(d, inv, part)
-                continue
-            except Exception as e:  # never crash training over the optional kernel
-                warn_once(f"lorafuse: Triton fp8 quantisation failed ({type(e).__name__}: "
-                          f"{e}); using PyTorch")
-        part.copy_(d * inv.to(d.dtype).reshape(-1, 1))  # exact in bf16; the copy rounds once
     return q, s
 
 
