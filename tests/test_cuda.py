@@ -992,7 +992,7 @@ def test_fp8_dx_real_sizes_on_gpu(site):
     g = torch.Generator("cuda").manual_seed(0)
     dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
     W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).bfloat16()
-    q, sa = fp8.quantize_dy([dy[:, :N // 2], dy[:, N // 2:]])  # the Triton kernel, two slices
+    q, sa = fp8.quantize_dy(list(dy.split([N // 4, N // 4, N // 2], 1)))  # the kernel, 3 sources
     q_ref, sa_ref = fp8.quantize_rows(dy)  # PyTorch's cast
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sa, sa_ref)
     got = fp8.fp8_dx([dy], [W])
