@@ -12,8 +12,9 @@
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
 #   fp8    8B bf16, issue 3's 1.1 x Unsloth with the fp8_dx option: lorafuse:fp8 (defaults +
-#          fp8_dx), unsloth, then lorafuse (last: a short budget drops the known one
-#          first), 2 + 8 steps, no fp32 reference. ~7 min (estimate).
+#          fp8_dx), lorafuse:fp8cg (and Inductor's CUDA graphs), unsloth; 2 + 8 steps, two
+#          rounds (one process each had spread 14,300-17,255 tok/s in session 27), no fp32
+#          reference. ~7.5 min (estimate).
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8, 2 + 18 steps, the fp32
 #          reference of each one's parameters at every step 1-20. ~7 min (estimate).
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
@@ -161,6 +162,7 @@ CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "check
   "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 FP8_CONFIG='{"options": {"fp8_dx": true}}'
+FP8CG_CONFIG='{"options": {"fp8_dx": true, "inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
@@ -277,8 +279,9 @@ case "$MODE_ONE" in
         run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
             --variants eager,inductor,lorafuse ;;
     fp8)
-        run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
-            --variants lorafuse:fp8,unsloth,lorafuse --lorafuse-config "fp8=$FP8_CONFIG" ;;
+        run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref --rounds 2 \
+            --variants lorafuse:fp8,lorafuse:fp8cg,unsloth --lorafuse-config "fp8=$FP8_CONFIG" \
+            --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
     fp8ref)
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8 --variants eager,lorafuse:fp8 \
