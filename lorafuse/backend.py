@@ -146,6 +146,62 @@ def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport,
                           f"unmodified: {pr.error}", stacklevel=2)
 
 
+def _fp8_sites(gm, example_inputs) -> list:
+    """``(weights, parameters, M)`` of each LoRA op the lora pass gave ``fp8_dx``: its
+    weights as real tensors (graph inputs or attributes, or a ``.t()`` of one; a weight
+    cast per step is not persistent and is left out), the tensors they are views of, and
+    M its static rows; sites where any of it is unknown are left out (their copies are
+    made at the first backward, as before)."""
+    from .kernels._ops import is_op
+    from .passes._graph import val
+
+    inputs = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
+
+    def real(n):  # (the tensor the op gets, the tensor it is a view of), or None
+        t = None
+        if n.op == "placeholder":
+            t = inputs.get(n)
+        elif n.op == "get_attr":
+            t = gm
+            for part in n.target.split("."):
+                t = getattr(t, part, None)
+        elif n.op == "call_method" and n.target == "t" and isinstance(n.args[0], torch.fx.Node):
+            base = real(n.args[0])
+            return None if base is None else (base[0].t(), base[1])
+        return (t, t) if isinstance(t, torch.Tensor) else None
+
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not node.kwargs.get("fp8_dx") or not any(
+                is_op(node.target, name) for name in ("lora_linear", "lora_linear_group")):
+            continue
+        w = node.args[1]
+        found = [real(n) if isinstance(n, torch.fx.Node) else None
+                 for n in (w if isinstance(w, (list, tuple)) else [w])]
+        x = val(node.args[0])
+        rows = x.shape[:-1].numel() if x is not None else None
+        if all(f is not None for f in found) and isinstance(rows, int):
+            sites.append(([f[0] for f in found], [f[1] for f in found], rows))
+    return sites
+
+
+def _prebuild_fp8_copies(gm, example_inputs, report) -> None:
+    """``fp8_dx``'s weight copies made at compile time (kernels/fp8_dx.py, ``prebuild``:
+    why); a failure leaves them to the first backward, as before."""
+    from .kernels import fp8_dx
+
+    try:
+        made = fp8_dx.prebuild(_fp8_sites(gm, example_inputs))
+    except Exception as e:  # never fail a compile over it
+        warnings.warn(f"lorafuse: fp8_dx's weight copies were not made at compile time "
+                      f"({type(e).__name__}: {e}); the first backward makes them", stacklevel=3)
+        return
+    lora = next((p for p in report.passes if p.name == "lora"), None)
+    if made and lora is not None:
+        lora.notes.append(f"fp8_dx: {made / 2**30:.2f} GiB of fp8 weight copies made at "
+                          "compile time")
+
+
 def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None):
     """The backend behind ``torch.compile(model, backend="lorafuse", options={...})``.
     ``_collect``: a ``Report`` to append each graph's report to (tests, tools)."""
@@ -171,6 +227,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     report = GraphReport(next(_graph_ids))
     pristine = copy_graph(gm.graph)
     _run_passes(gm, opts, report, pristine)
+    if opts.fp8_dx:
+        _prebuild_fp8_copies(gm, example_inputs, report)
 
     patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
     try:

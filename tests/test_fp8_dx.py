@@ -189,6 +189,29 @@ def test_weight_cache_hits_rebuilds_and_evicts():
     fp8.weight_cache.clear()
 
 
+def test_weight_cache_reads_the_parameters_version():
+    """A view that a compiled graph makes of a parameter (a ``reinterpret_tensor``: its own
+    version counter, fresh each step) hits the entry built for it, and an in-place update
+    of the parameter, which that view's counter never shows, still rebuilds it."""
+    fp8.weight_cache.clear()
+    w = randn(48, 32, seed=5)  # Conv1D-style (K, N) parameter; the op gets its .t()
+
+    def graph_view():
+        return torch.empty(0, dtype=w.dtype).set_(w.untyped_storage(), 0, (32, 48), (1, 32))
+
+    first = fp8.weight_cache.get([graph_view()], version_of=[w])
+    assert fp8.weight_cache.get([graph_view()]) is first  # later lookups: no version_of
+    with torch.no_grad():
+        w.mul_(2)
+    second = fp8.weight_cache.get([graph_view()])
+    assert second is not first and torch.equal(second[1], first[1] * 2)  # scales doubled
+    assert fp8.weight_cache.get([graph_view()]) is second
+    with torch.no_grad():
+        w.mul_(2)  # the rebuilt entry still reads the parameter's counter
+    assert torch.equal(fp8.weight_cache.get([graph_view()])[1], first[1] * 4)
+    fp8.weight_cache.clear()
+
+
 def _site(m, k, n, r, seed):
     x = randn(m, k, seed=seed)
     w = randn(n, k, seed=seed + 1, scale=k ** -0.5)
@@ -327,6 +350,54 @@ def test_whole_model_bf16_fp8_dx():
     assert max(errs.values()) <= 0.1, errs
     for a, b in zip(losses, exact_losses):
         assert abs(a - b) <= 0.02 * abs(b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
+    """With bf16 frozen weights, compiling makes every LoRA site's fp8 weight copy (one
+    byte an element of each base weight, each in exactly one cache entry; GPT-2's Conv1D
+    weights through their ``.t()``), before any backward, and the report says so; and the
+    first backward adds nothing (the copies are the ones it looks up). On the GPU this
+    keeps them out of CUDA graphs' memory pool (``fp8_dx.prebuild``)."""
+    import lorafuse
+    from lorafuse.report import Report
+
+    monkeypatch.setattr(fp8, "PREBUILD_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("LORAFUSE_LORA_IMPL", "triton")  # the CPU op reads the cache only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on its Triton path: see lora.py
+    reset_dynamo()
+    fp8.weight_cache.clear()
+    width = {"n_inner": 64} if arch == "gpt2" else {"intermediate_size": 64}  # sizes % 16
+    model = make_tiny_model(arch, r=4, seed=3, **width).to(BF16)
+    bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A")]
+    report = Report()
+    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
+                                options={"strict": True, "fp8_dx": True})
+    fn = torch.compile(model, backend=backend)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = fn(input_ids=ids, labels=ids).loss  # compiles: the copies are made here
+    entries = {k: v[-1][0] for k, v in fp8.weight_cache._entries.items()}
+    assert sum(q.numel() for q in entries.values()) == sum(w.numel() for w in bases)
+    if arch == "llama":  # q/k/v and gate/up share one entry each (GPT-2: no groups)
+        assert len(entries) == 4 * 2 < len(bases)
+    notes = " ".join(n for g in report.graphs for p in g.passes for n in p.notes)
+    assert "GiB of fp8 weight copies made at compile time" in notes
+    looked_up = []
+    monkeypatch.setattr(fp8.weight_cache, "get", _counting(fp8.weight_cache.get, looked_up))
+    loss.backward()  # single sites read the cache here (groups: the CPU reference path)
+    assert looked_up, "the backward did not read the cache: nothing checked"
+    after = {k: v[-1][0] for k, v in fp8.weight_cache._entries.items()}
+    assert after.keys() == entries.keys() and all(after[k] is entries[k] for k in entries), \
+        "the backward made copies of its own"
+    reset_dynamo()
+    fp8.weight_cache.clear()
+
+
+def _counting(fn, calls: list):
+    def wrapper(*a, **k):
+        calls.append(1)
+        return fn(*a, **k)
+    return wrapper
 
 
 if __name__ == "__main__":

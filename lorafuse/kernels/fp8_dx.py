@@ -247,31 +247,53 @@ def quantize_dy(dy2s: list) -> tuple[Tensor, Tensor]:
 class _WeightCache:
     """fp8 copies of frozen weights (or of several concatenated along N, a q/k/v group's),
     keyed by their storages; an entry is dropped when one of its storages is freed, and
-    rebuilt when a weight was modified in place (its version counter moved) or is a
-    different view of that storage."""
+    rebuilt when it is asked for a different view of those storages or a weight was
+    modified in place since (a version counter moved).
+
+    Whose version counter: a view that a compiled graph makes of a parameter (Inductor's
+    ``reinterpret_tensor``: GPT-2's Conv1D weight, transposed) has its own counter, fresh
+    at every step, that the parameter's in-place updates never move. So an entry reads the
+    counters of the tensors it was built from while they live (``prebuild`` names the
+    parameters themselves), and the asked-for weights' own after that."""
 
     def __init__(self):
-        self._entries: dict = {}
+        self._entries: dict = {}  # key -> (sig, version sources (weakrefs), versions, value)
 
     @staticmethod
     def _sig(w: Tensor) -> tuple:
         return (w.data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype,
-                w.device, w._version)
+                w.device)
 
-    def get(self, weights: list) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _current(entry, weights) -> bool:
+        _, refs, versions, _ = entry
+        for ref, v, w in zip(refs, versions, weights):
+            src = ref()
+            if (src if src is not None else w)._version != v:
+                return False
+        return True
+
+    def get(self, weights: list, version_of: list | None = None) -> tuple[Tensor, Tensor]:
+        """The cached ``quantize_weight_t`` of ``weights`` (concatenated along N), made now
+        if absent or stale; ``version_of``: the tensors whose version counters stand for
+        the weights' (their parameters, where ``weights`` are views made by a graph)."""
         storages = [w.untyped_storage() for w in weights]
         key = tuple(id(s) for s in storages)
         sig = tuple(self._sig(w) for w in weights)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
+        if hit is not None and hit[0] == sig and self._current(hit, weights):
+            return hit[3]
         w = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
         value = quantize_weight_t(w)
         del w
         if hit is None:  # first entry for these storages: evict when any of them goes
             for s in storages:
                 weakref.finalize(s, self._entries.pop, key, None)
-        self._entries[key] = (sig, value)
+        sources = list(version_of or weights)
+        if version_of is None and hit is not None:  # a rebuild keeps the parameters it knew
+            sources = [r() if r() is not None else t for r, t in zip(hit[1], sources)]
+        self._entries[key] = (sig, [weakref.ref(t) for t in sources],
+                              [t._version for t in sources], value)
         return value
 
     def clear(self) -> None:
@@ -282,10 +304,39 @@ class _WeightCache:
 
     def nbytes(self) -> int:
         """Bytes the cached copies take (weights and scales)."""
-        return sum(q.nbytes + sc.nbytes for _, (q, sc) in self._entries.values())
+        return sum(q.nbytes + sc.nbytes for *_, (q, sc) in self._entries.values())
 
 
 weight_cache = _WeightCache()
+
+PREBUILD_DEVICES = ("cuda",)  # where ``prebuild`` makes copies (tests add "cpu")
+
+
+def prebuild(sites: list) -> int:
+    """Make the fp8 copies of these sites' frozen weights now, at compile time (``sites``:
+    ``(weights, parameters, M)``: the weights as the op will get them, the parameters they
+    are views of, M the site's rows of dy as traced), where ``fp8_dx`` will take them;
+    returns the bytes made.
+
+    Why not at the first backward: under Inductor's CUDA graphs that first run is its
+    warm-up, which allocates in the graphs' private memory pool; a copy kept from there is
+    a block the pool knows nothing of, and the pool may hand it out again when it restores
+    an earlier state (a recording on another path). Made here they are ordinary
+    allocations, and the first step's peak is no longer their moment."""
+    made = 0
+    for weights, params, M in sites:
+        w0 = weights[0]
+        if w0.device.type not in PREBUILD_DEVICES or any(w.dtype != w0.dtype for w in weights):
+            continue
+        N = sum(w.shape[0] for w in weights)
+        if not supported(M, N, w0.shape[1], w0.dtype, w0.device):
+            continue  # fp8_dx will not run here: no copy
+        before = weight_cache.nbytes()
+        weight_cache.get(list(weights), version_of=list(params))
+        made += weight_cache.nbytes() - before
+    return made
+
+
 
 
 def fp8_dx(dy2s: list, weights: list):
