@@ -11,11 +11,13 @@
 #          Fits a 10-minute command (BUDGET_S=570 by default).
 #   1b     1B: eager, eager_gc, inductor, lorafuse, 3 + 20 steps, fp32 reference. ~8 min.
 #   8b     8B: eager, inductor, lorafuse, 3 + 10 steps, fp32 reference if time is left. ~9 min.
-#   fp8    8B bf16, issue 3's 1.1 x Unsloth with the fp8_dx option: lorafuse:fp8 (defaults +
-#          fp8_dx), lorafuse:fp8cg (and Inductor's CUDA graphs), unsloth; 2 + 8 steps, two
-#          rounds (one process each had spread 14,300-17,255 tok/s in session 27), no fp32
-#          reference. ~7.5 min (estimate).
-#   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8, 2 + 18 steps, the fp32
+#   fp8    8B bf16, issue 3's bar with the fp8_dx option, in one run: lorafuse:fp8cg (defaults
+#          + fp8_dx + Inductor's CUDA graphs), unsloth, inductor, then lorafuse:fp8 (no CUDA
+#          graphs; last: a short budget drops it first); 2 + 8 steps, no fp32 reference.
+#          ~6.5 min (estimate). One process of lorafuse:fp8 spread 14,300-17,255 tok/s in
+#          session 27: run it twice (or EXTRA='--rounds 2' with fewer VARIANTS).
+#   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
+#          with CUDA graphs), 2 + 18 steps, the fp32
 #          reference of each one's parameters at every step 1-20. ~7 min (estimate).
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
@@ -279,13 +281,13 @@ case "$MODE_ONE" in
         run_train 8b --shape 8b --steps 10 --ref --ref-steps 1,5,9,13 \
             --variants eager,inductor,lorafuse ;;
     fp8)
-        run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref --rounds 2 \
-            --variants lorafuse:fp8,lorafuse:fp8cg,unsloth --lorafuse-config "fp8=$FP8_CONFIG" \
-            --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
+        run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
+            --variants lorafuse:fp8cg,unsloth,inductor,lorafuse:fp8 \
+            --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
     fp8ref)
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:fp8 --variants eager,lorafuse:fp8 \
-            --lorafuse-config "fp8=$FP8_CONFIG" ;;
+            --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg --variants eager,lorafuse:fp8 \
+            --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
