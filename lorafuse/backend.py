@@ -75,6 +75,10 @@ class Options:
     # earlier layers carry ≈ 4 % relative error; keeps an fp8 copy of each frozen weight
     # (1 byte an element); bf16 on sm90+ GPUs only (elsewhere exact, warned); opt-in
     fp8_dx: bool = False
+    # with fp8_dx: keep those copies (fastest); False casts each weight in every backward
+    # instead (≈ 3 bytes of traffic an element, ≈ 5 ms a step at 8B by arithmetic) and
+    # keeps only its scales: for configurations short of memory (checkpoint_layers)
+    fp8_copies: bool = True
     # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
     tiled_mlp_tokens: int = 8192
 
@@ -103,6 +107,9 @@ class Options:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
         parse_memory_budget(opts.memory_budget)  # a clear ValueError before any compile
         parse_activation_dtype(opts.activation_dtype)
+        if not opts.fp8_copies and not opts.fp8_dx:
+            warnings.warn("lorafuse: fp8_copies=False changes nothing without fp8_dx=True",
+                          stacklevel=3)
         if opts.fp8_dx and "lora" not in opts.passes:
             warnings.warn("lorafuse: fp8_dx applies to the lora pass's ops; without that pass "
                           "it changes nothing", stacklevel=3)
@@ -147,11 +154,11 @@ def _run_passes(gm: torch.fx.GraphModule, opts: Options, report: GraphReport,
 
 
 def _fp8_sites(gm, example_inputs) -> list:
-    """``(weights, parameters, M)`` of each LoRA op the lora pass gave ``fp8_dx``: its
-    weights as real tensors (graph inputs or attributes, or a ``.t()`` of one; a weight
-    cast per step is not persistent and is left out), the tensors they are views of, and
-    M its static rows; sites where any of it is unknown are left out (their copies are
-    made at the first backward, as before)."""
+    """``(weights, parameters, M, copies)`` of each LoRA op the lora pass gave ``fp8_dx``:
+    its weights as real tensors (graph inputs or attributes, or a ``.t()`` of one; a weight
+    cast per step is not persistent and is left out), the tensors they are views of, M its
+    static rows, and its ``fp8_copies``; sites where any of it is unknown are left out
+    (their copies are made at the first backward, as before)."""
     from .kernels._ops import is_op
     from .passes._graph import val
 
@@ -181,7 +188,8 @@ def _fp8_sites(gm, example_inputs) -> list:
         x = val(node.args[0])
         rows = x.shape[:-1].numel() if x is not None else None
         if all(f is not None for f in found) and isinstance(rows, int):
-            sites.append(([f[0] for f in found], [f[1] for f in found], rows))
+            sites.append(([f[0] for f in found], [f[1] for f in found], rows,
+                          node.kwargs.get("fp8_copies", True)))
     return sites
 
 
@@ -191,14 +199,16 @@ def _prebuild_fp8_copies(gm, example_inputs, report) -> None:
     from .kernels import fp8_dx
 
     try:
-        made = fp8_dx.prebuild(_fp8_sites(gm, example_inputs))
+        sites = _fp8_sites(gm, example_inputs)
+        made = fp8_dx.prebuild(sites)
     except Exception as e:  # never fail a compile over it
         warnings.warn(f"lorafuse: fp8_dx's weight copies were not made at compile time "
                       f"({type(e).__name__}: {e}); the first backward makes them", stacklevel=3)
         return
     lora = next((p for p in report.passes if p.name == "lora"), None)
     if made and lora is not None:
-        lora.notes.append(f"fp8_dx: {made / 2**30:.2f} GiB of fp8 weight copies made at "
+        what = "copies" if any(s[3] for s in sites) else "scales (fp8_copies=False)"
+        lora.notes.append(f"fp8_dx: {made / 2**30:.3g} GiB of fp8 weight {what} made at "
                           "compile time")
 
 

@@ -346,8 +346,8 @@ def _fp8_copies_to_make(gm) -> int:
         if node.op != "call_function" or not any(
                 is_op(node.target, name) for name in ("lora_linear", "lora_linear_group")):
             continue
-        if not _arg(node, "fp8_dx"):
-            continue
+        if not _arg(node, "fp8_dx") or not _arg(node, "fp8_copies"):
+            continue  # (without copies: a cast a step, a temporary)
         w = node.args[1]
         for n in (w if isinstance(w, (list, tuple)) else [w]):
             while isinstance(n, torch.fx.Node) and n.op == "call_function" and \

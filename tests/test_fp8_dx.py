@@ -89,6 +89,54 @@ def test_scaled_mm_path_equals_its_oracle_and_stays_near_exact(m, ns, k, seed):
     fp8.weight_cache.clear()
 
 
+@settings(max_examples=15, deadline=None)
+@given(ns=st.lists(st.sampled_from([16, 32, 48]), min_size=1, max_size=3),
+       k=st.sampled_from([16, 80]), seed=st.integers(0, 2**16))
+def test_weights_cast_every_backward_are_the_kept_copies_bytes(ns, k, seed):
+    """``fp8_copies=False``: W's scales kept, W cast in every backward; the same bytes as
+    the kept copy (``quantize_weight_t`` of the concatenation), so dx is bit-equal, and no
+    copy is kept."""
+    fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
+    ws = [randn(n, k, seed=seed + i, scale=0.05 * (i + 1)) for i, n in enumerate(ns)]
+    ws[0][:, 3] = 0  # an all-zero input feature
+    wq, sb = fp8.quantize_weight_t(torch.cat(ws, 0))
+    assert torch.equal(fp8.weight_scales(ws), sb)
+    got = fp8.cast_weights_t(ws, sb)
+    assert got.shape == wq.shape and torch.equal(got.view(torch.uint8), wq.view(torch.uint8))
+    dys = [randn(32, n, seed=seed + 50 + i) for i, n in enumerate(ns)]
+    per_step = fp8.fp8_dx(dys, ws, copies=False)
+    assert len(fp8.weight_cache) == 0 and len(fp8.scale_cache) == 1
+    assert fp8.scale_cache.nbytes() == 4 * k  # scales only
+    assert torch.equal(per_step, fp8.fp8_dx(dys, ws, copies=True))
+    fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
+
+
+def test_lora_op_without_copies(monkeypatch):
+    """The op with fp8_copies=False on the GPU's code path (CPU tensors): dx bit-equal to
+    the op with copies, and only scales kept."""
+    import lorafuse.kernels.lora as lora_mod
+    monkeypatch.setattr(lora_mod, "_triton_on_cpu", lambda: True)
+    monkeypatch.setattr(lora_mod, "_forward_impl", lambda x, w, bias, a, b, s, xl:
+                        lora_mod.lora_linear_reference(x, w, bias, a, b, s, xl))
+    x, w, a, b = _site(32, 48, 64, 8, seed=5)
+    fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
+
+    def op(copies):
+        return lambda x, a, b: lora_linear_op(x, w, None, a, b, 0.5, None, fp8_dx=True,
+                                              fp8_copies=copies)[0]
+
+    _, (dx0, da0, db0) = _grads(op(True), [x, a, b])
+    assert len(fp8.weight_cache) == 1
+    fp8.weight_cache.clear()
+    _, (dx1, da1, db1) = _grads(op(False), [x, a, b])
+    assert len(fp8.weight_cache) == 0 and len(fp8.scale_cache) == 1
+    assert torch.equal(dx0, dx1) and torch.equal(da0, da1) and torch.equal(db0, db1)
+    fp8.scale_cache.clear()
+
+
 def test_quantize_dy_equals_quantize_rows_of_the_concatenation():
     """The group path's quantisation (no cat, one scale per row across the sites) gives the
     bytes ``quantize_rows`` gives for the concatenated dy, rows of zeros and tiny ones too."""
@@ -106,7 +154,7 @@ def interpreter_results():
     return run_interpreter_worker(__file__)
 
 
-@pytest.mark.parametrize("check", ["quantize-rows-into"])
+@pytest.mark.parametrize("check", ["quantize-rows-into", "cast-t-into"])
 def test_triton_interpreter(interpreter_results, check):
     assert_check_passed(interpreter_results, check)
 
@@ -147,6 +195,17 @@ def _worker():
             assert ((top > 224) & (top <= 448)).all(), top
 
     record("quantize-rows-into", quantize_rows_into)
+
+    def cast_t_into():
+        # tiles past N and K, a column slice of the output (a group's second weight)
+        w = randn(70, 100, seed=4) * torch.exp2(torch.arange(100.0) % 7 - 3)
+        inv = (1.0 / fp8.weight_scales([w])).reshape(-1)
+        out = torch.full((100, 90), float("nan"))
+        fp8.cast_t_into(w, inv, out[:, 20:])
+        assert torch.equal(out[:, 20:], (w.float() * inv).t())
+        assert out[:, :20].isnan().all()  # nothing written outside the slice
+
+    record("cast-t-into", cast_t_into)
     record.report()
 
 
@@ -391,6 +450,31 @@ def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
         "the backward made copies of its own"
     reset_dynamo()
     fp8.weight_cache.clear()
+
+
+def test_only_scales_are_made_at_compile_time_without_copies(monkeypatch):
+    """``fp8_copies=False``: compiling makes each site's scales (4 bytes an input feature)
+    and no copy, and the backward keeps none either."""
+    import lorafuse
+
+    monkeypatch.setattr(fp8, "PREBUILD_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("LORAFUSE_LORA_IMPL", "triton")  # the CPU op's GPU-style path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reset_dynamo()
+    fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
+    model = make_tiny_model("llama", r=4, seed=3, intermediate_size=64).to(BF16)
+    ks = {m.base_layer.weight.shape[1] for m in model.modules() if hasattr(m, "lora_A")}
+    fn = torch.compile(model, backend=functools.partial(
+        lorafuse.lorafuse_backend, options={"strict": True, "fp8_dx": True, "fp8_copies": False}))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = fn(input_ids=ids, labels=ids).loss
+    assert len(fp8.scale_cache) == 4 * 2 and len(fp8.weight_cache) == 0
+    assert {e[-1][0].shape[1] for e in fp8.scale_cache._entries.values()} == ks
+    loss.backward()
+    assert len(fp8.scale_cache) == 4 * 2 and len(fp8.weight_cache) == 0
+    reset_dynamo()
+    fp8.scale_cache.clear()
 
 
 def _counting(fn, calls: list):

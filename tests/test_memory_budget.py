@@ -402,7 +402,8 @@ def test_auto_budget_reads_free_gpu_memory_and_a_process_cap(monkeypatch, cap):
 def test_fp8_copies_counted_once_per_persistent_weight(monkeypatch):
     """``_fp8_copies_to_make``: one byte an element of each graph-input weight (through
     views) of a LoRA op with fp8_dx, each weight once, grouped ops' lists too; not a weight
-    cast every step (a temporary), not ops without the option; less what is cached."""
+    cast every step (a temporary), not ops without the option or with fp8_copies=False
+    (their casts are temporaries too); less what is cached."""
     import torch.fx as fx
 
     from lorafuse.kernels import fp8_dx
@@ -419,6 +420,7 @@ def test_fp8_copies_counted_once_per_persistent_weight(monkeypatch):
     x, a, b = ph("x", 8, 32), ph("a", 4, 32), ph("b", 64, 4)
     w1, w2, w3, w4, w5 = ph("w1", 32, 64), ph("w2", 16, 32), ph("w3", 48, 32), ph("w4", 64, 32), \
         ph("w5", 64, 32)
+    w6 = ph("w6", 64, 32)
     w1t = g.call_function(aten.t.default, (w1,))  # GPT-2's Conv1D weight: a view
     cast = g.call_function(aten._to_copy.default, (w5,), {"dtype": torch.bfloat16})
     on = {"fp8_dx": True}
@@ -428,6 +430,8 @@ def test_fp8_copies_counted_once_per_persistent_weight(monkeypatch):
                                                      [1.0, 1.0]), on)
     g.call_function(ops.lora_linear.default, (x, w4, None, a, b, 1.0, None))  # no fp8_dx
     g.call_function(ops.lora_linear.default, (x, cast, None, a, b, 1.0, None), on)
+    g.call_function(ops.lora_linear.default, (x, w6, None, a, b, 1.0, None),
+                    {"fp8_dx": True, "fp8_copies": False})
     gm = fx.GraphModule(torch.nn.Module(), g)
     fp8_dx.weight_cache.clear()
     want = 32 * 64 + 16 * 32 + 48 * 32

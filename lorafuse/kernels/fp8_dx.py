@@ -92,6 +92,40 @@ def quantize_weight_t(w: Tensor) -> tuple[Tensor, Tensor]:
     return wq.contiguous(), s.reshape(1, -1)
 
 
+def weight_scales(weights: list) -> Tensor:
+    """``quantize_weight_t``'s scales (1, K) of the weights concatenated along N, without
+    the concatenation: one power of two per input feature over all of them."""
+    amax = torch.linalg.vector_norm(weights[0], float("inf"), dim=0)
+    for w in weights[1:]:
+        amax = torch.maximum(amax, torch.linalg.vector_norm(w, float("inf"), dim=0))
+    return pow2_scale(amax).reshape(1, -1)
+
+
+def cast_weights_t(weights: list, s: Tensor) -> Tensor:
+    """``quantize_weight_t``'s wq (K, ΣN) for the weights concatenated along N, given their
+    scales ``s`` (``weight_scales``), the same bytes: the ``fp8_copies=False`` path, every
+    backward. CUDA: one Triton launch per weight, W read once and wq written once (≈ 3
+    bytes of traffic an element); elsewhere, or if it fails (warned once), PyTorch."""
+    K, N = weights[0].shape[1], sum(w.shape[0] for w in weights)
+    out = torch.empty(K, N, dtype=E4M3, device=weights[0].device)
+    inv = (1.0 / s).reshape(-1)
+    if triton is not None and weights[0].is_cuda and all(w.stride(1) == 1 for w in weights):
+        try:
+            off = 0
+            for w in weights:
+                cast_t_into(w, inv, out[:, off:off + w.shape[0]])
+                off += w.shape[0]
+            return out
+        except Exception as e:  # never crash training over the optional kernel
+            warn_once(f"lorafuse: Triton fp8 weight cast failed ({type(e).__name__}: {e}); "
+                      "using PyTorch")
+    off = 0
+    for w in weights:  # exact in bf16 (a power of two); the copy rounds once
+        out[:, off:off + w.shape[0]].copy_((w * inv.to(w.dtype)).t())
+        off += w.shape[0]
+    return out
+
+
 def fp8_dx_reference(dy2: Tensor, weight: Tensor, dtype=torch.float32) -> Tensor:
     """``dy2 @ W`` with both operands rounded to e4m3 as ``fp8_dx`` rounds them, the
     product in fp32: the oracle (and CPU path) of ``fp8_dx``; ``dtype``: the result's."""
@@ -200,6 +234,37 @@ if triton is not None:
                          BLOCK_N)
 
 
+if triton is not None:
+    @triton.jit
+    def _cast_t_kernel(w_ptr, sw, inv_ptr, out_ptr, so, N, K, TO_E4M3: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[k, n] = e4m3(W[n, k] · inv[k]) for a (BLOCK_N, BLOCK_K) tile of W, stored
+        transposed; TO_E4M3=False stores the fp32 product (interpreter tests)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * sw + k[None, :],
+                    mask=(n < N)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+        y = tl.trans(w * tl.load(inv_ptr + k, mask=k < K, other=1.0)[None, :])
+        dst = out_ptr + k.to(tl.int64)[:, None] * so + n[None, :]
+        mask_t = (k < K)[:, None] & (n < N)[None, :]
+        if TO_E4M3:
+            tl.store(dst, y.to(tl.float8e4nv), mask=mask_t)
+        else:
+            tl.store(dst, y, mask=mask_t)
+
+
+def cast_t_into(w: Tensor, inv: Tensor, out: Tensor) -> None:
+    """The Triton kernel: ``out`` (K, N), a column slice of wq = e4m3(W · inv)ᵀ for W (N, K)
+    with contiguous rows, ``inv`` (K,) fp32 powers of two; an fp32 ``out`` takes the product
+    uncast (tests)."""
+    N, K = w.shape
+    BLOCK_N, BLOCK_K = 64, 64
+    with on_device(out):
+        _cast_t_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))](
+            w, w.stride(0), inv, out, out.stride(0), N, K, TO_E4M3=out.dtype == E4M3,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+
 def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor) -> None:
     """The Triton kernel: ``out`` (M, ΣN) = the sites' dy side by side, each row scaled by
     its power of two and cast (e4m3; an fp32 ``out`` takes the product uncast, for tests),
@@ -256,7 +321,8 @@ class _WeightCache:
     counters of the tensors it was built from while they live (``prebuild`` names the
     parameters themselves), and the asked-for weights' own after that."""
 
-    def __init__(self):
+    def __init__(self, build):
+        self._build = build  # weights (a list) -> the value kept
         self._entries: dict = {}  # key -> (sig, version sources (weakrefs), versions, value)
 
     @staticmethod
@@ -273,19 +339,17 @@ class _WeightCache:
                 return False
         return True
 
-    def get(self, weights: list, version_of: list | None = None) -> tuple[Tensor, Tensor]:
-        """The cached ``quantize_weight_t`` of ``weights`` (concatenated along N), made now
-        if absent or stale; ``version_of``: the tensors whose version counters stand for
-        the weights' (their parameters, where ``weights`` are views made by a graph)."""
+    def get(self, weights: list, version_of: list | None = None):
+        """The cached value for ``weights`` (a group's, concatenated along N), made now if
+        absent or stale; ``version_of``: the tensors whose version counters stand for the
+        weights' (their parameters, where ``weights`` are views made by a graph)."""
         storages = [w.untyped_storage() for w in weights]
         key = tuple(id(s) for s in storages)
         sig = tuple(self._sig(w) for w in weights)
         hit = self._entries.get(key)
         if hit is not None and hit[0] == sig and self._current(hit, weights):
             return hit[3]
-        w = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-        value = quantize_weight_t(w)
-        del w
+        value = self._build(weights)
         if hit is None:  # first entry for these storages: evict when any of them goes
             for s in storages:
                 weakref.finalize(s, self._entries.pop, key, None)
@@ -303,20 +367,27 @@ class _WeightCache:
         return len(self._entries)
 
     def nbytes(self) -> int:
-        """Bytes the cached copies take (weights and scales)."""
-        return sum(q.nbytes + sc.nbytes for *_, (q, sc) in self._entries.values())
+        """Bytes the cached values take."""
+        return sum(sum(t.nbytes for t in value) for *_, value in self._entries.values())
 
 
-weight_cache = _WeightCache()
+def _copy_of(weights: list) -> tuple[Tensor, Tensor]:
+    return quantize_weight_t(weights[0] if len(weights) == 1 else torch.cat(weights, dim=0))
+
+
+# fp8_copies (the default): W's fp8 copy and scales, kept. Without: W's scales alone (K
+# fp32 each), kept, and W cast in every backward (``cast_weights_t``).
+weight_cache = _WeightCache(_copy_of)
+scale_cache = _WeightCache(lambda weights: (weight_scales(weights),))
 
 PREBUILD_DEVICES = ("cuda",)  # where ``prebuild`` makes copies (tests add "cpu")
 
 
 def prebuild(sites: list) -> int:
     """Make the fp8 copies of these sites' frozen weights now, at compile time (``sites``:
-    ``(weights, parameters, M)``: the weights as the op will get them, the parameters they
-    are views of, M the site's rows of dy as traced), where ``fp8_dx`` will take them;
-    returns the bytes made.
+    ``(weights, parameters, M, copies)``: the weights as the op will get them, the
+    parameters they are views of, M the site's rows of dy as traced, and whether the op
+    keeps copies or only scales), where ``fp8_dx`` will take them; returns the bytes made.
 
     Why not at the first backward: under Inductor's CUDA graphs that first run is its
     warm-up, which allocates in the graphs' private memory pool; a copy kept from there is
@@ -324,30 +395,36 @@ def prebuild(sites: list) -> int:
     an earlier state (a recording on another path). Made here they are ordinary
     allocations, and the first step's peak is no longer their moment."""
     made = 0
-    for weights, params, M in sites:
+    for weights, params, M, copies in sites:
         w0 = weights[0]
         if w0.device.type not in PREBUILD_DEVICES or any(w.dtype != w0.dtype for w in weights):
             continue
         N = sum(w.shape[0] for w in weights)
         if not supported(M, N, w0.shape[1], w0.dtype, w0.device):
             continue  # fp8_dx will not run here: no copy
-        before = weight_cache.nbytes()
-        weight_cache.get(list(weights), version_of=list(params))
-        made += weight_cache.nbytes() - before
+        cache = weight_cache if copies else scale_cache
+        before = cache.nbytes()
+        cache.get(list(weights), version_of=list(params))
+        made += cache.nbytes() - before
     return made
 
 
 
 
-def fp8_dx(dy2s: list, weights: list):
+def fp8_dx(dy2s: list, weights: list, copies: bool = True):
     """``Σ_i dy_i @ W_i`` (one site, or a group's sites concatenated along N) with dy and W
-    in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype; callers
+    in e4m3 (module docstring), accumulated in fp32 and rounded once to dy's dtype; W's
+    fp8 copy kept (``copies``) or cast now from its kept scales (the same bytes); callers
     check ``applies`` first. None after an error (a torch without the rowwise kernel, say):
     the caller computes the exact product, and so does every later call in this process
     (``supported`` says no), warned once: never crash training over the opt-in path."""
     try:
         q, sa = quantize_dy(dy2s)
-        wq, sb = weight_cache.get(list(weights))
+        if copies:
+            wq, sb = weight_cache.get(list(weights))
+        else:
+            (sb,) = scale_cache.get(list(weights))
+            wq = cast_weights_t(list(weights), sb)
         return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
     except Exception as e:
         _failed.append(e)

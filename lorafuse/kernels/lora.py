@@ -128,12 +128,13 @@ def _lora_linear_backward_cublas(dy, x_lora, weight, lora_a, lora_b, h, scale, u
     return dx.reshape(x_lora.shape), dA, dB
 
 
-def _lora_linear_backward_fp8(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act=""):
+def _lora_linear_backward_fp8(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="",
+                              copies=True):
     """The cuBLAS path with ``dy W`` in e4m3 (fp8_dx.fp8_dx, rounded once), g A added to it
     (a second rounding, as the cuBLAS path rounds twice); None if the fp8 GEMM failed."""
     N = lora_b.shape[0]
     dy2 = dy.reshape(-1, N)
-    dx = fp8.fp8_dx([dy2], [weight])
+    dx = fp8.fp8_dx([dy2], [weight], copies)
     if dx is None:
         return None
     g = dy2 @ lora_b
@@ -142,7 +143,7 @@ def _lora_linear_backward_fp8(dy, x_lora, weight, lora_a, lora_b, h, scale, up=N
     return dx.reshape(x_lora.shape), dA, dB
 
 
-def _frozen_dx_impl(dy, weight):
+def _frozen_dx_impl(dy, weight, copies=True):
     """``dy W`` alone (a site with dropout: x and x' take separate gradients), in e4m3
     where fp8_dx applies, exact elsewhere."""
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -152,7 +153,7 @@ def _frozen_dx_impl(dy, weight):
         if not dy.is_cuda and not _triton_on_cpu():
             dx = fp8.fp8_dx_reference(dy2, weight).to(dy.dtype)
         else:
-            dx = fp8.fp8_dx([dy2], [weight])
+            dx = fp8.fp8_dx([dy2], [weight], copies)
     return (dy2 @ weight if dx is None else dx).reshape(*lead, -1)
 
 
@@ -316,12 +317,12 @@ def _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora):
 
 
 def _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="",
-                   fp8_dx=False):
+                   fp8_dx=False, fp8_copies=True):
     args = (dy, x_lora, weight, lora_a, lora_b, h, scale, up, act)
     if fp8_dx and weight is not None and fp8.applies([dy.reshape(-1, dy.shape[-1])], [weight]):
         if not dy.is_cuda and not _triton_on_cpu():
             return lora_linear_backward_reference(*args, fp8_dx=True)
-        out = _lora_linear_backward_fp8(*args)
+        out = _lora_linear_backward_fp8(*args, copies=fp8_copies)
         if out is not None:  # None: the fp8 GEMM failed; exact from here (fp8_dx.fp8_dx)
             return out
     if not dy.is_cuda and not _triton_on_cpu():
@@ -356,16 +357,19 @@ def lora_linear_op(
     up: Optional[Tensor] = None,
     act: str = "",
     fp8_dx: bool = False,
+    fp8_copies: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``; h = x' Aᵀ is kept for the backward (r columns, small). gate, up
     and act (the MLP fold, module docstring) change only what the backward keeps;
-    ``fp8_dx`` only how the backward computes dy W."""
+    ``fp8_dx`` and ``fp8_copies`` only how the backward computes dy W (kernels/fp8_dx.py:
+    ``fp8_copies`` False quantises W in every backward instead of keeping its copy)."""
     y, h = _forward_impl(x, weight, bias, lora_a, lora_b, scale, x_lora)
     return y.contiguous(), h.contiguous()
 
 
 @lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act="", fp8_dx=False):
+def _(x, weight, bias, lora_a, lora_b, scale, x_lora, gate=None, up=None, act="", fp8_dx=False,
+      fp8_copies=True):
     lead = x.shape[:-1]
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, lora_a.shape[0])
 
@@ -402,28 +406,32 @@ def lora_linear_backward_op(
     up: Optional[Tensor] = None,
     act: str = "",
     fp8_dx: bool = False,
+    fp8_copies: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dA, dB)``; dx = dy W + g A, or g A alone when weight is None. With
     ``up``, x_lora is the gate of x' = act(gate) ⊙ up (the MLP fold). ``fp8_dx``: dy W in
-    e4m3 (module docstring)."""
-    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up, act, fp8_dx)
+    e4m3 (module docstring); ``fp8_copies``: from W's kept fp8 copy, or W quantised now."""
+    dx, dA, dB = _backward_impl(dy, x_lora, weight, lora_a, lora_b, h, scale, up, act, fp8_dx,
+                                fp8_copies)
     return dx.contiguous(), dA.contiguous(), dB.contiguous()
 
 
 @lora_linear_backward_op.register_fake
-def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="", fp8_dx=False):
+def _(dy, x_lora, weight, lora_a, lora_b, h, scale, up=None, act="", fp8_dx=False,
+      fp8_copies=True):
     return x_lora.new_empty(x_lora.shape), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 @lorafuse_op("lorafuse::frozen_dx")
-def frozen_dx_op(dy: Tensor, weight: Tensor) -> Tensor:
+def frozen_dx_op(dy: Tensor, weight: Tensor, copies: bool = True) -> Tensor:
     """``dy W`` through a frozen weight with ``fp8_dx``'s e4m3 arithmetic where it applies
-    (the backward of a LoRA site with dropout under that option)."""
-    return _frozen_dx_impl(dy, weight).contiguous()
+    (the backward of a LoRA site with dropout under that option); ``copies``: as
+    ``fp8_copies``."""
+    return _frozen_dx_impl(dy, weight, copies).contiguous()
 
 
 @frozen_dx_op.register_fake
-def _(dy, weight):
+def _(dy, weight, copies=True):
     return dy.new_empty(*dy.shape[:-1], weight.shape[1])
 
 
@@ -451,10 +459,10 @@ def _(dy, x_lora, lora_a, lora_b, h, scale, up=None, act=""):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, x_lora, gate, up, act, fp8_dx = (
-        tuple(inputs) + (None, None, "", False)[len(inputs) - 7:])  # defaults may be absent
+    x, weight, bias, lora_a, lora_b, scale, x_lora, gate, up, act, fp8_dx, fp8_copies = (
+        tuple(inputs) + (None, None, "", False, True)[len(inputs) - 7:])  # defaults may be absent
     ctx.scale = scale
-    ctx.fp8_dx = fp8_dx
+    ctx.fp8_dx, ctx.fp8_copies = fp8_dx, fp8_copies
     ctx.has_bias = bias is not None
     ctx.has_dropout = x_lora is not None
     ctx.act = act
@@ -467,7 +475,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dh):
     x, weight, lora_a, lora_b, x_lora, h, up = ctx.saved_tensors  # x: the gate under the fold
-    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora, gate, up, act, fp8_dx
+    need = ctx.needs_input_grad  # x, weight, bias, A, B, scale, x_lora, gate, up, act, fp8_*
     fold = (up, ctx.act) if ctx.fold else ()
     dx = dW = db = dxl = None
     if ctx.has_dropout:
@@ -476,10 +484,11 @@ def _backward(ctx, dy, _dh):
         else:
             dA, dB = lora_linear_backward_ab_op(dy, x_lora, lora_a, lora_b, h, ctx.scale)
         if need[0]:
-            dx = frozen_dx_op(dy, weight) if ctx.fp8_dx else dy @ weight
+            dx = frozen_dx_op(dy, weight, ctx.fp8_copies) if ctx.fp8_dx else dy @ weight
     elif need[0]:
         dx, dA, dB = lora_linear_backward_op(dy, x, weight, lora_a, lora_b, h, ctx.scale,
-                                             *(fold or (None, "")), fp8_dx=ctx.fp8_dx)
+                                             *(fold or (None, "")), fp8_dx=ctx.fp8_dx,
+                                             fp8_copies=ctx.fp8_copies)
     else:
         dA, dB = lora_linear_backward_ab_op(dy, x, lora_a, lora_b, h, ctx.scale, *fold)
     if need[1]:
@@ -489,7 +498,7 @@ def _backward(ctx, dy, _dh):
         dW = dW.to(weight.dtype)
     if ctx.has_bias and need[2]:
         db = dy.reshape(-1, dy.shape[-1]).sum(0)
-    grads = (dx, dW, db, dA, dB, None, dxl, None, None, None, None)
+    grads = (dx, dW, db, dA, dB, None, dxl, None, None, None, None, None)
     return grads[:len(ctx.needs_input_grad)]
 
 

@@ -78,9 +78,10 @@ def norm_fold_weight(norm_weight, norm_offset, K, like):
 
 def lora_group_backward_reference(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
                                   norm_rstd=None, norm_weight=None, norm_offset=0.0,
-                                  fp8_dx=False):
+                                  fp8_dx=False, fp8_copies=True):
     """``x`` is the op's input, or with ``norm_rstd`` the norm's input x₀ (the norm fold).
-    ``fp8_dx``: Σ dy_i W_i from e4m3 operands, as ``fp8_dx.fp8_dx`` groups them."""
+    ``fp8_dx``: Σ dy_i W_i from e4m3 operands, as ``fp8_dx.fp8_dx`` groups them (with W's
+    copy kept or made now, ``fp8_copies``: the same bytes either way)."""
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = _upcast(x).reshape(-1, K)
@@ -125,7 +126,8 @@ def _folded_dA(g, x0, rstd, wf):
 
 
 def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
-                          norm_rstd=None, norm_weight=None, norm_offset=0.0, fp8_dx=False):
+                          norm_rstd=None, norm_weight=None, norm_offset=0.0, fp8_dx=False,
+                          fp8_copies=True):
     K = x.shape[-1]
     ranks = [a.shape[0] for a in lora_as]
     x2 = x.reshape(-1, K)
@@ -140,7 +142,7 @@ def _group_backward_cublas(dys, x, weights, lora_as, lora_bs, h, scales, need_dx
     out = []
     if need_dx:
         # fp8_dx: one e4m3 GEMM for Σ dy_i W_i, then g A_cat added (None: it failed, exact)
-        dx = fp8.fp8_dx(dy2, list(weights)) if fp8_dx else None
+        dx = fp8.fp8_dx(dy2, list(weights), fp8_copies) if fp8_dx else None
         if dx is not None:
             dx.addmm_(g, torch.cat(lora_as))
         else:
@@ -164,16 +166,18 @@ def lora_linear_group_op(
     norm_weight: Optional[Tensor] = None,
     norm_offset: float = 0.0,
     fp8_dx: bool = False,
+    fp8_copies: bool = True,
 ) -> list[Tensor]:
-    """Returns ``[y_1, ..., y_n, h]``. ``norm_*``: the norm fold, ``fp8_dx``: how the
-    backward computes dx (module docstring); the forward reads neither."""
+    """Returns ``[y_1, ..., y_n, h]``. ``norm_*``: the norm fold, ``fp8_dx`` and
+    ``fp8_copies``: how the backward computes dx (module docstring); the forward reads
+    neither."""
     impl = _group_cuda if x.is_cuda else lora_group_reference
     return [t.contiguous() for t in impl(x, weights, biases, lora_as, lora_bs, scales)]
 
 
 @lora_linear_group_op.register_fake
 def _(x, weights, biases, lora_as, lora_bs, scales, norm_x=None, norm_rstd=None,
-      norm_weight=None, norm_offset=0.0, fp8_dx=False):
+      norm_weight=None, norm_offset=0.0, fp8_dx=False, fp8_copies=True):
     lead = x.shape[:-1]
     ys = [x.new_empty(*lead, w.shape[0]) for w in weights]
     return ys + [x.new_empty(*lead, sum(a.shape[0] for a in lora_as))]
@@ -193,6 +197,7 @@ def lora_linear_group_backward_op(
     norm_weight: Optional[Tensor] = None,
     norm_offset: float = 0.0,
     fp8_dx: bool = False,
+    fp8_copies: bool = True,
 ) -> list[Tensor]:
     """Returns ``[dx] (if need_dx) + [dA_1..n] + [dB_1..n]``. With ``norm_rstd``, ``x`` is
     the norm's input x₀ (the norm fold): dx has its shape and dtype. ``fp8_dx``: Σ dy_i W_i
@@ -201,21 +206,22 @@ def lora_linear_group_backward_op(
     fp8_dx = bool(fp8_dx and need_dx and fp8.applies(
         [d.reshape(-1, d.shape[-1]) for d in dys], list(weights)))
     return [t.contiguous() for t in impl(dys, x, weights, lora_as, lora_bs, h, scales, need_dx,
-                                         norm_rstd, norm_weight, norm_offset, fp8_dx)]
+                                         norm_rstd, norm_weight, norm_offset, fp8_dx,
+                                         fp8_copies)]
 
 
 @lora_linear_group_backward_op.register_fake
 def _(dys, x, weights, lora_as, lora_bs, h, scales, need_dx, norm_rstd=None, norm_weight=None,
-      norm_offset=0.0, fp8_dx=False):
+      norm_offset=0.0, fp8_dx=False, fp8_copies=True):
     dx = [torch.empty_like(x)] if need_dx else []
     return dx + [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
 
 
 def _setup_context(ctx, inputs, output):
     (x, weights, biases, lora_as, lora_bs, scales, norm_x, norm_rstd, norm_weight, norm_offset,
-     fp8_dx) = tuple(inputs) + (None, None, None, 0.0, False)[len(inputs) - 6:]  # defaults may be absent
-    n = len(weights)
-    ctx.n, ctx.scales, ctx.fp8_dx = n, scales, fp8_dx
+     fp8_dx, fp8_copies) = tuple(inputs) + (None, None, None, 0.0, False, True)[len(inputs) - 6:]
+    n = len(weights)  # (trailing defaults may be absent from inputs)
+    ctx.n, ctx.scales, ctx.fp8_dx, ctx.fp8_copies = n, scales, fp8_dx, fp8_copies
     ctx.has_bias = [b is not None for b in biases]
     ctx.fold = norm_rstd is not None
     ctx.norm_offset = norm_offset
@@ -245,7 +251,7 @@ def _backward(ctx, grads):
     need_w, need_b = (_per_site(ctx.needs_input_grad[i], n) for i in (1, 2))
     out = lora_linear_group_backward_op(dys, x, list(weights), list(lora_as), list(lora_bs), h,
                                         list(ctx.scales), bool(need_x), rstd, norm_weight,
-                                        ctx.norm_offset, ctx.fp8_dx)
+                                        ctx.norm_offset, ctx.fp8_dx, ctx.fp8_copies)
     dx, out = (out[0], out[1:]) if need_x else (None, out)
     dAs, dBs = out[:n], out[n:]
     if ctx.fold and any(need_w):
@@ -258,7 +264,7 @@ def _backward(ctx, grads):
     if not all(ctx.has_bias):  # a list holding None is one leaf: one gradient slot (None)
         dbs = None
     # one gradient per argument the call gave (trailing defaults may be absent)
-    grads = (dx, dWs, dbs, list(dAs), list(dBs), None, None, None, None, None, None)
+    grads = (dx, dWs, dbs, list(dAs), list(dBs), None, None, None, None, None, None, None)
     return grads[:len(ctx.needs_input_grad)]
 
 

@@ -37,4 +37,4 @@ PASSES = {lora.NAME: lora.run, norm.NAME: norm.run, loss.NAME: loss.run, attenti
 DEFAULT_PASSES = (lora.NAME, attention.NAME, masked_attention.NAME)
 # the backend options a pass reads, passed to its run() as keyword arguments
 PASS_OPTIONS = {loss.NAME: ("drop_logits",), tiled_mlp.NAME: ("tiled_mlp_tokens",),
-                attention.NAME: ("passes",), lora.NAME: ("fp8_dx",)}
+                attention.NAME: ("passes",), lora.NAME: ("fp8_dx", "fp8_copies")}

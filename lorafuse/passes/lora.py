@@ -254,12 +254,15 @@ def _mlp_fold_args(site: Site, cdt) -> tuple:
     return (gate, up, act)
 
 
-def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict, fp8_dx: bool = False):
+def rewrite(gm: fx.GraphModule, sites: list, fake_mode, remap: dict, fp8_dx: bool = False,
+            fp8_copies: bool = True):
     """Replace one site, or several sharing one input, by one fused op. ``remap`` maps
     an already-rewritten add to its replacement (a site's input may be one). ``fp8_dx``:
     the op's backward computes dy W in e4m3 (the option). Returns the fold the op took:
     "norm", "mlp" or None."""
     kwargs = {"fp8_dx": True} if fp8_dx else {}  # absent by default: graphs stay as before
+    if fp8_dx and not fp8_copies:
+        kwargs["fp8_copies"] = False
     g = gm.graph
     cdt = _compute_dtype(sites[0])
     first = sites[0]  # sites come in graph order: insert before the first add
@@ -372,7 +375,7 @@ def _why_left_alone(graph, a_ph, reasons) -> str:
     return "adapter not in the recognised base + B(A(x)) * s form"
 
 
-def run(gm: fx.GraphModule, report, fp8_dx: bool = False) -> None:
+def run(gm: fx.GraphModule, report, fp8_dx: bool = False, fp8_copies: bool = True) -> None:
     graph = gm.graph
     fake_mode = fake_mode_of(graph)
     sites, reasons = [], {}
@@ -386,7 +389,7 @@ def run(gm: fx.GraphModule, report, fp8_dx: bool = False) -> None:
                     reasons[linear_args(lt[0])[1]] = e.args[0]
     remap, folds = {}, {"norm": [], "mlp": []}
     for group in group_sites(sites, graph):
-        fold = rewrite(gm, group, fake_mode, remap, fp8_dx)
+        fold = rewrite(gm, group, fake_mode, remap, fp8_dx, fp8_copies)
         names = [site_name(site.lora_a) for site in group]
         report.matched.extend(names)
         report.ops += 1
@@ -397,7 +400,9 @@ def run(gm: fx.GraphModule, report, fp8_dx: bool = False) -> None:
                             "RMSNorm's input and rstd; its output is not kept for the backward")
     if fp8_dx and report.ops:
         report.notes.append(f"fp8_dx: {report.ops} op(s) compute the frozen weights' dy W in "
-                            "e4m3 in the backward (the gradients change; the forward does not)")
+                            "e4m3 in the backward (the gradients change; the forward does not)"
+                            + ("" if fp8_copies else "; each weight cast in every backward "
+                               "(fp8_copies=False)"))
     if folds["mlp"]:
         report.notes.append(f"MLP fold: {len(folds['mlp'])} op(s) compute dA from the gated "
                             "MLP's gate and up; the product is not kept for the backward")
