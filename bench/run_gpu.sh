@@ -24,6 +24,8 @@
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
 #          fp32 reference. ~8 min. VARIANTS=lorafuse:ck,lorafuse:ck0,unsloth_gc: ck against
 #          ck0, ck's plan before session 25 (LORAFUSE_KEEP_RESIDUAL=0), in one run.
+#          VARIANTS=lorafuse:ckfp8,lorafuse:ck,unsloth_gc: ck with fp8_dx and no weight
+#          copies (each weight cast every backward: the copies would not fit 16.7 GiB).
 #   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
 #          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
 #          parameters at every step 1-20 (the loss at every step at least as close to fp32
@@ -164,6 +166,10 @@ CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "check
   "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 FP8_CONFIG='{"options": {"fp8_dx": true}}'
+# ck with fp8_dx, its weights cast every backward (fp8_copies false: 6.5 GiB of copies would
+# not fit issue 5's 16.7 GiB)
+CKFP8_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false}}'
 FP8CG_CONFIG='{"options": {"fp8_dx": true, "inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
@@ -291,11 +297,13 @@ case "$MODE_ONE" in
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
-            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" ;;
+            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" \
+            --lorafuse-config "ckfp8=$CKFP8_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:ck,lorafuse:mem --variants eager,lorafuse:ck,lorafuse:mem \
-            --lorafuse-config "mem=$MEMORY_CONFIG" --lorafuse-config "ck=$CHECKPOINT_CONFIG" ;;
+            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8 \
+            --variants eager,lorafuse:ck,lorafuse:mem --lorafuse-config "mem=$MEMORY_CONFIG" \
+            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;

@@ -978,8 +978,9 @@ def test_tiled_mlp_on_gpu():
 
 @pytest.mark.parametrize("site", list(SITES_8B))
 def test_fp8_dx_real_sizes_on_gpu(site):
-    """fp8_dx at the 8B sites on the GPU: the Triton quantisation gives PyTorch's e4m3
-    bytes, and the e4m3 GEMM equals the plain-PyTorch oracle to the output's rounding and
+    """fp8_dx at the 8B sites on the GPU: the Triton quantisation of dy (three sources) and
+    the Triton transposed cast of W (fp8_copies=False) give PyTorch's e4m3 bytes, and the
+    e4m3 GEMM equals the plain-PyTorch oracle to the output's rounding and
     stays within the stated bound of the exact dy W (relative norm ≤ 8 %, cosine ≥ 0.995);
     on a GPU before sm90 it does not apply."""
     from lorafuse.kernels import fp8_dx as fp8
@@ -995,6 +996,12 @@ def test_fp8_dx_real_sizes_on_gpu(site):
     q, sa = fp8.quantize_dy(list(dy.split([N // 4, N // 4, N // 2], 1)))  # the kernel, 3 sources
     q_ref, sa_ref = fp8.quantize_rows(dy)  # PyTorch's cast
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sa, sa_ref)
+    # fp8_copies=False: the Triton transposed cast gives the kept copy's bytes, in slices
+    wq_ref, sb_ref = fp8.quantize_weight_t(W)
+    parts = list(W.split([N // 4, N // 4, N // 2], 0))
+    assert torch.equal(fp8.weight_scales(parts), sb_ref)
+    wq = fp8.cast_weights_t(parts, sb_ref)
+    assert torch.equal(wq.view(torch.uint8), wq_ref.view(torch.uint8))
     got = fp8.fp8_dx([dy], [W])
     oracle = fp8.fp8_dx_reference(dy, W)
     exact = dy.double() @ W.double()
@@ -1003,4 +1010,6 @@ def test_fp8_dx_real_sizes_on_gpu(site):
     cos = torch.nn.functional.cosine_similarity(oracle.double().flatten(), exact.flatten(), dim=0)
     assert cos >= 0.995
     assert len(fp8.weight_cache) == 1 and fp8.fp8_dx([dy], [W]).equal(got)  # cached, same numbers
+    assert fp8.fp8_dx([dy], [W], copies=False).equal(got)
     fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
