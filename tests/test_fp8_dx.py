@@ -361,7 +361,7 @@ def test_falls_back_to_exact_where_fp8_cannot_run():
 # --------------------------------------------------------------------------- a whole model
 
 
-def _bf16_run(fp8_dx, steps=3):
+def _bf16_run(fp8_dx, steps=3, **options):
     """A tiny Llama (all GEMM sizes multiples of 16), compiled, CPU bf16 autocast, plain SGD
     steps: (losses, per-step LoRA grads, the report)."""
     import lorafuse
@@ -371,7 +371,7 @@ def _bf16_run(fp8_dx, steps=3):
     model = make_tiny_model("llama", intermediate_size=64, r=4, seed=3)
     report = Report()
     backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
-                                options={"strict": True, "fp8_dx": fp8_dx})
+                                options={"strict": True, "fp8_dx": fp8_dx, **options})
     fn = torch.compile(model, backend=backend)
     gen = torch.Generator().manual_seed(0)
     params = lora_params(model)
@@ -389,6 +389,7 @@ def _bf16_run(fp8_dx, steps=3):
                 p.grad = None
     reset_dynamo()
     fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
     return losses, grads, report
 
 
@@ -482,6 +483,23 @@ def _counting(fn, calls: list):
         calls.append(1)
         return fn(*a, **k)
     return wrapper
+
+
+@pytest.mark.slow
+def test_checkpoint_layers_without_copies(monkeypatch):
+    """fp8_dx under checkpoint_layers (issue 5's 16.7 GiB configuration), on the GPU's code
+    path with CPU tensors: with fp8_copies=False (each weight cast every backward) the
+    losses and LoRA gradients of 2 steps are bit-equal to those with copies, and the
+    layers were checkpointed."""
+    monkeypatch.setenv("LORAFUSE_LORA_IMPL", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ck = {"checkpoint_layers": True, "passes": ["lora", "attention", "loss"]}
+    kept_losses, kept_grads, report = _bf16_run(True, steps=2, **ck)
+    losses, grads, _ = _bf16_run(True, steps=2, fp8_copies=False, **ck)
+    assert "layers recomputed" in report.graphs[0].format()
+    assert [l.item() for l in losses] == [l.item() for l in kept_losses]
+    for g, k in zip(grads, kept_grads):
+        assert all(torch.equal(g[n], k[n]) for n in k)
 
 
 if __name__ == "__main__":
