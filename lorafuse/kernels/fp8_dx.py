@@ -65,7 +65,7 @@ def pow2_scale(amax: Tensor) -> Tensor:
     """fp32 powers of two s, the least with amax / s ≤ 448, from absolute maxima (NaN where
     amax is not finite). Read off amax's fp32 bits, so exact (a log2 is not, near a
     binade's edge): amax = 1.m · 2^e needs s = 2^(e-8), or 2^(e-7) when 1.m > 1.75
-    (448 = 1.75 · 2⁸). The Triton kernel computes the same bits (``_pow2_inverse``)."""
+    (448 = 1.75 · 2⁸). ``_quantize_rows_kernel`` computes the same bits."""
     bits = amax.float().clamp_min(_MIN_SCALE * E4M3_MAX).view(torch.int32)
     e = (bits >> 23) & 0xFF
     k = e - 127 - 8 + ((bits & 0x7FFFFF) > _MANT_1_75).int()
@@ -310,8 +310,8 @@ def quantize_dy(dy2s: list) -> tuple[Tensor, Tensor]:
 
 
 class _WeightCache:
-    """fp8 copies of frozen weights (or of several concatenated along N, a q/k/v group's),
-    keyed by their storages; an entry is dropped when one of its storages is freed, and
+    """What ``build`` makes of frozen weights (or of several concatenated along N, a q/k/v
+    group's): their fp8 copies and scales, or the scales alone; keyed by their storages; an entry is dropped when one of its storages is freed, and
     rebuilt when it is asked for a different view of those storages or a weight was
     modified in place since (a version counter moved).
 
@@ -384,10 +384,11 @@ PREBUILD_DEVICES = ("cuda",)  # where ``prebuild`` makes copies (tests add "cpu"
 
 
 def prebuild(sites: list) -> int:
-    """Make the fp8 copies of these sites' frozen weights now, at compile time (``sites``:
-    ``(weights, parameters, M, copies)``: the weights as the op will get them, the
-    parameters they are views of, M the site's rows of dy as traced, and whether the op
-    keeps copies or only scales), where ``fp8_dx`` will take them; returns the bytes made.
+    """Make the fp8 copies (or scales alone) of these sites' frozen weights now, at compile
+    time, where ``fp8_dx`` will take them; returns the bytes made. ``sites``: ``(weights,
+    parameters, M, copies)``: the weights as the op will get them, the parameters they are
+    views of, M the site's rows of dy as traced, and whether the op keeps copies or only
+    scales.
 
     Why not at the first backward: under Inductor's CUDA graphs that first run is its
     warm-up, which allocates in the graphs' private memory pool; a copy kept from there is
@@ -407,8 +408,6 @@ def prebuild(sites: list) -> int:
         cache.get(list(weights), version_of=list(params))
         made += cache.nbytes() - before
     return made
-
-
 
 
 def fp8_dx(dy2s: list, weights: list, copies: bool = True):
