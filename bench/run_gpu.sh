@@ -25,7 +25,8 @@
 #          fp32 reference. ~8 min. VARIANTS=lorafuse:ck,lorafuse:ck0,unsloth_gc: ck against
 #          ck0, ck's plan before session 25 (LORAFUSE_KEEP_RESIDUAL=0), in one run.
 #          VARIANTS=lorafuse:ckfp8,lorafuse:ck,unsloth_gc: ck with fp8_dx and no weight
-#          copies (each weight cast every backward: the copies would not fit 16.7 GiB).
+#          copies (each weight cast every backward: the copies would not fit 16.7 GiB);
+#          lorafuse:ckp2: ck with offload_prefetch 2.
 #   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
 #          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
 #          parameters at every step 1-20 (the loss at every step at least as close to fp32
@@ -166,6 +167,9 @@ CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "check
   "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
 FP8_CONFIG='{"options": {"fp8_dx": true}}'
+# ck with offload_prefetch 2 (+4.8 % for QLoRA's qck in session 27; its peak at 16.7 GiB?)
+CHECKPOINTP2_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "offload_prefetch": 2}}'
 # ck with fp8_dx, its weights cast every backward (fp8_copies false: 6.5 GiB of copies would
 # not fit issue 5's 16.7 GiB)
 CKFP8_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
@@ -298,7 +302,7 @@ case "$MODE_ONE" in
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" \
-            --lorafuse-config "ckfp8=$CKFP8_CONFIG" ;;
+            --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8 \

@@ -342,6 +342,16 @@ def test_lora_group_only_dx_changes():
     fp8.weight_cache.clear()
 
 
+def test_fp8_copies_without_fp8_dx_warns():
+    from lorafuse.backend import Options
+
+    with pytest.warns(UserWarning, match="fp8_copies=False changes nothing"):
+        Options.parse({"fp8_copies": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Options.parse({"fp8_copies": False, "fp8_dx": True})
+
+
 def test_falls_back_to_exact_where_fp8_cannot_run():
     """fp32 compute and a size that is not a multiple of 16: dx exact, one warning each."""
     warned.clear()
