@@ -17,8 +17,8 @@
 #          ~6.5 min (estimate). One process of lorafuse:fp8 spread 14,300-17,255 tok/s in
 #          session 27: run it twice (or EXTRA='--rounds 2' with fewer VARIANTS).
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
-#          with CUDA graphs), 2 + 18 steps, the fp32
-#          reference of each one's parameters at every step 1-20. ~7 min (estimate).
+#          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
+#          every step 1-20. ~4 min (session 27).
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
