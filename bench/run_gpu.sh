@@ -245,6 +245,8 @@ run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Lige
         t=${OP_TIMEOUT:-100}
         # the flash kernels autotune ~19 configs per shape: 100 s covered 10 of its rows
         [ "$script" = bench_softcap_attention.py ] && t=${OP_TIMEOUT:-240}
+        # 12 rows of Inductor compiles at 8B sizes (estimate)
+        [ "$script" = bench_fp8_dx.py ] && t=${OP_TIMEOUT:-240}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
         rc=$?

@@ -352,6 +352,22 @@ def test_fp8_copies_without_fp8_dx_warns():
         Options.parse({"fp8_copies": False, "fp8_dx": True})
 
 
+def test_bench_fp8_dx_smoke(capsys):
+    """bench/bench_fp8_dx.py runs end to end on CPU (small shapes) and prints its table;
+    on the GPU (``OPS=bench_fp8_dx.py bash bench/run_gpu.sh ops``) it times the Triton
+    kernels against eager and Inductor."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_fp8_dx.py"
+    spec = importlib.util.spec_from_file_location("bench_fp8_dx", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--small", "--variants", "eager,lorafuse"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| quantise dy |") == 4 and out.count("| dy W |") == 6
+
+
 def test_falls_back_to_exact_where_fp8_cannot_run():
     """fp32 compute and a size that is not a multiple of 16: dx exact, one warning each."""
     warned.clear()

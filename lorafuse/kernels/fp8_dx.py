@@ -119,6 +119,11 @@ def cast_weights_t(weights: list, s: Tensor) -> Tensor:
         except Exception as e:  # never crash training over the optional kernel
             warn_once(f"lorafuse: Triton fp8 weight cast failed ({type(e).__name__}: {e}); "
                       "using PyTorch")
+    return cast_weights_t_pytorch(weights, inv, out)
+
+
+def cast_weights_t_pytorch(weights: list, inv: Tensor, out: Tensor) -> Tensor:
+    """``cast_weights_t``'s PyTorch path (and the benchmark's eager row), into ``out``."""
     off = 0
     for w in weights:  # exact in bf16 (a power of two); the copy rounds once
         out[:, off:off + w.shape[0]].copy_((w * inv.to(w.dtype)).t())
@@ -300,13 +305,18 @@ def quantize_dy(dy2s: list) -> tuple[Tensor, Tensor]:
         except Exception as e:  # never crash training over the optional kernel
             warn_once(f"lorafuse: Triton fp8 quantisation failed ({type(e).__name__}: "
                       f"{e}); using PyTorch")
+    return q, quantize_dy_pytorch(dy2s, q)
+
+
+def quantize_dy_pytorch(dy2s: list, q: Tensor) -> Tensor:
+    """``quantize_dy``'s PyTorch path (and the benchmark's eager row): writes q, returns s."""
     s = _row_scales(dy2s)
     inv = (1.0 / s).reshape(-1, 1)
     off = 0
     for d in dy2s:  # exact in bf16 (a power of two); the copy rounds once
         q[:, off:off + d.shape[1]].copy_(d * inv.to(d.dtype))
         off += d.shape[1]
-    return q, s
+    return s
 
 
 class _WeightCache:
