@@ -237,7 +237,7 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     report = GraphReport(next(_graph_ids))
     pristine = copy_graph(gm.graph)
     _run_passes(gm, opts, report, pristine)
-    if opts.fp8_dx:
+    if opts.fp8_dx and torch.is_grad_enabled():  # (an evaluation graph runs no backward)
         _prebuild_fp8_copies(gm, example_inputs, report)
 
     patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)

@@ -461,6 +461,9 @@ def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
                                 options={"strict": True, "fp8_dx": True})
     fn = torch.compile(model, backend=backend)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # an evaluation graph runs no backward: no copies for it
+        fn(input_ids=ids, labels=ids)
+    assert len(fp8.weight_cache) == 0
     loss = fn(input_ids=ids, labels=ids).loss  # compiles: the copies are made here
     entries = {k: v[-1][0] for k, v in fp8.weight_cache._entries.items()}
     assert sum(q.numel() for q in entries.values()) == sum(w.numel() for w in bases)
