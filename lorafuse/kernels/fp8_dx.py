@@ -15,9 +15,12 @@ accumulated in fp32 and rounded once to the compute dtype (``torch._scaled_mm``,
 scales: sm90+ (Hopper); also on CPU in recent torch).
 
 W's fp8 copy (transposed, as ``_scaled_mm`` wants its second operand column-major) is
-made once per weight and kept while the weight lives and is not modified in place: one
-byte per frozen weight element (≈ 6.5 GiB at 8B). A weight's cache entry goes when its
-storage does.
+made once per weight (at compile time where the graph's inputs show it: ``prebuild``) and
+kept while the weight lives and is not modified in place: one byte per frozen weight
+element (≈ 6.5 GiB at 8B). A weight's cache entry goes when its storage does. With
+``fp8_copies=False`` only W's scales are kept and W is cast again in every backward (one
+Triton launch per weight, ``cast_weights_t``): the same bytes, for ≈ 3 bytes of traffic a
+weight element a step.
 
 ``fp8_dx_reference`` is the same arithmetic in plain PyTorch (quantise, dequantise to
 fp32, multiply): the CPU path and the test oracle. Where ``_scaled_mm`` cannot run (an
