@@ -241,8 +241,6 @@ if triton is not None:
             _source_cast(x2, sx2, n2, out_ptr + n0 + n1, so, r64, rmask, inv, TO_E4M3,
                          BLOCK_N)
 
-
-if triton is not None:
     @triton.jit
     def _cast_t_kernel(w_ptr, sw, inv_ptr, out_ptr, so, N, K, TO_E4M3: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
