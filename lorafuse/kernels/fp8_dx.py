@@ -366,7 +366,7 @@ class _WeightCache:
                 weakref.finalize(s, self._entries.pop, key, None)
         sources = list(version_of or weights)
         if version_of is None and hit is not None:  # a rebuild keeps the parameters it knew
-            sources = [r() if r() is not None else t for r, t in zip(hit[1], sources)]
+            sources = [src if (src := r()) is not None else t for r, t in zip(hit[1], sources)]
         self._entries[key] = (sig, [weakref.ref(t) for t in sources],
                               [t._version for t in sources], value)
         return value
