@@ -22,10 +22,21 @@ Rows per site:
   dy W         bf16: cuBLAS on the concatenated dy and W (what fp8_dx replaces); fp8:
                ``fp8_dx`` with the kept copy (quantise dy + the e4m3 GEMM); fp8 no copy:
                ``fp8_dx(copies=False)`` (+ the cast of W).
-Time: median ms of triton.testing.do_bench on CUDA (a perf_counter median on CPU). The
-memory-bound rows also give GB/s over the bytes they must move (dy or W read once in bf16,
-written once in e4m3) and their fraction of the H200's 4182 GB/s; the GEMM rows TFLOP/s.
-Every variant's bytes are checked equal to lorafuse's. A markdown table is printed last.
+Time, three ways, because at these sizes a kernel's memory traffic takes ≈ 10-150 µs
+and the host's call (allocations, Python, the launch; Dynamo's guards for Inductor) can
+take as long (session 28: the same 4096 × 4096 quantisation measured 0.036 and 0.050 ms
+at two sites):
+  call ms   median of triton.testing.do_bench: calls timed one after another, the host's
+            time included wherever it is longer than the GPU's (a perf_counter median on
+            CPU). What a step without CUDA graphs pays.
+  GPU ms    triton.testing.do_bench_cudagraph: the calls recorded in a CUDA graph and
+            replayed, so the GPU's time alone; what a step under CUDA graphs pays, and
+            the per-kernel verdict. CUDA only ("—" on CPU, or if recording fails).
+  host µs   the host's time per call, 50 calls queued without waiting for the GPU.
+The memory-bound rows also give GB/s over the bytes they must move (dy or W read once in
+bf16, written once in e4m3) and their fraction of the H200's 4182 GB/s; the GEMM rows
+TFLOP/s; both from GPU ms where there is one, else from call ms. Every variant's bytes
+are checked equal to lorafuse's. A markdown table is printed last.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ def log(msg: str) -> None:
 
 
 def timed_ms(fn, device, rep_ms: int) -> float:
+    """Call ms (module docstring)."""
     if device.type == "cuda":
         import triton
 
@@ -71,6 +83,34 @@ def timed_ms(fn, device, rep_ms: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def gpu_ms(fn, device, rep_ms: int):
+    """GPU ms (module docstring), or None on CPU or when the calls cannot be recorded."""
+    if device.type != "cuda":
+        return None
+    import triton
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    except Exception as e:  # a call that syncs or allocates on the host cannot be recorded
+        log(f"  (not recorded in a CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def host_us(fn, device, calls: int = 50) -> float:
+    """Host µs per call (module docstring): the GPU is not waited for inside the window."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def quantize_eager(dys):
@@ -101,24 +141,28 @@ def bench_site(name, ns, K, M, device, variants, rep_ms) -> list[dict]:
     def measure(op, variant, fn, bytes_=None, flops=None, check=None):
         try:
             ok = check(fn()) if check else True
-            ms = timed_ms(fn, device, rep_ms)
+            times = {"ms": timed_ms(fn, device, rep_ms), "gpu_ms": gpu_ms(fn, device, rep_ms),
+                     "host_us": host_us(fn, device)}
         except Exception as e:  # Inductor's fp8 support varies (CPU: a promotion error)
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append({"site": name, "op": op, "variant": variant, "ms": None,
                          "bytes_equal": None, "error": msg})
             log(f"{name} {op} {variant}: failed ({msg})")
             return
-        row(op, variant, ms, bytes_, flops, ok)
+        row(op, variant, times, bytes_, flops, ok)
 
-    def row(op, variant, ms, bytes_=None, flops=None, ok=True):
-        r = {"site": name, "op": op, "variant": variant, "ms": ms, "bytes_equal": ok}
+    def row(op, variant, times, bytes_=None, flops=None, ok=True):
+        r = {"site": name, "op": op, "variant": variant, **times, "bytes_equal": ok}
+        ms = r["gpu_ms"] or r["ms"]  # rates from the GPU's time where there is one
         if bytes_:
             r["gbps"] = bytes_ / ms / 1e6
             r["peak_frac"] = r["gbps"] / PEAK_GBPS
         if flops:
             r["tflops"] = flops / ms / 1e9
         rows.append(r)
-        log(f"{name} {op} {variant}: {ms:.3f} ms" + (f", {r['gbps']:.0f} GB/s" if bytes_ else "")
+        gpu = "—" if r["gpu_ms"] is None else f"{r['gpu_ms']:.3f}"
+        log(f"{name} {op} {variant}: call {r['ms']:.3f} ms, GPU {gpu} ms, host "
+            f"{r['host_us']:.0f} µs" + (f", {r['gbps']:.0f} GB/s" if bytes_ else "")
             + (f", {r['tflops']:.0f} TFLOP/s" if flops else "") + ("" if ok else ", BYTES DIFFER"))
 
     # quantise dy: 2 bytes read + 1 written an element (the scales are M floats)
@@ -153,17 +197,19 @@ def bench_site(name, ns, K, M, device, variants, rep_ms) -> list[dict]:
 
 
 def table(rows) -> str:
-    lines = ["| site | op | variant | ms | GB/s (% of 4182) | TFLOP/s | bytes = lorafuse's |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| site | op | variant | call ms | GPU ms | host µs | GB/s (% of 4182) | TFLOP/s "
+             "| bytes = lorafuse's |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["ms"] is None:
             lines.append(f"| {r['site']} | {r['op']} | {r['variant']} | failed: {r['error']} "
-                         "| | | |")
+                         "| | | | | |")
             continue
+        gpu = "—" if r["gpu_ms"] is None else f"{r['gpu_ms']:.3f}"
         bw = f"{r['gbps']:,.0f} ({100 * r['peak_frac']:.0f} %)" if "gbps" in r else ""
         tf = f"{r['tflops']:,.0f}" if "tflops" in r else ""
         ok = "" if r["op"] == "dy W" else ("yes" if r["bytes_equal"] else "**no**")
-        lines.append(f"| {r['site']} | {r['op']} | {r['variant']} | {r['ms']:.3f} | {bw} | {tf} | {ok} |")
+        lines.append(f"| {r['site']} | {r['op']} | {r['variant']} | {r['ms']:.3f} | {gpu} | "
+                     f"{r['host_us']:.0f} | {bw} | {tf} | {ok} |")
     return "\n".join(lines)
 
 

@@ -184,6 +184,20 @@ def training_device(args):
     return device
 
 
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_events() -> dict:
+    """The CUDA caching allocator's counts of cudaMalloc, cudaFree and out-of-memory
+    retries so far. Why: a cudaFree waits for the whole GPU, so a step that frees and
+    allocates device memory every time (a tight budget, new transient sizes) idles the GPU
+    where a kernel profile shows nothing."""
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ALLOCATOR_EVENTS}
+
+
 def sync(device) -> None:
     import torch
 
@@ -399,6 +413,7 @@ def child_train(args, variant: str, res: dict) -> dict:
         record_memory_history(True)
     timed_s, seg_start = 0.0, None
     timed_window = [None, None]  # wall-clock seconds of the timed steps (for the clock log)
+    alloc_before = None  # the caching allocator's event counts when the timed steps began
     try:
         for step in range(1, total + 1):
             if step in args.ref_steps and variant in args.ref_variants and args._round == 1:
@@ -413,6 +428,7 @@ def child_train(args, variant: str, res: dict) -> dict:
                 if on_cuda:
                     res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     torch.cuda.reset_peak_memory_stats()
+                    alloc_before = allocator_events()
                     if args.memory_snapshot:
                         warm = memory_history_path(args, variant, "warmup")
                         record_memory_history(False, warm)
@@ -474,6 +490,9 @@ def child_train(args, variant: str, res: dict) -> dict:
             # timed steps' allocated peak misses the graphs' pool (session 23: 5.78 GiB
             # against 8.80 in the warm-up); the reserved peak holds it.
             res["reserved_timed_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            if alloc_before is not None:
+                res["allocator_timed"] = {k: v - alloc_before[k]
+                                          for k, v in allocator_events().items()}
         res["peak_gib"] = max(res["peak_warmup_gib"], res.get("peak_timed_gib", 0.0))
     if base in ("inductor", "aot_eager", "lorafuse"):
         from torch._dynamo.utils import counters
@@ -498,6 +517,11 @@ def child_train(args, variant: str, res: dict) -> dict:
         + (f", peak {res['peak_gib']:.2f} GiB (warm-up {res['peak_warmup_gib']:.2f}, "
            f"timed {res['peak_timed_gib']:.2f}; reserved in the timed steps "
            f"{res['reserved_timed_gib']:.2f})" if on_cuda else ""))
+    if any(res.get("allocator_timed", {}).values()):
+        a = res["allocator_timed"]
+        log(f"{variant}: the caching allocator in the timed steps: {a['num_device_alloc']} "
+            f"cudaMalloc, {a['num_device_free']} cudaFree (each waits for the GPU), "
+            f"{a['num_alloc_retries']} retries after freeing its cache")
     clocks = os.environ.get("BENCH_GPU_CLOCKS")  # run_gpu.sh's nvidia-smi log
     if clocks and timed_window[0]:
         res["clocks"] = clock_summary(clocks, *timed_window)

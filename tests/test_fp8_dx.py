@@ -366,6 +366,7 @@ def test_bench_fp8_dx_smoke(capsys):
     assert bench.main(["--device", "cpu", "--small", "--variants", "eager,lorafuse"]) == 0
     out = capsys.readouterr().out
     assert out.count("| quantise dy |") == 4 and out.count("| dy W |") == 6
+    assert "| call ms | GPU ms | host µs |" in out  # GPU ms: "—" on CPU
 
 
 def test_falls_back_to_exact_where_fp8_cannot_run():
@@ -531,10 +532,6 @@ def test_checkpoint_layers_without_copies(monkeypatch):
         assert all(torch.equal(g[n], k[n]) for n in k)
 
 
-if __name__ == "__main__":
-    _worker()
-
-
 @pytest.mark.slow
 def test_dropout_sites_use_fp8_too():
     """With LoRA dropout on every site (x and x' take separate gradients: dy W comes from
@@ -598,3 +595,7 @@ def test_an_fp8_failure_falls_back_to_exact_for_the_rest_of_the_process(monkeypa
     assert len(msgs) == 1 and "no rowwise fp8 kernel" in msgs[0]
     assert not fp8.supported(32, 64, 48, BF16, torch.device("cpu"))
     fp8.weight_cache.clear()
+
+
+if __name__ == "__main__":
+    _worker()
