@@ -14,8 +14,10 @@
 #   fp8    8B bf16, issue 3's bar with the fp8_dx option, in one run: lorafuse:fp8cg (defaults
 #          + fp8_dx + Inductor's CUDA graphs), unsloth, inductor, then lorafuse:fp8 (no CUDA
 #          graphs; last: a short budget drops it first); 2 + 8 steps, no fp32 reference.
-#          ~6.5 min (estimate). One process of lorafuse:fp8 spread 14,300-17,255 tok/s in
-#          session 27: run it twice (or EXTRA='--rounds 2' with fewer VARIANTS).
+#          ~6.5 min (session 28: the first three took 381 s with Inductor's cold compile,
+#          158 s warm; the budget dropped lorafuse:fp8). Session 28: fp8cg 17,804 and 17,821
+#          tok/s in two processes (1.15 x unsloth, 1.29 x inductor); lorafuse:fp8 without
+#          graphs spread 14,300-17,255 in session 27 (the host's pace).
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
 #          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
 #          every step 1-20. ~4 min (session 27).
