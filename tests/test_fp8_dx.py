@@ -19,6 +19,7 @@ import functools
 import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -269,6 +270,41 @@ def test_weight_cache_reads_the_parameters_version():
         w.mul_(2)  # the rebuilt entry still reads the parameter's counter
     assert torch.equal(fp8.weight_cache.get([graph_view()])[1], first[1] * 4)
     fp8.weight_cache.clear()
+
+
+def test_weight_cache_keeps_what_cuda_graphs_read(monkeypatch):
+    """An entry read while a CUDA graph was being recorded (faked here: CPU tensors) is not
+    freed by ``clear`` or by a rebuild after an in-place change, since the graph's replays
+    read its memory; each warns. Entries no recording read are freed as before."""
+    cache = fp8._WeightCache(fp8._copy_of)
+    recording = [False]
+    monkeypatch.setattr(fp8, "_recording", lambda w: recording[0])
+    w_free, w_graph, w_rebuilt, w_hit = (randn(32, 16, seed=s) for s in (1, 2, 3, 4))
+    free = weakref.ref(cache.get([w_free])[0])
+    hit = weakref.ref(cache.get([w_hit])[0])  # made before the recording, read during it
+    recording[0] = True
+    graph = weakref.ref(cache.get([w_graph])[0])
+    assert cache.get([w_hit])[0] is hit()
+    old = weakref.ref(cache.get([w_rebuilt])[0])
+    recording[0] = False
+    assert cache.get([w_graph])[0] is graph()  # a hit outside the recording: still held
+    with torch.no_grad():
+        w_rebuilt.mul_(2)
+    with pytest.warns(RuntimeWarning, match="changed in place after CUDA graphs"):
+        new = cache.get([w_rebuilt])
+    gc.collect()
+    assert old() is not None and new[0] is not old()  # the recorded one stays allocated
+    del new
+    with pytest.warns(RuntimeWarning, match=r"cleared .* reading 2 of its entries"):
+        cache.clear()  # w_rebuilt's new entry was not recorded: w_graph's and w_hit's are
+    gc.collect()
+    assert free() is None  # the control: an entry no recording read is freed
+    assert graph() is not None and hit() is not None and old() is not None
+    assert len(cache) == 0 and len(cache._graph_held) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.get([w_graph])  # after clear: a fresh entry, not marked as recorded
+        cache.clear()
 
 
 def _site(m, k, n, r, seed):

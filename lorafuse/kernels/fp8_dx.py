@@ -42,6 +42,7 @@ its e4m3 bytes.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
@@ -320,11 +321,24 @@ def quantize_dy_pytorch(dy2s: list, q: Tensor) -> Tensor:
     return s
 
 
+def _recording(w: Tensor) -> bool:
+    """Whether a CUDA graph is being recorded on ``w``'s device's current stream: then the
+    graph reads a value handed out now at that address in every replay."""
+    return w.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class _WeightCache:
     """What ``build`` makes of frozen weights (or of several concatenated along N, a q/k/v
-    group's): their fp8 copies and scales, or the scales alone; keyed by their storages; an entry is dropped when one of its storages is freed, and
-    rebuilt when it is asked for a different view of those storages or a weight was
-    modified in place since (a version counter moved).
+    group's): their fp8 copies and scales, or the scales alone; keyed by their storages;
+    an entry is dropped when one of its storages is freed, and rebuilt when it is asked
+    for a different view of those storages or a weight was modified in place since (a
+    version counter moved).
+
+    CUDA graphs (Inductor's ``triton.cudagraphs``): a graph recorded while reading an
+    entry reads that memory in every replay, with no Python to look the entry up again.
+    So an entry read during a recording is never freed by ``clear`` or a rebuild: it is
+    kept aside (``_graph_held``), with a warning that those replays still see the old
+    weights.
 
     Whose version counter: a view that a compiled graph makes of a parameter (Inductor's
     ``reinterpret_tensor``: GPT-2's Conv1D weight, transposed) has its own counter, fresh
@@ -335,6 +349,8 @@ class _WeightCache:
     def __init__(self, build):
         self._build = build  # weights (a list) -> the value kept
         self._entries: dict = {}  # key -> (sig, version sources (weakrefs), versions, value)
+        self._captured: set = set()  # keys whose value a CUDA graph recording read
+        self._graph_held: list = []  # values dropped (clear, a rebuild) that graphs read
 
     @staticmethod
     def _sig(w: Tensor) -> tuple:
@@ -357,13 +373,22 @@ class _WeightCache:
         storages = [w.untyped_storage() for w in weights]
         key = tuple(id(s) for s in storages)
         sig = tuple(self._sig(w) for w in weights)
+        capturing = _recording(weights[0])
         hit = self._entries.get(key)
         if hit is not None and hit[0] == sig and self._current(hit, weights):
+            if capturing:
+                self._captured.add(key)
             return hit[3]
+        if hit is not None and key in self._captured:  # stale, but recorded graphs read it
+            self._hold_for_graphs([hit[3]], "a frozen weight changed in place after CUDA "
+                                  "graphs were recorded reading its fp8_dx cache entry")
+            self._captured.discard(key)
         value = self._build(weights)
+        if capturing:
+            self._captured.add(key)
         if hit is None:  # first entry for these storages: evict when any of them goes
             for s in storages:
-                weakref.finalize(s, self._entries.pop, key, None)
+                weakref.finalize(s, self._forget, key)
         sources = list(version_of or weights)
         if version_of is None and hit is not None:  # a rebuild keeps the parameters it knew
             sources = [src if (src := r()) is not None else t for r, t in zip(hit[1], sources)]
@@ -371,8 +396,28 @@ class _WeightCache:
                               [t._version for t in sources], value)
         return value
 
+    def _forget(self, key) -> None:
+        self._entries.pop(key, None)
+        self._captured.discard(key)
+
     def clear(self) -> None:
+        """Drop every entry (the next backward rebuilds what it needs). An entry that a CUDA
+        graph recording read (Inductor's ``triton.cudagraphs``) is not freed but kept
+        aside, warned: its replays read that memory at its recorded address, and freed it
+        could be handed to another tensor (wrong gradients, no error)."""
+        held = [entry[3] for key, entry in self._entries.items() if key in self._captured]
+        if held:
+            self._hold_for_graphs(held, f"fp8_dx's cache was cleared while CUDA graphs "
+                                  f"recorded reading {len(held)} of its entries may replay")
         self._entries.clear()
+        self._captured.clear()
+
+    def _hold_for_graphs(self, values: list, what: str) -> None:
+        self._graph_held.extend(values)
+        gib = sum(t.nbytes for value in values for t in value) / 2**30
+        warnings.warn(f"lorafuse: {what}: those graphs' replays keep reading the old entry "
+                      f"({gib:.2f} GiB, kept allocated for them), not the weights as they "
+                      "are now; compile again to use them", RuntimeWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self._entries)
