@@ -1022,18 +1022,20 @@ def render(args, meta, results, ref) -> str:
     # summary, last
     base_e = ok.get("eager", {}).get("tok_s")
     base_i = ok.get("inductor", {}).get("tok_s")
+    base_u = ok.get("unsloth", {}).get("tok_s")  # issue 3's bar: Unsloth without checkpointing
     ceiling = args.peak_tflops * 1e12 / meta["gflop_per_token"] / 1e9
     lines.append(f"### summary ({args.shape}; ceiling {ceiling:,.0f} tok/s at "
                  f"{args.peak_tflops} TFLOP/s)")
     lines.append("")
-    lines.append("| variant | tok/s | × eager | × inductor | % ceiling | peak GiB | compile s "
-                 "| max abs Δloss vs fp32 |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    u_head, u_rule = (" × unsloth |", "---|") if base_u else ("", "")
+    lines.append(f"| variant | tok/s | × eager | × inductor |{u_head} % ceiling | peak GiB | "
+                 "compile s | max abs Δloss vs fp32 |")
+    lines.append(f"|---|---|---|---|{u_rule}---|---|---|---|")
     for r in results:
         n = r["variant"]
         if "error" in r:
             label = "" if r["error"].startswith("skipped") else "error: "
-            lines.append(f"| {n} | {label}{r['error']} | | | | | | |")
+            lines.append(f"| {n} | {label}{r['error']} |{' |' * (6 + bool(base_u))}")
             continue
         tok = r.get("tok_s")
         note = ""
@@ -1044,7 +1046,8 @@ def render(args, meta, results, ref) -> str:
         lines.append(
             f"| {n}{note} | {fmt(tok)} | {fmt(tok / base_e if base_e else None, '.2f')} | "
             f"{fmt(tok / base_i if base_i else None, '.2f')} | "
-            f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
+            + (f"{fmt(tok / base_u, '.3f')} | " if base_u else "")
+            + f"{fmt(100 * tok / ceiling, '.1f')} | {fmt(r.get('peak_gib'), '.1f')} | "
             f"{fmt(r.get('compile_s'), '.1f')} | {fmt(r.get('ref_max_abs_delta'), '.5f')} |")
     snapped = [r["variant"] for r in results if "error" not in r
                and r["variant"] in args.ref_variants and r.get("round", 1) == 1

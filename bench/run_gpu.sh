@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -21,6 +21,11 @@
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
 #          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
 #          every step 1-20. ~4 min (session 27).
+#   fp8bar 8B bf16, issue 3's whole bar in ONE run: eager, lorafuse:fp8cg, unsloth, inductor,
+#          2 + 18 steps, the fp32 reference of eager's and fp8cg's parameters at every step
+#          1-20 (speed against Unsloth and Inductor, and the loss against eager bf16's, from
+#          the same run). ~525 s on a fresh machine (Inductor's cold compile: 137 s; by
+#          session 28's parts), ~300 s after an fp8 run has warmed the compile caches.
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
@@ -84,8 +89,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -302,6 +307,10 @@ case "$MODE_ONE" in
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg --variants eager,lorafuse:fp8 \
             --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
+    fp8bar)
+        run_train 8b_fp8bar --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
+            --ref-variants eager,lorafuse:fp8cg --variants eager,lorafuse:fp8cg,unsloth,inductor \
+            --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \

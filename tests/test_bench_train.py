@@ -246,3 +246,20 @@ def test_run_gpu_configs_are_valid_options():
         config = json.loads(text)
         assert set(config) <= {"options", "env"}, config
         lorafuse.Options.parse(config.get("options"))
+
+
+def test_summary_gives_the_ratio_to_unsloth_when_it_ran():
+    """Issue 3's bar reads tok/s against Unsloth's: a column when `unsloth` ran (a skipped
+    variant's row keeps the table's width), none otherwise."""
+    results = [{"variant": "lorafuse:fp8cg", "tok_s": 115.0, "round": 1},
+               {"variant": "unsloth", "tok_s": 100.0, "round": 1},
+               {"variant": "inductor", "tok_s": 90.0, "round": 1},
+               {"variant": "lorafuse:fp8", "error": "skipped: time budget", "round": 1}]
+    rows = [l for l in _render(["--no-ref"], results).splitlines()
+            if l.startswith("| ") and "× inductor" in l or l.startswith("| lorafuse")
+            or l.startswith("| unsloth |") or l.startswith("| inductor |")]
+    assert "× unsloth" in rows[0]
+    assert any(l.startswith("| lorafuse:fp8cg | 115 | — | 1.28 | 1.150 |") for l in rows), rows
+    assert len({l.count("|") for l in rows}) == 1, rows  # every row as wide as the header
+    without = _render(["--no-ref"], [results[0], results[2]])
+    assert "× unsloth" not in without
