@@ -305,6 +305,9 @@ def test_weight_cache_keeps_what_cuda_graphs_read(monkeypatch):
         warnings.simplefilter("error")
         cache.get([w_graph])  # after clear: a fresh entry, not marked as recorded
         cache.clear()
+    assert cache.release_graph_held() == 3 * (32 * 16 + 16 * 4)  # e4m3 copies + fp32 scales
+    gc.collect()
+    assert graph() is None and hit() is None and old() is None
 
 
 def _site(m, k, n, r, seed):

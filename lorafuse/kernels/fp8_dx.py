@@ -412,6 +412,14 @@ class _WeightCache:
         self._entries.clear()
         self._captured.clear()
 
+    def release_graph_held(self) -> int:
+        """Free what ``clear`` or a rebuild kept aside for CUDA graphs; returns the bytes.
+        Only once no graph recorded before then can replay (the compiled model is gone, or
+        its graphs were reset: ``torch.compiler.reset()``)."""
+        freed = sum(t.nbytes for value in self._graph_held for t in value)
+        self._graph_held.clear()
+        return freed
+
     def _hold_for_graphs(self, values: list, what: str) -> None:
         self._graph_held.extend(values)
         gib = sum(t.nbytes for value in values for t in value) / 2**30
