@@ -1019,3 +1019,29 @@ def test_fp8_dx_real_sizes_on_gpu(site):
     assert fp8.fp8_dx([dy], [W], copies=False).equal(got)
     fp8.weight_cache.clear()
     fp8.scale_cache.clear()
+
+
+def test_fp8_dx_under_cuda_graphs():
+    """fp8_dx under Inductor's CUDA graphs (issue 3's fastest configuration) on a small
+    Llama: the same losses as without the graphs (to the attention backward's run-to-run
+    noise) and first-step gradients no farther from fp32; the recorded backward read every
+    fp8 weight copy, so the cache marked each one, and ``clear`` keeps them for the graphs
+    (warned) until ``release_graph_held`` after the graphs are reset."""
+    from lorafuse.kernels import fp8_dx as fp8
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("fp8_dx needs sm90+ (test_fp8_dx_real_sizes_on_gpu checks the fallback)")
+    fp8.weight_cache.clear()
+    fp8.weight_cache.release_graph_held()
+    want = _small_llama_run(fp8_dx=True)
+    fp8.weight_cache.clear()  # no graph read these: freed without a warning
+    assert not fp8.weight_cache._graph_held
+    got = _small_llama_run(fp8_dx=True, inductor={"triton.cudagraphs": True})
+    _assert_trains_as(got, want, _small_llama_fp32_grads())
+    entries = len(fp8.weight_cache)
+    assert entries == 4 * 4, entries  # q/k/v, o, gate/up, down in each of 4 layers
+    assert len(fp8.weight_cache._captured) == entries, "the recording's reads were not marked"
+    with pytest.warns(RuntimeWarning, match=f"reading {entries} of its entries"):
+        fp8.weight_cache.clear()
+    torch.compiler.reset()  # the graphs go
+    assert fp8.weight_cache.release_graph_held() > 0
