@@ -105,14 +105,15 @@ def weight_scales(weights: list) -> Tensor:
     return pow2_scale(amax).reshape(1, -1)
 
 
-def cast_weights_t(weights: list, s: Tensor) -> Tensor:
+def cast_weights_t(weights: list, s: Tensor, inv: Tensor | None = None) -> Tensor:
     """``quantize_weight_t``'s wq (K, ΣN) for the weights concatenated along N, given their
-    scales ``s`` (``weight_scales``), the same bytes: the ``fp8_copies=False`` path, every
+    scales ``s`` (``weight_scales``) or also their inverses ``inv`` (K,) (kept with them:
+    one launch less a call), the same bytes: the ``fp8_copies=False`` path, every
     backward. CUDA: one Triton launch per weight, W read once and wq written once (≈ 3
     bytes of traffic an element); elsewhere, or if it fails (warned once), PyTorch."""
     K, N = weights[0].shape[1], sum(w.shape[0] for w in weights)
     out = torch.empty(K, N, dtype=E4M3, device=weights[0].device)
-    inv = (1.0 / s).reshape(-1)
+    inv = (1.0 / s).reshape(-1) if inv is None else inv
     if triton is not None and weights[0].is_cuda and all(w.stride(1) == 1 for w in weights):
         try:
             off = 0
@@ -439,10 +440,15 @@ def _copy_of(weights: list) -> tuple[Tensor, Tensor]:
     return quantize_weight_t(weights[0] if len(weights) == 1 else torch.cat(weights, dim=0))
 
 
-# fp8_copies (the default): W's fp8 copy and scales, kept. Without: W's scales alone (K
-# fp32 each), kept, and W cast in every backward (``cast_weights_t``).
+def _scales_of(weights: list) -> tuple[Tensor, Tensor]:
+    s = weight_scales(weights)
+    return s, (1.0 / s).reshape(-1)
+
+
+# fp8_copies (the default): W's fp8 copy and scales, kept. Without: W's scales and their
+# inverses alone (2 × K fp32), kept, and W cast in every backward (``cast_weights_t``).
 weight_cache = _WeightCache(_copy_of)
-scale_cache = _WeightCache(lambda weights: (weight_scales(weights),))
+scale_cache = _WeightCache(_scales_of)
 
 PREBUILD_DEVICES = ("cuda",)  # where ``prebuild`` makes copies (tests add "cpu")
 
@@ -486,8 +492,8 @@ def fp8_dx(dy2s: list, weights: list, copies: bool = True):
         if copies:
             wq, sb = weight_cache.get(list(weights))
         else:
-            (sb,) = scale_cache.get(list(weights))
-            wq = cast_weights_t(list(weights), sb)
+            sb, inv = scale_cache.get(list(weights))
+            wq = cast_weights_t(list(weights), sb, inv)
         return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
     except Exception as e:
         _failed.append(e)
