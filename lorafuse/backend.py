@@ -157,8 +157,8 @@ def _fp8_sites(gm, example_inputs) -> list:
     """``(weights, parameters, M, copies)`` of each LoRA op the lora pass gave ``fp8_dx``:
     its weights as real tensors (graph inputs or attributes, or a ``.t()`` of one; a weight
     cast per step is not persistent and is left out), the tensors they are views of, M its
-    static rows, and its ``fp8_copies``; sites where any of it is unknown are left out
-    (their copies are made at the first backward, as before)."""
+    rows (None where they vary: dynamic shapes), and its ``fp8_copies``; sites whose
+    weights are unknown are left out (their copies are made at the first backward)."""
     from .kernels._ops import is_op
     from .passes._graph import val
 
@@ -187,8 +187,9 @@ def _fp8_sites(gm, example_inputs) -> list:
                  for n in (w if isinstance(w, (list, tuple)) else [w])]
         x = val(node.args[0])
         rows = x.shape[:-1].numel() if x is not None else None
-        if all(f is not None for f in found) and isinstance(rows, int):
-            sites.append(([f[0] for f in found], [f[1] for f in found], rows,
+        if all(f is not None for f in found):
+            sites.append(([f[0] for f in found], [f[1] for f in found],
+                          rows if isinstance(rows, int) else None,
                           node.kwargs.get("fp8_copies", True)))
     return sites
 

@@ -522,6 +522,41 @@ def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
     fp8.weight_cache.clear()
 
 
+def test_weight_copies_are_made_at_compile_time_with_dynamic_shapes(monkeypatch):
+    """``dynamic=True`` (the tokens a batch vary): the rows are symbolic, and the copies
+    are still made when the graph compiles, not at the first backward (which Inductor's
+    CUDA graphs run in their memory pool); a later batch of other rows uses them."""
+    import lorafuse
+
+    monkeypatch.setattr(fp8, "PREBUILD_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setenv("LORAFUSE_LORA_IMPL", "triton")  # the CPU op reads the cache only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on its Triton path: see lora.py
+    reset_dynamo()
+    fp8.weight_cache.clear()
+    model = make_tiny_model("llama", r=4, seed=3, intermediate_size=64).to(BF16)
+    bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A")]
+    fn = torch.compile(model, dynamic=True, backend=functools.partial(
+        lorafuse.lorafuse_backend, options={"strict": True, "fp8_dx": True}))
+    gen = torch.Generator().manual_seed(0)
+    built = []
+    monkeypatch.setattr(fp8.weight_cache, "_build", _counting(fp8.weight_cache._build, built))
+    ids = torch.randint(0, 128, (2, 16), generator=gen)
+    loss = fn(input_ids=ids, labels=ids).loss
+    # (under dynamic shapes the sites are not grouped: an entry per site, 7 a layer)
+    entries = {k: v[-1][0] for k, v in fp8.weight_cache._entries.items()}
+    assert len(built) == len(entries) == 7 * 2, "the copies were not made at compile time"
+    assert sum(q.numel() for q in entries.values()) == sum(w.numel() for w in bases)
+    looked_up = []
+    monkeypatch.setattr(fp8.weight_cache, "get", _counting(fp8.weight_cache.get, looked_up))
+    loss.backward()
+    ids = torch.randint(0, 128, (2, 32), generator=gen)  # other rows, the same graph
+    fn(input_ids=ids, labels=ids).loss.backward()
+    assert looked_up, "the backwards did not read the cache: nothing checked"
+    assert len(built) == 7 * 2, "a backward made copies of its own"
+    reset_dynamo()
+    fp8.weight_cache.clear()
+
+
 def test_only_scales_are_made_at_compile_time_without_copies(monkeypatch):
     """``fp8_copies=False``: compiling makes each site's scales (4 bytes an input feature)
     and no copy, and the backward keeps none either."""

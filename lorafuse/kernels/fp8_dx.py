@@ -457,8 +457,9 @@ def prebuild(sites: list) -> int:
     """Make the fp8 copies (or scales alone) of these sites' frozen weights now, at compile
     time, where ``fp8_dx`` will take them; returns the bytes made. ``sites``: ``(weights,
     parameters, M, copies)``: the weights as the op will get them, the parameters they are
-    views of, M the site's rows of dy as traced, and whether the op keeps copies or only
-    scales.
+    views of, M the site's rows of dy as traced (None where they vary from batch to batch:
+    the copy is made, and each batch's M is checked when it runs), and whether the op
+    keeps copies or only scales.
 
     Why not at the first backward: under Inductor's CUDA graphs that first run is its
     warm-up, which allocates in the graphs' private memory pool; a copy kept from there is
@@ -471,7 +472,7 @@ def prebuild(sites: list) -> int:
         if w0.device.type not in PREBUILD_DEVICES or any(w.dtype != w0.dtype for w in weights):
             continue
         N = sum(w.shape[0] for w in weights)
-        if not supported(M, N, w0.shape[1], w0.dtype, w0.device):
+        if not supported(16 if M is None else M, N, w0.shape[1], w0.dtype, w0.device):
             continue  # fp8_dx will not run here: no copy
         cache = weight_cache if copies else scale_cache
         before = cache.nbytes()
