@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -186,7 +187,9 @@ def _fp8_sites(gm, example_inputs) -> list:
         found = [real(n) if isinstance(n, torch.fx.Node) else None
                  for n in (w if isinstance(w, (list, tuple)) else [w])]
         x = val(node.args[0])
-        rows = x.shape[:-1].numel() if x is not None else None
+        # math.prod keeps a symbolic size symbolic; torch.Size.numel() would make it an int,
+        # and so specialise the graph to this batch's size (a recompile at every new size)
+        rows = math.prod(x.shape[:-1]) if x is not None else None
         if all(f is not None for f in found):
             sites.append(([f[0] for f in found], [f[1] for f in found],
                           rows if isinstance(rows, int) else None,
