@@ -159,7 +159,8 @@ def _fp8_sites(gm, example_inputs) -> list:
     its weights as real tensors (graph inputs or attributes, or a ``.t()`` of one; a weight
     cast per step is not persistent and is left out), the tensors they are views of, M its
     rows (None where they vary: dynamic shapes), and its ``fp8_copies``; sites whose
-    weights are unknown are left out (their copies are made at the first backward)."""
+    weights are unknown are left out (their copies are made at the first backward), and
+    so are sites whose input needs no gradient (no dx: the copy would never be read)."""
     from .kernels._ops import is_op
     from .passes._graph import val
 
@@ -187,6 +188,8 @@ def _fp8_sites(gm, example_inputs) -> list:
         found = [real(n) if isinstance(n, torch.fx.Node) else None
                  for n in (w if isinstance(w, (list, tuple)) else [w])]
         x = val(node.args[0])
+        if x is not None and not x.requires_grad:
+            continue  # no dx to compute (the first layer's q/k/v: a frozen embedding below)
         # math.prod keeps a symbolic size symbolic; torch.Size.numel() would make it an int,
         # and so specialise the graph to this batch's size (a recompile at every new size)
         rows = math.prod(x.shape[:-1]) if x is not None else None

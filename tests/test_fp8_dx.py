@@ -481,11 +481,12 @@ def test_whole_model_bf16_fp8_dx():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
-    """With bf16 frozen weights, compiling makes every LoRA site's fp8 weight copy (one
-    byte an element of each base weight, each in exactly one cache entry; GPT-2's Conv1D
-    weights through their ``.t()``), before any backward, and the report says so; and the
-    first backward adds nothing (the copies are the ones it looks up). On the GPU this
-    keeps them out of CUDA graphs' memory pool (``fp8_dx.prebuild``)."""
+    """With bf16 frozen weights, compiling makes the fp8 weight copy of every LoRA site
+    that computes a dx (one byte an element of each base weight, each in exactly one cache
+    entry; GPT-2's Conv1D weights through their ``.t()``) and of no other (the first
+    layer's q/k/v read a frozen embedding: no dx), before any backward, and the report says
+    so; and the first backward adds nothing (the copies are the ones it looks up). On the
+    GPU this keeps them out of CUDA graphs' memory pool (``fp8_dx.prebuild``)."""
     import lorafuse
     from lorafuse.report import Report
 
@@ -496,7 +497,11 @@ def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
     fp8.weight_cache.clear()
     width = {"n_inner": 64} if arch == "gpt2" else {"intermediate_size": 64}  # sizes % 16
     model = make_tiny_model(arch, r=4, seed=3, **width).to(BF16)
-    bases = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A")]
+    no_dx = ("h.0.attn.c_attn",) if arch == "gpt2" else tuple(
+        f"layers.0.self_attn.{p}_proj" for p in "qkv")
+    sites = {n: m.base_layer.weight for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    bases = [w for n, w in sites.items() if not n.endswith(no_dx)]
+    assert len(sites) - len(bases) == len(no_dx)
     report = Report()
     backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
                                 options={"strict": True, "fp8_dx": True})
@@ -509,7 +514,7 @@ def test_weight_copies_are_made_at_compile_time(arch, monkeypatch):
     entries = {k: v[-1][0] for k, v in fp8.weight_cache._entries.items()}
     assert sum(q.numel() for q in entries.values()) == sum(w.numel() for w in bases)
     if arch == "llama":  # q/k/v and gate/up share one entry each (GPT-2: no groups)
-        assert len(entries) == 4 * 2 < len(bases)
+        assert len(entries) == 4 * 2 - 1 < len(bases)
     notes = " ".join(n for g in report.graphs for p in g.passes for n in p.notes)
     assert "GiB of fp8 weight copies made at compile time" in notes
     looked_up = []
@@ -588,10 +593,11 @@ def test_only_scales_are_made_at_compile_time_without_copies(monkeypatch):
         lorafuse.lorafuse_backend, options={"strict": True, "fp8_dx": True, "fp8_copies": False}))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     loss = fn(input_ids=ids, labels=ids).loss
-    assert len(fp8.scale_cache) == 4 * 2 and len(fp8.weight_cache) == 0
+    entries = 4 * 2 - 1  # 4 groups or sites a layer, 2 layers; the first q/k/v has no dx
+    assert len(fp8.scale_cache) == entries and len(fp8.weight_cache) == 0
     assert {e[-1][0].shape[1] for e in fp8.scale_cache._entries.values()} == ks
     loss.backward()
-    assert len(fp8.scale_cache) == 4 * 2 and len(fp8.weight_cache) == 0
+    assert len(fp8.scale_cache) == entries and len(fp8.weight_cache) == 0
     reset_dynamo()
     fp8.scale_cache.clear()
 
