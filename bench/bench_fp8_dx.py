@@ -175,8 +175,8 @@ def bench_site(name, ns, K, M, device, variants, rep_ms) -> list[dict]:
         measure("quantise dy", v, fns[v], 3 * M * N,
                 check=lambda out: same_bytes(out[0], want_q) and torch.equal(out[1], want_s))
     # cast W (fp8_copies=False): 2 read + 1 written an element
-    want_w = fp8.cast_weights_t(ws, sb)
-    fns = {"lorafuse": lambda: fp8.cast_weights_t(ws, sb),
+    want_w = fp8.cast_weights_t(ws, inv)
+    fns = {"lorafuse": lambda: fp8.cast_weights_t(ws, inv),
            "eager": lambda: cast_eager(ws, inv)}
     if "inductor" in variants:
         fns["inductor"] = torch.compile(lambda: cast_eager(ws, inv), dynamic=False)

@@ -77,8 +77,8 @@ class Options:
     # (1 byte an element); bf16 on sm90+ GPUs only (elsewhere exact, warned); opt-in
     fp8_dx: bool = False
     # with fp8_dx: keep those copies (fastest); False casts each weight in every backward
-    # instead (≈ 3 bytes of traffic an element, ≈ 5 ms a step at 8B by arithmetic) and
-    # keeps only its scales: for configurations short of memory (checkpoint_layers)
+    # instead (≈ 3 bytes of traffic an element) and keeps only its scales: for
+    # configurations short of memory (checkpoint_layers; measured slower there, session 28)
     fp8_copies: bool = True
     # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
     tiled_mlp_tokens: int = 8192

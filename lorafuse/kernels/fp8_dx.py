@@ -105,15 +105,13 @@ def weight_scales(weights: list) -> Tensor:
     return pow2_scale(amax).reshape(1, -1)
 
 
-def cast_weights_t(weights: list, s: Tensor, inv: Tensor | None = None) -> Tensor:
-    """``quantize_weight_t``'s wq (K, ΣN) for the weights concatenated along N, given their
-    scales ``s`` (``weight_scales``) or also their inverses ``inv`` (K,) (kept with them:
-    one launch less a call), the same bytes: the ``fp8_copies=False`` path, every
-    backward. CUDA: one Triton launch per weight, W read once and wq written once (≈ 3
+def cast_weights_t(weights: list, inv: Tensor) -> Tensor:
+    """``quantize_weight_t``'s wq (K, ΣN) for the weights concatenated along N, given the
+    inverses ``inv`` (K,) of their scales (``weight_scales``; ``scale_cache`` keeps both),
+    the same bytes: the ``fp8_copies=False`` path, every backward. CUDA: one Triton launch per weight, W read once and wq written once (≈ 3
     bytes of traffic an element); elsewhere, or if it fails (warned once), PyTorch."""
     K, N = weights[0].shape[1], sum(w.shape[0] for w in weights)
     out = torch.empty(K, N, dtype=E4M3, device=weights[0].device)
-    inv = (1.0 / s).reshape(-1) if inv is None else inv
     if triton is not None and weights[0].is_cuda and all(w.stride(1) == 1 for w in weights):
         try:
             off = 0
@@ -494,7 +492,7 @@ def fp8_dx(dy2s: list, weights: list, copies: bool = True):
             wq, sb = weight_cache.get(list(weights))
         else:
             sb, inv = scale_cache.get(list(weights))
-            wq = cast_weights_t(list(weights), sb, inv)
+            wq = cast_weights_t(list(weights), inv)
         return scaled_mm(q, wq.t(), sa, sb, dy2s[0].dtype)
     except Exception as e:
         _failed.append(e)
