@@ -663,12 +663,14 @@ def test_offload_exact_pinned_buffer_round_trip_and_reuse():
     assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
 
 
-def _small_llama_run(steps=3, history=False, **options):
+def _small_llama_run(steps=3, history=False, keep=False, **options):
     """``_small_llama``'s model compiled by lorafuse with ``options``, trained ``steps``
     SGD steps on its batch under bf16 autocast: per step the loss, the peak memory and the
     memory held between the forward and the backward; the first step's LoRA gradients;
     the parameters at the end. ``history``: also ``"peak"``, what was allocated at the
-    last step's peak (bench/memory_peak.py's report of the allocator's history)."""
+    last step's peak (bench/memory_peak.py's report of the allocator's history).
+    ``keep``: also ``"model"``, the compiled model, alive (caches keyed by its weights'
+    storages drop their entries once it is freed)."""
     from lorafuse.kernels import offload
 
     model, ids = _small_llama()
@@ -700,6 +702,8 @@ def _small_llama_run(steps=3, history=False, **options):
         opt.step()
         opt.zero_grad(set_to_none=True)
     out["params"] = {n: p.detach().float().clone() for n, p in trainable.items()}
+    if keep:
+        out["model"] = compiled
     return out
 
 
@@ -1040,13 +1044,14 @@ def test_fp8_dx_under_cuda_graphs():
     want = _small_llama_run(fp8_dx=True)
     fp8.weight_cache.clear()  # no graph read these: freed without a warning
     assert not fp8.weight_cache._graph_held
-    got = _small_llama_run(fp8_dx=True, inductor={"triton.cudagraphs": True})
+    got = _small_llama_run(keep=True, fp8_dx=True, inductor={"triton.cudagraphs": True})
     _assert_trains_as(got, want, _small_llama_fp32_grads())
-    entries = len(fp8.weight_cache)
+    entries = len(fp8.weight_cache)  # the model lives: its weights' entries too
     # q/k/v, o, gate/up, down in each of 4 layers; not the first q/k/v (no dx below them)
     assert entries == 4 * 4 - 1, entries
     assert len(fp8.weight_cache._captured) == entries, "the recording's reads were not marked"
     with pytest.warns(RuntimeWarning, match=f"reading {entries} of its entries"):
         fp8.weight_cache.clear()
+    del got["model"]
     torch.compiler.reset()  # the graphs go
     assert fp8.weight_cache.release_graph_held() > 0
