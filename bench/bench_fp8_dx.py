@@ -13,7 +13,9 @@ Sites (bf16, Llama-3.1-8B, M = 4096 tokens), as the lora pass groups them:
   gate_up  dy (M, 2 × 14336), W (28672, 4096)          down  dy (M, 4096), W (4096, 14336)
 Rows per site:
   quantise dy  one power-of-two scale per row across the sites' dy, scale and cast to e4m3
-               into the concatenated operand. lorafuse: the Triton kernel (one launch);
+               into the concatenated operand. lorafuse: the Triton kernel (one launch), in
+               the configuration it picks, then in each of QUANTISE_CONFIGS ("1-pass w16":
+               the row held in registers, 16 warps; "2-pass": read twice, CUDA only);
                eager: the module's PyTorch path (row maxima per site, the scale's ops, a
                multiply and cast per site); inductor: torch.compile of that same function.
   cast W       fp8_copies=False: W · inv cast to e4m3 and transposed into (K, ΣN).
@@ -42,6 +44,7 @@ are checked equal to lorafuse's. A markdown table is printed last.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -126,6 +129,19 @@ def cast_eager(ws, inv):
     return fp8.cast_weights_t_pytorch(ws, inv, out)
 
 
+# the Triton quantisation's configurations timed beside the one it picks (the "lorafuse"
+# row: fp8_dx._quantise_config): (one pass?, num_warps)
+QUANTISE_CONFIGS = ((False, 8), (False, 16), (True, 8), (True, 16), (True, 32))
+
+
+def quantise_with(dys, one_pass, warps):
+    q = torch.empty(dys[0].shape[0], sum(d.shape[1] for d in dys), dtype=fp8.E4M3,
+                    device=dys[0].device)
+    s = torch.empty(dys[0].shape[0], dtype=torch.float32, device=q.device)
+    fp8.quantize_rows_into(dys, q, s, one_pass=one_pass, num_warps=warps)
+    return q, s.reshape(-1, 1)
+
+
 def same_bytes(a, b) -> bool:
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -174,6 +190,11 @@ def bench_site(name, ns, K, M, device, variants, rep_ms) -> list[dict]:
     for v in variants:
         measure("quantise dy", v, fns[v], 3 * M * N,
                 check=lambda out: same_bytes(out[0], want_q) and torch.equal(out[1], want_s))
+    if "lorafuse" in variants and fp8._kernel_takes(dys):  # the kernel's configurations
+        for one_pass, warps in QUANTISE_CONFIGS:
+            measure("quantise dy", f"lorafuse {'1' if one_pass else '2'}-pass w{warps}",
+                    functools.partial(quantise_with, dys, one_pass, warps), 3 * M * N,
+                    check=lambda out: same_bytes(out[0], want_q) and torch.equal(out[1], want_s))
     # cast W (fp8_copies=False): 2 read + 1 written an element
     want_w = fp8.cast_weights_t(ws, inv)
     fns = {"lorafuse": lambda: fp8.cast_weights_t(ws, inv),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import itertools
 import math
 import warnings
 import weakref
@@ -180,13 +181,14 @@ def _worker():
     record = CheckRecorder()
 
     def quantize_rows_into():
-        # rows past one program, columns past a BLOCK_N, one to three sources
-        for m, ns in ((7, (16, 600)), (9, (32, 16, 48)), (6, (2100,))):
+        # rows past one program, columns past a BLOCK_N, one to three sources; both kernels
+        for (m, ns), one_pass in itertools.product(
+                ((7, (16, 600)), (9, (32, 16, 48)), (6, (2100,))), (False, True)):
             dy = _edge_rows(m, sum(ns)).float()  # fp32 keeps the edge values exact
             dys = list(torch.split(dy, list(ns), dim=1))
             out = torch.full((m, sum(ns)), -1.0)
             scale = torch.full((m,), -1.0)
-            fp8.quantize_rows_into(dys, out, scale)
+            fp8.quantize_rows_into(dys, out, scale, one_pass=one_pass)
             want_s = fp8.pow2_scale(dy.abs().amax(1))
             torch.testing.assert_close(scale, want_s, rtol=0, atol=0, equal_nan=True)
             fin = want_s.isfinite()

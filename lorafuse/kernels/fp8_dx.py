@@ -189,6 +189,18 @@ MAX_SOURCES = 3  # the kernel's: a q/k/v group
 
 if triton is not None:
     @triton.jit
+    def _pow2_scale_and_inverse(amax, min_amax):
+        """``pow2_scale``'s bits (and 1 / scale, exact) for fp32 maxima, NaN where not
+        finite."""
+        bits = tl.maximum(amax, min_amax).to(tl.int32, bitcast=True)
+        e = (bits >> 23) & 0xFF
+        k = e - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # 135 = 127 + 8
+        finite = e != 0xFF
+        scale = tl.where(finite, ((k + 127) << 23).to(tl.float32, bitcast=True), float("nan"))
+        inv = tl.where(finite, ((127 - k) << 23).to(tl.float32, bitcast=True), float("nan"))
+        return scale, inv
+
+    @triton.jit
     def _source_amax(x_ptr, sx, N, r64, rmask, amax, BLOCK_N: tl.constexpr):
         for c in range(0, N, BLOCK_N):
             cols = c + tl.arange(0, BLOCK_N)
@@ -227,12 +239,7 @@ if triton is not None:
             amax = _source_amax(x1, sx1, n1, r64, rmask, amax, BLOCK_N)
         if NSRC > 2:
             amax = _source_amax(x2, sx2, n2, r64, rmask, amax, BLOCK_N)
-        bits = tl.maximum(amax, min_amax).to(tl.int32, bitcast=True)
-        e = (bits >> 23) & 0xFF
-        k = e - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # 135 = 127 + 8
-        finite = e != 0xFF
-        scale = tl.where(finite, ((k + 127) << 23).to(tl.float32, bitcast=True), float("nan"))
-        inv = tl.where(finite, ((127 - k) << 23).to(tl.float32, bitcast=True), float("nan"))
+        scale, inv = _pow2_scale_and_inverse(amax, min_amax)
         tl.store(scale_ptr + rows, scale, mask=rmask)
         _source_cast(x0, sx0, n0, out_ptr, so, r64, rmask, inv, TO_E4M3, BLOCK_N)
         if NSRC > 1:
@@ -240,6 +247,38 @@ if triton is not None:
         if NSRC > 2:
             _source_cast(x2, sx2, n2, out_ptr + n0 + n1, so, r64, rmask, inv, TO_E4M3,
                          BLOCK_N)
+
+    @triton.jit
+    def _row_of(x_ptr, sx, N, row, B: tl.constexpr):
+        cols = tl.arange(0, B)
+        return tl.load(x_ptr + row * sx + cols, mask=cols < N, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_row(o_ptr, so, N, row, y, TO_E4M3: tl.constexpr, B: tl.constexpr):
+        cols = tl.arange(0, B)
+        if TO_E4M3:
+            tl.store(o_ptr + row * so + cols, y.to(tl.float8e4nv), mask=cols < N)
+        else:
+            tl.store(o_ptr + row * so + cols, y, mask=cols < N)
+
+    @triton.jit
+    def _quantize_row_one_pass_kernel(x0, x1, x2, sx0, sx1, sx2, n0, n1, n2, out_ptr, so,
+                                      scale_ptr, min_amax, TO_E4M3: tl.constexpr,
+                                      B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
+        """``_quantize_rows_kernel`` for one row held whole in registers (Bi: source i's
+        width rounded up to a power of two; an unused source has width 0): dy read from
+        memory once, where the two-pass kernel's second read of a wide row can miss L2."""
+        row = tl.program_id(0).to(tl.int64)
+        a0 = _row_of(x0, sx0, n0, row, B0)
+        a1 = _row_of(x1, sx1, n1, row, B1)
+        a2 = _row_of(x2, sx2, n2, row, B2)
+        amax = tl.maximum(tl.max(tl.abs(a0), axis=0),
+                          tl.maximum(tl.max(tl.abs(a1), axis=0), tl.max(tl.abs(a2), axis=0)))
+        scale, inv = _pow2_scale_and_inverse(amax, min_amax)
+        tl.store(scale_ptr + row, scale)
+        _store_row(out_ptr, so, n0, row, a0 * inv, TO_E4M3, B0)  # exact: inv is 2^k
+        _store_row(out_ptr + n0, so, n1, row, a1 * inv, TO_E4M3, B1)
+        _store_row(out_ptr + n0 + n1, so, n2, row, a2 * inv, TO_E4M3, B2)
 
     @triton.jit
     def _cast_t_kernel(w_ptr, sw, inv_ptr, out_ptr, so, N, K, TO_E4M3: tl.constexpr,
@@ -271,20 +310,46 @@ def cast_t_into(w: Tensor, inv: Tensor, out: Tensor) -> None:
             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
 
-def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor) -> None:
+def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor, one_pass: bool | None = None,
+                       num_warps: int | None = None) -> None:
     """The Triton kernel: ``out`` (M, ΣN) = the sites' dy side by side, each row scaled by
     its power of two and cast (e4m3; an fp32 ``out`` takes the product uncast, for tests),
     ``scale`` (M,) fp32 = those powers of two. One launch for up to ``MAX_SOURCES`` sites
-    whose rows are contiguous."""
+    whose rows are contiguous. ``one_pass`` (the row held in registers, read once) or the
+    two-pass kernel, and ``num_warps``: None picks them (``_quantise_config``);
+    bench/bench_fp8_dx.py times the others."""
     M = out.shape[0]
     srcs = list(dy2s) + [dy2s[0]] * (MAX_SOURCES - len(dy2s))  # unused slots: any pointer
     ns = [d.shape[1] for d in dy2s] + [0] * (MAX_SOURCES - len(dy2s))
-    BLOCK_M, BLOCK_N = 1, 2048  # one row a program: its second read stays in L2
+    auto_one_pass, auto_warps = _quantise_config(ns)
+    one_pass = auto_one_pass if one_pass is None else one_pass
+    num_warps = num_warps or (auto_warps if one_pass == auto_one_pass else 8)
+    strides = [d.stride(0) for d in srcs]
     with on_device(out):
+        if one_pass:
+            _quantize_row_one_pass_kernel[(M,)](
+                *srcs, *strides, *ns, out, out.stride(0), scale, _MIN_SCALE * E4M3_MAX,
+                TO_E4M3=out.dtype == E4M3, B0=_pow2_at_least(ns[0]),
+                B1=_pow2_at_least(ns[1]), B2=_pow2_at_least(ns[2]), num_warps=num_warps)
+            return
+        BLOCK_M, BLOCK_N = 1, 2048  # one row a program: its second read mostly hits L2
         _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M),)](
-            *srcs, *(d.stride(0) for d in srcs), *ns, out, out.stride(0), scale, M,
+            *srcs, *strides, *ns, out, out.stride(0), scale, M,
             _MIN_SCALE * E4M3_MAX, NSRC=len(dy2s), TO_E4M3=out.dtype == E4M3,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=8)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+
+
+ONE_PASS_MAX = 32768  # widest row (sum of the padded widths) held in registers
+
+
+def _pow2_at_least(n: int) -> int:
+    return max(16, 1 << max(n - 1, 0).bit_length())
+
+
+def _quantise_config(ns: list) -> tuple[bool, int]:
+    """(one pass?, num_warps) for sources of widths ``ns``: measured on the H200
+    (bench/RESULTS.md, session 29)."""
+    return False, 8
 
 
 def _kernel_takes(dy2s: list) -> bool:
