@@ -130,7 +130,7 @@ def cast_eager(ws, inv):
 
 
 # the Triton quantisation's configurations timed beside the one it picks (the "lorafuse"
-# row: fp8_dx._quantise_config): (one pass?, num_warps)
+# row: fp8_dx.quantise_config): (one pass?, num_warps)
 QUANTISE_CONFIGS = ((False, 8), (False, 16), (True, 8), (True, 16), (True, 32))
 
 

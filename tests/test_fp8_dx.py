@@ -152,6 +152,16 @@ def test_quantize_dy_equals_quantize_rows_of_the_concatenation():
     assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
 
 
+def test_quantise_config_is_the_measured_one_at_the_8b_sites():
+    """The kernel and warps bench_fp8_dx measured fastest per 8B site (RESULTS, session 29);
+    rows too wide for registers take the two-pass kernel."""
+    assert fp8.quantise_config([4096]) == (True, 8)  # o, down
+    assert fp8.quantise_config([4096, 1024, 1024]) == (True, 8)  # qkv
+    assert fp8.quantise_config([14336, 14336]) == (True, 16)  # gate_up, padded 2 × 16384
+    assert fp8.quantise_config([28672, 28672]) == (False, 8)  # 70B's gate_up
+    assert fp8.quantise_config([16, 600]) == (True, 8)
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_interpreter_worker(__file__)
@@ -181,9 +191,10 @@ def _worker():
     record = CheckRecorder()
 
     def quantize_rows_into():
-        # rows past one program, columns past a BLOCK_N, one to three sources; both kernels
+        # rows past one program, columns past a BLOCK_N, one to three sources; both
+        # kernels, and the one picked (one pass at these widths)
         for (m, ns), one_pass in itertools.product(
-                ((7, (16, 600)), (9, (32, 16, 48)), (6, (2100,))), (False, True)):
+                ((7, (16, 600)), (9, (32, 16, 48)), (6, (2100,))), (False, True, None)):
             dy = _edge_rows(m, sum(ns)).float()  # fp32 keeps the edge values exact
             dys = list(torch.split(dy, list(ns), dim=1))
             out = torch.full((m, sum(ns)), -1.0)

@@ -30,10 +30,12 @@ dy's quantisation runs every backward, over every site's dy (≈ 5.5 G elements 
 the 8B shape): in eager PyTorch (abs, amax, multiply, cast, and a cat for a group) that
 is ≈ 15 bytes of memory traffic an element, ≈ 20 ms a step on the H200, most of what the
 fp8 GEMMs would save. So on CUDA one Triton launch per GEMM reads each row of the sites'
-dy, takes its maximum and power-of-two scale, and re-reads the row (from L2) to scale and
-cast it into the concatenated e4m3 operand: ≈ 3 bytes of HBM traffic an element, and one
-launch where a reduction, the scale's arithmetic and a cast per site took ten (session
-27's profile: ≈ 9.6 ms a step in two kernels, and the host time of ≈ 1,300 launches).
+dy into registers, takes its maximum and power-of-two scale, and scales and casts it into
+the concatenated e4m3 operand: 3 bytes of HBM traffic an element, and one launch where a
+reduction, the scale's arithmetic and a cast per site took ten (session 27's profile:
+≈ 9.6 ms a step in two kernels, and the host time of ≈ 1,300 launches). Rows wider than
+``ONE_PASS_MAX`` take a two-pass kernel that reads each row again for the cast (from L2
+when it is still there: at 2 × 14336 it mostly was not, session 29).
 Under the Triton interpreter the e4m3 cast is not the GPU's (it does not round to
 nearest), so CPU tests check the kernel's scaling with an fp32 output and the GPU test
 its e4m3 bytes.
@@ -227,9 +229,9 @@ if triton is not None:
                               M, min_amax, NSRC: tl.constexpr, TO_E4M3: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """For BLOCK_M rows of up to three sources side by side: the row maxima, the
-        power-of-two scale (``pow2_scale``'s bits), then each source scaled and cast into
-        its columns of ``out``; the second read of a row mostly hits L2. TO_E4M3=False
-        stores the fp32 product (interpreter tests)."""
+        power-of-two scale (``pow2_scale``'s bits), then each source read again, scaled
+        and cast into its columns of ``out``. TO_E4M3=False stores the fp32 product
+        (interpreter tests)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         r64 = rows.to(tl.int64)[:, None]
@@ -316,14 +318,14 @@ def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor, one_pass: bool | 
     its power of two and cast (e4m3; an fp32 ``out`` takes the product uncast, for tests),
     ``scale`` (M,) fp32 = those powers of two. One launch for up to ``MAX_SOURCES`` sites
     whose rows are contiguous. ``one_pass`` (the row held in registers, read once) or the
-    two-pass kernel, and ``num_warps``: None picks them (``_quantise_config``);
+    two-pass kernel (the row read twice), and ``num_warps``: None picks them as measured;
     bench/bench_fp8_dx.py times the others."""
     M = out.shape[0]
     srcs = list(dy2s) + [dy2s[0]] * (MAX_SOURCES - len(dy2s))  # unused slots: any pointer
     ns = [d.shape[1] for d in dy2s] + [0] * (MAX_SOURCES - len(dy2s))
-    auto_one_pass, auto_warps = _quantise_config(ns)
-    one_pass = auto_one_pass if one_pass is None else one_pass
-    num_warps = num_warps or (auto_warps if one_pass == auto_one_pass else 8)
+    picked = quantise_config([d.shape[1] for d in dy2s])
+    one_pass = picked[0] if one_pass is None else one_pass
+    num_warps = num_warps or (picked[1] if one_pass == picked[0] else 8)  # forced: 8
     strides = [d.stride(0) for d in srcs]
     with on_device(out):
         if one_pass:
@@ -332,24 +334,31 @@ def quantize_rows_into(dy2s: list, out: Tensor, scale: Tensor, one_pass: bool | 
                 TO_E4M3=out.dtype == E4M3, B0=_pow2_at_least(ns[0]),
                 B1=_pow2_at_least(ns[1]), B2=_pow2_at_least(ns[2]), num_warps=num_warps)
             return
-        BLOCK_M, BLOCK_N = 1, 2048  # one row a program: its second read mostly hits L2
+        BLOCK_M, BLOCK_N = 1, 2048  # one row a program; its second read partly hits L2
         _quantize_rows_kernel[(triton.cdiv(M, BLOCK_M),)](
             *srcs, *strides, *ns, out, out.stride(0), scale, M,
             _MIN_SCALE * E4M3_MAX, NSRC=len(dy2s), TO_E4M3=out.dtype == E4M3,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
 
 
-ONE_PASS_MAX = 32768  # widest row (sum of the padded widths) held in registers
+# widest row (the sources' widths, each padded to a power of two) the one-pass kernel
+# holds in registers; wider rows (not measured) take the two-pass kernel
+ONE_PASS_MAX = 32768
+
+
+def quantise_config(widths: list) -> tuple[bool, int]:
+    """``quantize_rows_into``'s kernel for sources of these widths: (one pass?, num_warps).
+    H200, the 8B sites (bench/RESULTS.md, session 29): one pass at 8 warps for rows 4096
+    and 4096 + 2 × 1024 wide (97 % and 94 % of the bandwidth; two passes 84 % and 66 %),
+    at 16 warps for 2 × 16384 (90 %; 8 warps 74 %, 32 warps 71 %, two passes 57 %)."""
+    width = sum(_pow2_at_least(n) for n in widths)
+    if width > ONE_PASS_MAX:
+        return False, 8
+    return True, 8 if width <= 8192 else 16
 
 
 def _pow2_at_least(n: int) -> int:
     return max(16, 1 << max(n - 1, 0).bit_length())
-
-
-def _quantise_config(ns: list) -> tuple[bool, int]:
-    """(one pass?, num_warps) for sources of widths ``ns``: measured on the H200
-    (bench/RESULTS.md, session 29)."""
-    return False, 8
 
 
 def _kernel_takes(dy2s: list) -> bool:
