@@ -58,6 +58,8 @@
 #          CONTEXT_FILE names another results file to continue.
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
+#          Not in the default list: bench_fp8_dx.py, bench_norm.py (RMSNorm and LayerNorm
+#          against eager, Inductor and Liger; carry .whl for Liger), ≤ 240 s each.
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
 #   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
@@ -254,6 +256,8 @@ run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Lige
         [ "$script" = bench_softcap_attention.py ] && t=${OP_TIMEOUT:-240}
         # 12 rows of Inductor compiles at 8B sizes (estimate)
         [ "$script" = bench_fp8_dx.py ] && t=${OP_TIMEOUT:-240}
+        # three norms × up to 16 rows × 4 variants, an Inductor compile per row (estimate)
+        [ "$script" = bench_norm.py ] && t=${OP_TIMEOUT:-240}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
         rc=$?
