@@ -59,7 +59,8 @@
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #          Not in the default list: bench_fp8_dx.py, bench_norm.py (RMSNorm and LayerNorm
-#          against eager, Inductor and Liger; carry .whl for Liger), ≤ 240 s each.
+#          against eager, Inductor and Liger; carry .whl for Liger), ≤ 240 and 300 s;
+#          a timeout keeps the rows logged so far (one JSON line each in the log).
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
 #   smoke  the tiny model on CPU, eager and lorafuse, a few steps: checks this script anywhere.
@@ -257,7 +258,7 @@ run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Lige
         # 12 rows of Inductor compiles at 8B sizes (estimate)
         [ "$script" = bench_fp8_dx.py ] && t=${OP_TIMEOUT:-240}
         # three norms × up to 16 rows × 4 variants, an Inductor compile per row (estimate)
-        [ "$script" = bench_norm.py ] && t=${OP_TIMEOUT:-240}
+        [ "$script" = bench_norm.py ] && t=${OP_TIMEOUT:-300}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
         rc=$?
