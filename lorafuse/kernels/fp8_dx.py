@@ -110,8 +110,9 @@ def weight_scales(weights: list) -> Tensor:
 def cast_weights_t(weights: list, inv: Tensor) -> Tensor:
     """``quantize_weight_t``'s wq (K, ΣN) for the weights concatenated along N, given the
     inverses ``inv`` (K,) of their scales (``weight_scales``; ``scale_cache`` keeps both),
-    the same bytes: the ``fp8_copies=False`` path, every backward. CUDA: one Triton launch per weight, W read once and wq written once (≈ 3
-    bytes of traffic an element); elsewhere, or if it fails (warned once), PyTorch."""
+    the same bytes: the ``fp8_copies=False`` path, every backward. CUDA: one Triton launch
+    per weight, W read once and wq written once (≈ 3 bytes of traffic an element);
+    elsewhere, or if it fails (warned once), PyTorch."""
     K, N = weights[0].shape[1], sum(w.shape[0] for w in weights)
     out = torch.empty(K, N, dtype=E4M3, device=weights[0].device)
     if triton is not None and weights[0].is_cuda and all(w.stride(1) == 1 for w in weights):
