@@ -20,7 +20,8 @@
 #          graphs spread 14,300-17,255 in session 27 (the host's pace).
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
 #          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
-#          every step 1-20. ~4 min (session 27).
+#          every step 1-20. ~4 min (session 27). VARIANTS=eager,lorafuse:fp8lean: fp8cg without
+#          the weight copies, with the loss pass and drop_logits (issue 5, default budget).
 #   fp8bar 8B bf16, issue 3's whole bar in ONE run: eager, lorafuse:fp8cg, unsloth, inductor,
 #          2 + 18 steps, the fp32 reference of eager's and fp8cg's parameters at every step
 #          1-20 (speed against Unsloth and Inductor, and the loss against eager bf16's, from
@@ -185,6 +186,11 @@ CHECKPOINTP2_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "chec
 CKFP8_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false}}'
 FP8CG_CONFIG='{"options": {"fp8_dx": true, "inductor": {"triton.cudagraphs": true}}}'
+# fp8cg for issue 5's default-budget bar (peak <= 30.6 GiB): no fp8 weight copies (6.5 GiB),
+# the loss pass and drop_logits (no tokens x vocab logits); the default memory budget
+FP8LEAN_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "loss"],
+  "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
+  "inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
@@ -307,11 +313,13 @@ case "$MODE_ONE" in
     fp8)
         run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
             --variants lorafuse:fp8cg,unsloth,inductor,lorafuse:fp8 \
-            --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
+            --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" \
+            --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" ;;
     fp8ref)
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg --variants eager,lorafuse:fp8 \
-            --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
+            --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg,lorafuse:fp8lean \
+            --variants eager,lorafuse:fp8 --lorafuse-config "fp8=$FP8_CONFIG" \
+            --lorafuse-config "fp8cg=$FP8CG_CONFIG" --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" ;;
     fp8bar)
         run_train 8b_fp8bar --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8cg --variants eager,lorafuse:fp8cg,unsloth,inductor \
