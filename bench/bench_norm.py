@@ -31,6 +31,10 @@ Variants:
   liger     liger_kernel's LigerRMSNormFunction (casting mode "llama" or "gemma", not in
             place) or LigerLayerNormFunction, when importable (.whl/base.tgz carries it);
             add+norm: the add in eager PyTorch, as in a model Liger patches
+Times (median ms): calls one after another (triton.testing.do_bench), so the host's work
+per call counts wherever it is longer than the kernels'; and "GPU ms", forward + backward
+recorded in a CUDA graph and replayed (do_bench_cudagraph), the kernels alone, as a
+training step under CUDA graphs runs them. GB/s from the GPU ms where measured.
 Each variant's error against an fp32 computation on the same inputs (y and dx, relative
 norm) is printed beside its times. A markdown table is printed last.
 """
@@ -166,7 +170,14 @@ def measure(fn, setting, inputs, grads, rep, ref, leaves):
     kw = dict(warmup=max(1, rep // 4), rep=rep, return_mode="median")
     fwd = triton.testing.do_bench(lambda: run(), **kw)
     both = triton.testing.do_bench(step, grad_to_none=leaves, **kw)
-    return {"fwd_ms": fwd, "fwd_bwd_ms": both, **errs}
+    res = {"fwd_ms": fwd, "fwd_bwd_ms": both, **errs}
+    try:  # gradients set to None before the capture: the graph writes them fresh
+        res["gpu_ms"] = triton.testing.do_bench_cudagraph(
+            step, rep=rep, grad_to_none=leaves, return_mode="median")
+    except Exception as e:  # a variant that cannot be captured keeps its call times
+        torch.cuda.synchronize()
+        res["gpu_error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+    return res
 
 
 def fp32_reference(variant, setting, inputs, grads, bias=None):
@@ -258,7 +269,7 @@ def bench_norm(norm: str, args) -> list:
                         res = {"error": f"{type(e).__name__}: {e}".replace("\n", " ")}
                     if "fwd_bwd_ms" in res:
                         res["gbps"] = min_bytes(setting, x.numel(), dy.element_size()) / (
-                            res["fwd_bwd_ms"] * 1e-3) / 1e9
+                            res.get("gpu_ms", res["fwd_bwd_ms"]) * 1e-3) / 1e9
                     row = dict(norm=norm, shape=shape_name, rows=x.numel() // hidden,
                                hidden=hidden, weight=str(w_dtype).replace("torch.", ""),
                                setting=setting, variant=name, **res)
@@ -285,29 +296,37 @@ def _key(r) -> tuple:
 
 def table(rows) -> str:
     head = ("| norm | shape | weight | setting | variant | fwd ms | fwd+bwd ms | vs inductor | "
-            f"fwd+bwd GB/s (of {PEAK_GBPS:.0f}) | y err | dx err |")
-    lines = [head, "|" + "---|" * 11]
-    ind = {_key(r): r.get("fwd_bwd_ms") for r in rows if r["variant"] == "inductor"}
+            f"GPU ms | vs inductor | GB/s (of {PEAK_GBPS:.0f}) | y err | dx err |")
+    lines = [head, "|" + "---|" * 13]
+    ind = {_key(r): r for r in rows if r["variant"] == "inductor"}
     for r in rows:
         lead = f"| {r['norm']} | {r['shape']} | {r['weight']} | {r['setting']} | {r['variant']} |"
         if "error" in r:
-            lines.append(f"{lead} failed: {r['error'][:60]} | | | | | |")
+            lines.append(f"{lead} failed: {r['error'][:60]} | | | | | | | |")
             continue
-        base = ind.get(_key(r))
-        speed = f"{base / r['fwd_bwd_ms']:.2f}x" if base else ""
-        lines.append(f"{lead} {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {speed} | "
-                     f"{r['gbps']:,.0f} ({r['gbps'] / PEAK_GBPS:.0%}) | "
+        base = ind.get(_key(r), {})
+        speed = f"{base['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if "fwd_bwd_ms" in base else ""
+        gpu = f"{r['gpu_ms']:.3f}" if "gpu_ms" in r else "—"
+        gspeed = (f"{base['gpu_ms'] / r['gpu_ms']:.2f}x"
+                  if "gpu_ms" in r and "gpu_ms" in base else "")
+        lines.append(f"{lead} {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {speed} | {gpu} | "
+                     f"{gspeed} | {r['gbps']:,.0f} ({r['gbps'] / PEAK_GBPS:.0%}) | "
                      f"{r['y_err']:.2e} | {r['dx_err']:.2e} |")
     return "\n".join(lines)
 
 
 def verdict(rows) -> str:
-    """Whether lorafuse beat Inductor and Liger (fwd+bwd) in every add+norm row (the
-    decoder-layer case), and what to set."""
-    pairs = {}
+    """Whether lorafuse beat eager, Inductor and Liger (fwd+bwd; the GPU-alone time where
+    every variant of the row has one) in every add+norm row (the decoder-layer case), and
+    what to set."""
+    measured = {}
     for r in rows:
         if "fwd_bwd_ms" in r:
-            pairs.setdefault(_key(r), {})[r["variant"]] = r["fwd_bwd_ms"]
+            measured.setdefault(_key(r), []).append(r)
+    pairs = {}
+    for k, rs in measured.items():
+        field = "gpu_ms" if all("gpu_ms" in r for r in rs) else "fwd_bwd_ms"
+        pairs[k] = {r["variant"]: r[field] for r in rs}
     keys = [k for k in pairs if k[3] == "add+norm"] or list(pairs)
     wins = [k for k in keys if pairs[k].get("lorafuse", 1e30) < min(
         pairs[k].get(v, 1e30) for v in VARIANTS if v != "lorafuse")]
