@@ -21,7 +21,8 @@
 #   fp8ref 8B bf16, fp8_dx's accuracy: eager and lorafuse:fp8 (VARIANTS=eager,lorafuse:fp8cg:
 #          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
 #          every step 1-20. ~4 min (session 27). VARIANTS=eager,lorafuse:fp8lean: fp8cg without
-#          the weight copies, with the loss pass and drop_logits (issue 5, default budget).
+#          the weight copies, with the loss pass and drop_logits (issue 5, default budget);
+#          lorafuse:fp8leantk: fp8lean with the loss op's Triton rows (LORAFUSE_LOSS_IMPL=triton).
 #   fp8bar 8B bf16, issue 3's whole bar in ONE run: eager, lorafuse:fp8cg, unsloth, inductor,
 #          2 + 18 steps, the fp32 reference of eager's and fp8cg's parameters at every step
 #          1-20 (speed against Unsloth and Inductor, and the loss against eager bf16's, from
@@ -191,6 +192,11 @@ FP8CG_CONFIG='{"options": {"fp8_dx": true, "inductor": {"triton.cudagraphs": tru
 FP8LEAN_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "loss"],
   "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
   "inductor": {"triton.cudagraphs": true}}}'
+# fp8lean with the loss op's Triton rows kernel (LORAFUSE_LOSS_IMPL=triton; session 30: the
+# PyTorch rows make ~10 passes over each chunk's fp32 logits, the kernel ~3)
+FP8LEANTK_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "loss"],
+  "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
+  "inductor": {"triton.cudagraphs": true}}, "env": {"LORAFUSE_LOSS_IMPL": "triton"}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
@@ -314,12 +320,13 @@ case "$MODE_ONE" in
         run_train 8b_fp8 --shape 8b --warmup 2 --steps 8 --no-ref \
             --variants lorafuse:fp8cg,unsloth,inductor,lorafuse:fp8 \
             --lorafuse-config "fp8=$FP8_CONFIG" --lorafuse-config "fp8cg=$FP8CG_CONFIG" \
-            --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" ;;
+            --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" --lorafuse-config "fp8leantk=$FP8LEANTK_CONFIG" ;;
     fp8ref)
         run_train 8b_fp8ref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg,lorafuse:fp8lean \
+            --ref-variants eager,lorafuse:fp8,lorafuse:fp8cg,lorafuse:fp8lean,lorafuse:fp8leantk \
             --variants eager,lorafuse:fp8 --lorafuse-config "fp8=$FP8_CONFIG" \
-            --lorafuse-config "fp8cg=$FP8CG_CONFIG" --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" ;;
+            --lorafuse-config "fp8cg=$FP8CG_CONFIG" --lorafuse-config "fp8lean=$FP8LEAN_CONFIG" \
+            --lorafuse-config "fp8leantk=$FP8LEANTK_CONFIG" ;;
     fp8bar)
         run_train 8b_fp8bar --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8cg --variants eager,lorafuse:fp8cg,unsloth,inductor \

@@ -11,6 +11,10 @@ Pass, cheaply: Dynamo captures small heads calling transformers' own ``ForCausal
 a backend runs only the loss pass and returns the rewritten graph to run eagerly.
 Whole models: tiny PEFT Llama (mean loss, padding) and Gemma2 (softcap, num_items_in_batch)
 compiled with ``backend="lorafuse"``, trained 4 steps next to eager in fp32.
+Triton rows kernel (``LORAFUSE_LOSS_IMPL=triton``) under TRITON_INTERPRET=1 in a
+subprocess (this file run as a script), on the CUDA code path: fp32 against the oracle,
+bf16 against the PyTorch path and no worse than eager, drawn by hypothesis; a failing
+kernel falls back with one warning.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
 from conftest import run_once, sgd_steps
+from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
 import lorafuse
 from lorafuse.kernels import loss as loss_kernels
 from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
@@ -462,3 +467,147 @@ def test_explain_under_autocast_runs_the_captured_graph():
         got = torch.compile(model, backend="eager")(input_ids=ids, labels=ids).loss
     assert report.totals().get("loss") == 1, str(report)
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- Triton rows kernel
+
+TRITON_CHECKS = ("fp32_against_oracle", "bf16_against_torch_path", "failure_falls_back")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    return run_interpreter_worker(__file__, LORAFUSE_LOSS_IMPL="triton")
+
+
+@pytest.mark.parametrize("check", TRITON_CHECKS)
+def test_triton_rows_interpreter(interpreter_results, check):
+    assert_check_passed(interpreter_results, check)
+
+
+def _worker():
+    """Runs in the subprocess (TRITON_INTERPRET=1, LORAFUSE_LOSS_IMPL=triton)."""
+    import os
+    import warnings
+
+    from lorafuse.kernels._dispatch import warned
+
+    assert loss_kernels._INTERPRETED, "TRITON_INTERPRET did not take effect"
+    record = CheckRecorder()
+    calls = []
+    real_rows = loss_kernels._ce_rows_triton
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real_rows(*a, **k)
+
+    loss_kernels._ce_rows_triton = counted
+
+    def run(hidden, weight, labels, softcap, red, n_items, inputs, rows, block):
+        """The op on the CUDA code path with the Triton rows (tiles of ``block`` columns):
+        loss, logits and the gradients of loss + <logits, random>; no fallback allowed."""
+        old_block = loss_kernels._MAX_BLOCK
+        loss_kernels._MAX_BLOCK = block
+        try:
+            with chunk_rows(rows), device_path(True), warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                loss, logits = linear_cross_entropy(hidden, weight, labels, softcap,
+                                                    reduction=red, num_items_in_batch=n_items,
+                                                    return_logits=True)
+                got = grads(loss, inputs, torch.tensor(0.75))
+        finally:
+            loss_kernels._MAX_BLOCK = old_block
+        return loss, logits, got
+
+    cases = dict(lead=st.one_of(st.tuples(odd), st.tuples(st.integers(1, 3), odd)),
+                 H=odd, V=st.integers(2, 300), rows=st.integers(1, 40),
+                 softcap=st.sampled_from([None, 3.0, 30.0]),
+                 reduction=st.sampled_from(["mean", "sum", "num_items"]),
+                 ignore=st.sampled_from([0.0, 0.3, "all"]), w_grad=st.booleans(),
+                 block=st.sampled_from([16, 64, 4096]), seed=st.integers(0, 2**31 - 1))
+
+    # no shrinking: the interpreter is slow, and a failing example is reported as drawn
+    quick = dict(deadline=None, derandomize=True, phases=(Phase.generate,))
+
+    @settings(max_examples=25, **quick)
+    @given(**cases)
+    def fp32_against_oracle(lead, H, V, rows, softcap, reduction, ignore, w_grad, block, seed):
+        hidden, weight, labels = make_case(seed, lead, H, V, ignore, w_grad=w_grad)
+        red, n_items = (reduction, None) if reduction != "num_items" else ("sum", torch.tensor(7))
+        inputs = [hidden, weight] if w_grad else [hidden]
+        n_calls = len(calls)
+        loss, logits, got = run(hidden, weight, labels, softcap, red, n_items, inputs, rows,
+                                block)
+        assert len(calls) > n_calls, "the Triton rows did not run"
+        want, want_logits = linear_cross_entropy_reference(
+            hidden, weight, labels, softcap, reduction=red, num_items_in_batch=n_items)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert_close_fp32(logits, want_logits, what="logits")
+        for name, a, b in zip(("dhidden", "dweight"), got,
+                              grads(want, inputs, torch.tensor(0.75))):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert_close_fp32(a, b, what=name)
+
+    @settings(max_examples=20, **quick)
+    @given(N=st.integers(8, 90), H=odd.filter(lambda v: v >= 8), V=st.integers(17, 400),
+           softcap=st.sampled_from([None, 10.0]), reduction=st.sampled_from(["mean", "sum"]),
+           block=st.sampled_from([32, 4096]), seed=st.integers(0, 2**31 - 1))
+    def bf16_against_torch_path(N, H, V, softcap, reduction, block, seed):
+        hidden, weight, labels = make_case(seed, (N,), H, V, 0.2, dtype=torch.bfloat16,
+                                           w_grad=True)
+        inputs = [hidden, weight]
+        loss, logits, got = run(hidden, weight, labels, softcap, reduction, None, inputs, 7,
+                                block)
+        os.environ["LORAFUSE_LOSS_IMPL"] = "torch"
+        try:
+            with chunk_rows(7), device_path(True):
+                t_loss, t_logits = linear_cross_entropy(hidden, weight, labels, softcap,
+                                                        reduction=reduction, return_logits=True)
+                t_got = grads(t_loss, inputs, torch.tensor(0.75))
+        finally:
+            os.environ["LORAFUSE_LOSS_IMPL"] = "triton"
+        torch.testing.assert_close(loss, t_loss, rtol=1e-5, atol=1e-6)
+        assert logits.dtype == torch.bfloat16 and rel(logits, t_logits) <= 2.0**-8
+        h64 = hidden.detach().double().requires_grad_()
+        w64 = weight.detach().double().requires_grad_()
+        ref, _ = linear_cross_entropy_reference(h64, w64, labels, softcap, reduction=reduction)
+        ref_g = grads(ref, [h64, w64], torch.tensor(0.75, dtype=torch.float64))
+        z = hidden @ weight.t()  # eager bf16
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        eager_g = grads(F.cross_entropy(z.float(), labels, reduction=reduction), inputs,
+                        torch.tensor(0.75))
+        for name, a, b, e, r in zip(("dhidden", "dweight"), got, t_got, eager_g, ref_g):
+            assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), name
+            assert rel(a, b) <= 2.0**-7, f"{name}: {rel(a, b):.2e} from the PyTorch path"
+            assert rel(a, r) <= 1.5 * rel(e, r) + 1e-6, \
+                f"{name}: {rel(a, r):.2e} vs eager {rel(e, r):.2e}"
+
+    def failure_falls_back():
+        hidden, weight, labels = make_case(3, (2, 9), 24, 77, 0.3, w_grad=True)
+
+        def broken(*a, **k):
+            raise RuntimeError("simulated kernel failure")
+
+        loss_kernels._ce_rows_triton = broken
+        try:
+            warned.clear()  # the warning is once per process: let this check see it
+            with chunk_rows(5), device_path(True), warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                loss = linear_cross_entropy(hidden, weight, labels)
+                got = grads(loss, [hidden, weight], None)
+        finally:
+            loss_kernels._ce_rows_triton = counted
+        msgs = [str(x.message) for x in w if "Triton cross-entropy rows failed" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        want = linear_cross_entropy_reference(hidden, weight, labels)[0]
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got, grads(want, [hidden, weight], None)):
+            assert_close_fp32(a, b)
+
+    for check in (fp32_against_oracle, bf16_against_torch_path, failure_falls_back):
+        record(check.__name__, check)
+    record.report()
+
+
+if __name__ == "__main__":
+    _worker()

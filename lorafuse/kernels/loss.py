@@ -36,12 +36,19 @@ compiled backward a zero tensor for an output nobody used; the backward checks f
 (on CUDA one ``.any()`` host sync per step, skipped under CUDA graph capture where the
 extra GEMM just runs) and then skips the extra GEMMs.
 
-Implementation (every device): plain PyTorch per chunk, cuBLAS GEMMs with fp32 output +
-fp32 elementwise (logsumexp, exp, one scatter for the label, scaling) done in place on
-the chunk's buffer. Chunk rows: so that one (rows × V) fp32 buffer is at most
-``LORAFUSE_LOSS_CHUNK_MB`` MiB (default 256; temporaries of the softcap and the
-logsumexp add up to two more such buffers). No Triton kernel yet: the elementwise part
-makes ~8 passes over each chunk, which a fused kernel would cut to ~2.
+Implementation: per chunk, a cuBLAS GEMM with fp32 output, then the elementwise part
+(softcap, log-sum-exp, the label's logit, the gradient) in one of two ways:
+- PyTorch (the default, every device): fp32 ops in place on the chunk's buffer
+  (logsumexp, exp, one scatter for the label, scaling, the cast for the GEMMs): about ten
+  passes over the chunk's fp32 logits (≈ 22 GB a step at the 8B shape).
+- Triton (``LORAFUSE_LOSS_IMPL=triton``; CUDA tensors, or CPU under TRITON_INTERPRET=1):
+  one program per row reads the row once for an online log-sum-exp (and writes the
+  returned logits, if any), and once more to write the gradient straight in the GEMMs'
+  dtype: about three passes. Opt-in until measured on the GPU against the PyTorch path;
+  a kernel error falls back to PyTorch (warned once).
+Chunk rows: so that one (rows × V) fp32 buffer is at most ``LORAFUSE_LOSS_CHUNK_MB`` MiB
+(default 256; temporaries of the softcap and the logsumexp add up to two more such
+buffers on the PyTorch path).
 """
 
 from __future__ import annotations
@@ -52,10 +59,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import warn_once
+from ._dispatch import on_device, requested_impl, warn_once
 from ._ops import lorafuse_op
 
+try:  # optional: without triton every chunk takes the PyTorch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
 CHUNK_ENV = "LORAFUSE_LOSS_CHUNK_MB"
+IMPL_ENV = "LORAFUSE_LOSS_IMPL"
 # Tests set this to force many small chunks (rows per chunk; None: from the byte budget).
 CHUNK_ROWS: Optional[int] = None
 # Tests set this to run the CUDA code path (GEMM operands in the compute dtype, fp32
@@ -118,6 +132,109 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         return (a @ b).to(acc)
 
 
+# --------------------------------------------------------------------------- Triton rows
+#
+# Under the Triton interpreter fp32 -> bf16 casts truncate; the GPU rounds to nearest
+# even. HAND_ROUND rounds on the bits there, so the interpreter computes what the GPU does.
+
+_MAX_BLOCK = 4096  # fp32 columns of one tile (16 KiB)
+
+if triton is not None:
+    from .flash_attention import _tanh
+    from .norm import _rne_bf16
+
+    @triton.jit
+    def _ce_rows_kernel(
+        z_ptr, label_ptr, scale_ptr, loss_ptr, g_ptr, logits_ptr,
+        V, stride_z, stride_g, stride_logits, cap,
+        HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+        HAND_ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Row r of a chunk: x = z[r] (fp32, the GEMM's output), zz = cap·tanh(x/cap) or x;
+        loss[r] = lse(zz) − zz[label] where scale[r] ≠ 0 (kept rows), else 0; with
+        NEED_GRAD g[r] = (softmax(zz) − onehot(label)) · scale[r] (· (1 − tanh²) under
+        the cap), in g's dtype; with WRITE_LOGITS logits[r] = zz in logits' dtype."""
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(label_ptr + row)
+        scale = tl.load(scale_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        z_row = z_ptr + row * stride_z
+        m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max and sum
+        acc = tl.zeros([BLOCK], tl.float32)
+        picked = tl.zeros([BLOCK], tl.float32)
+        for v0 in range(0, V, BLOCK):
+            c = v0 + cols
+            mask = c < V
+            x = tl.load(z_row + c, mask=mask, other=0.0)
+            if HAS_CAP:
+                x = cap * _tanh(x / cap)
+            if WRITE_LOGITS:
+                lz = x
+                if HAND_ROUND:
+                    lz = _rne_bf16(lz)
+                tl.store(logits_ptr + row * stride_logits + c,
+                         lz.to(logits_ptr.dtype.element_ty), mask=mask)
+            x = tl.where(mask, x, float("-inf"))
+            m_new = tl.maximum(m, x)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) − (-inf)
+            acc = acc * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            m = m_new
+            picked += tl.where(c == label, x, 0.0)
+        row_max = tl.max(m, axis=0)
+        lse = row_max + tl.log(tl.sum(acc * tl.exp(m - row_max), axis=0))
+        tl.store(loss_ptr + row, tl.where(scale != 0.0, lse - tl.sum(picked, axis=0), 0.0))
+        if NEED_GRAD:
+            for v0 in range(0, V, BLOCK):
+                c = v0 + cols
+                mask = c < V
+                x = tl.load(z_row + c, mask=mask, other=0.0)
+                if HAS_CAP:
+                    t = _tanh(x / cap)
+                    x = cap * t
+                p = tl.exp(x - lse)
+                p = tl.where(c == label, p - 1.0, p) * scale
+                if HAS_CAP:
+                    p = p * (1.0 - t * t)
+                if HAND_ROUND:
+                    p = _rne_bf16(p)
+                tl.store(g_ptr + row * stride_g + c, p.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+_INTERPRETED = triton is not None and type(_ce_rows_kernel).__name__ == "InterpretedFunction"
+
+
+def _triton_rows_wanted(z: Tensor) -> bool:
+    """``LORAFUSE_LOSS_IMPL=triton`` on an fp32 chunk that is on CUDA, or on CPU under the
+    Triton interpreter (tests)."""
+    if triton is None or z.dtype != torch.float32:
+        return False
+    if requested_impl(IMPL_ENV, ("torch", "triton"), default="torch") != "triton":
+        return False
+    return z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ce_rows_triton(z: Tensor, safe_labels: Tensor, row_scale: Tensor, softcap,
+                    g: Optional[Tensor], logits: Optional[Tensor]) -> Tensor:
+    """The chunk's per-row losses (fp32); writes ``g`` (the logits' gradient for a loss
+    gradient of 1) and ``logits`` where given. ``z`` is left as it was."""
+    rows, V = z.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=z.device)
+    dummy = loss  # a pointer for the outputs not written (never dereferenced)
+    block = min(_MAX_BLOCK, triton.next_power_of_2(max(V, 1)))
+    with on_device(z):
+        _ce_rows_kernel[(rows,)](
+            z, safe_labels, row_scale.to(torch.float32).contiguous(), loss,
+            dummy if g is None else g, dummy if logits is None else logits,
+            V, z.stride(0), 0 if g is None else g.stride(0),
+            0 if logits is None else logits.stride(0), float(softcap or 1.0),
+            HAS_CAP=softcap is not None, NEED_GRAD=g is not None,
+            WRITE_LOGITS=logits is not None,
+            HAND_ROUND=_INTERPRETED and torch.bfloat16 in (
+                getattr(g, "dtype", None), getattr(logits, "dtype", None)),
+            BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return loss
+
+
 def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, return_logits,
                   need_dhidden, need_dweight):
     H, V = hidden.shape[-1], weight.shape[0]
@@ -149,10 +266,29 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
     dw = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_dweight else \
         hidden.new_empty(0, dtype=acc)
     step = chunk_rows(N, V)
+    g_dtype = acc if exact else weight.dtype
+    g_buf = None  # the Triton path's gradient buffer, one chunk's worth, reused
     for s in range(0, N, step):
         e = min(s + step, N)
         hc = h2[s:e]
         z = _mm(hc, w.t(), acc)  # (rows, V) fp32: the only big buffer
+        if not exact and _triton_rows_wanted(z):
+            if need_grad and g_buf is None:
+                g_buf = torch.empty(step, V, dtype=g_dtype, device=z.device)
+            g = None if not need_grad else g_buf[:e - s]
+            try:
+                rows_loss = _ce_rows_triton(z, safe[s:e], row_scale[s:e], softcap, g,
+                                            logits[s:e] if return_logits else None)
+            except Exception as err:  # never fail training over the optional kernel
+                warn_once(f"lorafuse: Triton cross-entropy rows failed ({type(err).__name__}: "
+                          f"{err}); using PyTorch")
+            else:
+                total += rows_loss.sum()
+                if need_dhidden:
+                    dh[s:e] = _mm(g, w, acc)
+                if need_dweight:
+                    dw += _mm(g.t(), hc, acc)
+                continue
         t = None
         if softcap is not None:
             t = z.div_(softcap).tanh_()  # z's buffer now holds tanh(x / c)
