@@ -28,6 +28,9 @@
 #          1-20 (speed against Unsloth and Inductor, and the loss against eager bf16's, from
 #          the same run). ~525 s on a fresh machine (Inductor's cold compile: 137 s; by
 #          session 28's parts), ~300 s after an fp8 run has warmed the compile caches.
+#          Session 30: 507 s to the reference on a fresh machine, which then needed ≈ 90 s
+#          (24 to load, 33 a variant) and was cut by the budget: run it right after an fp8
+#          command on the same (warm) machine.
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
