@@ -292,6 +292,10 @@ def main(argv=None) -> int:
             rows.append(row)
             log(json.dumps(row))
     print(table(rows, PEAK_GBPS if args.device == "cuda" else None))
+    failed = [r for r in rows if "gpu_error" in r]
+    if failed:  # the GPU-alone column is "—" there: say why, not only in the log
+        print(f"\nGPU-alone capture failed in {len(failed)} of {len(rows)} rows; first: "
+              f"{failed[0]['gpu_error']}")
     print()
     print(verdict(rows))
     if args.json:

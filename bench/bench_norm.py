@@ -222,6 +222,10 @@ def main(argv=None) -> int:
     for norm in args.norms.split(","):
         rows += bench_norm(norm, args)
     print(table(rows))
+    failed = [r for r in rows if "gpu_error" in r]
+    if failed:  # the GPU-alone column is "—" there: say why, not only in the log
+        print(f"\nGPU-alone capture failed in {len(failed)} of {len(rows)} rows; first: "
+              f"{failed[0]['gpu_error']}")
     print()
     print(verdict(rows))
     if args.json:
