@@ -65,6 +65,8 @@
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #          Not in the default list: bench_fp8_dx.py, bench_norm.py (RMSNorm and LayerNorm
 #          against eager, Inductor and Liger; carry .whl for Liger), ≤ 240 and 300 s;
+#          bench_loss.py (the loss op's PyTorch and Triton rows against eager, Inductor and
+#          Liger's fused linear cross-entropy at the 8B head), ≤ 150 s;
 #          a timeout keeps the rows logged so far (one JSON line each in the log).
 #   full   tests, op benchmark, 1b and 8b with all variants: 20+ minutes, no time budget;
 #          under a 10-minute limit run "quick", "1b" and "8b" as separate commands instead.
@@ -274,6 +276,8 @@ run_op_benches() {  # the other kernel families against cuBLAS / Inductor / Lige
         [ "$script" = bench_fp8_dx.py ] && t=${OP_TIMEOUT:-240}
         # three norms × up to 16 rows × 4 variants, an Inductor compile per row (estimate)
         [ "$script" = bench_norm.py ] && t=${OP_TIMEOUT:-300}
+        # five variants at the 8B head, an fp32 reference first (estimate)
+        [ "$script" = bench_loss.py ] && t=${OP_TIMEOUT:-150}
         say "bench/$script (timeout ${t}s)"
         timeout "$t" "$PY" "bench/$script" > "$OUTDIR/${script%.py}.log" 2>&1
         rc=$?

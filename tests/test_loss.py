@@ -469,6 +469,26 @@ def test_explain_under_autocast_runs_the_captured_graph():
     torch.testing.assert_close(got, want)
 
 
+def test_bench_loss_smoke(capsys):
+    """bench/bench_loss.py runs end to end on CPU (small shapes) and prints its table; on
+    the GPU (``OPS=bench_loss.py bash bench/run_gpu.sh ops``) it times both paths of the
+    op against eager, Inductor and Liger."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--small", "--rep", "5"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("eager", "inductor", "lorafuse"):  # the fp32 reference's errors beside
+        row = next(line for line in out.splitlines() if f"| {variant} |" in line)
+        loss_err, dh_err = (float(v) for v in row.strip("| ").split(" | ")[-2:])
+        assert loss_err < 1e-3 and dh_err < 1e-2, row
+    assert "no verdict" in out  # the Triton rows need CUDA: no verdict on CPU
+
+
 # --------------------------------------------------------------------------- Triton rows kernel
 
 TRITON_CHECKS = ("fp32_against_oracle", "bf16_against_torch_path", "failure_falls_back")
