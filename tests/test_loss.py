@@ -14,7 +14,7 @@ compiled with ``backend="lorafuse"``, trained 4 steps next to eager in fp32.
 Triton rows kernel (``LORAFUSE_LOSS_IMPL=triton``) under TRITON_INTERPRET=1 in a
 subprocess (this file run as a script), on the CUDA code path: fp32 against the oracle,
 bf16 against the PyTorch path and no worse than eager, drawn by hypothesis; a failing
-kernel falls back with one warning.
+kernel falls back with one warning and is not tried again.
 """
 
 from __future__ import annotations
@@ -604,8 +604,10 @@ def _worker():
 
     def failure_falls_back():
         hidden, weight, labels = make_case(3, (2, 9), 24, 77, 0.3, w_grad=True)
+        tries = []
 
         def broken(*a, **k):
+            tries.append(1)
             raise RuntimeError("simulated kernel failure")
 
         loss_kernels._ce_rows_triton = broken
@@ -617,8 +619,10 @@ def _worker():
                 got = grads(loss, [hidden, weight], None)
         finally:
             loss_kernels._ce_rows_triton = counted
+            failed, loss_kernels._rows_failed = loss_kernels._rows_failed, False
         msgs = [str(x.message) for x in w if "Triton cross-entropy rows failed" in str(x.message)]
         assert len(msgs) == 1, msgs
+        assert failed and len(tries) == 1, "a failed kernel is not tried again at each chunk"
         want = linear_cross_entropy_reference(hidden, weight, labels)[0]
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
         for a, b in zip(got, grads(want, [hidden, weight], None)):

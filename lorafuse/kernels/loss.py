@@ -45,7 +45,7 @@ Implementation: per chunk, a cuBLAS GEMM with fp32 output, then the elementwise 
   one program per row reads the row once for an online log-sum-exp (and writes the
   returned logits, if any), and once more to write the gradient straight in the GEMMs'
   dtype: about three passes. Opt-in until measured on the GPU against the PyTorch path;
-  a kernel error falls back to PyTorch (warned once).
+  a kernel error falls back to PyTorch for the rest of the process (warned once).
 Chunk rows: so that one (rows × V) fp32 buffer is at most ``LORAFUSE_LOSS_CHUNK_MB`` MiB
 (default 256; temporaries of the softcap and the logsumexp add up to two more such
 buffers on the PyTorch path).
@@ -201,12 +201,15 @@ if triton is not None:
 
 
 _INTERPRETED = triton is not None and type(_ce_rows_kernel).__name__ == "InterpretedFunction"
+# Set when the kernel raised: the process keeps the PyTorch rows from then on (a kernel that
+# failed to compile would otherwise be compiled again, and fail again, at every chunk).
+_rows_failed = False
 
 
 def _triton_rows_wanted(z: Tensor) -> bool:
     """``LORAFUSE_LOSS_IMPL=triton`` on an fp32 chunk that is on CUDA, or on CPU under the
-    Triton interpreter (tests)."""
-    if triton is None or z.dtype != torch.float32:
+    Triton interpreter (tests); not after the kernel has failed in this process."""
+    if triton is None or _rows_failed or z.dtype != torch.float32:
         return False
     if requested_impl(IMPL_ENV, ("torch", "triton"), default="torch") != "triton":
         return False
@@ -280,8 +283,10 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
                 rows_loss = _ce_rows_triton(z, safe[s:e], row_scale[s:e], softcap, g,
                                             logits[s:e] if return_logits else None)
             except Exception as err:  # never fail training over the optional kernel
+                global _rows_failed
+                _rows_failed = True
                 warn_once(f"lorafuse: Triton cross-entropy rows failed ({type(err).__name__}: "
-                          f"{err}); using PyTorch")
+                          f"{err}); using PyTorch from now on")
             else:
                 total += rows_loss.sum()
                 if need_dhidden:
