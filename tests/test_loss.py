@@ -480,7 +480,11 @@ def test_bench_loss_smoke(capsys):
     spec = importlib.util.spec_from_file_location("bench_loss", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--device", "cpu", "--small", "--rep", "5"]) == 0
+    threads = torch.get_num_threads()  # the script takes one thread on CPU
+    try:
+        assert bench.main(["--device", "cpu", "--small", "--rep", "5"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     for variant in ("eager", "inductor", "lorafuse"):  # the fp32 reference's errors beside
         row = next(line for line in out.splitlines() if f"| {variant} |" in line)
