@@ -39,9 +39,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import call_ms, capture_failures, gpu_alone  # noqa: E402
 
 PEAK_GBPS = 4182.0  # H200 memory bandwidth ceiling (GB/s)
 SHAPES = {
@@ -148,23 +147,6 @@ def gated_case(s, act):
 # --------------------------------------------------------------------------- measuring
 
 
-def bench_ms(fn, device, rep_ms, grad_to_none=None) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms,
-                                       grad_to_none=grad_to_none, return_mode="median")
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1000
-    while len(times) < 3 or time.perf_counter() < deadline:
-        for t in grad_to_none or []:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def rel_err(t, ref) -> float:
     return ((t.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -192,26 +174,12 @@ def measure(fn, leaves, consts, grads, ref, device, rep):
     def step():
         torch.autograd.backward(fn(*leaves, *consts), grads)
 
-    fwd = bench_ms(lambda: fn(*leaves, *consts), device, rep)
-    both = bench_ms(step, device, rep, grad_to_none=leaves)
+    fwd = call_ms(lambda: fn(*leaves, *consts), device, rep)
+    both = call_ms(step, device, rep, grad_to_none=leaves)
     res = {"fwd_ms": fwd, "fwd_bwd_ms": both, **errs}
     if device == "cuda":
-        res.update(gpu_ms(step, rep, leaves))
+        res.update(gpu_alone(step, rep, grad_to_none=leaves))
     return res
-
-
-def gpu_ms(step, rep, leaves) -> dict:
-    """Forward + backward replayed from a CUDA graph: the GPU's time without the host's.
-    The leaves' gradients are set to None before the capture, so the graph's backward
-    writes them fresh (no accumulation kernel)."""
-    import triton.testing
-
-    try:
-        return {"gpu_ms": triton.testing.do_bench_cudagraph(
-            step, rep=rep, grad_to_none=leaves, return_mode="median")}
-    except Exception as e:  # a variant that cannot be captured keeps its call times
-        torch.cuda.synchronize()
-        return {"gpu_error": f"{type(e).__name__}: {e}".replace("\n", " ")[:200]}
 
 
 def fp32_reference(eager, leaves, consts, grads):
@@ -292,11 +260,7 @@ def main(argv=None) -> int:
             rows.append(row)
             log(json.dumps(row))
     print(table(rows, PEAK_GBPS if args.device == "cuda" else None))
-    failed = [r for r in rows if "gpu_error" in r]
-    if failed:  # the GPU-alone column is "—" there: say why, not only in the log
-        print(f"\nGPU-alone capture failed in {len(failed)} of {len(rows)} rows; first: "
-              f"{failed[0]['gpu_error']}")
-    print()
+    print(capture_failures(rows))
     print(verdict(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -29,15 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import call_ms, capture_failures, gpu_alone  # noqa: E402
 
 SHAPES = {"8b": dict(N=4096, H=4096, V=128256), "small": dict(N=64, H=48, V=300)}
 VARIANTS = ("eager", "inductor", "lorafuse", "lorafuse_triton", "liger")
@@ -59,15 +59,8 @@ def make_fns(softcap):
         def f(h, w, labels):
             from lorafuse.kernels.loss import IMPL_ENV, linear_cross_entropy
 
-            old = os.environ.get(IMPL_ENV)
-            os.environ[IMPL_ENV] = impl  # read at each call
-            try:
+            with mock.patch.dict(os.environ, {IMPL_ENV: impl}):  # read at each call
                 return linear_cross_entropy(h, w, labels, softcap)
-            finally:
-                if old is None:
-                    os.environ.pop(IMPL_ENV)
-                else:
-                    os.environ[IMPL_ENV] = old
         return f
 
     def liger(h, w, labels):
@@ -79,23 +72,6 @@ def make_fns(softcap):
 
     return {"eager": eager, "inductor": torch.compile(eager), "lorafuse": ours("torch"),
             "lorafuse_triton": ours("triton"), "liger": liger}
-
-
-def call_ms(fn, device, rep, leaves) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=max(1, rep // 4), rep=rep,
-                                       grad_to_none=leaves, return_mode="median")
-    times = []
-    deadline = time.perf_counter() + rep / 1000
-    while len(times) < 3 or time.perf_counter() < deadline:
-        for t in leaves:
-            t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def rel(a, b) -> float:
@@ -120,16 +96,9 @@ def measure(fn, h, w, labels, ref, device, rep) -> dict:
         step()
         torch.cuda.synchronize()
         res["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    res["call_ms"] = call_ms(step, device, rep, [h])
+    res["call_ms"] = call_ms(step, device, rep, grad_to_none=[h])
     if device == "cuda":
-        import triton.testing
-
-        try:
-            res["gpu_ms"] = triton.testing.do_bench_cudagraph(step, rep=rep, grad_to_none=[h],
-                                                              return_mode="median")
-        except Exception as e:  # not capturable (a host sync): the call time stands
-            torch.cuda.synchronize()
-            res["gpu_error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
+        res.update(gpu_alone(step, rep, grad_to_none=[h]))
     return res
 
 
@@ -186,11 +155,7 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print(table(rows))
-    failed = [r for r in rows if "gpu_error" in r]
-    if failed:
-        print(f"\nGPU-alone capture failed for {', '.join(r['variant'] for r in failed)}; "
-              f"first: {failed[0]['gpu_error']}")
-    print()
+    print(capture_failures(rows))
     print(verdict(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._timing import call_ms, capture_failures, gpu_alone  # noqa: E402
 
 EPS = 1e-5
 SHAPES = [  # name, leading shape, hidden
@@ -141,8 +142,6 @@ def rel_err(t, ref) -> float:
 
 def measure(fn, setting, inputs, grads, rep, ref, leaves):
     """grads: the upstream gradient of each output ([dy], or [dr, dy] for add+norm)."""
-    import triton.testing
-
     def run():
         out = fn(*inputs)
         if setting == "norm":
@@ -167,17 +166,10 @@ def measure(fn, setting, inputs, grads, rep, ref, leaves):
         _, o = run()
         torch.autograd.backward(o, grads)
 
-    kw = dict(warmup=max(1, rep // 4), rep=rep, return_mode="median")
-    fwd = triton.testing.do_bench(lambda: run(), **kw)
-    both = triton.testing.do_bench(step, grad_to_none=leaves, **kw)
-    res = {"fwd_ms": fwd, "fwd_bwd_ms": both, **errs}
-    try:  # gradients set to None before the capture: the graph writes them fresh
-        res["gpu_ms"] = triton.testing.do_bench_cudagraph(
-            step, rep=rep, grad_to_none=leaves, return_mode="median")
-    except Exception as e:  # a variant that cannot be captured keeps its call times
-        torch.cuda.synchronize()
-        res["gpu_error"] = f"{type(e).__name__}: {e}".replace("\n", " ")[:200]
-    return res
+    fwd = call_ms(lambda: run(), DEVICE, rep)
+    both = call_ms(step, DEVICE, rep, grad_to_none=leaves)
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both, **errs,
+            **(gpu_alone(step, rep, grad_to_none=leaves) if DEVICE == "cuda" else {})}
 
 
 def fp32_reference(variant, setting, inputs, grads, bias=None):
@@ -222,11 +214,7 @@ def main(argv=None) -> int:
     for norm in args.norms.split(","):
         rows += bench_norm(norm, args)
     print(table(rows))
-    failed = [r for r in rows if "gpu_error" in r]
-    if failed:  # the GPU-alone column is "—" there: say why, not only in the log
-        print(f"\nGPU-alone capture failed in {len(failed)} of {len(rows)} rows; first: "
-              f"{failed[0]['gpu_error']}")
-    print()
+    print(capture_failures(rows))
     print(verdict(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -219,14 +219,15 @@ def _triton_rows_wanted(z: Tensor) -> bool:
 def _ce_rows_triton(z: Tensor, safe_labels: Tensor, row_scale: Tensor, softcap,
                     g: Optional[Tensor], logits: Optional[Tensor]) -> Tensor:
     """The chunk's per-row losses (fp32); writes ``g`` (the logits' gradient for a loss
-    gradient of 1) and ``logits`` where given. ``z`` is left as it was."""
+    gradient of 1) and ``logits`` where given. ``z`` is left as it was. ``row_scale`` is
+    fp32 like ``z`` (the op's accumulation dtype), one contiguous slice per chunk."""
     rows, V = z.shape
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
     dummy = loss  # a pointer for the outputs not written (never dereferenced)
     block = min(_MAX_BLOCK, triton.next_power_of_2(max(V, 1)))
     with on_device(z):
         _ce_rows_kernel[(rows,)](
-            z, safe_labels, row_scale.to(torch.float32).contiguous(), loss,
+            z, safe_labels, row_scale, loss,
             dummy if g is None else g, dummy if logits is None else logits,
             V, z.stride(0), 0 if g is None else g.stride(0),
             0 if logits is None else logits.stride(0), float(softcap or 1.0),
@@ -269,7 +270,6 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
     dw = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_dweight else \
         hidden.new_empty(0, dtype=acc)
     step = chunk_rows(N, V)
-    g_dtype = acc if exact else weight.dtype
     g_buf = None  # the Triton path's gradient buffer, one chunk's worth, reused
     for s in range(0, N, step):
         e = min(s + step, N)
@@ -277,7 +277,7 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
         z = _mm(hc, w.t(), acc)  # (rows, V) fp32: the only big buffer
         if not exact and _triton_rows_wanted(z):
             if need_grad and g_buf is None:
-                g_buf = torch.empty(step, V, dtype=g_dtype, device=z.device)
+                g_buf = torch.empty(step, V, dtype=weight.dtype, device=z.device)
             g = None if not need_grad else g_buf[:e - s]
             try:
                 rows_loss = _ce_rows_triton(z, safe[s:e], row_scale[s:e], softcap, g,
