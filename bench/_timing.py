@@ -47,10 +47,10 @@ def gpu_alone(fn, rep_ms: int, grad_to_none=None) -> dict:
 
 
 def capture_failures(rows: list) -> str:
-    """The line under a table whose GPU-ms column is "—" somewhere: how many rows, and the
-    first error ("" when none failed)."""
+    """What to print between a table and its verdict: a blank line, and where the table's
+    GPU-ms column is "—" somewhere, how many rows and the first error between blank lines."""
     failed = [r for r in rows if "gpu_error" in r]
     if not failed:
         return ""
     return (f"\nGPU-alone capture failed in {len(failed)} of {len(rows)} rows; first: "
-            f"{failed[0]['gpu_error']}")
+            f"{failed[0]['gpu_error']}\n")
