@@ -161,6 +161,10 @@ def measure(fn, setting, inputs, grads, rep, ref, leaves):
     if fallback:  # the op fell back to PyTorch: timing it would mislabel the numbers
         raise RuntimeError(fallback[0])
     errs = {"y_err": rel_err(y, ref["y"]), "dx_err": rel_err(leaves[0].grad, ref["dx"])}
+    # y's graph keeps x's AccumulateGrad node alive, and that node runs on the stream it was
+    # made on (the default one): inside the CUDA-graph capture below, on a side stream, it
+    # would enqueue work on the legacy stream and invalidate the capture (session 31).
+    del y, outs
 
     def step():
         _, o = run()

@@ -38,14 +38,18 @@ extra GEMM just runs) and then skips the extra GEMMs.
 
 Implementation: per chunk, a cuBLAS GEMM with fp32 output, then the elementwise part
 (softcap, log-sum-exp, the label's logit, the gradient) in one of two ways:
-- PyTorch (the default, every device): fp32 ops in place on the chunk's buffer
+- PyTorch (CPU tensors, ``LORAFUSE_LOSS_IMPL=torch``, or after the kernel failed): fp32
+  ops in place on the chunk's buffer
   (logsumexp, exp, one scatter for the label, scaling, the cast for the GEMMs): about ten
   passes over the chunk's fp32 logits (≈ 22 GB a step at the 8B shape).
-- Triton (``LORAFUSE_LOSS_IMPL=triton``; CUDA tensors, or CPU under TRITON_INTERPRET=1):
+- Triton (the default on CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 with
+  ``LORAFUSE_LOSS_IMPL=triton``):
   one program per row reads the row once for an online log-sum-exp (and writes the
   returned logits, if any), and once more to write the gradient straight in the GEMMs'
-  dtype: about three passes. Opt-in until measured on the GPU against the PyTorch path;
-  a kernel error falls back to PyTorch for the rest of the process (warned once).
+  dtype: about three passes. On the H200 at the 8B head (bench_loss.py, session 31):
+  15.1 ms forward + backward against the PyTorch rows' 20.8, and the whole 8B step 2.9 %
+  faster (bench/RESULTS.md). A kernel error falls back to PyTorch for the rest of the
+  process (warned once).
 Chunk rows: so that one (rows × V) fp32 buffer is at most ``LORAFUSE_LOSS_CHUNK_MB`` MiB
 (default 256; temporaries of the softcap and the logsumexp add up to two more such
 buffers on the PyTorch path).
@@ -59,7 +63,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import on_device, requested_impl, warn_once
+from ._dispatch import on_device, use_triton, warn_once
 from ._ops import lorafuse_op
 
 try:  # optional: without triton every chunk takes the PyTorch path
@@ -207,13 +211,12 @@ _rows_failed = False
 
 
 def _triton_rows_wanted(z: Tensor) -> bool:
-    """``LORAFUSE_LOSS_IMPL=triton`` on an fp32 chunk that is on CUDA, or on CPU under the
-    Triton interpreter (tests); not after the kernel has failed in this process."""
+    """An fp32 chunk on CUDA unless ``LORAFUSE_LOSS_IMPL=torch``; on CPU only under the
+    Triton interpreter with ``LORAFUSE_LOSS_IMPL=triton`` (tests); never after the kernel
+    has failed in this process."""
     if triton is None or _rows_failed or z.dtype != torch.float32:
         return False
-    if requested_impl(IMPL_ENV, ("torch", "triton"), default="torch") != "triton":
-        return False
-    return z.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return use_triton(z, IMPL_ENV)
 
 
 def _ce_rows_triton(z: Tensor, safe_labels: Tensor, row_scale: Tensor, softcap,
