@@ -27,12 +27,14 @@ import importlib.util
 import json
 import math
 import os
+import queue
 import re
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -306,14 +308,18 @@ def wait_for_result(proc, out_path: Path, timeout: float, poll_s: float = 1.0) -
             return False
 
 
-def run_probe(opts, variant, batch, seq, cap_gib, warmup, steps, timeout, log_path) -> dict:
+def run_probe(opts, variant, batch, seq, cap_gib, warmup, steps, timeout, log_path,
+              gpu=None) -> dict:
     """One run in its own process (this script with --_probe); its output goes to log_path.
-    Returns the child's result, or {"error": ...} when it wrote none (crash, kill, timeout)."""
+    ``gpu``: the one device it sees (CUDA_VISIBLE_DEVICES), under --gpus. Returns the
+    child's result, or {"error": ...} when it wrote none (crash, kill, timeout)."""
     fd, out_path = tempfile.mkstemp(prefix="context_", suffix=".json")
     os.close(fd)
     spec = {"variant": variant, "train_argv": train_argv(opts, variant, batch, seq, warmup, steps),
             "cap_gib": cap_gib, "out": out_path}
     env = child_env(opts, variant)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--_probe", json.dumps(spec)]
     t0 = time.time()
     with open(log_path, "w") as logf:
@@ -447,14 +453,23 @@ def run_record(opts, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, s
 
 class Driver:
     """Runs what is missing, in order (the table, then the searches, variant by variant),
-    within the time budget; saves the state after every run."""
+    within the time budget; saves the state after every run. Under ``--gpus N`` (N > 1), N
+    workers take the variants one at a time, each on its own GPU, side by side: a variant's
+    table and searches run in order on one GPU, and the state and its file are shared
+    under a lock (issue 5's 80 GiB comparison in one command: Unsloth's and lorafuse's
+    256K runs take 4-9 minutes each)."""
 
     def __init__(self, opts, state, probe=None, clock=time.time):
         self.opts, self.state, self.clock = opts, state, clock
-        self.probe = probe or (lambda *a: run_probe(opts, *a))
+        self.worker = threading.local()  # .gpu: the GPU of the worker thread running
+        self.probe = probe or (lambda *a: run_probe(opts, *a, gpu=self.gpu()))
         self.t0 = clock()
         self.skipped = []  # (variant, what, why) for the report
         self.log_dir = Path(opts.log_dir)
+        self.lock = threading.Lock()  # state, its file, the log numbering
+
+    def gpu(self) -> str | None:
+        return getattr(self.worker, "gpu", None)
 
     def left(self) -> float | None:
         return self.opts.time_budget - (self.clock() - self.t0) if self.opts.time_budget else None
@@ -510,35 +525,72 @@ class Driver:
             self.skipped.append((variant, what, f"needs ~{need:.0f} s, {max(left, 0):.0f} s left"))
             return None
         timeout = o.variant_timeout if left is None else min(o.variant_timeout, left - RESERVE_S)
-        n = len(self.state["runs"]) + len(self.state["interrupted"])
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        gpu = self.gpu()
+        with self.lock:
+            n = len(self.state["runs"]) + len(self.state["interrupted"])
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{n:03d}_{variant.replace(':', '_')}_{batch}x{seq}.log"
         log(f"{variant} {what} ({kind}, {warmup}+{steps} steps, timeout {timeout:.0f} s, "
-            f"log {log_path})")
+            + (f"GPU {gpu}, " if gpu is not None else "") + f"log {log_path})")
         res = self.probe(variant, batch, seq, cap_gib, warmup, steps, timeout, log_path)
         rec = run_record(o, res, kind, variant, batch, seq, cap_gib, for_cap, warmup, steps,
                          log_path)
+        if gpu is not None:
+            rec["gpu"] = gpu
         if res.get("timed_out") and timeout < o.variant_timeout:
-            self.state["interrupted"].append(rec)  # the budget's fault: not an observation
+            with self.lock:
+                self.state["interrupted"].append(rec)  # the budget's fault: not an observation
+                save(o, self.state)
             self.skipped.append((variant, what, f"cut by the time budget after {rec['wall_s']} s"
                                  + step1_note(rec)))
-            save(o, self.state)
             return None
-        self.state["runs"].append(rec)
-        save(o, self.state)
-        log(f"  -> {rec['outcome']}" + (f": {fmt_tok_s(rec, ' tok/s')}, peak {rec['peak_gib']:.2f}"
+        with self.lock:
+            self.state["runs"].append(rec)
+            save(o, self.state)
+        who = f"  {variant} {what}" if gpu is not None else " "  # interleaved under --gpus
+        log(f"{who} -> {rec['outcome']}" + (f": {fmt_tok_s(rec, ' tok/s')}, peak {rec['peak_gib']:.2f}"
                                         f" GiB" if rec["outcome"] == "ok"
                                         else f": {rec['error']}{step1_note(rec)}")
             + f" ({rec['wall_s']} s)")
         return rec["outcome"]
 
     def go(self) -> None:
+        gpus = self.opts.gpu_ids
+        if len(gpus) <= 1:
+            self.go_variants(self.opts.variants)
+            return
+        todo = queue.SimpleQueue()
+        for v in self.opts.variants:
+            todo.put(v)
+        failed = []
+
+        def work(gpu):
+            self.worker.gpu = gpu
+            while not failed:
+                try:
+                    variant = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    self.go_variants([variant])
+                except BaseException as exc:  # the other workers stop after their run
+                    failed.append(exc)
+
+        threads = [threading.Thread(target=work, args=(g,), name=f"gpu{g}") for g in gpus]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failed:
+            raise failed[0]
+
+    def go_variants(self, variants) -> None:
         o = self.opts
-        for variant in o.variants:
+        for variant in variants:
             for batch, seq in o.workloads:
                 if not workload_runs(self.state, variant, batch, seq, "table"):
                     self.run("table", variant, batch, seq)
-        for variant in o.variants:
+        for variant in variants:
             for cap in o.caps:
                 tried = set()
                 while True:
@@ -625,7 +677,9 @@ def render(opts, state) -> str:
         env = s.get("env", {})
         lines.append(f"- session {s['index']}: {s['date']}, commit {s['commit']}, "
                      f"{env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
-                     f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}")
+                     f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}"
+                     + (f"; {s['gpus']} variants at a time, one GPU each"
+                        if s.get("gpus", 1) > 1 else ""))
     on_cpu = opts.device == "cpu"
     peak = "max RSS of the process (CPU smoke, not a GPU figure)" if on_cpu else \
         "`torch.cuda.max_memory_allocated` (weights included)"
@@ -812,6 +866,10 @@ def parse_args(argv=None):
                    help="seconds for this command (0: none); what does not fit is left "
                         "for --resume")
     p.add_argument("--variant-timeout", type=float, default=560, help="seconds one run may take")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="run up to this many variants side by side, one GPU each (the first N "
+                        "of CUDA_VISIBLE_DEVICES, else 0..N-1); each run still sees one GPU, "
+                        "and the host's memory is shared (offloading pins it)")
     p.add_argument("--lorafuse-config", action="append", default=[], metavar="TAG=JSON",
                    help='lorafuse:TAG runs with {"options": {...}, "env": {...}} (as bench_train)')
     p.add_argument("--cache", default="/tmp/lorafuse_bench", help="bench_train's model cache")
@@ -844,6 +902,14 @@ def parse_args(argv=None):
         p.error("--seq-step must be positive and --max-seq at least --seq-step")
     if opts.enforce == "fraction" and opts.device == "cpu":
         p.error("--enforce fraction limits the CUDA allocator; on CPU use --enforce peak")
+    if opts.gpus < 1:
+        p.error("--gpus must be at least 1")
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if d.strip()]
+    if opts.gpus > 1 and visible and len(visible) < opts.gpus:
+        p.error(f"--gpus {opts.gpus}: CUDA_VISIBLE_DEVICES names {len(visible)} device(s)")
+    opts.gpu_ids = (visible or [str(i) for i in range(opts.gpus)])[:opts.gpus] \
+        if opts.gpus > 1 else [None]
     opts.json = opts.json or opts.resume
     if opts.report and not (opts.resume and Path(opts.resume).exists()):
         p.error("--report needs --resume FILE (an existing results file)")
@@ -865,6 +931,13 @@ def main(argv=None) -> int:
         return 0
     opts.session = len(state["meta"]["sessions"])
     opts.sites = peer_sites(opts)
+    if opts.gpus > 1 and opts.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < opts.gpus:
+            log(f"--gpus {opts.gpus}: this machine shows {torch.cuda.device_count()} GPU(s); "
+                "nothing was run")
+            return 2
     driver = Driver(opts, state)
     # the model: bench_train's own build child (reuses the saved model when it matches)
     build_args = bt.parse_args(train_argv(opts, "eager", 1, 128, 1, 1))
@@ -872,6 +945,7 @@ def main(argv=None) -> int:
     state["meta"]["sessions"].append({
         "index": opts.session, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "commit": bt.git_commit(), "argv": sys.argv[1:] if argv is None else argv,
+        "gpus": opts.gpus,
         "env": build.get("env", {}), "peer_sites": opts.sites})
     save(opts, state)
     if "error" in build:

@@ -60,7 +60,8 @@
 #          $OUT/context_8b.json (copy it back before the next command). CONTEXT_ARGS picks the
 #          variants, lengths and caps (default: unsloth_gc and lorafuse:ckf at 1 × 16K and
 #          1 × 64K, 1 + 1 steps, then the longest length within 80 GiB). BUDGET_S applies;
-#          CONTEXT_FILE names another results file to continue.
+#          CONTEXT_FILE names another results file to continue. `--gpus 2` in CONTEXT_ARGS on
+#          nvidia-h200-x2 runs two variants side by side, one GPU each (bench/README.md).
 #   ops    the kernel-family microbenchmarks (forward GEMM, 4-bit GEMM, rope / gated MLP, SDPA),
 #          ≤ 100 s each; OPS="bench_fwd_gemm.py bench_nf4_gemm.py" picks some of them.
 #          Not in the default list: bench_fp8_dx.py, bench_norm.py (RMSNorm and LayerNorm

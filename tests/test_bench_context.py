@@ -455,3 +455,55 @@ def test_compare_line_decides_only_from_the_bounds():
                            opts)
     assert line.startswith("Unsloth longer") and "8,192" in line
     assert bc.compare_line({"lorafuse": S(8192, 9216, None)}, opts) is None
+
+
+def test_gpus_run_variants_side_by_side_with_the_serial_answers(tmp_path, monkeypatch):
+    """--gpus 2: two workers, one GPU each, take the variants; each variant's runs stay on
+    one GPU, two runs overlap in time, and the searches end where the serial driver's do."""
+    import threading
+    import time
+
+    serial = FakeRuns()
+    d, opts, state = driver(tmp_path / "serial", serial)
+    d.go()
+    answer = {(v, c): bc.search_for(state, v, c, opts).lo for v in FAKE for c in (24.0, 80.0)}
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = FakeRuns()
+    d, opts, state = driver(tmp_path / "par", fake, "--gpus", "2")
+    assert opts.gpu_ids == ["0", "1"]
+    active, seen, lock = [0], [], threading.Lock()
+
+    def probe(*args):
+        with lock:
+            active[0] += 1
+            seen.append(active[0])
+        time.sleep(0.01)  # long enough for the other worker's run to start meanwhile
+        try:
+            with lock:
+                return fake(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    d.probe = probe
+    d.go()
+    got = {(v, c): bc.search_for(state, v, c, opts).lo for v in FAKE for c in (24.0, 80.0)}
+    assert got == answer
+    assert max(seen) == 2
+    gpus = {}
+    for r in state["runs"]:
+        gpus.setdefault(r["variant"], set()).add(r["gpu"])
+    assert all(len(g) == 1 for g in gpus.values()) and set.union(*gpus.values()) == {"0", "1"}
+    saved = json.loads((tmp_path / "par" / "ctx.json").read_text())
+    assert len(saved["runs"]) == len(fake.calls) == len(serial.calls)
+
+
+def test_gpus_takes_the_visible_devices_and_refuses_too_few(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    assert bc.parse_args(["--json", "x.json", "--gpus", "2"]).gpu_ids == ["3", "5"]
+    assert bc.parse_args(["--json", "x.json"]).gpu_ids == [None]
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--json", "x.json", "--gpus", "4"])
+    with pytest.raises(SystemExit):
+        bc.parse_args(["--json", "x.json", "--gpus", "0"])
