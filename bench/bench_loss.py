@@ -5,16 +5,18 @@ forward + backward (one GPU).
     python bench/bench_loss.py --device cpu --small    # smoke test of this script
     SKIP_TESTS=1 OPS=bench_loss.py bash bench/run_gpu.sh ops    # on the GPU machine
 
-Decides whether the loss op's Triton rows kernel (``LORAFUSE_LOSS_IMPL=triton``) should
-become its default path: the project uses a kernel only where it is faster.
+Checks that the loss op's Triton rows kernel, its default path on CUDA since session 31
+(``LORAFUSE_LOSS_IMPL``), stays faster than its PyTorch rows: the project uses a kernel
+only where it is faster.
 
 Shape (Llama-3.1-8B's head, batch 2 × 2048): hidden [4096, 4096] bf16 (needs a gradient),
 lm_head W [128256, 4096] bf16 frozen, labels with 1 in 2048 ignored (the shifted label at
 each sequence's end). Variants:
   eager     transformers' path: logits = hidden Wᵀ (bf16), F.cross_entropy(logits.float())
   inductor  torch.compile of the same function (default mode)
-  lorafuse  lorafuse.kernels.loss.linear_cross_entropy, PyTorch rows (the default path)
-  lorafuse_triton  the same op with LORAFUSE_LOSS_IMPL=triton (CUDA only)
+  lorafuse  lorafuse.kernels.loss.linear_cross_entropy, PyTorch rows
+            (LORAFUSE_LOSS_IMPL=torch; the default until session 31)
+  lorafuse_triton  the same op with LORAFUSE_LOSS_IMPL=triton (CUDA only; the default)
   liger     liger_kernel's LigerFusedLinearCrossEntropyLoss, when importable
 Times (median ms): forward + backward called one after another (``do_bench``), and the
 same replayed from a CUDA graph ("GPU ms", ``do_bench_cudagraph``: the kernels alone, as a
@@ -189,11 +191,11 @@ def verdict(rows) -> str:
         return "lorafuse_triton or lorafuse not measured: no verdict on LORAFUSE_LOSS_IMPL."
     key = "gpu_ms" if "gpu_ms" in a and "gpu_ms" in b else "call_ms"
     if a[key] < b[key]:
-        return (f"Triton rows {a[key]:.3f} ms against PyTorch rows {b[key]:.3f} ({key}): a "
-                "candidate for the loss op's default path (LORAFUSE_LOSS_IMPL), pending the "
-                "whole step (bench_train.py, lorafuse:fp8leantk against lorafuse:fp8lean).")
-    return (f"Triton rows {a[key]:.3f} ms, PyTorch rows {b[key]:.3f} ({key}): keep "
-            "LORAFUSE_LOSS_IMPL's default at torch.")
+        return (f"Triton rows {a[key]:.3f} ms against PyTorch rows {b[key]:.3f} ({key}): "
+                "the Triton rows stay the loss op's default on CUDA (LORAFUSE_LOSS_IMPL).")
+    return (f"Triton rows {a[key]:.3f} ms, PyTorch rows {b[key]:.3f} ({key}): the Triton rows "
+            "lost here; check the whole step (bench_train.py, lorafuse:fp8leantk against "
+            "lorafuse:fp8lean) before keeping them the default on CUDA.")
 
 
 if __name__ == "__main__":

@@ -498,6 +498,36 @@ def test_bench_loss_smoke(capsys):
 TRITON_CHECKS = ("fp32_against_oracle", "bf16_against_torch_path", "failure_falls_back")
 
 
+def test_triton_rows_are_the_default_on_cuda_only(monkeypatch):
+    """Which path a chunk takes (session 31: the Triton rows are the default on CUDA): CUDA
+    fp32 chunks the kernel unless LORAFUSE_LOSS_IMPL=torch; CPU chunks the PyTorch rows
+    unless the interpreter runs and triton is asked for; never other dtypes."""
+    from types import SimpleNamespace
+
+    from lorafuse.kernels import loss as loss_kernels
+
+    if loss_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(loss_kernels, "_rows_failed", False)
+    monkeypatch.delenv(loss_kernels.IMPL_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda = SimpleNamespace(dtype=torch.float32, is_cuda=True)
+    cpu = SimpleNamespace(dtype=torch.float32, is_cuda=False)
+    wanted = loss_kernels._triton_rows_wanted
+    assert wanted(cuda) and not wanted(cpu)
+    assert not wanted(SimpleNamespace(dtype=torch.bfloat16, is_cuda=True))
+    monkeypatch.setenv(loss_kernels.IMPL_ENV, "torch")
+    assert not wanted(cuda)
+    monkeypatch.setenv(loss_kernels.IMPL_ENV, "triton")
+    assert wanted(cuda) and not wanted(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert wanted(cpu)
+    monkeypatch.delenv(loss_kernels.IMPL_ENV)
+    assert not wanted(cpu)  # the interpreter alone does not switch CPU tests to the kernel
+    monkeypatch.setattr(loss_kernels, "_rows_failed", True)
+    assert not wanted(cuda)
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     return run_interpreter_worker(__file__, LORAFUSE_LOSS_IMPL="triton")
