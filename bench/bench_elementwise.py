@@ -102,7 +102,12 @@ def rope_case(s):
         freqs = torch.arange(S, device=dev).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[None]
         consts = [emb.cos().bfloat16(), emb.sin().bfloat16()]
-        grads = [torch.randn(B, H, S, D, device=dev, generator=g).bfloat16() for H in (Hq, Hk)]
+        # laid out as the attention backward hands them to rope in the model: like q and k
+        # ([B, S, H, D] in memory; SDPA's and lorafuse's attention allocate dq like q), not
+        # contiguous [B, H, S, D], which cost the op's backward a strided read and autograd
+        # a copy back to the projections' layout (sessions 30-31)
+        grads = [torch.randn(B, S, H, D, device=dev, generator=g).bfloat16().transpose(1, 2)
+                 for H in (Hq, Hk)]
         return [q, k], consts, grads
 
     elems = B * S * (Hq + Hk) * D
