@@ -103,7 +103,7 @@ def rope_case(s):
         emb = torch.cat((freqs, freqs), dim=-1)[None]
         consts = [emb.cos().bfloat16(), emb.sin().bfloat16()]
         # laid out as the attention backward hands them to rope in the model: like q and k
-        # ([B, S, H, D] in memory; SDPA's and lorafuse's attention allocate dq like q), not
+        # ([B, S, H, D] in memory: lorafuse's attention ops allocate dq like q), not
         # contiguous [B, H, S, D], which cost the op's backward a strided read and autograd
         # a copy back to the projections' layout (sessions 30-31)
         grads = [torch.randn(B, S, H, D, device=dev, generator=g).bfloat16().transpose(1, 2)
