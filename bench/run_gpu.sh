@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -22,7 +22,8 @@
 #          with CUDA graphs), 2 + 18 steps, the fp32 reference of each one's parameters at
 #          every step 1-20. ~4 min (session 27). VARIANTS=eager,lorafuse:fp8lean: fp8cg without
 #          the weight copies, with the loss pass and drop_logits (issue 5, default budget);
-#          lorafuse:fp8leantk: fp8lean with the loss op's Triton rows (LORAFUSE_LOSS_IMPL=triton).
+#          lorafuse:fp8leantk: the same with the loss op's Triton rows (the default since
+#          session 31; fp8lean pins LORAFUSE_LOSS_IMPL=torch).
 #   fp8bar 8B bf16, issue 3's whole bar in ONE run: eager, lorafuse:fp8cg, unsloth, inductor,
 #          2 + 18 steps, the fp32 reference of eager's and fp8cg's parameters at every step
 #          1-20 (speed against Unsloth and Inductor, and the loss against eager bf16's, from
@@ -31,6 +32,11 @@
 #          Session 30: 507 s to the reference on a fresh machine, which then needed ≈ 90 s
 #          (24 to load, 33 a variant) and was cut by the budget: run it right after an fp8
 #          command on the same (warm) machine.
+#   qwen3  Qwen3-8B's shape (bench_train --shape qwen3-8b: per-head q/k RMSNorms, 36 layers,
+#          vocab 151,936), bf16: lorafuse:cg (default passes, CUDA graphs) against
+#          lorafuse:cgnorm (+ the norm pass), Inductor and Unsloth, 2 + 8 steps, no
+#          reference. Not run yet: ~9 min by the 8B runs' compile times (estimate);
+#          VARIANTS=lorafuse:cg,lorafuse:cgnorm for the pass alone.
 #   memory 8B bf16, issue 5's 16.7 GiB bar: lorafuse:ck (checkpoint_layers, offloading, loss
 #          pass, drop_logits) and lorafuse:mem (loss pass, recompute_free, fp8 storage,
 #          offloading, drop_logits) beside Unsloth with its checkpointing, 2 + 6 steps, no
@@ -100,8 +106,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|fp8bar|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -184,6 +190,10 @@ CHECKPOINT_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkp
 CHECKPOINT0_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true}, "env": {"LORAFUSE_KEEP_RESIDUAL": "0"}}'
 CG_CONFIG='{"options": {"inductor": {"triton.cudagraphs": true}}}'
+# cg with the norm pass (qwen3 mode: Qwen3's per-head q/k norms, where the norm op alone
+# beat Inductor's 1.7-2.3 x on the GPU, session 31)
+CGNORM_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "norm"],
+  "inductor": {"triton.cudagraphs": true}}}'
 FP8_CONFIG='{"options": {"fp8_dx": true}}'
 # ck with offload_prefetch 2 (+4.8 % for QLoRA's qck in session 27; its peak at 16.7 GiB?)
 CHECKPOINTP2_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
@@ -341,6 +351,10 @@ case "$MODE_ONE" in
         run_train 8b_fp8bar --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:fp8cg --variants eager,lorafuse:fp8cg,unsloth,inductor \
             --lorafuse-config "fp8cg=$FP8CG_CONFIG" ;;
+    qwen3)
+        run_train qwen3_8b --shape qwen3-8b --warmup 2 --steps 8 --no-ref \
+            --variants lorafuse:cg,lorafuse:cgnorm,inductor,unsloth \
+            --lorafuse-config "cg=$CG_CONFIG" --lorafuse-config "cgnorm=$CGNORM_CONFIG" ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \

@@ -263,3 +263,17 @@ def test_summary_gives_the_ratio_to_unsloth_when_it_ran():
     assert len({l.count("|") for l in rows}) == 1, rows  # every row as wide as the header
     without = _render(["--no-ref"], [results[0], results[2]])
     assert "× unsloth" not in without
+
+
+def test_qwen3_shapes_build_qwen3_models_and_llama_shapes_stay_llama():
+    """--shape qwen3-*: a Qwen3 config (q/k norms on each head, head_dim = hidden / heads)
+    and class; the Llama shapes keep their config (the cached 8B model's meta compares it)."""
+    q = bt.parse_args(["--shape", "qwen3-tiny"])
+    cfg = bt.model_config(q)
+    assert cfg.model_type == "qwen3" and cfg.head_dim == 128 // 4
+    assert bt.model_class(q).__name__ == "Qwen3ForCausalLM"
+    assert bt.parse_args(["--shape", "qwen3-8b"]).ref is False  # 8B: the reference is asked for
+    llama = bt.parse_args(["--shape", "tiny"])
+    cfg = bt.model_config(llama)
+    assert cfg.model_type == "llama" and cfg.rms_norm_eps == 1e-5 and not cfg.use_cache
+    assert bt.model_class(llama).__name__ == "LlamaForCausalLM"
