@@ -527,6 +527,9 @@ def child_train(args, variant: str, res: dict) -> dict:
         res["graph_break_reasons"] = [one_line(k, 160) for k in list(counters["graph_break"])[:5]]
         if "lorafuse" in counters:
             res["lorafuse_counters"] = dict(counters["lorafuse"])
+        # graphs (or partitions) Inductor ran without the CUDA graphs asked for; the reasons
+        # are in the child's log ("skipping cudagraphs due to ...")
+        res["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
     if base == "lorafuse":
         res["kernel_choices"] = kernel_choices()
         log(f"{variant}: per-shape choices " + "; ".join(
@@ -1034,6 +1037,8 @@ def render(args, meta, results, ref) -> str:
         if r.get("lorafuse_counters"):
             note += "; lorafuse counters " + ", ".join(
                 f"{k} {v}" for k, v in sorted(r["lorafuse_counters"].items()))
+        if r.get("cudagraph_skips"):
+            note += f"; CUDA graphs skipped {r['cudagraph_skips']} time(s) (reasons in its log)"
         if r.get("graph_break_reasons"):
             note += "; first breaks: " + " // ".join(r["graph_break_reasons"][:2])
         notes.append(note)

@@ -44,7 +44,8 @@
 #          ck0, ck's plan before session 25 (LORAFUSE_KEEP_RESIDUAL=0), in one run.
 #          VARIANTS=lorafuse:ckfp8,lorafuse:ck,unsloth_gc: ck with fp8_dx and no weight
 #          copies (each weight cast every backward: the copies would not fit 16.7 GiB);
-#          lorafuse:ckp2: ck with offload_prefetch 2.
+#          lorafuse:ckp2: ck with offload_prefetch 2; lorafuse:ckfp8cg: ckfp8 under CUDA graphs
+#          (Inductor's graph partition around the offload/reload ops; not run yet).
 #   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
 #          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
 #          parameters at every step 1-20 (the loss at every step at least as close to fp32
@@ -202,6 +203,11 @@ CHECKPOINTP2_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "chec
 # not fit issue 5's 16.7 GiB)
 CKFP8_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false}}'
+# ckfp8 under CUDA graphs: the offload and reload ops are Inductor graph-partition
+# boundaries (cudagraph_unsafe, session 31), everything between them is replayed
+CKFP8CG_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
+  "inductor": {"triton.cudagraphs": true}}}'
 FP8CG_CONFIG='{"options": {"fp8_dx": true, "inductor": {"triton.cudagraphs": true}}}'
 # fp8cg for issue 5's default-budget bar (peak <= 30.6 GiB): no fp8 weight copies (6.5 GiB),
 # the loss pass and drop_logits (no tokens x vocab logits); the default memory budget.
@@ -359,12 +365,14 @@ case "$MODE_ONE" in
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" \
-            --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" ;;
+            --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" \
+            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8 \
+            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg \
             --variants eager,lorafuse:ck,lorafuse:mem --lorafuse-config "mem=$MEMORY_CONFIG" \
-            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" ;;
+            --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" \
+            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;

@@ -53,9 +53,10 @@ class Options:
     recompute_free: bool = False
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched in the backward (offload_prefetch)
-    # (partition.offload_saved, kernels/offload.py); opt-in.
-    # Inductor runs such graphs without CUDA graphs (they have CPU tensors), and without its
-    # reordering for peak memory (lorafuse_backend says why).
+    # (partition.offload_saved, kernels/offload.py); opt-in. Without its reordering for
+    # peak memory (lorafuse_backend says why). With ``inductor={"triton.cudagraphs": True}``
+    # the graph is split at the copies (Inductor's graph partition) and the parts between
+    # them run as CUDA graphs (not measured on the GPU yet); without it, no CUDA graphs.
     offload_activations: bool = False
     # with offload_activations: how many reloads ahead the backward starts each copy back
     # (1: the next one; 2 hides the copy behind more compute, for one more tensor on the GPU)
@@ -233,6 +234,13 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
         # (Only where the key exists: an unknown one would fail the compile and its fallback.)
         patches["reorder_for_peak_memory"] = False
     patches.update(opts.inductor)
+    if (opts.offload_activations and patches.get("triton.cudagraphs")
+            and hasattr(inductor_config, "graph_partition")
+            and "graph_partition" not in opts.inductor):
+        # CUDA graphs between the offload and reload ops (tagged cudagraph_unsafe,
+        # kernels/offload.py) instead of none for the graph's CPU tensors: Inductor's graph
+        # partition (on by default in torch 2.13), asked for where the key exists
+        patches["graph_partition"] = True
     # the user's own post-grad pass (from the options or set globally) still runs, first
     theirs = patches.get("post_grad_custom_post_pass",
                          getattr(inductor_config, "post_grad_custom_post_pass", None))

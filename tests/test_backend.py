@@ -195,6 +195,28 @@ def test_offloading_turns_off_inductors_peak_memory_reordering(fresh_dynamo, spy
     assert patches and all(p.get("reorder_for_peak_memory") == want for p in patches), patches
 
 
+@pytest.mark.parametrize("options,want", [
+    ({"offload_activations": True}, None),
+    ({"inductor": {"triton.cudagraphs": True}}, None),
+    ({"offload_activations": True, "inductor": {"triton.cudagraphs": True}}, True),
+    ({"offload_activations": True, "inductor": {"triton.cudagraphs": True,
+                                                "graph_partition": False}}, False),
+])
+def test_offloading_under_cuda_graphs_asks_for_inductors_graph_partition(
+        fresh_dynamo, spy_compile_fx, options, want):
+    """Offloading under CUDA graphs: the backend asks for Inductor's graph partition (the
+    offload and reload ops are its cudagraph_unsafe boundaries), unless the user's Inductor
+    options set it; nothing otherwise. The compiled model still matches eager."""
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config, "graph_partition"):
+        pytest.skip("this torch's Inductor has no graph_partition")
+    assert_matches_eager(lambda m: torch.compile(
+        m, backend=lorafuse.backend(**options, strict=True)))
+    patches = spy_compile_fx.patches
+    assert patches and all(p.get("graph_partition") == want for p in patches), patches
+
+
 def test_offloading_without_the_reordering_key_still_compiles(fresh_dynamo, monkeypatch,
                                                               spy_compile_fx):
     """A torch whose Inductor has no reorder_for_peak_memory: the backend does not patch an

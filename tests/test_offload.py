@@ -55,6 +55,11 @@ def runs():
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
             out = {"plain": _train(copy.deepcopy(base)),
+                   # under CUDA graphs the backend asks for Inductor's graph partition (on
+                   # CPU nothing is graphed, but the partitioned code runs); before
+                   # "offload", whose graphs the spy keeps
+                   "offload_cg": _train(copy.deepcopy(base), offload_activations=True,
+                                        inductor={"triton.cudagraphs": True}),
                    "offload": _train(copy.deepcopy(base), offload_activations=True,
                                      offload_prefetch=PREFETCH)}
     finally:
@@ -69,11 +74,12 @@ def _calls(gm, name):
 
 
 @pytest.mark.slow
-def test_losses_and_lora_grads_equal_no_offload(runs):
+@pytest.mark.parametrize("run", ["offload", "offload_cg"])
+def test_losses_and_lora_grads_equal_no_offload(runs, run):
     # The values are only moved, but a tensor offloaded through a permutation (attention's
     # (B, H, S, D) views) comes back in its traced layout, and Inductor's kernels around it
     # may then sum in another order: equal to fp32 rounding, not always bitwise.
-    got, want = runs["offload"], runs["plain"]
+    got, want = runs[run], runs["plain"]
     for step in range(STEPS):
         torch.testing.assert_close(got["losses"][step], want["losses"][step], rtol=1e-6, atol=0)
         assert got["grads"][step].keys() == want["grads"][step].keys()
@@ -145,6 +151,20 @@ def test_ops_copy_values_and_pass_opcheck():
     assert torch.equal(back, x) and back.data_ptr() != cpu.data_ptr()
     torch.library.opcheck(torch.ops.lorafuse.offload.default, (x,))
     torch.library.opcheck(torch.ops.lorafuse.reload.default, (cpu, torch.device("cpu"), [x]))
+
+
+def test_offload_and_reload_are_cuda_graph_partition_boundaries():
+    """Both ops, and the runtime twins Inductor compiles (kernels/_ops.py), carry
+    ``cudagraph_unsafe``: under ``triton.cudagraphs`` Inductor's graph partition runs them
+    between CUDA graphs, with their per-call host work (events, prefetches), not inside a
+    replay that would skip it. Other ops are not tagged (they run inside the graphs)."""
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    for ns in ("lorafuse", "lorafuse_rt"):
+        for name in ("offload", "reload"):
+            assert unsafe in getattr(getattr(torch.ops, ns), name).default.tags, (ns, name)
+        assert unsafe not in getattr(torch.ops, ns).lora_linear.default.tags
 
 
 def test_prefetch_option_checked():

@@ -32,17 +32,18 @@ _lib = torch.library.Library(TWIN_NAMESPACE, "DEF")
 _twin_names: set = set()
 
 
-def lorafuse_op(qualname: str) -> Callable:
-    """``torch.library.custom_op(qualname, mutates_args=())``, and its runtime twin. Every
+def lorafuse_op(qualname: str, tags: tuple = ()) -> Callable:
+    """``torch.library.custom_op(qualname, mutates_args=(), tags=tags)``, and its runtime
+    twin with the same tags (Inductor reads them after the twins replaced the ops). Every
     lorafuse op is functional: it writes only tensors it allocates."""
     namespace, name = qualname.split("::")
     if namespace != NAMESPACE:
         raise ValueError(f"lorafuse_op: {qualname!r} is not in the {NAMESPACE!r} namespace")
 
     def register(fn):
-        op = torch.library.custom_op(qualname, mutates_args=())(fn)
+        op = torch.library.custom_op(qualname, mutates_args=(), tags=tags or None)(fn)
         schema = str(getattr(torch.ops.lorafuse, name).default._schema)
-        _lib.define(schema.split("::", 1)[1])
+        _lib.define(schema.split("::", 1)[1], tags=tags)
         # every device, as custom_op registers its default; meta tensors take the fake
         _lib.impl(name, fn, "CompositeExplicitAutograd")
 

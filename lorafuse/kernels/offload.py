@@ -282,7 +282,15 @@ def _reload_cuda(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Te
     return gpu
 
 
-@lorafuse_op("lorafuse::offload")
+# Both ops run host-side logic every call (events, waits, the prefetch table, pinned
+# buffers made per step), which a CUDA graph replay would skip. Tagged cudagraph_unsafe,
+# they are where Inductor's graph partition (``graph_partition``, which backend.py turns on
+# for offloading under ``"triton.cudagraphs"``) splits the graph: they run between CUDA
+# graphs, and the rest is replayed from them.
+_GRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@lorafuse_op("lorafuse::offload", tags=_GRAPH_UNSAFE)
 def offload_op(x: Tensor) -> Tensor:
     """A CPU copy of ``x`` (pinned, filled on a side stream when x is on CUDA)."""
     if x.is_cuda:
@@ -298,7 +306,7 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device="cpu")
 
 
-@lorafuse_op("lorafuse::reload")
+@lorafuse_op("lorafuse::reload", tags=_GRAPH_UNSAFE)
 def reload_op(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Tensor:
     """``x`` (an ``offload`` output) back on ``device``, and the copies of ``next_cpus``
     (the next ones the backward needs) started where no earlier reload started them."""
