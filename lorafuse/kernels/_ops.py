@@ -41,7 +41,9 @@ def lorafuse_op(qualname: str, tags: tuple = ()) -> Callable:
         raise ValueError(f"lorafuse_op: {qualname!r} is not in the {NAMESPACE!r} namespace")
 
     def register(fn):
-        op = torch.library.custom_op(qualname, mutates_args=(), tags=tags or None)(fn)
+        # tags only where there are some: every other op registers as it always did
+        op = torch.library.custom_op(qualname, mutates_args=(),
+                                     **({"tags": tags} if tags else {}))(fn)
         schema = str(getattr(torch.ops.lorafuse, name).default._schema)
         _lib.define(schema.split("::", 1)[1], tags=tags)
         # every device, as custom_op registers its default; meta tensors take the fake
