@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         row = dict(shape=f"{N}x{H}, V {V}" + (f", softcap {args.softcap}" if args.softcap
                                              else ""), variant=name, **res)
         rows.append(row)
-        log(json.dumps({k: v for k, v in row.items()}))
+        log(json.dumps(row))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print(table(rows))

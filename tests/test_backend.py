@@ -206,11 +206,8 @@ def test_offloading_under_cuda_graphs_asks_for_inductors_graph_partition(
         fresh_dynamo, spy_compile_fx, options, want):
     """Offloading under CUDA graphs: the backend asks for Inductor's graph partition (the
     offload and reload ops are its cudagraph_unsafe boundaries), unless the user's Inductor
-    options set it; nothing otherwise. The compiled model still matches eager."""
-    from torch._inductor import config as inductor_config
-
-    if not hasattr(inductor_config, "graph_partition"):
-        pytest.skip("this torch's Inductor has no graph_partition")
+    options set it; nothing otherwise. The compiled model still matches eager. (An
+    Inductor without the key: the next test.)"""
     assert_matches_eager(lambda m: torch.compile(
         m, backend=lorafuse.backend(**options, strict=True)))
     patches = spy_compile_fx.patches
@@ -219,16 +216,21 @@ def test_offloading_under_cuda_graphs_asks_for_inductors_graph_partition(
 
 def test_offloading_without_the_reordering_key_still_compiles(fresh_dynamo, monkeypatch,
                                                               spy_compile_fx):
-    """A torch whose Inductor has no reorder_for_peak_memory: the backend does not patch an
-    unknown key (which would fail the compile and its plain-Inductor fallback)."""
+    """A torch whose Inductor has neither reorder_for_peak_memory nor graph_partition: the
+    backend patches neither unknown key (which would fail the compile and its plain-Inductor
+    fallback), CUDA graphs asked for or not."""
     import types
 
     monkeypatch.setattr(backend_module, "inductor_config", types.SimpleNamespace())
-    assert_matches_eager(lambda m: torch.compile(
-        m, backend=lorafuse.backend(offload_activations=True, strict=True)))
-    assert counters["lorafuse"]["lora"] == Tiny.SITES
-    patches = spy_compile_fx.patches
-    assert patches and not any("reorder_for_peak_memory" in p for p in patches), patches
+    for inductor in ({}, {"triton.cudagraphs": True}):
+        assert_matches_eager(lambda m: torch.compile(m, backend=lorafuse.backend(
+            offload_activations=True, inductor=inductor, strict=True)))
+        assert counters["lorafuse"]["lora"] == Tiny.SITES
+        patches = spy_compile_fx.patches
+        assert patches and not any("reorder_for_peak_memory" in p or "graph_partition" in p
+                                   for p in patches), patches
+        patches.clear()
+        counters.clear()
 
 
 # --------------------------------------------------------------------------- fallbacks

@@ -159,8 +159,9 @@ def test_offload_and_reload_are_cuda_graph_partition_boundaries():
     between CUDA graphs, with their per-call host work (events, prefetches), not inside a
     replay that would skip it. Other ops are not tagged (they run inside the graphs)."""
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
-    if unsafe is None:
-        pytest.skip("this torch has no cudagraph_unsafe tag")
+    if unsafe is None:  # an older torch: nothing to tag with, and nothing tagged
+        assert offload._GRAPH_UNSAFE == ()
+        return
     for ns in ("lorafuse", "lorafuse_rt"):
         for name in ("offload", "reload"):
             assert unsafe in getattr(getattr(torch.ops, ns), name).default.tags, (ns, name)
