@@ -2,7 +2,7 @@
 # The one script for a GPU run of lorafuse (see bench/README.md for what each mode does and
 # how long it takes):
 #
-#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
+#   bash bench/run_gpu.sh [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|rope|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]
 #   (default: quick)
 #
 # Several modes separated by commas run in that order in one call (e.g. "ops,8b").
@@ -107,8 +107,8 @@
 set -u
 MODE=${1:-quick}
 for m in ${MODE//,/ }; do
-    case "$m" in quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
-        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
+    case "$m" in quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|rope|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer) ;;
+        *) echo "usage: $0 [quick|1b|8b|fp8|fp8ref|fp8bar|qwen3|rope|memory|memref|qcg|qmem|qref|context|ops|full|smoke|tests|trainer][,MODE...]" >&2
            exit 2;; esac
 done
 cd "$(dirname "$0")/.."
@@ -219,6 +219,11 @@ FP8LEAN_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention",
   "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
   "inductor": {"triton.cudagraphs": true}}, "env": {"LORAFUSE_LOSS_IMPL": "torch"}}'
 FP8LEANTK_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "loss"],
+  "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
+  "inductor": {"triton.cudagraphs": true}}}'
+# fp8leantk with the rope pass (rope mode, session 32: the op alone was 2.1 x Inductor on
+# the GPU with q/k laid out as the model's attention gives them)
+FP8LEANROPE_CONFIG='{"options": {"passes": ["lora", "attention", "masked_attention", "loss", "rope"],
   "fp8_dx": true, "fp8_copies": false, "drop_logits": true,
   "inductor": {"triton.cudagraphs": true}}}'
 QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
@@ -361,6 +366,10 @@ case "$MODE_ONE" in
         run_train qwen3_8b --shape qwen3-8b --warmup 2 --steps 8 --no-ref \
             --variants lorafuse:cg,lorafuse:cgnorm,inductor,unsloth \
             --lorafuse-config "cg=$CG_CONFIG" --lorafuse-config "cgnorm=$CGNORM_CONFIG" ;;
+    rope)
+        run_train 8b_rope --shape 8b --warmup 2 --steps 8 --no-ref \
+            --variants lorafuse:fp8leantk,lorafuse:fp8leanrope \
+            --lorafuse-config "fp8leantk=$FP8LEANTK_CONFIG" --lorafuse-config "fp8leanrope=$FP8LEANROPE_CONFIG" ;;
     memory)
         run_train 8b_memory --shape 8b --warmup 2 --steps 6 --no-ref \
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
