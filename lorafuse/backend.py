@@ -103,7 +103,7 @@ class Options:
             value = getattr(opts, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"lorafuse: {name} takes a positive int, got {value!r}")
-        opts.passes = tuple(opts.passes)
+        opts.passes = tuple(dict.fromkeys(opts.passes))  # each once, in the order given
         bad = [p for p in opts.passes if p not in PASSES]
         if bad:
             raise ValueError(f"lorafuse: unknown pass(es) {bad}; available: {list(PASSES)}")
@@ -237,10 +237,13 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     if (opts.offload_activations and patches.get("triton.cudagraphs")
             and hasattr(inductor_config, "graph_partition")
             and "graph_partition" not in opts.inductor):
-        # CUDA graphs between the offload and reload ops (tagged cudagraph_unsafe,
-        # kernels/offload.py) instead of none for the graph's CPU tensors: Inductor's graph
-        # partition (on by default in torch 2.13), asked for where the key exists
-        patches["graph_partition"] = True
+        # Inductor's graph partition (on by default in torch 2.13) would replay the parts
+        # between the offload and reload ops (tagged cudagraph_unsafe, kernels/offload.py)
+        # from CUDA graphs. Measured slower and larger: the 8B checkpointed fp8 step at
+        # 6,737 tok/s and 21.6 GiB with it, 12,208 tok/s and 16.3 GiB without (bench/
+        # RESULTS.md, session 32). Off, Inductor runs a graph that holds CPU tensors without
+        # CUDA graphs. The user's own setting wins (the tags keep that path correct).
+        patches["graph_partition"] = False
     # the user's own post-grad pass (from the options or set globally) still runs, first
     theirs = patches.get("post_grad_custom_post_pass",
                          getattr(inductor_config, "post_grad_custom_post_pass", None))

@@ -198,16 +198,17 @@ def test_offloading_turns_off_inductors_peak_memory_reordering(fresh_dynamo, spy
 @pytest.mark.parametrize("options,want", [
     ({"offload_activations": True}, None),
     ({"inductor": {"triton.cudagraphs": True}}, None),
-    ({"offload_activations": True, "inductor": {"triton.cudagraphs": True}}, True),
+    ({"offload_activations": True, "inductor": {"triton.cudagraphs": True}}, False),
     ({"offload_activations": True, "inductor": {"triton.cudagraphs": True,
-                                                "graph_partition": False}}, False),
+                                                "graph_partition": True}}, True),
 ])
-def test_offloading_under_cuda_graphs_asks_for_inductors_graph_partition(
+def test_offloading_under_cuda_graphs_turns_inductors_graph_partition_off(
         fresh_dynamo, spy_compile_fx, options, want):
-    """Offloading under CUDA graphs: the backend asks for Inductor's graph partition (the
-    offload and reload ops are its cudagraph_unsafe boundaries), unless the user's Inductor
-    options set it; nothing otherwise. The compiled model still matches eager. (An
-    Inductor without the key: the next test.)"""
+    """Offloading under CUDA graphs: the backend turns Inductor's graph partition off (on
+    the GPU the partitioned step was 1.8 x slower and 5 GiB larger, session 32), unless the
+    user's Inductor options set it (then the offload and reload ops are its
+    cudagraph_unsafe boundaries); nothing otherwise. The compiled model still matches
+    eager either way. (An Inductor without the key: the next test.)"""
     assert_matches_eager(lambda m: torch.compile(
         m, backend=lorafuse.backend(**options, strict=True)))
     patches = spy_compile_fx.patches

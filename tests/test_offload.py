@@ -55,11 +55,12 @@ def runs():
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
             out = {"plain": _train(copy.deepcopy(base)),
-                   # under CUDA graphs the backend asks for Inductor's graph partition (on
-                   # CPU nothing is graphed, but the partitioned code runs); before
-                   # "offload", whose graphs the spy keeps
+                   # under CUDA graphs with Inductor's graph partition asked for (the
+                   # backend's default turns it off; on CPU nothing is graphed, but the
+                   # partitioned code runs); before "offload", whose graphs the spy keeps
                    "offload_cg": _train(copy.deepcopy(base), offload_activations=True,
-                                        inductor={"triton.cudagraphs": True}),
+                                        inductor={"triton.cudagraphs": True,
+                                                  "graph_partition": True}),
                    "offload": _train(copy.deepcopy(base), offload_activations=True,
                                      offload_prefetch=PREFETCH)}
     finally:

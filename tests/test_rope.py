@@ -510,8 +510,8 @@ def test_model_losses_and_grads_match_eager(arch):
 
 
 def test_after_the_attention_pass():
-    """With the default passes first (what a user adds the two passes to): the attention
-    pass's SDPA reads the rope op's outputs; one step matches eager."""
+    """The default passes (rope among them) and gated_mlp: the attention pass's SDPA reads
+    the rope op's outputs; one step matches eager."""
     from conftest import make_tiny_model, reset_dynamo
 
     from lorafuse.passes import DEFAULT_PASSES
@@ -519,7 +519,8 @@ def test_after_the_attention_pass():
     reset_dynamo()
     model = make_tiny_model("llama", layers=LAYERS)
     reports = []
-    passes = DEFAULT_PASSES + ("rope", "gated_mlp")
+    assert "rope" in DEFAULT_PASSES  # measured faster in a whole 8B step (session 32)
+    passes = DEFAULT_PASSES + ("gated_mlp",)
     record = side_by_side(model, torch.compile(model, backend=passes_only_backend(passes, reports)),
                           steps=1)
     reset_dynamo()

@@ -284,9 +284,9 @@ def _reload_cuda(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Te
 
 # Both ops run host-side logic every call (events, waits, the prefetch table, pinned
 # buffers made per step), which a CUDA graph replay would skip. Tagged cudagraph_unsafe,
-# they are where Inductor's graph partition (``graph_partition``, which backend.py turns on
-# for offloading under ``"triton.cudagraphs"``) splits the graph: they run between CUDA
-# graphs, and the rest is replayed from them.
+# they are where Inductor's graph partition (``graph_partition``, when the user asks for it:
+# backend.py turns it off under offloading, measured slower) splits the graph: they run
+# between CUDA graphs, and the rest is replayed from them.
 _GRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
 
 

