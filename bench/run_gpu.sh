@@ -203,6 +203,13 @@ CHECKPOINTP2_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "chec
 # not fit issue 5's 16.7 GiB)
 CKFP8_CONFIG='{"options": {"passes": ["lora", "attention", "loss"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false}}'
+# ckfp8 with the rope pass (a default since session 32; ckfp8 lists its passes), and that
+# with offload_prefetch 2: the next measurements toward issue 5's 16.7 GiB bar
+CKFP8R_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false}}'
+CKFP8R2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
+  "offload_prefetch": 2}}'
 # ckfp8 under CUDA graphs: the offload and reload ops are Inductor graph-partition
 # boundaries (cudagraph_unsafe, session 31), everything between them is replayed; session 32:
 # 6,737 tok/s at 21.6 GiB against ckfp8's 12,208 at 16.3, so the backend now turns the
@@ -377,13 +384,15 @@ case "$MODE_ONE" in
             --variants lorafuse:ck,lorafuse:mem,unsloth_gc --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" \
             --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" \
-            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" ;;
+            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
+            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg \
+            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2 \
             --variants eager,lorafuse:ck,lorafuse:mem --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" \
-            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" ;;
+            --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
+            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;

@@ -410,6 +410,24 @@ def test_one_step_fit_runs_decide_by_their_peak_with_no_tok_s(tmp_path):
         bc.parse_args(["--steps", "0"])  # a table run is tokens/s: it needs a timed step
 
 
+def test_fit_steps_of_one_variant(tmp_path):
+    """--fit-steps-of VARIANT=N: that variant's search runs take N timed steps, the others
+    --fit-steps (Unsloth's 256K peak comes in its second step); a variant not run, or a
+    value that is not a count, is refused."""
+    fake = FakeRuns()
+    d, opts, state = driver(tmp_path, fake, "--fit-steps", "0", "--fit-steps-of",
+                            "unsloth_gc=1", "--seqs", "2048")
+    d.go()
+    steps = {(r["variant"], r["steps"]) for r in state["runs"] if r["kind"] != "table"}
+    assert steps == {("eager", 0), ("lorafuse:b0", 0), ("unsloth_gc", 1)}, steps
+    for v in FAKE:
+        assert bc.search_for(state, v, 80.0, opts).lo == expected(v, 80)
+    for bad in (["--fit-steps-of", "liger=1"], ["--fit-steps-of", "unsloth_gc"],
+                ["--fit-steps-of", "unsloth_gc=-1"]):
+        with pytest.raises(SystemExit):
+            bc.parse_args(["--variants", "eager,unsloth_gc", *bad])
+
+
 def test_the_parent_takes_a_result_without_waiting_for_the_childs_exit(tmp_path):
     """A child that has written its result but is slow to exit (pinned memory being freed)
     is not waited for: the result counts, not as a timeout. A child that writes nothing
