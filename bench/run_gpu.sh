@@ -210,6 +210,11 @@ CKFP8R_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "ch
 CKFP8R2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
   "offload_prefetch": 2}}'
+# ckfp8r with the recomputed gate/up and o GEMMs in fp8 (fp8_recompute, session 32; not
+# measured yet)
+CKFP8RR_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
+  "fp8_recompute": true}}'
 # ckfp8 under CUDA graphs: the offload and reload ops are Inductor graph-partition
 # boundaries (cudagraph_unsafe, session 31), everything between them is replayed; session 32:
 # 6,737 tok/s at 21.6 GiB against ckfp8's 12,208 at 16.3, so the backend now turns the
@@ -385,14 +390,14 @@ case "$MODE_ONE" in
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ck0=$CHECKPOINT0_CONFIG" \
             --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" \
             --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
-            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" ;;
+            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" --lorafuse-config "ckfp8rr=$CKFP8RR_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2 \
+            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2,lorafuse:ckfp8rr \
             --variants eager,lorafuse:ck,lorafuse:mem --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" \
             --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
-            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" ;;
+            --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" --lorafuse-config "ckfp8rr=$CKFP8RR_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;

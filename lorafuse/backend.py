@@ -54,9 +54,9 @@ class Options:
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched in the backward (offload_prefetch)
     # (partition.offload_saved, kernels/offload.py); opt-in. Without its reordering for
-    # peak memory (lorafuse_backend says why). With ``inductor={"triton.cudagraphs": True}``
-    # the graph is split at the copies (Inductor's graph partition) and the parts between
-    # them run as CUDA graphs (not measured on the GPU yet); without it, no CUDA graphs.
+    # peak memory (lorafuse_backend says why), and without CUDA graphs: under
+    # ``"triton.cudagraphs"`` Inductor's graph partition is turned off for it (measured
+    # slower, session 32) unless ``inductor`` sets it.
     offload_activations: bool = False
     # with offload_activations: how many reloads ahead the backward starts each copy back
     # (1: the next one; 2 hides the copy behind more compute, for one more tensor on the GPU)
@@ -81,6 +81,12 @@ class Options:
     # instead (≈ 3 bytes of traffic an element) and keeps only its scales: for
     # configurations short of memory (with checkpoint_layers: 1.04 × faster, session 29)
     fp8_copies: bool = True
+    # where the backward recomputes a LoRA linear whose outputs reach no attention op
+    # (checkpoint_layers: gate/up), its base GEMM in fp8 (e4m3, per-token and per-output-
+    # feature power-of-two scales, fp32 accumulation: kernels/fp8_recompute.py); changes
+    # the gradients (as fp8_dx), never the forward; bf16 on sm90+ GPUs (elsewhere exact);
+    # opt-in, not measured on the GPU yet
+    fp8_recompute: bool = False
     # with the tiled_mlp pass: the tokens of one chunk (passes/tiled_mlp.py)
     tiled_mlp_tokens: int = 8192
 
@@ -115,6 +121,9 @@ class Options:
         if opts.fp8_dx and "lora" not in opts.passes:
             warnings.warn("lorafuse: fp8_dx applies to the lora pass's ops; without that pass "
                           "it changes nothing", stacklevel=3)
+        if opts.fp8_recompute and "lora" not in opts.passes:
+            warnings.warn("lorafuse: fp8_recompute applies to the lora pass's ops; without "
+                          "that pass it changes nothing", stacklevel=3)
         if opts.drop_logits and "loss" not in opts.passes:
             warnings.warn("lorafuse: drop_logits needs the loss pass (passes=(..., \"loss\")); "
                           "without it the logits are returned as usual", stacklevel=3)

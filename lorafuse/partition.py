@@ -128,6 +128,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         self._offload = bool(options.get("offload_activations", False))
         self._prefetch = int(options.get("offload_prefetch", 1))
         self._checkpoint = options.get("checkpoint_layers", False)  # False, True or "full"
+        self._fp8_recompute = bool(options.get("fp8_recompute", False))
         self._report = report
 
     def __call__(self, gm, joint_inputs, **kwargs):
@@ -167,6 +168,12 @@ class LorafusePartitioner(CustomPartitionerFn):
         except Exception as e:  # an optimisation: never the reason a compile fails
             warn_once(f"lorafuse: recomputed LoRA linears left whole ({type(e).__name__}: {e})")
             lowrank_only = 0
+        fp8_recomputed = 0
+        if self._fp8_recompute:
+            try:
+                fp8_recomputed = fp8_recomputes(bwd)
+            except Exception as e:  # an optimisation: never the reason a compile fails
+                warn_once(f"lorafuse: fp8_recompute not applied ({type(e).__name__}: {e})")
         quantized = None
         if self._storage_dtype is not None:
             quantized = quantize_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
@@ -176,7 +183,8 @@ class LorafusePartitioner(CustomPartitionerFn):
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
                                       self._prefetch)
             warn_if_host_short(offloaded["bytes"])
-        self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed, lowrank_only)
+        self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed, lowrank_only,
+                     fp8_recomputed)
         return fwd, bwd
 
     def _budgeted(self, gm, joint_inputs, kwargs, budget, budget_text):
@@ -268,12 +276,13 @@ class LorafusePartitioner(CustomPartitionerFn):
         return fwd, bwd, plan
 
     def _record(self, fwd, bwd, inputs, plan=None, quantized=None, offloaded=None,
-                checkpointed=None, lowrank_only=0):
+                checkpointed=None, lowrank_only=0, fp8_recomputed=0):
         if self._report is None:
             return
         try:
             self._record_into(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed)
             self._report.lowrank_only = lowrank_only
+            self._report.fp8_recomputed = fp8_recomputed
         except Exception as e:  # the report must never cost the user their compile
             self._report.budget_note = f"memory plan not recorded ({type(e).__name__}: {e})"
 
@@ -960,6 +969,80 @@ def lowrank_only_recomputes(bwd) -> int:
         bwd.graph.lint()
         bwd.recompile()
         counters["lorafuse"]["recompute_h_only"] += count  # beside the passes' counters
+    return count
+
+
+# lorafuse's attention ops, forward and backward (kernels/attention.py, flash_attention.py)
+_ATTENTION_OPS = ("flash_attention", "sdpa_causal_ranges_or_masked", "eager_ranges_or_chain")
+_SEARCH_LIMIT = 400  # nodes visited from one recompute before giving up (left exact)
+
+
+def _is_attention_call(node) -> bool:
+    if node.op != "call_function":
+        return False
+    namespace = getattr(node.target, "namespace", None)
+    name = str(node.target).split(".")[1] if namespace else ""
+    return (namespace == "aten" and "attention" in name) or \
+        (namespace == "lorafuse" and name.startswith(_ATTENTION_OPS))
+
+
+def _is_lora_call(node) -> bool:
+    return (node.op == "call_function" and getattr(node.target, "namespace", None) == "lorafuse"
+            and str(node.target).split(".")[1].startswith(("lora_linear", "nf4_linear")))
+
+
+def _reaches_attention(node) -> bool | None:
+    """Whether ``node``'s value flows into an attention op before the next LoRA op (which
+    ends the search: another site, or a backward op); None where the search is too long
+    to say."""
+    seen, todo = {node}, list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > _SEARCH_LIMIT:
+            return None
+        if _is_attention_call(n):
+            return True
+        if not _is_lora_call(n):
+            todo.extend(n.users)
+    return False
+
+
+def fp8_recomputes(bwd) -> int:
+    """The ``fp8_recompute`` option: where the backward recomputes a LoRA linear
+    (``lora_linear``, ``lora_linear_group``; ``checkpoint_layers``, a memory budget) whose
+    outputs reach no attention op, call its twin with the base GEMM in e4m3
+    (kernels/fp8_recompute.py): the gate/up (and the recomputed attention output
+    projection's) GEMMs, not q, k and v. Returns how many calls were replaced (also
+    ``counters["lorafuse"]["recompute_fp8"]``)."""
+    from .kernels import fp8_recompute  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.lorafuse
+    twins = {ops.lora_linear.default: ops.lora_linear_fp8.default,
+             ops.lora_linear_group.default: ops.lora_linear_group_fp8.default}
+    count = 0
+    for node in list(bwd.graph.nodes):
+        twin = twins.get(node.target) if node.op == "call_function" else None
+        if twin is None or _reaches_attention(node) is not False:
+            continue
+        names = [a.name for a in twin._schema.arguments]
+        args = tuple(_arg(node, name) for name in names)
+        with bwd.graph.inserting_before(node):
+            new = bwd.graph.call_function(twin, args)
+        # the same outputs (val) and layer (module path); not the old op's input values
+        # (Inductor normalises them against the new op's schema, which has fewer arguments)
+        new.meta.update({k: v for k, v in node.meta.items() if k != "eager_input_vals"})
+        node.replace_all_uses_with(new)
+        name = node.name
+        bwd.graph.erase_node(node)
+        new._rename(name)  # the report counts recomputed forward ops by name
+        count += 1
+    if count:
+        bwd.graph.lint()
+        bwd.recompile()
+        counters["lorafuse"]["recompute_fp8"] += count
     return count
 
 

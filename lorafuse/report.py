@@ -46,6 +46,7 @@ class GraphReport:
     checkpoint_note: str | None = None  # why checkpoint_layers was not applied, if it was not
     kept_residuals: int = 0  # post-attention residuals kept, not recomputed (with offloading)
     lowrank_only: int | None = None  # recomputed LoRA linears reduced to their x' Aᵀ
+    fp8_recomputed: int | None = None  # recomputed LoRA linears with an e4m3 base GEMM
     fell_back: str | None = None  # why the rewritten graph was not used, if it was not
 
     def _per_token(self) -> list:
@@ -110,6 +111,9 @@ class GraphReport:
             if self.lowrank_only:
                 lines.append(f"    recomputed LoRA linears reduced to their adapter's x' Aᵀ: "
                              f"{self.lowrank_only} (the backward does not read their output)")
+            if self.fp8_recomputed:
+                lines.append(f"    fp8_recompute: {self.fp8_recomputed} recomputed LoRA linears "
+                             "with their base GEMM in e4m3 (their outputs reach no attention)")
             if self.recompute_free_bytes:
                 lines.append(f"    recompute_free: {_size(self.recompute_free_bytes)} fewer "
                              "activation bytes kept (cheap ops redone in the backward from "

@@ -122,6 +122,8 @@ def test_unknown_option_is_a_clear_error():
         lorafuse.Options.parse({"passes": ["lora", "nope"]})
     assert lorafuse.Options.parse(None).passes == lorafuse.passes.DEFAULT_PASSES
     assert lorafuse.Options.parse({"passes": ["lora"]}).passes == ("lora",)  # list → tuple
+    # a pass named twice (the defaults plus one of them again) runs once, in first place
+    assert lorafuse.Options.parse({"passes": ["lora", "rope", "lora"]}).passes == ("lora", "rope")
 
 
 def test_unknown_option_through_torch_compile(fresh_dynamo):

@@ -1,0 +1,184 @@
+"""The ``fp8_recompute`` option: a recomputed LoRA linear's base GEMM in e4m3
+(kernels/fp8_recompute.py, partition.fp8_recomputes).
+
+What correct means for a rewrite that changes the numbers on purpose (as ``fp8_dx``):
+- the ops equal their plain-PyTorch oracle (e4m3 operands, fp32 product) up to the
+  output's roundings, h equals the exact op's bitwise, and against the exact op the error
+  stays within the bound test_fp8_dx.py states (relative norm ≤ 8 %, cosine ≥ 0.995);
+- where fp8 cannot run (fp32, sizes not multiples of 16, an earlier failure) the outputs
+  are the exact op's;
+- in a whole model with checkpoint_layers: the losses of step 1 equal those without the
+  option (the forward is untouched), the gate/up and output-projection recomputes are
+  replaced and q/k/v's are not (their outputs reach attention), and the LoRA gradients
+  change within the bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import lora_params, make_tiny_model, reset_dynamo
+from lorafuse.kernels import fp8_dx as fp8
+from lorafuse.kernels import fp8_recompute as fr
+from lorafuse.kernels._dispatch import warned
+from lorafuse.kernels.lora import lora_linear_op
+from lorafuse.kernels.lora_group import lora_linear_group_op
+
+BF16 = torch.bfloat16
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def cos(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
+                                                 dim=0).item()
+
+
+def _group(m, k, ns, r, seed, dtype=BF16, bias=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rn(2, m // 2, k)
+    ws = [rn(n, k, scale=k ** -0.5) for n in ns]
+    bs = [rn(n) if bias else None for n in ns]
+    As = [rn(r, k, scale=k ** -0.5) for _ in ns]
+    Bs = [rn(n, r) for n in ns]  # not zero: the low-rank term is part of y
+    scales = [0.5 + i for i in range(len(ns))]
+    return x, ws, bs, As, Bs, scales
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.sampled_from([16, 32, 64]), k=st.sampled_from([32, 64, 96]),
+       ns=st.lists(st.sampled_from([16, 48, 80]), min_size=1, max_size=3),
+       r=st.integers(1, 8), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_group_op_equals_its_oracle_and_stays_near_exact(m, k, ns, r, bias, seed):
+    x, ws, bs, As, Bs, scales = _group(m, k, ns, r, seed, bias=bias)
+    got = fr.lora_linear_group_fp8_op(x, ws, bs, As, Bs, scales)
+    exact = lora_linear_group_op(x, ws, bs, As, Bs, scales)
+    assert torch.equal(got[-1], exact[-1])  # h: as the exact op computes it
+    x2 = x.reshape(-1, k)
+    h = exact[-1].reshape(-1, sum(r for _ in ns)).float()
+    for i, (y, ye, w) in enumerate(zip(got[:-1], exact[:-1], ws)):
+        assert y.shape == ye.shape and y.dtype == BF16 and y.is_contiguous()
+        hi = h[:, i * r:(i + 1) * r]
+        oracle = fr.fp8_linear_reference(x2, w) + hi @ Bs[i].float().t() * scales[i]
+        if bs[i] is not None:
+            oracle = oracle + bs[i].float()
+        # three roundings to bf16 (the GEMM's, the tail's, the bias's) against none
+        assert rel(y.reshape(-1, w.shape[0]), oracle) <= 3 * 2 ** -8, i
+        assert rel(y, ye) <= 0.08 and cos(y, ye) >= 0.995, (i, rel(y, ye))
+
+
+def test_single_op_with_dropout_input():
+    """``lora_linear``'s twin: y near the exact op's, h from x_lora bitwise."""
+    x, ws, bs, As, Bs, scales = _group(32, 64, [48], 4, seed=1, bias=True)
+    x_lora = x * 0.5  # a dropout's output stands in
+    y, h = fr.lora_linear_fp8_op(x, ws[0], bs[0], As[0], Bs[0], 0.75, x_lora)
+    ye, he = lora_linear_op(x, ws[0], bs[0], As[0], Bs[0], 0.75, x_lora)
+    assert torch.equal(h, he)
+    assert 0 < rel(y, ye) <= 0.08 and cos(y, ye) >= 0.995
+
+
+@pytest.mark.parametrize("case", ["fp32", "k not a multiple of 16", "m not a multiple of 16"])
+def test_exact_where_fp8_cannot_run(case):
+    m, k, dtype = {"fp32": (32, 64, torch.float32), "k not a multiple of 16": (32, 40, BF16),
+                   "m not a multiple of 16": (18, 64, BF16)}[case]
+    x, ws, bs, As, Bs, scales = _group(m, k, [48, 16], 4, seed=2, dtype=dtype)
+    got = fr.lora_linear_group_fp8_op(x, ws, bs, As, Bs, scales)
+    exact = lora_linear_group_op(x, ws, bs, As, Bs, scales)
+    assert all(torch.equal(a, b) for a, b in zip(got, exact))
+
+
+def test_a_failure_falls_back_to_exact_for_the_rest_of_the_process(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no rowwise fp8 kernel here")
+
+    monkeypatch.setattr(fr, "scaled_mm", broken)
+    monkeypatch.setattr(fr, "_failed", [])
+    warned.clear()
+    x, ws, bs, As, Bs, scales = _group(32, 64, [48], 4, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = fr.lora_linear_group_fp8_op(x, ws, bs, As, Bs, scales)
+        second = fr.lora_linear_group_fp8_op(x, ws, bs, As, Bs, scales)
+    exact = lora_linear_group_op(x, ws, bs, As, Bs, scales)
+    assert all(torch.equal(a, b) for out in (first, second) for a, b in zip(out, exact))
+    msgs = [str(w.message) for w in caught if "fp8_recompute failed" in str(w.message)]
+    assert len(msgs) == 1, msgs
+
+
+def _ck_run(fp8_recompute, steps=3):
+    """A tiny Llama (GEMM sizes multiples of 16) with checkpoint_layers, compiled, CPU bf16
+    autocast, SGD: (losses, per-step LoRA grads, the report, lorafuse's counters)."""
+    import lorafuse
+    from lorafuse.report import Report
+    from torch._dynamo.utils import counters
+
+    reset_dynamo()
+    counters.clear()
+    model = make_tiny_model("llama", intermediate_size=64, r=4, seed=3)
+    report = Report()
+    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report, options={
+        "strict": True, "checkpoint_layers": True, "fp8_recompute": fp8_recompute,
+        "passes": ["lora", "attention", "loss"]})
+    fn = torch.compile(model, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+    params = lora_params(model)
+    losses, grads = [], []
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 16), generator=gen)
+        with torch.autocast("cpu", BF16):
+            loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in params.values():
+                p -= 0.5 * p.grad
+                p.grad = None
+    found = dict(counters["lorafuse"])
+    reset_dynamo()
+    fp8.weight_cache.clear()
+    fp8.scale_cache.clear()
+    return losses, grads, report, found
+
+
+@pytest.mark.slow
+def test_whole_model_checkpointed_gate_up_and_o_in_fp8():
+    exact_losses, exact_grads, _, exact_counts = _ck_run(False)
+    losses, grads, report, counts = _ck_run(True)
+    layers = 2
+    # Each layer recomputes 4 LoRA calls: the q/k/v group, o, the gate/up group, down.
+    # Down is reduced to x' Aᵀ where the backward does not read its output (every layer
+    # but the last); of the other 7, all but the 2 q/k/v groups (their outputs reach
+    # attention) take e4m3.
+    h_only = counts["recompute_h_only"]
+    assert h_only == exact_counts["recompute_h_only"] == layers - 1
+    assert counts.get("recompute_fp8") == 4 * layers - h_only - layers, counts
+    assert "recompute_fp8" not in exact_counts
+    text = report.graphs[0].format()
+    assert f"fp8_recompute: {counts['recompute_fp8']} recomputed LoRA linears" in text, text
+    assert losses[0] == exact_losses[0]  # the forward is not touched
+    errs = {n: rel(grads[0][n], exact_grads[0][n]) for n in exact_grads[0]}
+    changed = [n for n, e in errs.items() if e > 1e-3]
+    assert len(changed) >= len(errs) // 2, errs
+    assert max(errs.values()) <= 0.1, errs
+    for a, b in zip(losses, exact_losses):
+        assert abs(a - b) <= 0.02 * abs(b)
+
+
+def test_without_the_lora_pass_warns():
+    import lorafuse
+
+    with pytest.warns(UserWarning, match="fp8_recompute applies to the lora pass"):
+        lorafuse.Options.parse({"fp8_recompute": True, "passes": ["attention"]})
