@@ -977,7 +977,14 @@ _ATTENTION_OPS = ("flash_attention", "sdpa_causal_ranges_or_masked", "eager_rang
 _SEARCH_LIMIT = 400  # nodes visited from one recompute before giving up (left exact)
 
 
+def _aten_name(node) -> str:
+    if node.op != "call_function" or getattr(node.target, "namespace", None) != "aten":
+        return ""
+    return str(node.target).split(".")[1]
+
+
 def _is_attention_call(node) -> bool:
+    """aten's SDPA family or lorafuse's attention ops, forward or backward."""
     if node.op != "call_function":
         return False
     namespace = getattr(node.target, "namespace", None)
@@ -991,31 +998,40 @@ def _is_lora_call(node) -> bool:
             and str(node.target).split(".")[1].startswith(("lora_linear", "nf4_linear")))
 
 
+_MATMULS = ("mm", "bmm", "matmul", "baddbmm", "addmm")
+
+
 def _reaches_attention(node) -> bool | None:
-    """Whether ``node``'s value flows into an attention op before the next LoRA op (which
-    ends the search: another site, or a backward op); None where the search is too long
-    to say."""
-    seen, todo = {node}, list(node.users)
+    """Whether ``node``'s value flows, before the next LoRA op (another site, or a backward
+    op: the search ends there), into an attention op, or through a matmul into an exp or a
+    softmax: attention written out (GPT-2's or Gemma2's eager code; the joint graph
+    decomposes its softmax into exp and sums) whose backward rebuilds the probabilities.
+    An exp reached without a matmul is an activation's (SiLU's sigmoid). None where the
+    search is too long to say."""
+    seen, todo = set(), [(u, False) for u in node.users]
     while todo:
-        n = todo.pop()
-        if n in seen:
+        n, matmul = todo.pop()
+        if (n, matmul) in seen:
             continue
-        seen.add(n)
+        seen.add((n, matmul))
         if len(seen) > _SEARCH_LIMIT:
             return None
-        if _is_attention_call(n):
+        name = _aten_name(n)
+        if _is_attention_call(n) or (matmul and ("softmax" in name or name in ("exp", "exp2"))):
             return True
         if not _is_lora_call(n):
-            todo.extend(n.users)
+            matmul = matmul or name in _MATMULS
+            todo.extend((u, matmul) for u in n.users)
     return False
 
 
 def fp8_recomputes(bwd) -> int:
     """The ``fp8_recompute`` option: where the backward recomputes a LoRA linear
     (``lora_linear``, ``lora_linear_group``; ``checkpoint_layers``, a memory budget) whose
-    outputs reach no attention op, call its twin with the base GEMM in e4m3
-    (kernels/fp8_recompute.py): the gate/up (and the recomputed attention output
-    projection's) GEMMs, not q, k and v. Returns how many calls were replaced (also
+    outputs reach no attention op, exp or softmax (``_reaches_attention``), call its twin
+    with the base GEMM in e4m3 (kernels/fp8_recompute.py): gate/up, a recomputed output
+    projection; not q, k and v where attention's backward rebuilds the probabilities from
+    them. Returns how many calls were replaced (also
     ``counters["lorafuse"]["recompute_fp8"]``)."""
     from .kernels import fp8_recompute  # noqa: F401  (registers the ops)
 
@@ -1027,17 +1043,12 @@ def fp8_recomputes(bwd) -> int:
         twin = twins.get(node.target) if node.op == "call_function" else None
         if twin is None or _reaches_attention(node) is not False:
             continue
-        names = [a.name for a in twin._schema.arguments]
-        args = tuple(_arg(node, name) for name in names)
-        with bwd.graph.inserting_before(node):
-            new = bwd.graph.call_function(twin, args)
-        # the same outputs (val) and layer (module path); not the old op's input values
-        # (Inductor normalises them against the new op's schema, which has fewer arguments)
-        new.meta.update({k: v for k, v in node.meta.items() if k != "eager_input_vals"})
-        node.replace_all_uses_with(new)
-        name = node.name
-        bwd.graph.erase_node(node)
-        new._rename(name)  # the report counts recomputed forward ops by name
+        # the same node (its name: the report counts recomputed forward ops by name; its
+        # outputs and layer), the twin's arguments; not the old op's input values, which
+        # Inductor would normalise against the twin's schema (it has fewer arguments)
+        args = tuple(_arg(node, a.name) for a in twin._schema.arguments)
+        node.target, node.args, node.kwargs = twin, args, {}
+        node.meta.pop("eager_input_vals", None)
         count += 1
     if count:
         bwd.graph.lint()

@@ -177,6 +177,32 @@ def test_whole_model_checkpointed_gate_up_and_o_in_fp8():
         assert abs(a - b) <= 0.02 * abs(b)
 
 
+@pytest.mark.parametrize("arch,fp8_calls", [("llama", {5}), ("gemma2", {6, 8})])
+def test_q_k_v_stay_exact_where_attention_rebuilds_its_probabilities(arch, fp8_calls):
+    """Llama through the attention pass (its backward rebuilds the probabilities from q and
+    k): 2 layers × (o, gate/up) + the last down, q/k/v exact. Gemma2's eager softcapped
+    attention, left alone with only the lora pass (its o and down outputs are read by its
+    extra norms): o, gate/up and down of both layers, and q/k/v too where min-cut keeps
+    the probabilities (then q, k and v reach the backward through matmuls alone; 8), not
+    where the backward rebuilds them through an exp (6). Both plans were seen on this
+    CPU: 6 under pytest, 8 in a plain script."""
+    import lorafuse
+    from torch._dynamo.utils import counters
+
+    reset_dynamo()
+    counters.clear()
+    passes = ["lora", "attention"] if arch == "llama" else ["lora"]
+    model = make_tiny_model(arch, intermediate_size=64, r=4, seed=3)
+    fn = torch.compile(model, backend=functools.partial(lorafuse.lorafuse_backend, options={
+        "strict": True, "checkpoint_layers": True, "fp8_recompute": True, "passes": passes}))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", BF16):
+        loss = fn(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert counters["lorafuse"]["recompute_fp8"] in fp8_calls, dict(counters["lorafuse"])
+    reset_dynamo()
+
+
 def test_without_the_lora_pass_warns():
     import lorafuse
 

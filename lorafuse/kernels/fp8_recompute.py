@@ -19,9 +19,12 @@ roundings of y, far below e4m3's 2⁻⁴. W is cast in every backward (≈ 3 byt
 an element; no copy is kept: the option is for configurations short of memory).
 
 Which recomputes: partition.fp8_recomputes picks the backward's ``lora_linear`` and
-``lora_linear_group`` calls whose outputs reach no attention op (q, k and v stay exact: a
-few per cent on q·k moves a softmax logit by far more than its gradient tolerates) and that
-run at bf16 with ``_scaled_mm``'s sizes (``fp8_dx.supported``). Anything else, and every
+``lora_linear_group`` calls whose outputs reach no attention op and no exp or softmax
+before the next LoRA op: where the backward rebuilds the attention probabilities from q
+and k (every flash-style attention backward does), a few per cent on q·k moves them by far
+more, so q, k and v stay exact there; where it keeps the probabilities (an eager softmax
+chain), q, k and v enter the backward only through matmuls, as gate and up do. The calls
+must run at bf16 with ``_scaled_mm``'s sizes (``fp8_dx.supported``). Anything else, and every
 call after an fp8 failure in this process (warned once), computes the exact op.
 ``fp8_linear_reference`` is the same arithmetic in plain PyTorch (the tests' oracle); the
 op itself runs ``_scaled_mm`` on the CPU too (recent torch has a CPU kernel), so the tests
