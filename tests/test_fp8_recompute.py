@@ -184,8 +184,8 @@ def test_q_k_v_stay_exact_where_attention_rebuilds_its_probabilities(arch, fp8_c
     attention, left alone with only the lora pass (its o and down outputs are read by its
     extra norms): o, gate/up and down of both layers, and q/k/v too where min-cut keeps
     the probabilities (then q, k and v reach the backward through matmuls alone; 8), not
-    where the backward rebuilds them through an exp (6). Both plans were seen on this
-    CPU: 6 under pytest, 8 in a plain script."""
+    where the backward rebuilds them through an exp (6). Both plans came out of min-cut
+    on this CPU, in different processes of the same code (6 in most)."""
     import lorafuse
     from torch._dynamo.utils import counters
 
