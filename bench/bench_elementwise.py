@@ -298,16 +298,24 @@ def table(rows, peak) -> str:
 def verdict(rows) -> str:
     """Per op: did lorafuse beat Inductor forward + backward, called and (where measured)
     replayed from a CUDA graph?"""
+    from lorafuse.passes import DEFAULT_PASSES
+
     out = []
     for op in dict.fromkeys(r["op"] for r in rows):
         t = {r["variant"]: r.get("fwd_bwd_ms", math.inf) for r in rows if r["op"] == op}
         g = {r["variant"]: r["gpu_ms"] for r in rows if r["op"] == op and "gpu_ms" in r}
         gpu_win = g.get("lorafuse", math.inf) < g.get("inductor", 0.0) if g else True
+        default = op in DEFAULT_PASSES
         if t.get("lorafuse", math.inf) < t.get("inductor", 0.0) and gpu_win:
             out.append(f"{op}: lorafuse beat Inductor ({t['lorafuse']:.3f} vs "
-                       f"{t['inductor']:.3f} ms): a candidate default pass "
-                       "(DEFAULT_PASSES in lorafuse/passes/__init__.py), pending the "
-                       "whole-model step (bench_train.py).")
+                       f"{t['inductor']:.3f} ms): " + (
+                           "a default pass already (DEFAULT_PASSES in "
+                           "lorafuse/passes/__init__.py)." if default else
+                           "a candidate default pass (DEFAULT_PASSES in lorafuse/passes/"
+                           "__init__.py), pending the whole-model step (bench_train.py)."))
+        elif default:
+            out.append(f"{op}: lorafuse did not beat Inductor, and '{op}' is a default pass: "
+                       "measure the whole-model step (bench_train.py) and reconsider.")
         else:
             out.append(f"{op}: lorafuse did not beat Inductor: keep '{op}' out of the "
                        "default passes.")
