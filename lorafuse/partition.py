@@ -39,7 +39,7 @@ from ._torch import (CustomPartitionerFn, _size_of, counters, functorch_config,
                      statically_known_true)
 from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
 from .kernels._dispatch import warn_once
-from .layer_checkpoint import tag_layers
+from .layer_checkpoint import _LORAFUSE_ATTENTION, tag_layers
 from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
                                     quantize_rows)
 
@@ -972,30 +972,20 @@ def lowrank_only_recomputes(bwd) -> int:
     return count
 
 
-# lorafuse's attention ops, forward and backward (kernels/attention.py, flash_attention.py)
-_ATTENTION_OPS = ("flash_attention", "sdpa_causal_ranges_or_masked", "eager_ranges_or_chain")
 _SEARCH_LIMIT = 400  # nodes visited from one recompute before giving up (left exact)
 
 
-def _aten_name(node) -> str:
-    if node.op != "call_function" or getattr(node.target, "namespace", None) != "aten":
-        return ""
-    return str(node.target).split(".")[1]
-
-
 def _is_attention_call(node) -> bool:
-    """aten's SDPA family or lorafuse's attention ops, forward or backward."""
-    if node.op != "call_function":
-        return False
-    namespace = getattr(node.target, "namespace", None)
-    name = str(node.target).split(".")[1] if namespace else ""
+    """aten's SDPA family or lorafuse's attention ops (layer_checkpoint's names), forward
+    or backward."""
+    namespace, name = _op_name(node)
     return (namespace == "aten" and "attention" in name) or \
-        (namespace == "lorafuse" and name.startswith(_ATTENTION_OPS))
+        (namespace == "lorafuse" and name.startswith(_LORAFUSE_ATTENTION))
 
 
 def _is_lora_call(node) -> bool:
-    return (node.op == "call_function" and getattr(node.target, "namespace", None) == "lorafuse"
-            and str(node.target).split(".")[1].startswith(("lora_linear", "nf4_linear")))
+    namespace, name = _op_name(node)
+    return namespace == "lorafuse" and name.startswith(("lora_linear", "nf4_linear"))
 
 
 _MATMULS = ("mm", "bmm", "matmul", "baddbmm", "addmm")
@@ -1016,7 +1006,8 @@ def _reaches_attention(node) -> bool | None:
         seen.add((n, matmul))
         if len(seen) > _SEARCH_LIMIT:
             return None
-        name = _aten_name(n)
+        namespace, name = _op_name(n)
+        name = name if namespace == "aten" else ""  # (None for a non-operator call)
         if _is_attention_call(n) or (matmul and ("softmax" in name or name in ("exp", "exp2"))):
             return True
         if not _is_lora_call(n):

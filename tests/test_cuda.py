@@ -1099,12 +1099,11 @@ def test_fp8_recompute_gate_up_at_the_8b_shape():
     """fp8_recompute's group op at the 8B gate/up sites (x 4096 × 4096, W 2 × 14336 × 4096,
     r 16) on the GPU: the Triton quantisation and ``_scaled_mm`` run (no fallback), h is
     the exact op's bitwise, each y equals the plain-PyTorch oracle to its roundings and
-    stays within the stated bound of the exact op (relative norm ≤ 8 %, cosine ≥ 0.995)."""
+    stays within the stated bound of the exact op (relative norm ≤ 8 %, cosine ≥ 0.995);
+    on a GPU before sm90 it does not apply and the outputs are the exact op's."""
     from lorafuse.kernels import fp8_recompute as fr
     from lorafuse.kernels.lora_group import lora_linear_group_op
 
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the rowwise-scaled fp8 GEMM needs sm90+ (elsewhere the op is exact)")
     M, K, N, r = 4096, 4096, 14336, 16
     g = torch.Generator("cuda").manual_seed(0)
 
@@ -1115,10 +1114,13 @@ def test_fp8_recompute_gate_up_at_the_8b_shape():
     ws = [rn(N, K, scale=K ** -0.5) for _ in range(2)]
     As = [rn(r, K, scale=K ** -0.5) for _ in range(2)]
     Bs = [rn(N, r, scale=0.1) for _ in range(2)]
-    assert fr.applies(x.reshape(-1, K), ws) and not fr._failed
     got = fr.lora_linear_group_fp8_op(x, ws, [None, None], As, Bs, [2.0, 2.0])
     exact = lora_linear_group_op(x, ws, [None, None], As, Bs, [2.0, 2.0])
-    assert not fr._failed, fr._failed
+    if torch.cuda.get_device_capability() < (9, 0):  # no rowwise fp8 GEMM: the exact op
+        assert not fr.applies(x.reshape(-1, K), ws)
+        assert all(torch.equal(a, b) for a, b in zip(got, exact))
+        return
+    assert fr.applies(x.reshape(-1, K), ws) and not fr._failed, fr._failed
     assert torch.equal(got[-1], exact[-1])
     x2, h = x.reshape(-1, K), exact[-1].reshape(-1, 2 * r).float()
     for i in range(2):

@@ -23,12 +23,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import lora_params, make_tiny_model, reset_dynamo
-from lorafuse.kernels import fp8_dx as fp8
+from conftest import make_tiny_model, reset_dynamo
 from lorafuse.kernels import fp8_recompute as fr
 from lorafuse.kernels._dispatch import warned
 from lorafuse.kernels.lora import lora_linear_op
 from lorafuse.kernels.lora_group import lora_linear_group_op
+from test_fp8_dx import _bf16_run
 
 BF16 = torch.bfloat16
 
@@ -117,57 +117,32 @@ def test_a_failure_falls_back_to_exact_for_the_rest_of_the_process(monkeypatch):
     assert len(msgs) == 1, msgs
 
 
-def _ck_run(fp8_recompute, steps=3):
-    """A tiny Llama (GEMM sizes multiples of 16) with checkpoint_layers, compiled, CPU bf16
-    autocast, SGD: (losses, per-step LoRA grads, the report, lorafuse's counters)."""
-    import lorafuse
-    from lorafuse.report import Report
-    from torch._dynamo.utils import counters
+def _ck_run(fp8_recompute):
+    """test_fp8_dx's tiny bf16 Llama run (3 SGD steps) with checkpoint_layers: (losses,
+    per-step LoRA grads, the report)."""
+    return _bf16_run(False, checkpoint_layers=True, fp8_recompute=fp8_recompute,
+                     passes=["lora", "attention", "loss"])
 
-    reset_dynamo()
-    counters.clear()
-    model = make_tiny_model("llama", intermediate_size=64, r=4, seed=3)
-    report = Report()
-    backend = functools.partial(lorafuse.lorafuse_backend, _collect=report, options={
-        "strict": True, "checkpoint_layers": True, "fp8_recompute": fp8_recompute,
-        "passes": ["lora", "attention", "loss"]})
-    fn = torch.compile(model, backend=backend)
-    gen = torch.Generator().manual_seed(0)
-    params = lora_params(model)
-    losses, grads = [], []
-    for _ in range(steps):
-        ids = torch.randint(0, 128, (2, 16), generator=gen)
-        with torch.autocast("cpu", BF16):
-            loss = fn(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach().float())
-        grads.append({n: p.grad.clone() for n, p in params.items()})
-        with torch.no_grad():
-            for p in params.values():
-                p -= 0.5 * p.grad
-                p.grad = None
-    found = dict(counters["lorafuse"])
-    reset_dynamo()
-    fp8.weight_cache.clear()
-    fp8.scale_cache.clear()
-    return losses, grads, report, found
+
+def _count(report, field) -> int:
+    return sum(getattr(g, field) or 0 for g in report.graphs)
 
 
 @pytest.mark.slow
 def test_whole_model_checkpointed_gate_up_and_o_in_fp8():
-    exact_losses, exact_grads, _, exact_counts = _ck_run(False)
-    losses, grads, report, counts = _ck_run(True)
+    exact_losses, exact_grads, exact_report = _ck_run(False)
+    losses, grads, report = _ck_run(True)
     layers = 2
     # Each layer recomputes 4 LoRA calls: the q/k/v group, o, the gate/up group, down.
     # Down is reduced to x' Aᵀ where the backward does not read its output (every layer
     # but the last); of the other 7, all but the 2 q/k/v groups (their outputs reach
     # attention) take e4m3.
-    h_only = counts["recompute_h_only"]
-    assert h_only == exact_counts["recompute_h_only"] == layers - 1
-    assert counts.get("recompute_fp8") == 4 * layers - h_only - layers, counts
-    assert "recompute_fp8" not in exact_counts
+    h_only, fp8_calls = _count(report, "lowrank_only"), _count(report, "fp8_recomputed")
+    assert h_only == _count(exact_report, "lowrank_only") == layers - 1
+    assert fp8_calls == 4 * layers - h_only - layers, fp8_calls
+    assert _count(exact_report, "fp8_recomputed") == 0
     text = report.graphs[0].format()
-    assert f"fp8_recompute: {counts['recompute_fp8']} recomputed LoRA linears" in text, text
+    assert f"fp8_recompute: {fp8_calls} recomputed LoRA linears" in text, text
     assert losses[0] == exact_losses[0]  # the forward is not touched
     errs = {n: rel(grads[0][n], exact_grads[0][n]) for n in exact_grads[0]}
     changed = [n for n, e in errs.items() if e > 1e-3]

@@ -105,8 +105,7 @@ def lora_linear_group_fp8_op(
     x2 = x.reshape(-1, K)
     ys = _base_fp8(x2, list(weights)) if applies(x2, list(weights)) else None
     if ys is None:
-        return [t.contiguous() for t in lora_linear_group_op(x, weights, biases, lora_as,
-                                                             lora_bs, scales)]
+        return lora_linear_group_op(x, weights, biases, lora_as, lora_bs, scales)
     if x.is_cuda:  # _group_cuda's h
         h = x2 @ torch.cat(list(lora_as)).t()
     else:  # lora_group_reference's h
