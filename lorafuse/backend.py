@@ -54,9 +54,10 @@ class Options:
     # keep the large saved activations in pinned CPU memory between the forward and the
     # backward, copied on a side stream and prefetched in the backward (offload_prefetch)
     # (partition.offload_saved, kernels/offload.py); opt-in. Without its reordering for
-    # peak memory (lorafuse_backend says why), and without CUDA graphs: under
-    # ``"triton.cudagraphs"`` Inductor's graph partition is turned off for it (measured
-    # slower, session 32) unless ``inductor`` sets it.
+    # peak memory (lorafuse_backend says why). Under ``"triton.cudagraphs"`` the copies go
+    # through ops a CUDA graph can record (static shapes; otherwise the graph runs without
+    # CUDA graphs, since Inductor's graph partition around the other ops, measured slower
+    # in session 32, is turned off for it unless ``inductor`` sets it).
     offload_activations: bool = False
     # with offload_activations: how many reloads ahead the backward starts each copy back
     # (1: the next one; 2 hides the copy behind more compute, for one more tensor on the GPU)
@@ -246,11 +247,13 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     if (opts.offload_activations and patches.get("triton.cudagraphs")
             and hasattr(inductor_config, "graph_partition")
             and "graph_partition" not in opts.inductor):
-        # Inductor's graph partition (on by default in torch 2.13) would replay the parts
-        # between the offload and reload ops (tagged cudagraph_unsafe, kernels/offload.py)
-        # from CUDA graphs. Measured slower and larger: the 8B checkpointed fp8 step at
-        # 6,737 tok/s and 21.6 GiB with it, 12,208 tok/s and 16.3 GiB without (bench/
-        # RESULTS.md, session 32). Off, Inductor runs a graph that holds CPU tensors without
+        # The offloads of a graph with static shapes are recorded into its CUDA graphs
+        # (the capturable ops, kernels/offload.py); the partition is left off for the rest:
+        # the eager offload and reload ops (tagged cudagraph_unsafe), used where a shape is
+        # symbolic, would make Inductor's graph partition (on by default in torch 2.13)
+        # replay the parts between them from CUDA graphs. Measured slower and larger: the 8B
+        # checkpointed fp8 step at 6,737 tok/s and 21.6 GiB with it, 12,208 tok/s and 16.3
+        # GiB without (bench/RESULTS.md, session 32). Off, Inductor runs such a graph without
         # CUDA graphs. The user's own setting wins (the tags keep that path correct).
         patches["graph_partition"] = False
     # the user's own post-grad pass (from the options or set globally) still runs, first
@@ -267,7 +270,8 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     if opts.fp8_dx and torch.is_grad_enabled():  # (an evaluation graph runs no backward)
         _prebuild_fp8_copies(gm, example_inputs, report)
 
-    patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report)
+    patches["custom_partitioner_fn"] = LorafusePartitioner(
+        asdict(opts), report, cudagraphs=bool(patches.get("triton.cudagraphs")))
     try:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     except RestartAnalysis:

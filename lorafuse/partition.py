@@ -115,12 +115,15 @@ def parse_memory_budget(value):
 
 
 class LorafusePartitioner(CustomPartitionerFn):
-    def __init__(self, options: dict, report=None):
+    def __init__(self, options: dict, report=None, cudagraphs: bool = False):
         # LORAFUSE_KEEP_RESIDUAL=0: checkpoint_layers with offloading recomputes the
         # post-attention residual as before session 25 (an A/B switch for the benchmarks)
         self._keep_residual = os.environ.get("LORAFUSE_KEEP_RESIDUAL", "1") != "0"
+        # compiled for Inductor's CUDA graphs: offloading uses the ops they can record
+        self._cudagraphs = bool(cudagraphs)
         self._key = source_hash(json.dumps(options, sort_keys=True, default=str)
-                                + f"keep_residual={self._keep_residual}")
+                                + f"keep_residual={self._keep_residual}"
+                                + f"cudagraphs={self._cudagraphs}")
         self._budget = parse_memory_budget(options.get("memory_budget"))
         self._budget_text = str(options.get("memory_budget")).strip()  # as the user wrote it
         self._storage_dtype = parse_activation_dtype(options.get("activation_dtype"))
@@ -181,7 +184,7 @@ class LorafusePartitioner(CustomPartitionerFn):
         offloaded = None
         if self._offload:
             offloaded = offload_saved(fwd, bwd, inputs, kwargs["num_fwd_outputs"],
-                                      self._prefetch)
+                                      self._prefetch, capturable=self._cudagraphs)
             warn_if_host_short(offloaded["bytes"])
         self._record(fwd, bwd, inputs, plan, quantized, offloaded, checkpointed, lowrank_only,
                      fp8_recomputed)
@@ -320,6 +323,7 @@ class LorafusePartitioner(CustomPartitionerFn):
             self._report.offloaded_tensors = len(offloaded["names"])
             self._report.offloaded_bytes = offloaded["bytes"]
             self._report.offload_left_alone = offloaded["left_alone"]
+            self._report.offload_capturable = offloaded.get("capturable", False)
 
     def __getstate__(self):
         # Inductor pickles its config, this object included, into its cache key: only the
@@ -1061,7 +1065,8 @@ def warn_if_host_short(offloaded_bytes: int) -> None:
                   "available")
 
 
-def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1) -> dict:
+def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1,
+                  capturable: bool = False) -> dict:
     """Keep the saved activations that qualify (``_why_not_offloaded``) in CPU memory: the
     forward returns ``lorafuse::offload(x)`` in x's place (same position, same name, as
     ``quantize_saved`` explains), and the backward calls ``lorafuse::reload`` right before
@@ -1073,46 +1078,83 @@ def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1) -> 
     just after a copy back ended (14 ms a step, session 23's gap table); likely attention's
     output, read a few projections after the reload of the layer's input started its copy.
 
-    Returns ``{"names", "bytes", "left_alone": {reason: count}}``."""
+    ``capturable`` (the backend compiles for CUDA graphs): the ops a CUDA graph can record
+    instead (kernels/offload.py, "under CUDA graphs"): the forward offloads each tensor to a
+    token and ends with one ``offload_join`` of all of them, whose tokens it returns; the
+    backward reloads from a token, with the tensor's shape and dtype. Only where every
+    offloaded shape is static (the token ops take sizes as ints); otherwise the eager ops.
+
+    Returns ``{"names", "bytes", "left_alone": {reason: count}, "capturable": bool}``."""
     output = fwd.graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
     user_outputs = set(outs[:num_fwd_outputs])
     saved_in_bwd = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
-    plan = {"names": [], "bytes": 0, "left_alone": {}}
+    plan = {"names": [], "bytes": 0, "left_alone": {}, "capturable": False}
     new_outs = list(outs[:num_fwd_outputs])
-    chosen = []  # (backward placeholder, its CPU placeholder)
+    chosen = []  # (backward placeholder, its CPU placeholder or token, inverse perm, dense)
+    picked = []  # (forward output, saved placeholder)
     for node in outs[num_fwd_outputs:]:
         saved = saved_in_bwd.get(getattr(node, "name", None))
         why = ("not used by the backward" if saved is None or not saved.users else
                _why_not_offloaded(node, saved, inputs, user_outputs))
         if why is not None:
-            new_outs.append(node)
             if isinstance(getattr(node, "meta", {}).get("val"), torch.Tensor):
                 plan["left_alone"][why] = plan["left_alone"].get(why, 0) + 1
+        else:
+            picked.append((node, saved))
+    capturable = capturable and all(
+        isinstance(d, int) for node, _ in picked for d in node.meta["val"].shape)
+    offload = (torch.ops.lorafuse.offload_capturable.default if capturable
+               else torch.ops.lorafuse.offload.default)
+    taken = {node for node, _ in picked}
+    for node in outs[num_fwd_outputs:]:
+        if node not in taken:
+            new_outs.append(node)
             continue
+        saved = saved_in_bwd[node.name]
         perm = _dense_order(node.meta["val"])  # the copies move contiguous tensors
         dense = _permuted(fwd.graph, node, perm)
         with fwd.graph.inserting_after(dense):
-            cpu = fwd.graph.call_function(torch.ops.lorafuse.offload.default, (dense,))
-        cpu.meta["val"] = torch.ops.lorafuse.offload.default(dense.meta["val"])
+            cpu = fwd.graph.call_function(offload, (dense,))
+        cpu.meta["val"] = offload(dense.meta["val"])
         new_outs.append(cpu)
-        with bwd.graph.inserting_before(saved):
-            cpu_in = bwd.graph.placeholder(cpu.name)
-        cpu_in.meta["val"] = cpu.meta["val"]
-        chosen.append((saved, cpu_in, _inverse(perm)))
+        chosen.append([saved, cpu, _inverse(perm), dense.meta["val"]])
         plan["names"].append(node.name)
         plan["bytes"] += _size_of(node)
     if not chosen:
         return plan
+    if capturable:  # one join of every token, last in the forward; its tokens are saved
+        with fwd.graph.inserting_before(output):
+            tokens = [entry[1] for entry in chosen]
+            join = fwd.graph.call_function(torch.ops.lorafuse.offload_join.default, (tokens,))
+            join.meta["val"] = torch.ops.lorafuse.offload_join.default(
+                [t.meta["val"] for t in tokens])
+            for i, entry in enumerate(chosen):
+                got = fwd.graph.call_function(operator.getitem, (join, i))
+                got.meta["val"] = join.meta["val"][i]
+                new_outs[new_outs.index(entry[1])] = got
+                entry[1] = got
+        plan["capturable"] = True
+    for entry in chosen:  # the backward's input in the saved tensor's place
+        saved, out = entry[0], entry[1]
+        with bwd.graph.inserting_before(saved):
+            entry[1] = bwd.graph.placeholder(out.name)
+        entry[1].meta["val"] = out.meta["val"]
     position = _position(bwd.graph)
     chosen.sort(key=lambda entry: position(min(entry[0].users, key=position)))
-    for i, (saved, cpu_in, inverse) in enumerate(chosen):
+    for i, (saved, cpu_in, inverse, dense_val) in enumerate(chosen):
         nxt = [entry[1] for entry in chosen[i + 1:i + 1 + prefetch]]
         device = saved.meta["val"].device
+        if capturable:
+            op = torch.ops.lorafuse.reload_capturable.default
+            args = (cpu_in, list(dense_val.shape), dense_val.dtype, nxt)
+            val = op(cpu_in.meta["val"], list(dense_val.shape), dense_val.dtype, [])
+        else:
+            op = torch.ops.lorafuse.reload.default
+            args, val = (cpu_in, device, nxt), op(cpu_in.meta["val"], device, [])
         with bwd.graph.inserting_before(min(saved.users, key=_position(bwd.graph))):
-            back = bwd.graph.call_function(torch.ops.lorafuse.reload.default,
-                                           (cpu_in, device, nxt))
-        back.meta["val"] = torch.ops.lorafuse.reload.default(cpu_in.meta["val"], device, [])
+            back = bwd.graph.call_function(op, args)
+        back.meta["val"] = val
         saved.replace_all_uses_with(_permuted(bwd.graph, back, inverse))
         bwd.graph.erase_node(saved)
     output.update_arg(0, tuple(new_outs))

@@ -41,6 +41,7 @@ class GraphReport:
     offloaded_tensors: int | None = None  # saved activations kept in CPU memory
     offloaded_bytes: int | None = None  # their bytes
     offload_left_alone: dict | None = None  # saved tensors left on the device: reason -> count
+    offload_capturable: bool = False  # through the ops CUDA graphs can record
     recompute_free_bytes: int | None = None  # activation bytes recompute_free took off the plan
     checkpointed_layers: int | None = None  # layers recomputed in the backward (checkpoint_layers)
     checkpoint_note: str | None = None  # why checkpoint_layers was not applied, if it was not
@@ -130,7 +131,9 @@ class GraphReport:
             if self.offloaded_tensors is not None:
                 lines.append(f"    offload_activations: {self.offloaded_tensors} activations "
                              f"({_size(self.offloaded_bytes)}) kept in CPU memory between the "
-                             "forward and the backward")
+                             "forward and the backward"
+                             + (" (ops CUDA graphs can record)" if self.offload_capturable
+                                else ""))
                 for reason, n in sorted((self.offload_left_alone or {}).items()):
                     lines.append(f"      left on the device ×{n}: {reason}")
         if self.fell_back:

@@ -663,18 +663,26 @@ def test_offload_exact_pinned_buffer_round_trip_and_reuse():
     assert offload._exact_pool.pinned_bytes == before + x.numel() * 2
 
 
-def _small_llama_run(steps=3, history=False, keep=False, **options):
+def _small_llama_run(steps=3, history=False, keep=False, report=None, **options):
     """``_small_llama``'s model compiled by lorafuse with ``options``, trained ``steps``
     SGD steps on its batch under bf16 autocast: per step the loss, the peak memory and the
     memory held between the forward and the backward; the first step's LoRA gradients;
     the parameters at the end. ``history``: also ``"peak"``, what was allocated at the
     last step's peak (bench/memory_peak.py's report of the allocator's history).
     ``keep``: also ``"model"``, the compiled model, alive (caches keyed by its weights'
-    storages drop their entries once it is freed)."""
+    storages drop their entries once it is freed). ``report``: a ``lorafuse.report.Report``
+    that collects each compiled graph's report."""
+    import functools
+
+    import lorafuse
     from lorafuse.kernels import offload
 
     model, ids = _small_llama()
-    compiled = torch.compile(model, backend="lorafuse", options=options)
+    if report is None:
+        compiled = torch.compile(model, backend="lorafuse", options=options)
+    else:
+        compiled = torch.compile(model, backend=functools.partial(
+            lorafuse.lorafuse_backend, _collect=report, options=options))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD(list(trainable.values()), lr=0.1)
     out = {"losses": [], "peaks": [], "held": []}
@@ -694,6 +702,7 @@ def _small_llama_run(steps=3, history=False, keep=False, **options):
             out["peak"] = _peak_report(torch.cuda.memory._snapshot())
             torch.cuda.memory._record_memory_history(enabled=None)
         assert not offload._prefetched, "a prefetch was left over"
+        assert not offload._token_prefetched, "a prefetch was left over"
         out["losses"].append(loss.item())
         print(f"step {step}: loss {out['losses'][-1]:.4f}, held {_mib(out['held'][-1:])}, "
               f"peak {_mib(out['peaks'][-1:])}", flush=True)  # progress under -s
@@ -733,24 +742,32 @@ def _assert_trains_as(got, want, ref):
         assert err_got <= 1.5 * err_want + 1e-3, (name, err_got, err_want)
 
 
-def test_offload_activations_under_cuda_graphs_same_training(monkeypatch):
-    """offload_activations with ``"triton.cudagraphs"`` and the user's ``graph_partition``
-    (the backend turns it off by default: slower at 8B, session 32): Inductor splits the
-    graphs at the copies (the offload and reload ops are cudagraph_unsafe) and replays the
-    parts between them (steps 3-5 are replays): the same losses and LoRA parameters as
-    without offloading, no CUDA-graph skip, no prefetch left over (checked per step).
-    Passed on the H200 in session 32 (with the partition then the backend's default)."""
+@pytest.mark.parametrize("partition", [False, True])
+def test_offload_activations_under_cuda_graphs_same_training(monkeypatch, partition):
+    """offload_activations with ``"triton.cudagraphs"``: the capturable ops (tokens, fixed
+    pinned buffers, the staging ring, the join; kernels/offload.py) recorded into the
+    forward's and the backward's CUDA graphs (step 1 is Inductor's warm-up, step 2 records,
+    steps 3-5 replay), with Inductor's graph partition as the backend sets it (off) and as
+    a user may ask for it: the same losses and LoRA parameters as without offloading, no
+    CUDA-graph skip, no prefetch left over (checked per step), and the report says which
+    ops. (Session 32's version ran the eager ops between partitions: passed, 1.8 × slower.)"""
     import lorafuse.partition
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(lorafuse.partition, "OFFLOAD_MIN_BYTES", 2**16)
     want = _small_llama_run(steps=5)
     skips = counters["inductor"].get("cudagraph_skips", 0)
-    got = _small_llama_run(steps=5, offload_activations=True,
-                           inductor={"triton.cudagraphs": True, "graph_partition": True})
+    inductor = {"triton.cudagraphs": True, **({"graph_partition": True} if partition else {})}
+    from lorafuse.report import Report
+
+    report = Report()
+    got = _small_llama_run(steps=5, offload_activations=True, inductor=inductor,
+                           report=report)
     print(f"losses {want['losses']} vs {got['losses']}; peak {_mib(want['peaks'])} vs "
           f"{_mib(got['peaks'])}")
     assert counters["inductor"].get("cudagraph_skips", 0) == skips, "CUDA graphs skipped"
+    assert any(g.offloaded_tensors for g in report.graphs)
+    assert all(g.offload_capturable for g in report.graphs if g.offloaded_tensors)
     for a, b in zip(got["losses"], want["losses"]):
         assert abs(a - b) <= 1e-3 * abs(b), (got["losses"], want["losses"])
     for name, p in want["params"].items():

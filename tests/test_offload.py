@@ -44,9 +44,10 @@ def runs():
     graphs = {}
     real = lorafuse.partition.offload_saved
 
-    def spy(fwd, bwd, *args):  # keep the rewritten graphs to inspect
-        plan = real(fwd, bwd, *args)
-        graphs.update(fwd=fwd, bwd=bwd, plan=plan)
+    def spy(fwd, bwd, *args, **kwargs):  # keep the rewritten graphs to inspect
+        plan = real(fwd, bwd, *args, **kwargs)
+        graphs.setdefault("capturable" if plan["capturable"] else "eager", {}).update(
+            fwd=fwd, bwd=bwd, plan=plan)
         return plan
 
     mp = pytest.MonkeyPatch()
@@ -93,7 +94,7 @@ def test_losses_and_lora_grads_equal_no_offload(runs, run):
 
 @pytest.mark.slow
 def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(runs):
-    g = runs["graphs"]
+    g = runs["graphs"]["eager"]
     fwd, bwd, plan = g["fwd"], g["bwd"], g["plan"]
     offloads = _calls(fwd, "offload")
     reloads = _calls(bwd, "reload")
@@ -134,9 +135,76 @@ def test_every_offloaded_tensor_is_reloaded_before_use_with_the_next_prefetched(
 
 
 @pytest.mark.slow
+def test_under_cuda_graphs_the_forward_returns_tokens_joined_once(runs):
+    """Compiled for CUDA graphs (``offload_cg``), the capturable ops: no CPU tensor leaves
+    the forward (every offload returns a token on the activation's device), one
+    ``offload_join`` of all the tokens comes last and its tokens are what the forward
+    saves, and the backward reloads each from its token, with the saved tensor's shape
+    and dtype, before its first use, prefetching the next one."""
+    g = runs["graphs"]["capturable"]
+    fwd, bwd, plan = g["fwd"], g["bwd"], g["plan"]
+    assert plan["capturable"]
+    offloads = _calls(fwd, "offload_capturable")
+    (join,) = _calls(fwd, "offload_join")
+    reloads = _calls(bwd, "reload_capturable")
+    assert not _calls(fwd, "offload") and not _calls(bwd, "reload")
+    assert len(plan["names"]) == len(offloads) == len(reloads) > 0
+    assert list(join.args[0]) == offloads
+    order = {n: i for i, n in enumerate(fwd.graph.nodes)}
+    assert all(order[o] < order[join] for o in offloads)
+    output = fwd.graph.find_nodes(op="output")[0]
+    saved = [n for n in output.args[0] if getattr(n, "args", None) and n.args[0] is join]
+    assert len(saved) == len(offloads)
+    assert not set(offloads) & set(output.args[0])  # every token goes through the join
+    assert all(set(o.users) == {join} for o in offloads)
+    border = {n: i for i, n in enumerate(bwd.graph.nodes)}
+    reloads.sort(key=border.__getitem__)
+    for i, node in enumerate(reloads):
+        token, shape, dtype, nxt = node.args
+        assert token.op == "placeholder" and token.meta["val"].shape == (1,)
+        assert token.meta["val"].dtype == torch.uint8
+        assert list(node.meta["val"].shape) == list(shape) and node.meta["val"].dtype == dtype
+        assert list(nxt) == [r.args[0] for r in reloads[i + 1:i + 2]]
+        assert border[node] < min(border[u] for u in node.users)
+    (graph,) = runs["offload_cg"]["report"].graphs
+    assert graph.offload_capturable and "ops CUDA graphs can record" in graph.format()
+    assert not offload._held, "a token's buffer outlived its graph"
+
+
+def test_capturable_ops_copy_values_and_give_buffers_back():
+    """On CPU tensors the capturable ops keep the CUDA path's bookkeeping: the value
+    comes back from the token (through the join) with the shape and dtype given, a
+    prefetched one too; an eager call's buffer returns to the free list at its reload,
+    or when its token dies without one, and is reused by the next offload of that size."""
+    ops = torch.ops.lorafuse
+    offload._free_pinned.clear()
+    xs = [torch.randn(3, 5), torch.randn(3, 5).to(torch.bfloat16)]
+    tokens = ops.offload_join.default([ops.offload_capturable.default(x) for x in xs])
+    assert all(t.shape == (1,) and t.dtype == torch.uint8 for t in tokens)
+    assert len(offload._held) == 2
+    back = ops.reload_capturable.default(tokens[0], [3, 5], torch.float32, [tokens[1]])
+    assert torch.equal(back, xs[0])
+    assert len(offload._token_prefetched) == 1
+    back = ops.reload_capturable.default(tokens[1], [3, 5], torch.bfloat16, [])
+    assert torch.equal(back, xs[1]) and not offload._token_prefetched
+    assert not offload._held and sum(map(len, offload._free_pinned.values())) == 2
+    buffers = {b.data_ptr() for bs in offload._free_pinned.values() for b in bs}
+    token = ops.offload_join.default([ops.offload_capturable.default(xs[0])])[0]
+    assert offload._held[token.data_ptr()].buffer.data_ptr() in buffers  # reused
+    del token
+    gc.collect()
+    assert not offload._held and sum(map(len, offload._free_pinned.values())) == 2
+    with pytest.raises(RuntimeError, match="forward copy is unknown"):
+        ops.reload_capturable.default(torch.empty(1, dtype=torch.uint8), [3, 5],
+                                      torch.float32, [])
+    torch.library.opcheck(ops.offload_capturable.default, (xs[0],),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
 def test_report_shows_what_was_offloaded(runs):
     (graph,) = runs["offload"]["report"].graphs
-    plan = runs["graphs"]["plan"]
+    plan = runs["graphs"]["eager"]["plan"]
     assert graph.offloaded_tensors == len(plan["names"]) and graph.offloaded_bytes == plan["bytes"]
     text = graph.format()
     assert "offload_activations:" in text and "offloaded to CPU memory" in text

@@ -319,3 +319,224 @@ def reload_op(x: Tensor, device: torch.device, next_cpus: list[Tensor]) -> Tenso
 @reload_op.register_fake
 def _(x, device, next_cpus):
     return torch.empty(x.shape, dtype=x.dtype, device=device)
+
+
+# ------------------------------------------------------------------ under CUDA graphs
+# Inductor's CUDA graphs (``triton.cudagraphs``) record a graph once and replay it with no
+# Python, and skip every graph that holds a CPU tensor. The ops above cannot be recorded:
+# they return CPU tensors, wait on the host, and pick pinned buffers per call. The three
+# ops below can, and partition.offload_saved uses them when the backend compiles for CUDA
+# graphs (session 32's alternative, Inductor's graph partition around the ops above, ran
+# the 8B step 1.8 x slower). Each part of the design answers one constraint of a recording:
+#
+# - no CPU tensors: ``offload_capturable(x)`` returns a token, a one-byte CUDA tensor, and
+#   ``reload_capturable(token, ...)`` finds x's pinned copy through it (``_held``: the
+#   token's address -> the buffer). A recorded graph's outputs keep their addresses in
+#   every replay, so the backward recorded later finds the buffers the forward's
+#   recording wrote;
+# - the buffers are fixed: a recording's copies write and read the same pinned memory in
+#   every replay, so a buffer taken while recording is never given back (the graph owns
+#   it); buffers taken by calls run as they come (Inductor's eager warm-up, or a graph that
+#   CUDA graphs skipped) return to a free list at their reload or when their token dies.
+#   Both come from that list, so a recording normally reuses its warm-up's buffers;
+# - no host waits: the side stream copies out a clone of x (Inductor reuses x's memory for
+#   later kernels without the allocator knowing, as the eager op's comment explains); past
+#   ``INFLIGHT_BYTES`` of clones held, the compute stream waits on the GPU for the oldest
+#   clone's copy out, then frees it, so its memory is reused in the compute stream's order
+#   (inside a recording too, which defers ``record_stream``'s frees to its end);
+# - pinned buffers come from ``cudaHostRegister`` (PyTorch's pinned allocator records an
+#   event on each copy, a call a recording may not make) and are pinned only outside a
+#   recording (the warm-up run that precedes each one pins them);
+# - a recording must join every stream it forked: ``offload_join(tokens)`` at the end of
+#   the forward makes the compute stream wait for the copies out, and its tokens are the
+#   ones the backward gets. The backward's copies back are joined where they are used.
+#
+# The token's bytes are never read. One side stream per device carries every copy, so a
+# pinned buffer's next copy out queues behind its last copy back.
+
+class _Held:
+    """A pinned copy of an offloaded tensor: its buffer, and whether a recorded graph owns
+    it (never given back) or it returns to the free list (``_give_back``)."""
+
+    __slots__ = ("buffer", "key", "recorded", "done")
+
+    def __init__(self, device: torch.device, nbytes: int, recorded: bool):
+        self.key = (device.type, device.index, nbytes)  # its free list
+        self.buffer = _take_pinned(device, nbytes, recorded)
+        self.recorded, self.done = recorded, False
+
+
+_held: dict = {}  # a live token's data_ptr -> _Held
+_free_pinned: dict = {}  # (device type, index, nbytes) -> [flat uint8 pinned buffers]
+_staged: dict = {}  # device index -> deque of (staged copy, event after its copy out, bytes)
+_token_prefetched: dict = {}  # token data_ptr -> (_Held, GPU flat copy, event or None)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _take_pinned(device: torch.device, nbytes: int, recording: bool) -> Tensor:
+    """A flat uint8 host buffer of ``nbytes`` for an offload to ``device``: from the free
+    list, else pinned now with ``cudaHostRegister`` (not PyTorch's pinned allocator,
+    whose copies record an event on the block, a call a recording may not make)."""
+    free = _free_pinned.get((device.type, device.index, nbytes))
+    if free:
+        return free.pop()
+    if device.type != "cuda":  # CPU tensors (tests): the same bookkeeping, plain memory
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if recording:  # pinning is not a call a recording may make
+        raise RuntimeError(
+            "lorafuse: offload_activations under CUDA graphs needs a pinned buffer of "
+            f"{nbytes} bytes while a graph is recorded, and none is free: the warm-up run "
+            "that precedes each recording pins them. Two forwards of one graph before its "
+            "backward are not supported under CUDA graphs with offloading")
+    mm = mmap.mmap(-1, nbytes)
+    _touch(mm)
+    _cuda_pin(_address(mm), nbytes)  # kept pinned for the process: recorded graphs read it
+    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps mm alive
+
+
+def _give_back(ptr: int, held: _Held) -> None:
+    """Return an eager call's buffer to the free list, once (its reload, or its token's
+    death when no reload came: a forward whose backward never ran)."""
+    if _held.get(ptr) is held:
+        del _held[ptr]
+    if not held.recorded and not held.done:
+        held.done = True
+        _free_pinned.setdefault(held.key, []).append(held.buffer)
+
+
+def _register(token: Tensor, held: _Held) -> None:
+    ptr = token.data_ptr()
+    _held[ptr] = held
+    if not held.recorded:  # a recorded token's tensor dies after the step; its graph lives on
+        weakref.finalize(token, _give_back, ptr, held)
+
+
+def _retire_staged(index: int, limit: int) -> None:
+    """Drop the oldest staged copies while more than ``limit`` bytes are held (always
+    keeping the newest), each after the compute stream waits, on the GPU, for its copy
+    out: its memory is then reused in the compute stream's order, inside a recording too
+    (no ``record_stream``, whose frees a recording defers to its end)."""
+    queue = _staged.get(index)
+    held = sum(b for _, _, b in queue) if queue else 0
+    while queue and len(queue) > 1 and held > limit:
+        _, done, nbytes = queue.popleft()
+        torch.cuda.current_stream(index).wait_event(done)
+        held -= nbytes
+
+
+def _offload_capturable_cuda(x: Tensor) -> Tensor:
+    capturing = _capturing(x.device)
+    held = _Held(x.device, x.numel() * x.element_size(), capturing)
+    # A copy of x, not x: Inductor reuses x's memory for later kernels without the
+    # allocator knowing (the eager op's comment). Allocated and freed on the compute stream.
+    staged = x.clone(memory_format=torch.contiguous_format)
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))  # the staging copy is complete
+    with torch.cuda.stream(side):
+        held.buffer.copy_(staged.reshape(-1).view(torch.uint8), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    _staged.setdefault(x.device.index, deque()).append((staged, done, held.buffer.numel()))
+    _retire_staged(x.device.index, INFLIGHT_BYTES)
+    token = torch.empty(1, dtype=torch.uint8, device=x.device)
+    _register(token, held)
+    return token
+
+
+@lorafuse_op("lorafuse::offload_capturable")
+def offload_capturable_op(x: Tensor) -> Tensor:
+    """x's bytes copied to pinned CPU memory on a side stream, in a way a CUDA graph can
+    record (the section's comment); returns the token ``reload_capturable`` takes."""
+    if x.is_cuda:
+        return _offload_capturable_cuda(x)
+    held = _Held(x.device, x.numel() * x.element_size(), False)
+    held.buffer.view(x.dtype).view(x.shape).copy_(x)
+    token = torch.empty(1, dtype=torch.uint8, device=x.device)
+    _register(token, held)
+    return token
+
+
+@offload_capturable_op.register_fake
+def _(x):
+    return torch.empty(1, dtype=torch.uint8, device=x.device)
+
+
+@lorafuse_op("lorafuse::offload_join")
+def offload_join_op(tokens: list[Tensor]) -> list[Tensor]:
+    """The end of a forward that offloaded: the compute stream waits for every copy out,
+    and each token is handed on as a new one (the values the backward gets)."""
+    devices = {t.device.index for t in tokens if t.is_cuda}
+    for index in devices:
+        torch.cuda.current_stream(index).wait_stream(_side_stream(torch.device("cuda", index)))
+        _staged.pop(index, None)  # every copy out is done in the compute stream's order
+    out = []
+    for t in tokens:
+        held = _held.pop(t.data_ptr(), None)
+        if held is None:
+            raise RuntimeError("lorafuse: offload_join got a token no offload_capturable made")
+        new = torch.empty(1, dtype=torch.uint8, device=t.device)
+        _register(new, held)
+        out.append(new)
+    return out
+
+
+@offload_join_op.register_fake
+def _(tokens):
+    return [torch.empty(1, dtype=torch.uint8, device=t.device) for t in tokens]
+
+
+def _lookup(token: Tensor) -> _Held:
+    held = _held.get(token.data_ptr())
+    if held is None:
+        raise RuntimeError("lorafuse: reload_capturable got a token whose forward copy is "
+                           "unknown (its forward ran in another process, or was freed)")
+    return held
+
+
+def _copy_back_flat(held: _Held, device: torch.device):
+    """Start the copy of ``held``'s bytes to ``device``: (flat GPU tensor, event or None)."""
+    gpu = torch.empty(held.buffer.numel(), dtype=torch.uint8, device=device)
+    if device.type != "cuda":
+        return gpu.copy_(held.buffer), None
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))  # reads of this block's last use
+    with torch.cuda.stream(side):
+        gpu.copy_(held.buffer, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    return gpu, done
+
+
+@lorafuse_op("lorafuse::reload_capturable")
+def reload_capturable_op(token: Tensor, shape: list[int], dtype: torch.dtype,
+                         next_tokens: list[Tensor]) -> Tensor:
+    """The tensor ``offload_capturable`` copied out (found through ``token``), back on
+    token's device with ``shape`` and ``dtype``, contiguous; the copies of ``next_tokens``'
+    tensors are started here (prefetch), in a way a CUDA graph can record."""
+    device = token.device
+    held = _lookup(token)
+    if _capturing(device):  # a recorded copy back reads this buffer in every replay
+        held.recorded = True
+    entry = _token_prefetched.pop(token.data_ptr(), None)
+    if entry is not None and entry[0] is held:
+        gpu, done = entry[1], entry[2]
+    else:  # the first reload of a backward, or a stale entry
+        gpu, done = _copy_back_flat(held, device)
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    for nxt in next_tokens:
+        nheld = _lookup(nxt)
+        cur = _token_prefetched.get(nxt.data_ptr())
+        if cur is None or cur[0] is not nheld:
+            _token_prefetched[nxt.data_ptr()] = (nheld, *_copy_back_flat(nheld, device))
+    if not held.recorded:
+        _give_back(token.data_ptr(), held)  # the copy back queues before any reuse
+    return gpu.view(dtype).view(shape)
+
+
+@reload_capturable_op.register_fake
+def _(token, shape, dtype, next_tokens):
+    return torch.empty(shape, dtype=dtype, device=token.device)
