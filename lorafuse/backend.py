@@ -270,8 +270,11 @@ def lorafuse_backend(gm, example_inputs, options=None, mode=None, _collect=None)
     if opts.fp8_dx and torch.is_grad_enabled():  # (an evaluation graph runs no backward)
         _prebuild_fp8_copies(gm, example_inputs, report)
 
-    patches["custom_partitioner_fn"] = LorafusePartitioner(
-        asdict(opts), report, cudagraphs=bool(patches.get("triton.cudagraphs")))
+    # (or set globally: torch._inductor.config.triton.cudagraphs)
+    cudagraphs = patches.get("triton.cudagraphs", getattr(
+        getattr(inductor_config, "triton", None), "cudagraphs", False))
+    patches["custom_partitioner_fn"] = LorafusePartitioner(asdict(opts), report,
+                                                           cudagraphs=bool(cudagraphs))
     try:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     except RestartAnalysis:

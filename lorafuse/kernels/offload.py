@@ -368,7 +368,8 @@ class _Held:
 
 _held: dict = {}  # a live token's data_ptr -> _Held
 _free_pinned: dict = {}  # (device type, index, nbytes) -> [flat uint8 pinned buffers]
-_staged: dict = {}  # device index -> deque of (staged copy, event after its copy out, bytes)
+# device index -> deque of (staged copy, event after its copy out, bytes, recorded?)
+_staged: dict = {}
 _token_prefetched: dict = {}  # token data_ptr -> (_Held, GPU flat copy, event or None)
 
 
@@ -420,10 +421,14 @@ def _retire_staged(index: int, limit: int) -> None:
     out: its memory is then reused in the compute stream's order, inside a recording too
     (no ``record_stream``, whose frees a recording defers to its end)."""
     queue = _staged.get(index)
-    held = sum(b for _, _, b in queue) if queue else 0
+    held = sum(entry[2] for entry in queue) if queue else 0
+    capturing = torch.cuda.is_current_stream_capturing()
     while queue and len(queue) > 1 and held > limit:
-        _, done, nbytes = queue.popleft()
-        torch.cuda.current_stream(index).wait_event(done)
+        _, done, nbytes, recorded = queue.popleft()
+        # (an entry from the other mode, left by a forward that raised before its join,
+        # cannot be waited on here: recorded events exist only in their graph)
+        if recorded == capturing:
+            torch.cuda.current_stream(index).wait_event(done)
         held -= nbytes
 
 
@@ -439,7 +444,8 @@ def _offload_capturable_cuda(x: Tensor) -> Tensor:
         held.buffer.copy_(staged.reshape(-1).view(torch.uint8), non_blocking=True)
         done = torch.cuda.Event()
         done.record(side)
-    _staged.setdefault(x.device.index, deque()).append((staged, done, held.buffer.numel()))
+    _staged.setdefault(x.device.index, deque()).append(
+        (staged, done, held.buffer.numel(), capturing))
     _retire_staged(x.device.index, INFLIGHT_BYTES)
     token = torch.empty(1, dtype=torch.uint8, device=x.device)
     _register(token, held)
