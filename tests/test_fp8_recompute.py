@@ -28,18 +28,9 @@ from lorafuse.kernels import fp8_recompute as fr
 from lorafuse.kernels._dispatch import warned
 from lorafuse.kernels.lora import lora_linear_op
 from lorafuse.kernels.lora_group import lora_linear_group_op
-from test_fp8_dx import _bf16_run
+from test_fp8_dx import _bf16_run, cos, rel
 
 BF16 = torch.bfloat16
-
-
-def rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def cos(a, b) -> float:
-    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(),
-                                                 dim=0).item()
 
 
 def _group(m, k, ns, r, seed, dtype=BF16, bias=False):

@@ -432,9 +432,8 @@ def _retire_staged(index: int, limit: int) -> None:
         held -= nbytes
 
 
-def _offload_capturable_cuda(x: Tensor) -> Tensor:
-    capturing = _capturing(x.device)
-    held = _Held(x.device, x.numel() * x.element_size(), capturing)
+def _copy_out(x: Tensor, held: _Held) -> None:
+    """x's bytes into ``held``'s pinned buffer on the side stream, from a staged clone."""
     # A copy of x, not x: Inductor reuses x's memory for later kernels without the
     # allocator knowing (the eager op's comment). Allocated and freed on the compute stream.
     staged = x.clone(memory_format=torch.contiguous_format)
@@ -445,21 +444,19 @@ def _offload_capturable_cuda(x: Tensor) -> Tensor:
         done = torch.cuda.Event()
         done.record(side)
     _staged.setdefault(x.device.index, deque()).append(
-        (staged, done, held.buffer.numel(), capturing))
+        (staged, done, held.buffer.numel(), held.recorded))
     _retire_staged(x.device.index, INFLIGHT_BYTES)
-    token = torch.empty(1, dtype=torch.uint8, device=x.device)
-    _register(token, held)
-    return token
 
 
 @lorafuse_op("lorafuse::offload_capturable")
 def offload_capturable_op(x: Tensor) -> Tensor:
     """x's bytes copied to pinned CPU memory on a side stream, in a way a CUDA graph can
     record (the section's comment); returns the token ``reload_capturable`` takes."""
+    held = _Held(x.device, x.numel() * x.element_size(), _capturing(x.device))
     if x.is_cuda:
-        return _offload_capturable_cuda(x)
-    held = _Held(x.device, x.numel() * x.element_size(), False)
-    held.buffer.view(x.dtype).view(x.shape).copy_(x)
+        _copy_out(x, held)
+    else:  # CPU tensors (tests): the same bookkeeping, a plain copy
+        held.buffer.view(x.dtype).view(x.shape).copy_(x)
     token = torch.empty(1, dtype=torch.uint8, device=x.device)
     _register(token, held)
     return token
