@@ -404,3 +404,33 @@ def test_a_new_size_unpins_free_buffers_after_draining_their_copies():
     assert fake.unpinned == addresses[:2]
     assert pool.free_bytes() == 120 and pool.pinned_bytes == 220
     del big
+
+
+def test_staged_clones_retire_oldest_first_after_a_gpu_wait(monkeypatch):
+    """The capturable offload's staged clones: past the byte limit the oldest ones are
+    dropped, each after the compute stream waits on its copy's event (never the host), the
+    newest is always kept, and an entry made in the other mode (a recording's, outside it;
+    an eager one, inside a recording) is dropped without a wait that could not be made."""
+    from collections import deque
+
+    waited = []
+
+    class Stream:
+        def wait_event(self, event):
+            waited.append(event)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(offload, "_staged", {0: deque(
+        [("a", "ev_a", 100, False), ("b", "ev_b", 100, True), ("c", "ev_c", 100, False),
+         ("d", "ev_d", 100, False)])})
+    offload._retire_staged(0, 150)
+    assert waited == ["ev_a", "ev_c"]  # b was a recording's: dropped, not waited on
+    assert [e[0] for e in offload._staged[0]] == ["d"]
+    offload._retire_staged(0, 0)
+    assert [e[0] for e in offload._staged[0]] == ["d"]  # the newest stays
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    offload._staged[0].extendleft([("e", "ev_e", 100, True), ("f", "ev_f", 100, False)])
+    waited.clear()
+    offload._retire_staged(0, 100)
+    assert waited == ["ev_e"] and [e[0] for e in offload._staged[0]] == ["d"]
