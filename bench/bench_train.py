@@ -475,6 +475,11 @@ def child_train(args, variant: str, res: dict) -> dict:
                     res["compile_parts_s"] = parts
                 if on_cuda:
                     res["peak_step1_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if on_cuda and args.memory_snapshot and args.warmup > 1:
+                    # step 1 apart: under CUDA graphs step 2 is the recording, whose peak
+                    # is not step 1's (session 33: 16.70 against 16.39 GiB)
+                    record_memory_history(False, memory_history_path(args, variant, "step1"))
+                    record_memory_history(True)
                 # bench_context reads this line from the log of a run cut after step 1
                 log(f"{variant}: step 1 (compile + first step) {res['compile_s']} s, "
                     f"loss {res['losses'][0]:.4f}"
@@ -490,7 +495,8 @@ def child_train(args, variant: str, res: dict) -> dict:
             res["peak_warmup_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if on_cuda and args.memory_snapshot:
             record_memory_history(False, memory_history_path(args, variant, "timed"))
-            both = memory_history_path(args, variant, "{warmup,timed}")
+            both = memory_history_path(
+                args, variant, "{step1,warmup,timed}" if args.warmup > 1 else "{warmup,timed}")
             log(f"{variant}: memory history of the warm-up and of the timed steps in {both} "
                 "(bench/memory_peak.py reads it)")
     finally:
@@ -1187,8 +1193,9 @@ def parse_args(argv=None):
                         "category and the top kernels, per variant (in the JSON and stderr)")
     p.add_argument("--memory-snapshot", metavar="FILE",
                    help="record the CUDA allocator's history of the warm-up steps and of the timed "
-                        "steps and dump them to FILE with .warmup/.timed before its suffix "
-                        "({variant} is replaced); bench/memory_peak.py reads them")
+                        "steps and dump them to FILE with .warmup/.timed before its suffix (with "
+                        "more than one warm-up step, step 1 apart in .step1 and .warmup from "
+                        "step 2 on; {variant} is replaced); bench/memory_peak.py reads them")
     p.add_argument("--json", help="write everything (args, env, every loss) to this file")
     p.add_argument("--md", help="also write the printed markdown to this file")
     p.add_argument("--sync-each-step", action="store_true",

@@ -45,7 +45,8 @@
 #          VARIANTS=lorafuse:ckfp8,lorafuse:ck,unsloth_gc: ck with fp8_dx and no weight
 #          copies (each weight cast every backward: the copies would not fit 16.7 GiB);
 #          lorafuse:ckp2: ck with offload_prefetch 2; lorafuse:ckfp8rcg / ckfp8rrcg: ckfp8r /
-#          ckfp8rr under CUDA graphs (the capturable offload ops); lorafuse:ckfp8cg: ckfp8 under CUDA graphs
+#          ckfp8rr under CUDA graphs (the capturable offload ops); ckfp8rrcg2: ckfp8rrcg with
+#          offload_prefetch 2; lorafuse:ckfp8cg: ckfp8 under CUDA graphs
 #          (Inductor's graph partition around the offload/reload ops; not run yet).
 #   memref 8B bf16, issue 5's accuracy check for the memory configurations: eager,
 #          lorafuse:ck and lorafuse:mem, 2 + 18 steps, the fp32 reference of each one's
@@ -225,6 +226,11 @@ CKFP8RCG_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "
 CKFP8RRCG_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
   "fp8_recompute": true, "inductor": {"triton.cudagraphs": true}}}'
+# ckfp8rrcg with offload_prefetch 2 (session 34: the replays leave 1.3 GiB; command 3 of
+# session 33 profiled 13.5 ms a step of waits after the reload copies)
+CKFP8RRCG2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
+  "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
+  "fp8_recompute": true, "offload_prefetch": 2, "inductor": {"triton.cudagraphs": true}}}'
 # ckfp8 under CUDA graphs with Inductor's graph partition asked for. Session 32 (the eager
 # offload ops, cudagraph_unsafe, as partition boundaries): 6,737 tok/s at 21.6 GiB against
 # ckfp8's 12,208 at 16.3. Since session 33 the copies are recorded (capturable ops) and the
@@ -401,7 +407,8 @@ case "$MODE_ONE" in
             --lorafuse-config "ckfp8=$CKFP8_CONFIG" --lorafuse-config "ckp2=$CHECKPOINTP2_CONFIG" \
             --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
             --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" --lorafuse-config "ckfp8rr=$CKFP8RR_CONFIG" \
-            --lorafuse-config "ckfp8rcg=$CKFP8RCG_CONFIG" --lorafuse-config "ckfp8rrcg=$CKFP8RRCG_CONFIG" ;;
+            --lorafuse-config "ckfp8rcg=$CKFP8RCG_CONFIG" --lorafuse-config "ckfp8rrcg=$CKFP8RRCG_CONFIG" \
+            --lorafuse-config "ckfp8rrcg2=$CKFP8RRCG2_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2,lorafuse:ckfp8rr,lorafuse:ckfp8rcg,lorafuse:ckfp8rrcg \
