@@ -319,6 +319,11 @@ def test_inflight_limit_from_the_environment():
     for bad in ("lots", "0", "-5", "nan", "inf"):
         with pytest.warns(UserWarning, match="not a positive number of MiB"):
             assert offload._inflight_bytes(bad) == 512 * 2**20
+    # the capturable ops' staged clones: their own default, the same variable
+    assert offload._inflight_bytes(None, 64) == 64 * 2**20
+    assert offload._inflight_bytes("300", 64) == 300 * 2**20
+    with pytest.warns(UserWarning, match="using 64"):
+        assert offload._inflight_bytes("0", 64) == 64 * 2**20
 
 
 def test_warns_when_the_host_cannot_hold_the_offloaded_activations(monkeypatch,

@@ -48,19 +48,25 @@ _streams: dict = {}  # device index -> the side stream for both copies
 INFLIGHT_ENV = "LORAFUSE_OFFLOAD_INFLIGHT_MB"
 
 
-def _inflight_bytes(text: str | None) -> int:
+def _inflight_bytes(text: str | None, default_mib: int = 512) -> int:
     try:
-        nbytes = int(float(text if text is not None else 512) * 2**20)
+        nbytes = int(float(text if text is not None else default_mib) * 2**20)
         if nbytes <= 0:
             raise ValueError
     except (ValueError, OverflowError):
         warnings.warn(f"lorafuse: {INFLIGHT_ENV}={text!r} is not a positive number of MiB; "
-                      "using 512")
-        nbytes = 512 * 2**20
+                      f"using {default_mib}")
+        nbytes = default_mib * 2**20
     return nbytes
 
 
 INFLIGHT_BYTES = _inflight_bytes(os.environ.get(INFLIGHT_ENV))
+# The capturable ops' limit (the section "under CUDA graphs"): there the compute stream waits
+# on the GPU, not the host, so a small limit costs next to nothing. A copy out takes ~0.7 ms
+# for an 8B layer input, a layer's forward ~3 ms, so the oldest of the clones kept is
+# copied already when the wait comes. Session 34's 8B recording held 16 clones (512 MiB) at
+# its peak, in the loss after the last layer; 64 MiB keeps two of them.
+STAGED_BYTES = _inflight_bytes(os.environ.get(INFLIGHT_ENV), 64)
 _inflight: dict = {}
 # data_ptr of an offloaded CPU tensor -> (that tensor, its GPU copy being filled, an event
 # after the copy): prefetches started by the previous reload
@@ -341,7 +347,7 @@ def _(x, device, next_cpus):
 #   Both come from that list, so a recording normally reuses its warm-up's buffers;
 # - no host waits: the side stream copies out a clone of x (Inductor reuses x's memory for
 #   later kernels without the allocator knowing, as the eager op's comment explains); past
-#   ``INFLIGHT_BYTES`` of clones held, the compute stream waits on the GPU for the oldest
+#   ``STAGED_BYTES`` of clones held, the compute stream waits on the GPU for the oldest
 #   clone's copy out, then frees it, so its memory is reused in the compute stream's order
 #   (inside a recording too, which defers ``record_stream``'s frees to its end);
 # - pinned buffers come from ``cudaHostRegister`` (PyTorch's pinned allocator records an
@@ -445,7 +451,7 @@ def _copy_out(x: Tensor, held: _Held) -> None:
         done.record(side)
     _staged.setdefault(x.device.index, deque()).append(
         (staged, done, held.buffer.numel(), held.recorded))
-    _retire_staged(x.device.index, INFLIGHT_BYTES)
+    _retire_staged(x.device.index, STAGED_BYTES)
 
 
 @lorafuse_op("lorafuse::offload_capturable")
