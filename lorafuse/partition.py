@@ -37,7 +37,11 @@ from torch.utils.checkpoint import CheckpointPolicy
 from ._torch import (CustomPartitionerFn, _size_of, counters, functorch_config,
                      min_cut_rematerialization_partition, select_decomp_table,
                      statically_known_true)
-from .kernels import offload as _offload_ops  # noqa: F401  (registers the ops)
+# Every op a compiled graph may call is registered at import: a graph loaded from
+# PyTorch's caches in a new process calls them by name, and no pass runs before it does
+# (session 34: a warm cache raised "no attribute 'lora_linear_group_fp8'" on the H200)
+from .kernels import fp8_recompute as _fp8_recompute_ops  # noqa: F401
+from .kernels import offload as _offload_ops  # noqa: F401
 from .kernels._dispatch import warn_once
 from .layer_checkpoint import _LORAFUSE_ATTENTION, tag_layers
 from .kernels.quant_storage import (FLOAT_DTYPES, STORAGE_DTYPES, dequantize_rows,
@@ -1028,8 +1032,6 @@ def fp8_recomputes(bwd) -> int:
     projection; not q, k and v where attention's backward rebuilds the probabilities from
     them. Returns how many calls were replaced (also
     ``counters["lorafuse"]["recompute_fp8"]``)."""
-    from .kernels import fp8_recompute  # noqa: F401  (registers the ops)
-
     ops = torch.ops.lorafuse
     twins = {ops.lora_linear.default: ops.lora_linear_fp8.default,
              ops.lora_linear_group.default: ops.lora_linear_group_fp8.default}
