@@ -476,8 +476,8 @@ def child_train(args, variant: str, res: dict) -> dict:
                 if on_cuda:
                     res["peak_step1_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 if on_cuda and args.memory_snapshot and args.warmup > 1:
-                    # step 1 apart: under CUDA graphs step 2 is the recording, whose peak
-                    # is not step 1's (session 33: 16.70 against 16.39 GiB)
+                    # step 1 apart: from step 2 on the optimizer's state is allocated, and
+                    # under CUDA graphs step 2 is the recording (session 34's command 2)
                     record_memory_history(False, memory_history_path(args, variant, "step1"))
                     record_memory_history(True)
                 # bench_context reads this line from the log of a run cut after step 1

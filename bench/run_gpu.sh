@@ -59,6 +59,7 @@
 #          checkpointing, then lorafuse:qck2 (qck with offload_prefetch 2: last, so the
 #          budget cuts it first), 2 + 8 steps, then 2 profiled steps each (GPU kernels and
 #          host ops: BENCH_PROFILE_HOST=1), no reference. ~8 min (two variants took 5.5).
+#          lorafuse:qckcg: qck with rope and offload_prefetch 2 under CUDA graphs.
 #   qref   8B QLoRA, issue 4's accuracy check and the 4-bit pass's case for a default: eager,
 #          lorafuse with the default passes (4-bit linears left to Inductor) and lorafuse:q4
 #          (+ dequant_matmul, loss, drop_logits), no CUDA graphs, 2 + 18 steps, the fp32
@@ -226,8 +227,8 @@ CKFP8RCG_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "
 CKFP8RRCG_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
   "fp8_recompute": true, "inductor": {"triton.cudagraphs": true}}}'
-# ckfp8rrcg with offload_prefetch 2 (session 34: the replays leave 1.3 GiB; command 3 of
-# session 33 profiled 13.5 ms a step of waits after the reload copies)
+# ckfp8rrcg with offload_prefetch 2 (session 33's command 3 profiled 13.5 ms a step of waits
+# after the reload copies; session 34: +2.8 %, the peak unmoved, as it is in the forward)
 CKFP8RRCG2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "rope"], "checkpoint_layers": true,
   "offload_activations": true, "drop_logits": true, "fp8_dx": true, "fp8_copies": false,
   "fp8_recompute": true, "offload_prefetch": 2, "inductor": {"triton.cudagraphs": true}}}'
@@ -260,6 +261,12 @@ QMEM_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmu
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true}}'
 QMEM2_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"],
   "checkpoint_layers": true, "offload_activations": true, "drop_logits": true, "offload_prefetch": 2}}'
+# qck under CUDA graphs with the capturable offload ops (the bf16 ckfp8rrcg2 ran 1.30 x
+# Unsloth at 16.26 GiB in session 34, where the eager ck family is host-bound), with rope
+# and offload_prefetch 2 as there; not run yet
+QMEMCG_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul", "rope"],
+  "checkpoint_layers": true, "offload_activations": true, "drop_logits": true, "offload_prefetch": 2,
+  "inductor": {"triton.cudagraphs": true}}}'
 Q4_CONFIG='{"options": {"passes": ["lora", "attention", "loss", "dequant_matmul"], "drop_logits": true}}'
 # bench_context's tags: a tag keeps its configuration for as long as its results file lives
 CONTEXT_CONFIGS=(
@@ -411,19 +418,20 @@ case "$MODE_ONE" in
             --lorafuse-config "ckfp8rrcg2=$CKFP8RRCG2_CONFIG" ;;
     memref)
         run_train 8b_memref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
-            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2,lorafuse:ckfp8rr,lorafuse:ckfp8rcg,lorafuse:ckfp8rrcg \
+            --ref-variants eager,lorafuse:ck,lorafuse:mem,lorafuse:ckfp8,lorafuse:ckfp8cg,lorafuse:ckfp8r,lorafuse:ckfp8r2,lorafuse:ckfp8rr,lorafuse:ckfp8rcg,lorafuse:ckfp8rrcg,lorafuse:ckfp8rrcg2 \
             --variants eager,lorafuse:ck,lorafuse:mem --lorafuse-config "mem=$MEMORY_CONFIG" \
             --lorafuse-config "ck=$CHECKPOINT_CONFIG" --lorafuse-config "ckfp8=$CKFP8_CONFIG" \
             --lorafuse-config "ckfp8cg=$CKFP8CG_CONFIG" --lorafuse-config "ckfp8r=$CKFP8R_CONFIG" \
             --lorafuse-config "ckfp8r2=$CKFP8R2_CONFIG" --lorafuse-config "ckfp8rr=$CKFP8RR_CONFIG" \
-            --lorafuse-config "ckfp8rcg=$CKFP8RCG_CONFIG" --lorafuse-config "ckfp8rrcg=$CKFP8RRCG_CONFIG" ;;
+            --lorafuse-config "ckfp8rcg=$CKFP8RCG_CONFIG" --lorafuse-config "ckfp8rrcg=$CKFP8RRCG_CONFIG" \
+            --lorafuse-config "ckfp8rrcg2=$CKFP8RRCG2_CONFIG" ;;
     qcg)
         QLORA=1 run_train 8b_cg --shape 8b --warmup 3 --steps 8 --no-ref \
             --variants lorafuse:cg,inductor,unsloth_gc --lorafuse-config "cg=$CG_CONFIG" ;;
     qmem)
         BENCH_PROFILE_HOST=1 QLORA=1 run_train 8b_qmem --shape 8b --warmup 2 --steps 8 --no-ref --profile 2 \
             --variants lorafuse:qck,unsloth_gc,lorafuse:qck2 --lorafuse-config "qck=$QMEM_CONFIG" \
-            --lorafuse-config "qck2=$QMEM2_CONFIG" ;;
+            --lorafuse-config "qck2=$QMEM2_CONFIG" --lorafuse-config "qckcg=$QMEMCG_CONFIG" ;;
     qref)
         QLORA=1 run_train 8b_qref --shape 8b --warmup 2 --steps 18 --ref --ref-steps 1-20 \
             --variants eager,lorafuse,lorafuse:q4 --lorafuse-config "q4=$Q4_CONFIG" ;;
