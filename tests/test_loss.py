@@ -146,6 +146,39 @@ def test_chunk_budget():
         assert loss_kernels.chunk_rows(100, V) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_one_chunk_of_logits_live_at_a_time(dtype, softcap):
+    """Each chunk's (rows × V) fp32 logits are freed before the next chunk's GEMM, in the
+    forward and in the backward of the returned logits (softcap: recomputed there). Session
+    34 found two chunks live at the 8B step's peak: the loop's names held the last one
+    while the next was allocated (+256 MiB there)."""
+    import weakref
+
+    hidden, weight, labels = make_case(3, (2, 37), 24, 97, 0.3, dtype)
+    chunks = []  # weak references to every logits chunk the GEMM made
+
+    def mm(a, b, acc, inner=loss_kernels._mm):
+        if b.shape == (weight.shape[1], weight.shape[0]):  # hidden @ Wᵀ: a logits chunk
+            alive = [r for r in chunks if r() is not None]
+            assert not alive, f"{len(alive)} earlier logits chunk(s) still live"
+            out = inner(a, b, acc)
+            chunks.append(weakref.ref(out))
+            return out
+        return inner(a, b, acc)
+
+    with chunk_rows(10), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loss_kernels, "_mm", mm)
+        loss, logits = linear_cross_entropy(hidden, weight, labels, softcap=softcap,
+                                            return_logits=True)
+        n_forward = len(chunks)
+        chunks.clear()
+        (loss + (logits.float() * torch.randn(logits.shape)).sum()).backward()
+    assert n_forward == 8  # 74 rows in chunks of 10
+    assert len(chunks) == (8 if softcap else 0)
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
 def test_opcheck():
     """torch.library's own consistency checks: schema, fake tensors, autograd registration."""
     hidden, weight, labels = make_case(1, (2, 7), 16, 37, 0.3, w_grad=True)

@@ -277,6 +277,10 @@ def _forward_impl(hidden, weight, labels, softcap, ignore_index, reduction, retu
     for s in range(0, N, step):
         e = min(s + step, N)
         hc = h2[s:e]
+        # the last chunk's buffers go back before this chunk's are allocated (else two
+        # chunks of fp32 logits were live at once: 512 MiB at the 8B shape, at the peak of
+        # session 34's 16.7 GiB runs)
+        z = t = p = g = None
         z = _mm(hc, w.t(), acc)  # (rows, V) fp32: the only big buffer
         if not exact and _triton_rows_wanted(z):
             if need_grad and g_buf is None:
@@ -353,6 +357,7 @@ def _logits_backward(g_logits, hidden, weight, softcap, need_dhidden, need_dweig
     step = chunk_rows(h2.shape[0], V)
     for s in range(0, h2.shape[0], step):
         e = min(s + step, h2.shape[0])
+        gx = t = None  # the last chunk's buffers go back first (the forward's comment)
         gx = g2[s:e].to(acc)
         if softcap is not None:
             t = _mm(h2[s:e], w.t(), acc).div_(softcap).tanh_()
