@@ -75,6 +75,39 @@ def test_op_equals_the_untiled_ops_and_the_formula(tokens, chunk, k, n, r, bias,
         assert _rel(a, b) <= 1e-5
 
 
+def test_one_chunk_of_intermediates_live_at_a_time(monkeypatch):
+    """Forward and backward: when a chunk's gate/up is computed, no earlier chunk's
+    (tokens × intermediate) tensor is still live (the loop's names held the last chunk's
+    while the next was allocated, before session 34)."""
+    import weakref
+
+    from lorafuse.kernels import tiled_mlp as tiled
+
+    made = []  # weak references to every chunk's g, u, h, p
+
+    def gate_up(*args, inner=tiled._gate_up):
+        alive = [r for r in made if r() is not None]
+        assert not alive, f"{len(alive)} tensors of an earlier chunk still live"
+        out = inner(*args)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(tiled, "_gate_up", gate_up)
+    k, n, r = 6, 10, 2
+    x = torch.randn(1, 23, k, requires_grad=True)
+    weights = [torch.randn(n, k), torch.randn(n, k), torch.randn(k, n)]
+    lora_as = [torch.randn(r, k, requires_grad=True), torch.randn(r, k, requires_grad=True),
+               torch.randn(r, n, requires_grad=True)]
+    lora_bs = [torch.randn(n, r, requires_grad=True), torch.randn(n, r, requires_grad=True),
+               torch.randn(k, r, requires_grad=True)]
+    y = tiled_mlp(x, weights, [None] * 3, lora_as, lora_bs, [1.0, 1.0, 1.0], "silu", 5)
+    calls = len(made) // 4
+    made.clear()
+    y.backward(torch.randn(y.shape))
+    assert calls == 5 and len(made) == 5 * 4  # 23 tokens in chunks of 5, both ways
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_opcheck():
     x = torch.randn(2, 5, 6, requires_grad=True)
     weights = [torch.randn(8, 6), torch.randn(8, 6), torch.randn(6, 8)]

@@ -56,6 +56,7 @@ def tiled_mlp_op(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]
     x2 = x.reshape(-1, x.shape[-1])
     out = x2.new_empty(x2.shape[0], weights[2].shape[0])
     for i in range(0, x2.shape[0], chunk):
+        p = None  # the last chunk's product goes back before this chunk's are allocated
         p = _gate_up(x2[i:i + chunk], weights, biases, lora_as, lora_bs, scales, act)[3]
         out[i:i + chunk] = lora_linear_op(p, weights[2], biases[2], lora_as[2], lora_bs[2],
                                           scales[2], None)[0]
@@ -80,6 +81,9 @@ def tiled_mlp_backward_op(dy: Tensor, x: Tensor, weights: list[Tensor],
     sums = [torch.zeros_like(t, dtype=torch.float32) for t in (*lora_as, *lora_bs)]
     for i in range(0, x2.shape[0], chunk):
         xc = x2[i:i + chunk]
+        # the last chunk's (chunk × intermediate) tensors go back before this chunk's are
+        # allocated: else two chunks' worth were live at once, half the point of tiling
+        g = u = h = p = dp = dg = du = dx_c = None
         g, u, h, p = _gate_up(xc, weights, biases, lora_as, lora_bs, scales, act)
         dp, dA_d, dB_d = lora_linear_backward_op(dy2[i:i + chunk], p, weights[2], lora_as[2],
                                                  lora_bs[2], p @ lora_as[2].t(), scales[2])
