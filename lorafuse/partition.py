@@ -1093,7 +1093,8 @@ def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1,
     saved_in_bwd = {n.name: n for n in bwd.graph.find_nodes(op="placeholder")}
     plan = {"names": [], "bytes": 0, "left_alone": {}, "capturable": False}
     new_outs = list(outs[:num_fwd_outputs])
-    chosen = []  # (backward placeholder, its CPU placeholder or token, inverse perm, dense)
+    chosen = []  # [backward placeholder, its CPU placeholder or token, inverse perm, dense,
+    #            (added below) its first use in the backward]
     picked = []  # (forward output, saved placeholder)
     for node in outs[num_fwd_outputs:]:
         saved = saved_in_bwd.get(getattr(node, "name", None))
@@ -1142,9 +1143,13 @@ def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1,
         with bwd.graph.inserting_before(saved):
             entry[1] = bwd.graph.placeholder(out.name)
         entry[1].meta["val"] = out.meta["val"]
+    # each saved tensor's first use, found once: the reloads and permutes inserted below
+    # use none of the saved placeholders, so the order of their users stays as it is here
     position = _position(bwd.graph)
-    chosen.sort(key=lambda entry: position(min(entry[0].users, key=position)))
-    for i, (saved, cpu_in, inverse, dense_val) in enumerate(chosen):
+    for entry in chosen:
+        entry.append(min(entry[0].users, key=position))
+    chosen.sort(key=lambda entry: position(entry[4]))
+    for i, (saved, cpu_in, inverse, dense_val, first_use) in enumerate(chosen):
         nxt = [entry[1] for entry in chosen[i + 1:i + 1 + prefetch]]
         device = saved.meta["val"].device
         if capturable:
@@ -1154,7 +1159,7 @@ def offload_saved(fwd, bwd, inputs, num_fwd_outputs: int, prefetch: int = 1,
         else:
             op = torch.ops.lorafuse.reload.default
             args, val = (cpu_in, device, nxt), op(cpu_in.meta["val"], device, [])
-        with bwd.graph.inserting_before(min(saved.users, key=_position(bwd.graph))):
+        with bwd.graph.inserting_before(first_use):
             back = bwd.graph.call_function(op, args)
         back.meta["val"] = val
         saved.replace_all_uses_with(_permuted(bwd.graph, back, inverse))
