@@ -766,8 +766,17 @@ def compare_line(searches: dict, opts) -> str | None:
         return None
     (v1, lo1, top1, done1), (v2, lo2, top2, done2) = mine, peers
     if done1 and done2:
-        ratio = f"{lo1 / lo2:.2f} ×" if lo2 else "—"
-        return f"longest lorafuse {v1} {lo1:,}, longest Unsloth {v2} {lo2:,} ({ratio})"
+        def length(lo, top):  # top is inf where the variant fit at the longest tried
+            return f"none (< {top + opts.seq_step:,})" if lo == 0 else (
+                f"≥ {lo:,}" if top == math.inf else f"{lo:,}")
+        if lo1 == lo2:
+            verdict = ("not decided: both fit at the longest tried (--max-seq)"
+                       if top1 == top2 == math.inf else "the same length")
+        else:
+            verdict = "lorafuse longer" if lo1 > lo2 else "Unsloth longer"
+        ratio = f" ({lo1 / lo2:.2f} ×)" if lo2 else ""
+        return (f"{verdict}: longest lorafuse {v1} {length(lo1, top1)}, longest Unsloth "
+                f"{v2} {length(lo2, top2)}{ratio}")
     if lo1 > top2:
         return (f"lorafuse longer: {v1} fits at {lo1:,}; no Unsloth variant fits above "
                 f"{top2:,} (searches still open)")

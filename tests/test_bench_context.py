@@ -461,7 +461,18 @@ def test_compare_line_decides_only_from_the_bounds():
     opts = bc.parse_args(["--json", "x.json"])
     S = bc.Search
     settled = {"lorafuse:ckf": S(270336, None, None), "unsloth": S(17408, 18432, None)}
-    assert "(15.53 ×)" in bc.compare_line(settled, opts)
+    line = bc.compare_line(settled, opts)
+    assert line.startswith("lorafuse longer") and "(15.53 ×)" in line and "≥ 270,336" in line
+    # session 35: Unsloth fits none of the lengths tried, lorafuse the longest tried
+    grid = bc.parse_args(["--json", "x.json", "--seq-step", "262144", "--max-seq", "262144"])
+    line = bc.compare_line({"lorafuse:ckf": S(262144, None, None),
+                            "unsloth_gc": S(0, 262144, None)}, grid)
+    assert line == ("lorafuse longer: longest lorafuse lorafuse:ckf ≥ 262,144, "
+                    "longest Unsloth unsloth_gc none (< 262,144)")
+    line = bc.compare_line({"lorafuse": S(8192, 9216, None), "unsloth": S(8192, 9216, None)}, opts)
+    assert line.startswith("the same length") and "(1.00 ×)" in line
+    line = bc.compare_line({"lorafuse": S(4096, 5120, None), "unsloth": S(8192, 9216, None)}, opts)
+    assert line.startswith("Unsloth longer")
     # an open Unsloth search whose known fit is above lorafuse's: no verdict for lorafuse
     open_peer = dict(settled, unsloth_gc=S(65536, None, 131072))
     line = bc.compare_line(dict(open_peer, **{"lorafuse:ckf": S(40960, None, 81920)}), opts)
