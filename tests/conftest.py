@@ -55,6 +55,15 @@ if _WORKER_THREADS is not None:
 # is a regression, not a new random draw; local runs keep exploring fresh examples.
 _hypothesis_settings.register_profile("ci", derandomize=True)
 _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+CI_PROFILE = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
+
+
+def examples(n: int, ci: int) -> int:
+    """``max_examples`` of a slow property test (a compile or the Triton interpreter per
+    example): ``n`` when exploring (fresh draws each run), ``ci`` under the ci profile,
+    whose draws are fixed (the same ``ci`` random examples every run). The interpreter
+    workers inherit HYPOTHESIS_PROFILE, so their draws follow the same rule."""
+    return ci if CI_PROFILE else n
 from torch._dynamo.utils import counters  # noqa: E402
 
 # Geometry shared by every architecture: same head_dim, hidden and intermediate sizes

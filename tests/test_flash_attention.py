@@ -28,7 +28,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
+from conftest import CheckRecorder, assert_check_passed, examples, run_interpreter_worker
 
 MIN32 = torch.finfo(torch.float32).min
 
@@ -236,7 +236,7 @@ def test_contract_errors():
 
 # --------------------------------------------------------------------------- Triton interpreter
 
-INTERPRETER_EXAMPLES = {"fp32": 24, "bf16": 10, "fp16": 4}
+INTERPRETER_EXAMPLES = {"fp32": examples(24, ci=10), "bf16": examples(10, ci=5), "fp16": 4}
 
 
 @pytest.fixture(scope="module")

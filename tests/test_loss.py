@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 
 from conftest import VOCAB, assert_close_fp32, lora_params, make_tiny_model, reset_dynamo
 from conftest import run_once, sgd_steps
-from conftest import CheckRecorder, assert_check_passed, run_interpreter_worker
+from conftest import CheckRecorder, assert_check_passed, examples, run_interpreter_worker
 import lorafuse
 from lorafuse.kernels import loss as loss_kernels
 from lorafuse.kernels.loss import linear_cross_entropy, linear_cross_entropy_reference
@@ -616,7 +616,7 @@ def _worker():
     # no shrinking: the interpreter is slow, and a failing example is reported as drawn
     quick = dict(deadline=None, derandomize=True, phases=(Phase.generate,))
 
-    @settings(max_examples=25, **quick)
+    @settings(max_examples=examples(25, ci=10), **quick)
     @given(**cases)
     def fp32_against_oracle(lead, H, V, rows, softcap, reduction, ignore, w_grad, block, seed):
         hidden, weight, labels = make_case(seed, lead, H, V, ignore, w_grad=w_grad)
@@ -635,7 +635,7 @@ def _worker():
             assert a.dtype == b.dtype and a.shape == b.shape
             assert_close_fp32(a, b, what=name)
 
-    @settings(max_examples=20, **quick)
+    @settings(max_examples=examples(20, ci=8), **quick)
     @given(N=st.integers(8, 90), H=odd.filter(lambda v: v >= 8), V=st.integers(17, 400),
            softcap=st.sampled_from([None, 10.0]), reduction=st.sampled_from(["mean", "sum"]),
            block=st.sampled_from([32, 4096]), seed=st.integers(0, 2**31 - 1))

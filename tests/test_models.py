@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 
 import lorafuse
 from conftest import ARCHS, VOCAB, assert_close_fp32, lora_params, lora_sites, make_tiny_model
-from conftest import randomize_lora, reset_dynamo, run_once
+from conftest import examples, randomize_lora, reset_dynamo, run_once
 
 pytestmark = pytest.mark.slow
 
@@ -404,7 +404,7 @@ class TwoLayer(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-@settings(max_examples=10, deadline=None, derandomize=True,
+@settings(max_examples=examples(10, ci=5), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.integers(3, 40), n=st.integers(3, 40), r=st.integers(1, 8),
        bias=st.booleans(), alpha=st.sampled_from([1, 8, 24]), rslora=st.booleans(),
