@@ -643,13 +643,15 @@ def test_checkpoint_layers_without_copies(monkeypatch):
 def test_dropout_sites_use_fp8_too():
     """With LoRA dropout on every site (x and x' take separate gradients: dy W comes from
     the ``frozen_dx`` op), bf16 autocast: the same dropout masks and step-1 loss as
-    without the option, the gradients changed within the bound."""
+    without the option, the gradients changed within the bound. One layer holds all 7 kinds
+    of site (a second compiled ~40 % longer)."""
     import lorafuse
     from lorafuse.report import Report
 
     def run(fp8_dx):
         reset_dynamo()
-        model = make_tiny_model("llama", intermediate_size=64, lora_dropout=0.1, seed=4)
+        model = make_tiny_model("llama", layers=1, intermediate_size=64, lora_dropout=0.1,
+                                seed=4)
         report = Report()
         backend = functools.partial(lorafuse.lorafuse_backend, _collect=report,
                                     options={"strict": True, "fp8_dx": fp8_dx})
@@ -665,7 +667,7 @@ def test_dropout_sites_use_fp8_too():
     report, loss, grads = run(True)
     _, exact_loss, exact = run(False)
     notes = " ".join(n for g in report.graphs for p in g.passes for n in p.notes)
-    assert "fp8_dx: 14 op(s)" in notes, notes  # 2 layers x 7 sites, none grouped (dropout)
+    assert "fp8_dx: 7 op(s)" in notes, notes  # 7 sites, none grouped (dropout)
     assert loss == exact_loss
     errs = {n: rel(grads[n], exact[n]) for n in exact}
     assert sum(e > 1e-3 for e in errs.values()) >= len(errs) // 2, errs

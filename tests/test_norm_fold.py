@@ -193,11 +193,13 @@ def test_model_bf16_base_folds_and_trains(monkeypatch):
     norm's input and rstd for the op changes Inductor's fusion), and their gradients'
     distances to an fp32 model's move by ±50 % either way from one seed to the next (and
     as much between eager bf16 and either run); the dA arithmetic itself is checked
-    against fp64 above."""
-    model = bf16_base(make_tiny_model("llama", layers=LAYERS, seed=5))
+    against fp64 above. One layer: both kinds of group (q/k/v after the input norm, whose
+    input is the frozen embedding's output, and gate/up after the post-attention norm, on
+    the residual stream) are in it; a second layer compiled ~40 % longer."""
+    model = bf16_base(make_tiny_model("llama", layers=1, seed=5))
     folded, count = _run(copy.deepcopy(model), monkeypatch, True)
     plain, _ = _run(copy.deepcopy(model), monkeypatch, False)
-    assert count == [True] * (2 * LAYERS)
+    assert count == [True] * 2
     assert_same_sgd_training(folded, plain, 1e-3)
 
 
